@@ -1,0 +1,62 @@
+"""The Celery app: three queues, each served by its own worker process (see bin/worker and README).
+
+- interactive: chat replies for the labeling page. Short, latency-bound; the worker keeps the policy loaded.
+- sampling: fills the pool of ranking tasks with K candidates per context. Batched and throughput-bound.
+- training: SFT, reward model and PPO runs, evaluation. Long, one at a time per worker, prefetch 1.
+
+Redelivery policy. Short tasks (interactive, sampling) are acknowledged late and re-queued when a worker dies:
+their services are idempotent, so running one twice is harmless. Training tasks are acknowledged early, when a
+worker takes them, so the broker never hands a long run to a second worker (Redis redelivers unacknowledged
+messages after the visibility timeout, which a run can outlast). A run is claimed in the database with a
+conditional UPDATE (queued -> running) before any work starts, so even a duplicated message cannot start a
+second copy. A run whose worker died keeps its "running" row with a stale heartbeat; the periodic check marks
+it failed with the error, and its partial artifact is never registered.
+"""
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+
+app = Celery("feedback_loop")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+QUEUES = ("interactive", "sampling", "training")
+
+app.conf.update(
+    task_queues=[Queue(name) for name in QUEUES],
+    task_default_queue="sampling",
+    task_routes={
+        "models_service.tasks.chat_*": {"queue": "interactive"},
+        "models_service.tasks.*": {"queue": "sampling"},
+        "labeling.tasks.*": {"queue": "sampling"},
+        "training_jobs.tasks.*": {"queue": "training"},
+        "config.celery_app.ping_*": {"queue": "interactive"},
+    },
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_max_tasks_per_child=None,
+    task_track_started=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    # Longer than any interactive or sampling task; training tasks are acknowledged on receipt (see above).
+    broker_transport_options={"visibility_timeout": 3600},
+    worker_hijack_root_logger=False,
+    beat_schedule_filename=os.environ.get("CELERY_BEAT_SCHEDULE_FILE", "var/celerybeat-schedule"),
+)
+app.autodiscover_tasks()
+
+
+@app.task(name="config.celery_app.ping_queue", soft_time_limit=10, time_limit=20)
+def ping_queue(token: str) -> dict:
+    """Health probe: echoes back which queue and worker ran it. Used by the ops page and the tests."""
+    from celery import current_task
+
+    delivery = current_task.request.delivery_info or {}
+    return {"token": token, "queue": delivery.get("routing_key"), "hostname": current_task.request.hostname}

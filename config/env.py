@@ -1,0 +1,105 @@
+"""Read settings from the environment, failing loudly with the variable's name.
+
+django-environ parses the values; these helpers make every failure an ImproperlyConfigured that names the
+variable and says what was expected, so a bad deployment stops at start-up instead of misbehaving later.
+"""
+
+import os
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+_env = environ.Env()
+_MISSING = object()
+
+
+def read_env_file(path: Path) -> None:
+    """Load KEY=value lines from a .env file; variables already set in the environment win."""
+    if path.is_file():
+        environ.Env.read_env(str(path), overwrite=False)
+
+
+def _raw(name: str, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if default is _MISSING:
+            raise ImproperlyConfigured(f"Set the {name} environment variable (see .env.example).")
+        return None
+    return value
+
+
+def env_str(name: str, default=_MISSING, *, choices=None) -> str:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    if choices is not None and value not in choices:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected one of {', '.join(choices)}.")
+    return value
+
+
+def env_bool(name: str, default=_MISSING) -> bool:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected true/false, yes/no, on/off or 1/0.")
+
+
+def _number(name, default, parse, kind, min_value, max_value):
+    value = _raw(name, default)
+    if value is None:
+        return default
+    try:
+        number = parse(value.strip())
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected {kind}.") from None
+    if min_value is not None and number < min_value:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: must be at least {min_value}.")
+    if max_value is not None and number > max_value:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: must be at most {max_value}.")
+    return number
+
+
+def env_int(name: str, default=_MISSING, *, min_value=None, max_value=None) -> int:
+    return _number(name, default, int, "an integer", min_value, max_value)
+
+
+def env_float(name: str, default=_MISSING, *, min_value=None, max_value=None) -> float:
+    return _number(name, default, float, "a number", min_value, max_value)
+
+
+def env_list(name: str, default=_MISSING) -> list[str]:
+    value = _raw(name, default)
+    if value is None:
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_db(name: str, default=_MISSING) -> dict:
+    value = _raw(name, default)
+    if value is None:
+        value = default
+    try:
+        config = _env.db_url_config(value)
+    except Exception as exc:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: {exc}") from None
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: Feedback Loop needs PostgreSQL (postgres://...).")
+    return config
+
+
+def env_redis_url(name: str, default=_MISSING) -> str:
+    value = env_str(name, default)
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected a redis:// URL.")
+    return value
+
+
+def env_path(name: str, default=_MISSING) -> Path:
+    value = env_str(name, default)
+    return Path(value).expanduser().resolve()

