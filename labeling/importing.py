@@ -1,0 +1,311 @@
+"""Turning outside data into conversation trees: parsers for the formats the field uses, and the import service.
+
+A parsed record is one of three shapes, all with a context (the turns before the reply):
+- a prompt: the context only;
+- a demonstration: the context and a human-written assistant reply;
+- a preference: the context and two assistant replies, chosen above rejected.
+Each record is identified by a content hash, so importing the same data twice adds nothing.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from django.contrib.auth import get_user_model
+from django.db import connection, transaction
+from django.utils import timezone
+
+from labeling.models import (
+    ALLOWED_CHILD_ROLES,
+    Assignment,
+    Conversation,
+    Message,
+    Ranking,
+    RankingEntry,
+    Role,
+    Task,
+    TaskCandidate,
+    TaskKind,
+)
+from labeling.services import MAX_MESSAGE_CHARS
+
+IMPORT_USERNAME = "import-bot"
+
+
+class RecordError(ValueError):
+    """A record that cannot be imported; the message says why."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    content: str
+
+
+@dataclass
+class ImportRecord:
+    kind: str  # "prompt" | "demonstration" | "preference"
+    context: list[Turn]
+    reply: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    dataset: str = ""
+    language: str = "en"
+    tags: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        canonical = json.dumps(
+            {
+                "kind": self.kind,
+                "context": [[t.role, t.content] for t in self.context],
+                "reply": self.reply,
+                "chosen": self.chosen,
+                "rejected": self.rejected,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_HH_SPEAKER = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_hh_transcript(transcript: str) -> list[Turn]:
+    """Split an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into turns.
+
+    Consecutive turns of the same speaker are joined, so the result alternates as a chat template expects.
+    """
+    if not isinstance(transcript, str):
+        raise RecordError("the transcript must be a string")
+    parts = _HH_SPEAKER.split(transcript)
+    if parts[0].strip():
+        raise RecordError("the transcript must start with '\\n\\nHuman:'")
+    turns: list[Turn] = []
+    for speaker, text in zip(parts[1::2], parts[2::2], strict=True):
+        role = Role.USER if speaker == "Human" else Role.ASSISTANT
+        text = text.strip()
+        if turns and turns[-1].role == role:
+            turns[-1] = Turn(role, f"{turns[-1].content}\n\n{text}".strip())
+        else:
+            turns.append(Turn(role, text))
+    if not turns:
+        raise RecordError("the transcript has no 'Human:' or 'Assistant:' turns")
+    return turns
+
+
+def hh_pair_record(row: dict, *, dataset: str = "hh-rlhf") -> ImportRecord:
+    """An HH-RLHF {"chosen", "rejected"} pair: the shared turns are the context, the last assistant turns differ."""
+    if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        raise RecordError('expected an object with "chosen" and "rejected" transcripts')
+    chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
+    if chosen[-1].role != Role.ASSISTANT or rejected[-1].role != Role.ASSISTANT:
+        raise RecordError("both transcripts must end with an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise RecordError("the chosen and rejected transcripts differ before their last Assistant turn")
+    context = chosen[:-1]
+    if not context or context[-1].role != Role.USER:
+        raise RecordError("the context must end with a Human turn")
+    return _preference(context, chosen[-1].content, rejected[-1].content, dataset=dataset)
+
+
+def _preference(context, chosen, rejected, *, dataset) -> ImportRecord:
+    if chosen.strip() == rejected.strip():
+        raise RecordError("the chosen and rejected replies are identical")
+    return ImportRecord(kind="preference", context=context, chosen=chosen, rejected=rejected, dataset=dataset)
+
+
+def self_instruct_record(row: dict, *, dataset: str) -> ImportRecord:
+    """A Self-Instruct task: the instruction (and its input) is the prompt, the expert output the demonstration."""
+    try:
+        instruction = row["instruction"].strip()
+        instance = row["instances"][0]
+        task_input, output = instance.get("input", "").strip(), instance["output"].strip()
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise RecordError('expected "instruction" and "instances": [{"input", "output"}]') from None
+    if not instruction or not output:
+        raise RecordError("the instruction and the output must not be empty")
+    prompt = f"{instruction}\n\n{task_input}" if task_input else instruction
+    tags = [t for t in [row.get("motivation_app", ""), row.get("name", "")] if t]
+    return ImportRecord(
+        kind="demonstration",
+        context=[Turn(Role.USER, prompt)],
+        reply=output,
+        dataset=dataset,
+        tags=[_tag(t) for t in tags],
+        metadata={"source_id": row.get("id", "")},
+    )
+
+
+def _tag(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def import_user():
+    """The account that imported preferences are attributed to. It cannot log in."""
+    user, created = get_user_model().objects.get_or_create(
+        username=IMPORT_USERNAME, defaults={"is_active": False, "first_name": "Imported data"}
+    )
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
+
+
+def record_import(record: ImportRecord, *, importer=None) -> bool:
+    """Import one record into its own conversation tree. Returns False when it was already there."""
+    added, _ = records_import([record], importer=importer)
+    return added == 1
+
+
+# Serialises imports across processes: the check for existing hashes and the inserts happen under it.
+_IMPORT_LOCK_KEY = 0x464C_494D  # "FLIM"
+
+
+def records_import(records: list[ImportRecord], *, importer=None) -> tuple[int, int]:
+    """Import records in one transaction: all of them or, on an error, none. Returns (added, already there).
+
+    A record whose content hash is already stored is skipped, so a re-import adds nothing. The trees are written
+    in bulk, one level at a time, so a batch costs a few queries per tree depth rather than per message.
+    """
+    for record in records:
+        validate_record(record)
+    importer = importer or import_user()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_IMPORT_LOCK_KEY])
+        hashes = {record.content_hash: record for record in records}
+        existing = set(Conversation.objects.filter(content_hash__in=hashes).values_list("content_hash", flat=True))
+        new_records = [record for content_hash, record in hashes.items() if content_hash not in existing]
+        _bulk_create_trees(new_records, importer)
+    return len(new_records), len(records) - len(new_records)
+
+
+def validate_record(record: ImportRecord) -> None:
+    """Check a parsed record before anything is written: the turns alternate as a conversation tree needs."""
+    if record.kind not in {"prompt", "demonstration", "preference"}:
+        raise RecordError(f"unknown record kind {record.kind!r}")
+    if not record.context:
+        raise RecordError("the conversation has no turns")
+    parent_role = None
+    for turn in record.context:
+        if turn.role not in ALLOWED_CHILD_ROLES[parent_role]:
+            expected = " or ".join(sorted(ALLOWED_CHILD_ROLES[parent_role]))
+            raise RecordError(f"a {turn.role} turn cannot follow {parent_role or 'the start'}; expected {expected}")
+        if not turn.content.strip():
+            raise RecordError(f"a {turn.role} turn is empty")
+        if len(turn.content) > MAX_MESSAGE_CHARS:
+            raise RecordError(f"a turn is {len(turn.content)} characters long; the limit is {MAX_MESSAGE_CHARS}")
+        parent_role = turn.role
+    if record.kind in {"demonstration", "preference"} and parent_role != Role.USER:
+        raise RecordError("the conversation must end with a user turn before the reply")
+    replies = [record.reply] if record.kind == "demonstration" else [record.chosen, record.rejected]
+    if record.kind == "prompt":
+        replies = []
+    for reply in replies:
+        if not isinstance(reply, str):
+            raise RecordError("a reply must be a string")
+        if len(reply) > MAX_MESSAGE_CHARS:
+            raise RecordError(f"a reply is {len(reply)} characters long; the limit is {MAX_MESSAGE_CHARS}")
+    if record.kind == "demonstration" and not record.reply.strip():
+        raise RecordError("the demonstration reply is empty")
+
+
+def _bulk_create_trees(records: list[ImportRecord], importer) -> None:
+    if not records:
+        return
+    conversations = Conversation.objects.bulk_create(
+        Conversation(
+            source=Conversation.Source.IMPORT,
+            dataset=record.dataset,
+            language=record.language,
+            tags=record.tags,
+            content_hash=record.content_hash,
+            metadata=record.metadata,
+        )
+        for record in records
+    )
+    # Context turns, one tree level per query; `tips[i]` is the newest message of record i.
+    tips: list[Message | None] = [None] * len(records)
+    for depth in range(max(len(record.context) for record in records)):
+        level = [i for i, record in enumerate(records) if depth < len(record.context)]
+        created = Message.objects.bulk_create(
+            Message(
+                conversation=conversations[i],
+                parent=tips[i],
+                depth=depth,
+                role=records[i].context[depth].role,
+                text=records[i].context[depth].content,
+                origin=Message.Origin.IMPORT,
+            )
+            for i in level
+        )
+        for i, message in zip(level, created, strict=True):
+            tips[i] = message
+
+    def reply(i, text, review_status=Message.ReviewStatus.NOT_REVIEWED):
+        return Message(
+            conversation=conversations[i],
+            parent=tips[i],
+            depth=len(records[i].context),
+            role=Role.ASSISTANT,
+            text=text,
+            origin=Message.Origin.IMPORT,
+            review_status=review_status,
+        )
+
+    Message.objects.bulk_create(
+        reply(i, record.reply, Message.ReviewStatus.ACCEPTED)
+        for i, record in enumerate(records)
+        if record.kind == "demonstration"
+    )
+    preferences = [i for i, record in enumerate(records) if record.kind == "preference"]
+    if preferences:
+        _bulk_create_imported_rankings(preferences, records, conversations, tips, reply, importer)
+
+
+def _bulk_create_imported_rankings(indices, records, conversations, tips, reply, importer) -> None:
+    """An imported preference becomes a finished ranking task with one ranking: chosen first, rejected second."""
+    pairs = Message.objects.bulk_create(
+        message for i in indices for message in (reply(i, records[i].chosen), reply(i, records[i].rejected))
+    )
+    now = timezone.now()
+    tasks = Task.objects.bulk_create(
+        Task(
+            kind=TaskKind.RANK_REPLIES,
+            status=Task.Status.DONE,
+            overlap=1,
+            submitted_count=1,
+            conversation=conversations[i],
+            parent_message=tips[i],
+            language=records[i].language,
+            tags=records[i].tags,
+            payload={"imported": True},
+            completed_at=now,
+        )
+        for i in indices
+    )
+    replies_of = [pairs[2 * n : 2 * n + 2] for n in range(len(indices))]
+    TaskCandidate.objects.bulk_create(
+        TaskCandidate(task=task, message=message, position=position)
+        for task, replies in zip(tasks, replies_of, strict=True)
+        for position, message in enumerate(replies)
+    )
+    assignments = Assignment.objects.bulk_create(
+        Assignment(
+            task=task, labeler=importer, status=Assignment.Status.SUBMITTED, lease_expires_at=now, submitted_at=now
+        )
+        for task in tasks
+    )
+    rankings = Ranking.objects.bulk_create(
+        Ranking(assignment=assignment, task=task, labeler=importer)
+        for assignment, task in zip(assignments, tasks, strict=True)
+    )
+    RankingEntry.objects.bulk_create(
+        RankingEntry(ranking=ranking, message=message, rank=rank)
+        for ranking, replies in zip(rankings, replies_of, strict=True)
+        for rank, message in enumerate(replies, start=1)
+    )

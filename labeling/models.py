@@ -1,0 +1,411 @@
+"""The labeling domain: conversation trees, the tasks labelers receive, their leases and what they submit.
+
+Writes go through labeling/services.py; these classes hold fields, constraints and small derived properties.
+"""
+
+import hashlib
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models import F, Q
+
+
+class Role(models.TextChoices):
+    SYSTEM = "system", "System"
+    USER = "user", "User"
+    ASSISTANT = "assistant", "Assistant"
+
+
+# Which role may follow which in a conversation tree. None is the root.
+ALLOWED_CHILD_ROLES = {
+    None: {Role.SYSTEM, Role.USER},
+    Role.SYSTEM: {Role.USER},
+    Role.USER: {Role.ASSISTANT},
+    Role.ASSISTANT: {Role.USER},
+}
+
+
+class LabelerProfile(models.Model):
+    """What a labeler is good at (routing) and whether they may review."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="labeler_profile")
+    languages = ArrayField(models.CharField(max_length=16), default=list, blank=True, help_text="e.g. en, de")
+    topics = ArrayField(models.CharField(max_length=48), default=list, blank=True)
+    is_reviewer = models.BooleanField(default=False, help_text="May review demonstrations.")
+    accepted_guidelines_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"profile of {self.user}"
+
+    @property
+    def pseudonym(self) -> str:
+        """A stable pseudonymous id for exports: no name or e-mail leaves the product."""
+        digest = hashlib.sha256(f"{settings.SECRET_KEY}:labeler:{self.user_id}".encode()).hexdigest()
+        return f"labeler-{digest[:12]}"
+
+
+class Conversation(models.Model):
+    class Source(models.TextChoices):
+        LABELER = "labeler", "Written by a labeler"
+        CHAT = "chat", "Chat with the policy"
+        IMPORT = "import", "Imported"
+
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.LABELER)
+    dataset = models.CharField(max_length=64, blank=True, help_text="Where imported data came from.")
+    language = models.CharField(max_length=16, default="en")
+    tags = ArrayField(models.CharField(max_length=48), default=list, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    content_hash = models.CharField(
+        max_length=64, null=True, blank=True, unique=True, help_text="Makes imports idempotent."
+    )
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["source", "dataset"])]
+
+    def __str__(self):
+        return f"conversation #{self.pk}"
+
+
+class Message(models.Model):
+    """A node of a conversation tree. Siblings (same parent) are alternatives for the same turn."""
+
+    class Origin(models.TextChoices):
+        HUMAN = "human", "Written by a labeler"
+        MODEL = "model", "Sampled from a model"
+        IMPORT = "import", "Imported"
+
+    class ReviewStatus(models.TextChoices):
+        NOT_REVIEWED = "", "Not a demonstration"
+        PENDING = "pending", "Waiting for review"
+        ACCEPTED = "accepted", "Accepted"
+        REJECTED = "rejected", "Rejected"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children")
+    depth = models.PositiveSmallIntegerField(default=0, editable=False)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    text = models.TextField()
+    origin = models.CharField(max_length=16, choices=Origin.choices)
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="messages"
+    )
+    model_version = models.ForeignKey(
+        "models_service.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="messages"
+    )
+    sampling_params = models.JSONField(null=True, blank=True)
+    assignment = models.OneToOneField(
+        "labeling.Assignment",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="written_message",
+        help_text="The task assignment that produced this message, if any.",
+    )
+    review_status = models.CharField(max_length=16, choices=ReviewStatus.choices, blank=True, default="")
+    used_in_training_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set when a training run first used this message; it is frozen after."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            # The composite foreign key (parent_id, conversation_id) -> (id, conversation_id), which keeps a
+            # parent in the same conversation, is created in migration 0002 (Django has no composite FKs).
+            models.UniqueConstraint(fields=["id", "conversation"], name="message_id_conversation_unique"),
+            models.UniqueConstraint(
+                fields=["conversation"], condition=Q(parent__isnull=True), name="message_one_root_per_conversation"
+            ),
+            models.CheckConstraint(
+                condition=(Q(parent__isnull=True) & Q(depth=0)) | (Q(parent__isnull=False) & Q(depth__gt=0)),
+                name="message_depth_matches_parent",
+            ),
+            models.CheckConstraint(
+                condition=~Q(origin="model")
+                | (Q(model_version__isnull=False) & Q(sampling_params__isnull=False) & Q(author__isnull=True)),
+                name="message_model_origin_has_version_and_params",
+            ),
+            models.CheckConstraint(
+                condition=~Q(origin="human") | (Q(author__isnull=False) & Q(model_version__isnull=True)),
+                name="message_human_origin_has_author",
+            ),
+            models.CheckConstraint(
+                condition=~Q(origin="import") | (Q(author__isnull=True) & Q(model_version__isnull=True)),
+                name="message_import_origin_has_no_author",
+            ),
+            models.CheckConstraint(
+                condition=Q(review_status="") | (Q(role="assistant") & ~Q(origin="model")),
+                name="message_only_written_replies_are_reviewed",
+            ),
+            # Imported data and model samples may hold an empty reply (HH-RLHF prefers silence in a few
+            # pairs; a policy can stop at once); what a person writes never is.
+            models.CheckConstraint(
+                condition=~Q(text="") | Q(origin__in=["import", "model"]), name="message_written_text_not_empty"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["conversation", "depth"]),
+            models.Index(fields=["review_status"], condition=~Q(review_status=""), name="message_demonstrations"),
+        ]
+
+    def __str__(self):
+        return f"{self.role} message #{self.pk}"
+
+    @property
+    def is_demonstration(self) -> bool:
+        return self.role == Role.ASSISTANT and self.origin != self.Origin.MODEL
+
+    @property
+    def preview(self) -> str:
+        return self.text if len(self.text) <= 80 else self.text[:77] + "..."
+
+
+class TaskKind(models.TextChoices):
+    WRITE_PROMPT = "write_prompt", "Write a prompt"
+    WRITE_ASSISTANT_REPLY = "write_assistant_reply", "Write the assistant reply"
+    WRITE_USER_REPLY = "write_user_reply", "Write the user reply"
+    RANK_REPLIES = "rank_replies", "Rank candidate replies"
+    REVIEW_DEMONSTRATION = "review_demonstration", "Review a demonstration"
+
+
+class Task(models.Model):
+    """A unit of work handed to labelers. `overlap` labelers each submit it once."""
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        DONE = "done", "Done"
+        CANCELLED = "cancelled", "Cancelled"
+
+    kind = models.CharField(max_length=32, choices=TaskKind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    priority = models.IntegerField(default=0, help_text="Higher is served first.")
+    overlap = models.PositiveSmallIntegerField(default=1, help_text="How many labelers must submit it.")
+    submitted_count = models.PositiveSmallIntegerField(default=0, editable=False)
+    conversation = models.ForeignKey(
+        Conversation, null=True, blank=True, on_delete=models.CASCADE, related_name="tasks"
+    )
+    parent_message = models.ForeignKey(
+        Message,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="tasks_as_context",
+        help_text="The message to reply to, or whose candidate replies are ranked.",
+    )
+    target_message = models.ForeignKey(
+        Message,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="tasks_as_target",
+        help_text="The demonstration under review.",
+    )
+    candidates = models.ManyToManyField(Message, through="TaskCandidate", related_name="candidate_in_tasks")
+    model_version = models.ForeignKey(
+        "models_service.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="tasks",
+        help_text="The policy that sampled the candidates.",
+    )
+    language = models.CharField(max_length=16, default="en")
+    tags = ArrayField(models.CharField(max_length=48), default=list, blank=True)
+    payload = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    cancelled_reason = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(overlap__gte=1) & Q(overlap__lte=20), name="task_overlap_range"),
+            models.CheckConstraint(condition=Q(submitted_count__lte=F("overlap")), name="task_submitted_le_overlap"),
+            models.CheckConstraint(
+                condition=~Q(status="done") | Q(submitted_count=F("overlap")), name="task_done_means_all_submitted"
+            ),
+            models.CheckConstraint(
+                condition=~Q(kind="write_prompt") | (Q(conversation__isnull=True) & Q(parent_message__isnull=True)),
+                name="task_write_prompt_starts_fresh",
+            ),
+            models.CheckConstraint(
+                condition=~Q(kind__in=["write_assistant_reply", "write_user_reply", "rank_replies"])
+                | (Q(conversation__isnull=False) & Q(parent_message__isnull=False)),
+                name="task_reply_and_rank_have_context",
+            ),
+            models.CheckConstraint(
+                condition=~Q(kind="review_demonstration")
+                | (Q(conversation__isnull=False) & Q(target_message__isnull=False)),
+                name="task_review_has_target",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["-priority", "created_at"], condition=Q(status="open"), name="task_open_queue_order"),
+            models.Index(fields=["kind", "status"]),
+        ]
+
+    def __str__(self):
+        return f"{self.get_kind_display()} #{self.pk}"
+
+    @property
+    def remaining(self) -> int:
+        return max(self.overlap - self.submitted_count, 0)
+
+
+class TaskCandidate(models.Model):
+    """A candidate reply of a ranking task, in the order it is first shown."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="task_candidates")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="+")
+    position = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["position"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "message"], name="task_candidate_unique_message"),
+            models.UniqueConstraint(fields=["task", "position"], name="task_candidate_unique_position"),
+        ]
+
+
+class Assignment(models.Model):
+    """A labeler's slot in a task: the lease they hold on it and what became of it."""
+
+    class Status(models.TextChoices):
+        LEASED = "leased", "Leased"
+        SUBMITTED = "submitted", "Submitted"
+        SKIPPED = "skipped", "Skipped"
+        REPORTED = "reported", "Reported"
+        EXPIRED = "expired", "Lease expired"
+
+    class ReportReason(models.TextChoices):
+        SPAM = "spam", "Spam"
+        HARMFUL = "harmful", "Harmful content"
+        PERSONAL_DATA = "personal_data", "Personal data"
+        OTHER = "other", "Other"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.LEASED)
+    leased_at = models.DateTimeField(auto_now_add=True)
+    lease_expires_at = models.DateTimeField()
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    skip_reason = models.TextField(blank=True)
+    report_reason = models.CharField(max_length=16, choices=ReportReason.choices, blank=True)
+    draft = models.TextField(blank=True, help_text="What the labeler typed so far; kept across expired leases.")
+    time_spent_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "labeler"], name="assignment_one_per_labeler_and_task"),
+            models.CheckConstraint(
+                condition=~Q(status="submitted") | Q(submitted_at__isnull=False),
+                name="assignment_submitted_has_time",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status="reported") | ~Q(report_reason=""), name="assignment_report_has_reason"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["labeler", "status"]),
+            models.Index(fields=["lease_expires_at"], condition=Q(status="leased"), name="assignment_live_leases"),
+        ]
+
+    def __str__(self):
+        return f"{self.labeler} on task #{self.task_id} ({self.status})"
+
+
+class CandidateFlag(models.TextChoices):
+    """Per-candidate metadata labelers record, as in InstructGPT's labeling interface."""
+
+    FAILS_INSTRUCTION = "fails_instruction", "Fails to follow the instruction"
+    FAILS_CONSTRAINT = "fails_constraint", "Ignores a constraint in the instruction"
+    HALLUCINATION = "hallucination", "Makes up facts (hallucination)"
+    HARMFUL = "harmful", "Harmful or inappropriate"
+    INAPPROPRIATE_FOR_ASSISTANT = "inappropriate_for_assistant", "Inappropriate for a customer assistant"
+    SEXUAL = "sexual", "Sexual content"
+    VIOLENT = "violent", "Violent content"
+    DENIGRATES = "denigrates", "Denigrates a protected class"
+    HARMFUL_ADVICE = "harmful_advice", "Gives harmful advice"
+    OPINION = "opinion", "Expresses an opinion"
+    MORAL_JUDGMENT = "moral_judgment", "Expresses a moral judgment"
+
+
+class Ranking(models.Model):
+    """One labeler's order of a task's candidates. Equal ranks are ties; rank 1 is best."""
+
+    assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="ranking")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="rankings")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="rankings")
+    all_unacceptable = models.BooleanField(default=False)
+    quality_rating = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Overall quality, 1-7.")
+    order_untouched = models.BooleanField(default=False, help_text="Submitted in the order shown, after the warning.")
+    time_spent_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    used_in_training_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "labeler"], name="ranking_one_per_labeler_and_task"),
+            models.CheckConstraint(
+                condition=Q(quality_rating__isnull=True) | (Q(quality_rating__gte=1) & Q(quality_rating__lte=7)),
+                name="ranking_quality_rating_1_to_7",
+            ),
+        ]
+
+    def __str__(self):
+        return f"ranking #{self.pk} of task #{self.task_id}"
+
+    @property
+    def ordered_message_ids(self) -> list[list[int]]:
+        """Candidate ids grouped by rank, best first; a group of more than one is a tie."""
+        groups: dict[int, list[int]] = {}
+        for entry in sorted(self.entries.all(), key=lambda e: (e.rank, e.message_id)):
+            groups.setdefault(entry.rank, []).append(entry.message_id)
+        return [groups[rank] for rank in sorted(groups)]
+
+
+class RankingEntry(models.Model):
+    ranking = models.ForeignKey(Ranking, on_delete=models.CASCADE, related_name="entries")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="ranking_entries")
+    rank = models.PositiveSmallIntegerField(help_text="1 is best. Candidates with the same rank are tied.")
+    flags = ArrayField(models.CharField(max_length=32, choices=CandidateFlag.choices), default=list, blank=True)
+
+    class Meta:
+        ordering = ["rank", "message_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["ranking", "message"], name="ranking_entry_unique_message"),
+            models.CheckConstraint(condition=Q(rank__gte=1) & Q(rank__lte=9), name="ranking_entry_rank_range"),
+        ]
+
+
+class Review(models.Model):
+    """A reviewer's verdict on a demonstration. Accepted demonstrations become SFT data."""
+
+    class Decision(models.TextChoices):
+        ACCEPT = "accept", "Accept"
+        REJECT = "reject", "Reject"
+
+    assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="review")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="reviews")
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="reviews")
+    decision = models.CharField(max_length=8, choices=Decision.choices)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["message", "reviewer"], name="review_one_per_reviewer"),
+            models.CheckConstraint(condition=~Q(decision="reject") | ~Q(reason=""), name="review_reject_has_reason"),
+        ]
+
+    def __str__(self):
+        return f"{self.decision} of message #{self.message_id}"
