@@ -1,0 +1,21 @@
+"""A real Celery worker process per queue, on Redis, runs what is sent to its queue."""
+
+import uuid
+
+import pytest
+
+from config.celery_app import QUEUES, ping_queue
+from tests.conftest import running_workers
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def test_each_queue_has_a_worker_that_runs_its_tasks():
+    with running_workers(*QUEUES):
+        tokens = {queue: uuid.uuid4().hex for queue in QUEUES}
+        results = {queue: ping_queue.apply_async(args=[tokens[queue]], queue=queue) for queue in QUEUES}
+        for queue, result in results.items():
+            reply = result.get(timeout=30)
+            assert reply["token"] == tokens[queue]
+            assert reply["queue"] == queue
+            assert reply["hostname"].startswith(f"{queue}@"), f"{queue} task ran on {reply['hostname']}"
