@@ -16,7 +16,7 @@ it failed with the error, and its partial artifact is never registered.
 import os
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -26,8 +26,10 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 QUEUES = ("interactive", "sampling", "training")
 
 app.conf.update(
-    task_queues=[Queue(name) for name in QUEUES],
+    task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
     task_default_queue="sampling",
+    task_default_exchange="sampling",
+    task_default_routing_key="sampling",
     task_routes={
         "models_service.tasks.chat_*": {"queue": "interactive"},
         "models_service.tasks.*": {"queue": "sampling"},

@@ -7,9 +7,9 @@ import pytest
 from config.celery_app import QUEUES, ping_queue
 from tests.conftest import running_workers
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_each_queue_has_a_worker_that_runs_its_tasks():
     with running_workers(*QUEUES):
         tokens = {queue: uuid.uuid4().hex for queue in QUEUES}
@@ -19,3 +19,20 @@ def test_each_queue_has_a_worker_that_runs_its_tasks():
             assert reply["token"] == tokens[queue]
             assert reply["queue"] == queue
             assert reply["hostname"].startswith(f"{queue}@"), f"{queue} task ran on {reply['hostname']}"
+
+
+@pytest.mark.parametrize(
+    ("task_name", "queue"),
+    [
+        ("models_service.tasks.chat_reply", "interactive"),
+        ("models_service.tasks.fill_ranking_pool", "sampling"),
+        ("training_jobs.tasks.run_training", "training"),
+    ],
+)
+def test_tasks_route_to_their_queue_and_queues_do_not_share_a_binding(task_name, queue):
+    from config.celery_app import app
+
+    route = app.amqp.router.route({}, task_name)
+    assert route["queue"].name == queue
+    bindings = {(q.exchange.name, q.routing_key) for q in app.amqp.queues.values()}
+    assert len(bindings) == len(QUEUES), "each queue needs its own exchange and routing key"

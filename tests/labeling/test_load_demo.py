@@ -57,7 +57,12 @@ def test_an_hh_pair_becomes_a_context_and_two_ranked_candidates():
 
 def test_hh_transcript_parsing():
     turns = parse_hh_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: ")
-    assert [(t.role, t.content) for t in turns] == [("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "")]
+    assert [(t.role, t.content) for t in turns] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "bye"),
+        ("assistant", ""),
+    ]
     with pytest.raises(RecordError, match="must start with"):
         parse_hh_transcript("Human: hi")
     with pytest.raises(RecordError, match="differ before"):

@@ -71,7 +71,9 @@ def test_one_root_per_conversation(tree, alice):
     with pytest.raises(ValidationError, match="already has a first message"):
         write(conversation, None, Role.USER, "second root", alice)
     with pytest.raises(IntegrityError, match="message_one_root_per_conversation"), transaction.atomic():
-        Message.objects.create(conversation=conversation, depth=0, role=Role.USER, text="x", origin="human", author=alice)
+        Message.objects.create(
+            conversation=conversation, depth=0, role=Role.USER, text="x", origin="human", author=alice
+        )
 
 
 @pytest.mark.parametrize(
@@ -132,7 +134,9 @@ def test_a_sampled_message_records_its_model_and_parameters(tree):
 def test_a_human_message_needs_an_author(tree):
     conversation, prompt, *_ = tree
     with pytest.raises(IntegrityError, match="message_human_origin_has_author"), transaction.atomic():
-        Message.objects.create(conversation=conversation, parent=prompt, depth=1, role="assistant", text="x", origin="human")
+        Message.objects.create(
+            conversation=conversation, parent=prompt, depth=1, role="assistant", text="x", origin="human"
+        )
 
 
 def test_task_constraints(tree):

@@ -2,8 +2,8 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from training_jobs.models import TrainingRun
 from tests.factories import TrainingRunFactory
+from training_jobs.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
 
@@ -13,7 +13,9 @@ def test_only_one_active_run_of_a_kind():
     TrainingRunFactory(kind=TrainingRun.Kind.RM, status=TrainingRun.Status.QUEUED)
     with pytest.raises(IntegrityError, match="training_run_one_active_per_kind"), transaction.atomic():
         TrainingRunFactory(kind=TrainingRun.Kind.SFT, status=TrainingRun.Status.QUEUED)
-    finished = TrainingRunFactory(kind=TrainingRun.Kind.PPO, status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now())
+    finished = TrainingRunFactory(
+        kind=TrainingRun.Kind.PPO, status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now()
+    )
     assert finished.pk
 
 
