@@ -7,6 +7,7 @@ from labeling.models import (
     Conversation,
     LabelerProfile,
     Message,
+    QueueSettings,
     Ranking,
     RankingEntry,
     Review,
@@ -144,3 +145,43 @@ class ReviewAdmin(admin.ModelAdmin):
     search_fields = ["reviewer__username", "reason", "message__text"]
     raw_id_fields = ["assignment", "message", "reviewer"]
     readonly_fields = ["created_at"]
+
+
+@admin.register(QueueSettings)
+class QueueSettingsAdmin(admin.ModelAdmin):
+    """One row: the mix of task kinds, overlaps, leases and routing bonuses."""
+
+    list_display = ["__str__", "lease_minutes", "rank_overlap", "rank_overlap_fraction", "review_overlap", "updated_at"]
+    readonly_fields = ["updated_at", "kind_mix"]
+    fieldsets = [
+        ("Leases", {"fields": ["lease_minutes"]}),
+        (
+            "Mix of task kinds (relative weights)",
+            {
+                "fields": [
+                    "weight_write_prompt",
+                    "weight_write_assistant_reply",
+                    "weight_write_user_reply",
+                    "weight_rank_replies",
+                    "weight_review_demonstration",
+                    "kind_mix",
+                ]
+            },
+        ),
+        ("Overlap", {"fields": ["rank_overlap", "rank_overlap_fraction", "review_overlap"]}),
+        ("Supply", {"fields": ["open_prompt_tasks", "max_conversation_turns", "reports_to_cancel"]}),
+        ("Routing", {"fields": ["language_bonus_minutes", "topic_bonus_minutes", "max_age_minutes"]}),
+        (None, {"fields": ["updated_at"]}),
+    ]
+
+    @admin.display(description="share of tasks offered, when every kind has work")
+    def kind_mix(self, obj):
+        weights = obj.kind_weights
+        total = sum(weights.values()) or 1
+        return ", ".join(f"{kind.replace('_', ' ')} {w / total:.0%}" for kind, w in weights.items())
+
+    def has_add_permission(self, request):
+        return not QueueSettings.objects.exists()
+
+    def has_delete_permission(self, request, obj=None):
+        return False

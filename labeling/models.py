@@ -7,6 +7,7 @@ import hashlib
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
+from django.core.cache import cache
 from django.db import models
 from django.db.models import F, Q
 
@@ -217,6 +218,14 @@ class Task(models.Model):
     )
     language = models.CharField(max_length=16, default="en")
     tags = ArrayField(models.CharField(max_length=48), default=list, blank=True)
+    reserved_for = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="reserved_tasks",
+        help_text="Only this labeler is offered the task (e.g. alternatives they asked for in chat).",
+    )
     payload = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -409,3 +418,89 @@ class Review(models.Model):
 
     def __str__(self):
         return f"{self.decision} of message #{self.message_id}"
+
+
+class QueueSettings(models.Model):
+    """How the queue mixes task kinds, overlaps, leases and routing. One row, edited in admin."""
+
+    lease_minutes = models.PositiveSmallIntegerField(default=30, help_text="How long a labeler holds a task.")
+    weight_write_prompt = models.FloatField(default=1.0)
+    weight_write_assistant_reply = models.FloatField(default=3.0)
+    weight_write_user_reply = models.FloatField(default=1.0)
+    weight_rank_replies = models.FloatField(default=5.0)
+    weight_review_demonstration = models.FloatField(default=3.0)
+    rank_overlap = models.PositiveSmallIntegerField(
+        default=2, help_text="Labelers per ranking task, for the fraction below (the rest get one)."
+    )
+    rank_overlap_fraction = models.FloatField(
+        default=0.2, help_text="Share of ranking tasks done by several labelers, to measure agreement."
+    )
+    review_overlap = models.PositiveSmallIntegerField(default=1, help_text="Reviewers per demonstration.")
+    open_prompt_tasks = models.PositiveSmallIntegerField(
+        default=5, help_text="How many 'write a prompt' tasks are kept open."
+    )
+    max_conversation_turns = models.PositiveSmallIntegerField(
+        default=6, help_text="No 'write the user reply' task beyond this many messages."
+    )
+    reports_to_cancel = models.PositiveSmallIntegerField(
+        default=2, help_text="A task reported this many times leaves the queue for an admin to look at."
+    )
+    language_bonus_minutes = models.PositiveSmallIntegerField(
+        default=120, help_text="A task in one of the labeler's languages counts as this many minutes older."
+    )
+    topic_bonus_minutes = models.PositiveSmallIntegerField(
+        default=60, help_text="A task on one of the labeler's topics counts as this many minutes older."
+    )
+    max_age_minutes = models.PositiveIntegerField(
+        default=24 * 60, help_text="Waiting time stops adding priority after this long."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "queue settings"
+        verbose_name_plural = "queue settings"
+        constraints = [
+            models.CheckConstraint(condition=Q(id=1), name="queue_settings_singleton"),
+            models.CheckConstraint(
+                condition=Q(rank_overlap_fraction__gte=0) & Q(rank_overlap_fraction__lte=1),
+                name="queue_settings_fraction_range",
+            ),
+            models.CheckConstraint(condition=Q(lease_minutes__gte=1), name="queue_settings_lease_positive"),
+            models.CheckConstraint(
+                condition=Q(rank_overlap__gte=1) & Q(rank_overlap__lte=20), name="queue_settings_rank_overlap_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(review_overlap__gte=1) & Q(review_overlap__lte=20),
+                name="queue_settings_review_overlap_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(weight_write_prompt__gte=0)
+                & Q(weight_write_assistant_reply__gte=0)
+                & Q(weight_write_user_reply__gte=0)
+                & Q(weight_rank_replies__gte=0)
+                & Q(weight_review_demonstration__gte=0),
+                name="queue_settings_weights_non_negative",
+            ),
+        ]
+
+    CACHE_KEY = "labeling:queue-settings"
+
+    def __str__(self):
+        return "Queue settings"
+
+    def save(self, *args, **kwargs):
+        self.pk = 1
+        super().save(*args, **kwargs)
+        cache.delete(self.CACHE_KEY)
+
+    @classmethod
+    def load(cls) -> "QueueSettings":
+        cached = cache.get(cls.CACHE_KEY)
+        if cached is None:
+            cached, _ = cls.objects.get_or_create(pk=1)
+            cache.set(cls.CACHE_KEY, cached, 30)
+        return cached
+
+    @property
+    def kind_weights(self) -> dict[str, float]:
+        return {kind: getattr(self, f"weight_{kind}") for kind in TaskKind.values}

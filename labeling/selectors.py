@@ -1,9 +1,36 @@
-"""Reads from the labeling domain."""
+"""Reads from the labeling domain: the queue, threads and what a labeler has done."""
 
-from django.db.models import Count, Q
+import datetime as dt
+
+from django.db.models import (
+    Case,
+    Count,
+    Exists,
+    ExpressionWrapper,
+    F,
+    FloatField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from labeling.models import Assignment, Message
+from labeling.models import (
+    Assignment,
+    LabelerProfile,
+    Message,
+    QueueSettings,
+    Ranking,
+    Review,
+    Task,
+    TaskCandidate,
+    TaskKind,
+)
 
 
 def message_thread(message: Message) -> list[Message]:
@@ -14,7 +41,7 @@ def message_thread(message: Message) -> list[Message]:
     candidates = {
         m.pk: m
         for m in Message.objects.filter(conversation_id=message.conversation_id, depth__lte=message.depth).only(
-            "id", "parent_id", "role", "text", "depth", "origin", "conversation_id"
+            "id", "parent_id", "role", "text", "depth", "origin", "conversation_id", "author_id", "model_version_id"
         )
     }
     thread, node = [], candidates.get(message.pk, message)
@@ -29,9 +56,139 @@ def thread_as_chat(messages: list[Message]) -> list[dict]:
     return [{"role": m.role, "content": m.text} for m in messages]
 
 
+# --- roles ---
+
+
+def is_reviewer(user) -> bool:
+    if user.is_staff:
+        return True
+    profile = LabelerProfile.objects.filter(user=user).only("is_reviewer").first()
+    return bool(profile and profile.is_reviewer)
+
+
+def kinds_for(user) -> list[str]:
+    """The task kinds a user may be given: everyone labels, reviewers also review."""
+    kinds = [k for k in TaskKind.values if k != TaskKind.REVIEW_DEMONSTRATION]
+    if is_reviewer(user):
+        kinds.append(TaskKind.REVIEW_DEMONSTRATION)
+    return kinds
+
+
+# --- the queue ---
+
+
+def live_assignments(now: dt.datetime) -> Q:
+    """Assignments that occupy a slot: submitted, or leased and not yet expired."""
+    return Q(status=Assignment.Status.SUBMITTED) | Q(status=Assignment.Status.LEASED, lease_expires_at__gt=now)
+
+
+def live_slot_count(task_id: int, *, now: dt.datetime, excluding: int | None = None) -> int:
+    slots = Assignment.objects.filter(live_assignments(now), task_id=task_id)
+    if excluding is not None:
+        slots = slots.exclude(pk=excluding)
+    return slots.count()
+
+
+def available_tasks(user, *, now: dt.datetime, kinds: list[str]) -> QuerySet[Task]:
+    """Open tasks this labeler may take now: not done or skipped by them, not about their own messages,
+    not reserved for someone else, and with a free slot.
+
+    Blind overlap: nothing here depends on what other labelers submitted, only on how many slots are taken.
+    The slot count is re-checked under the task's row lock before a lease is granted (services.task_lease_next).
+    """
+    mine = Assignment.objects.filter(task=OuterRef("pk"), labeler=user).exclude(status=Assignment.Status.EXPIRED)
+    own_candidate = TaskCandidate.objects.filter(task=OuterRef("pk"), message__author=user)
+    own_context = Message.objects.filter(pk=OuterRef("parent_message_id"), author=user)
+    own_target = Message.objects.filter(pk=OuterRef("target_message_id"), author=user)
+    taken = Subquery(
+        Assignment.objects.filter(live_assignments(now), task=OuterRef("pk"))
+        .order_by()
+        .values("task")
+        .annotate(n=Count("pk"))
+        .values("n")[:1]
+    )
+    return (
+        Task.objects.filter(status=Task.Status.OPEN, kind__in=kinds, submitted_count__lt=F("overlap"))
+        .filter(Q(reserved_for__isnull=True) | Q(reserved_for=user))
+        .exclude(Exists(mine))
+        .exclude(Exists(own_candidate))
+        .exclude(Q(kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY]) & Exists(own_context))
+        .exclude(Exists(own_target))
+        .annotate(taken=Coalesce(taken, 0))
+        .filter(taken__lt=F("overlap"))
+    )
+
+
+def routing_score(user, *, now: dt.datetime, settings: QueueSettings):
+    """Higher is served first. Priority dominates; within a priority, a task's waiting time in minutes plus a
+    bonus for matching the labeler's languages and topics. Waiting time keeps growing (up to a cap), so a task
+    nobody is an expert for is still served eventually: matching is a preference, never a filter."""
+    profile = LabelerProfile.objects.filter(user=user).only("languages", "topics").first()
+    languages = list(profile.languages) if profile else []
+    topics = list(profile.topics) if profile else []
+    waited = RawSQL(
+        "LEAST(EXTRACT(EPOCH FROM (%s - labeling_task.created_at)) / 60.0, %s)::float",
+        (now, settings.max_age_minutes),
+        output_field=FloatField(),
+    )
+    language_bonus = Case(
+        When(language__in=languages, then=Value(float(settings.language_bonus_minutes))),
+        default=Value(0.0),
+        output_field=FloatField(),
+    )
+    topic_bonus = Case(
+        When(tags__overlap=topics, then=Value(float(settings.topic_bonus_minutes))),
+        default=Value(0.0),
+        output_field=FloatField(),
+    )
+    return ExpressionWrapper(
+        F("priority") * Value(1_000_000.0) + waited + language_bonus + topic_bonus, output_field=FloatField()
+    )
+
+
+def current_assignment(user, *, now: dt.datetime) -> Assignment | None:
+    """The task this labeler is in the middle of, if their lease still holds."""
+    return (
+        Assignment.objects.filter(labeler=user, status=Assignment.Status.LEASED, lease_expires_at__gt=now)
+        .select_related("task")
+        .order_by("-leased_at")
+        .first()
+    )
+
+
+# --- what a labeler has done ---
+
+
 def labeler_counts(user) -> dict:
     """What a labeler has submitted, today and overall, by task kind."""
     start_of_day = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
     submitted = Assignment.objects.filter(labeler=user, status=Assignment.Status.SUBMITTED)
-    totals = submitted.aggregate(total=Count("id"), today=Count("id", filter=Q(submitted_at__gte=start_of_day)))
-    return {"today": totals["today"], "total": totals["total"]}
+    rows = submitted.values("task__kind").annotate(
+        total=Count("id"), today=Count("id", filter=Q(submitted_at__gte=start_of_day))
+    )
+    by_kind = {row["task__kind"]: row for row in rows}
+    return {
+        "today": sum(row["today"] for row in rows),
+        "total": sum(row["total"] for row in rows),
+        "by_kind": [
+            {"kind": kind, "label": label, **{k: by_kind.get(kind, {}).get(k, 0) for k in ("today", "total")}}
+            for kind, label in TaskKind.choices
+        ],
+    }
+
+
+def my_work(user) -> dict:
+    """A labeler's submissions, newest first, each with whether it can still be edited."""
+    messages = (
+        Message.objects.filter(author=user, assignment__isnull=False)
+        .select_related("conversation", "assignment__task")
+        .order_by("-created_at")[:200]
+    )
+    rankings = (
+        Ranking.objects.filter(labeler=user)
+        .select_related("task")
+        .prefetch_related("entries__message")
+        .order_by("-created_at")[:200]
+    )
+    reviews = Review.objects.filter(reviewer=user).select_related("message").order_by("-created_at")[:200]
+    return {"messages": messages, "rankings": rankings, "reviews": reviews}

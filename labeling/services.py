@@ -1,11 +1,48 @@
-"""Writes to the labeling domain. Each service is keyword-only and runs in one transaction."""
+"""Writes to the labeling domain. Each service is keyword-only and runs in one transaction.
+
+State changes are guarded by row locks (`select_for_update`) or conditional UPDATEs, never by a check that can
+race: two labelers, two browser tabs or a retried request can call any of these at the same time.
+"""
+
+import datetime as dt
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
 
-from labeling.models import ALLOWED_CHILD_ROLES, Conversation, Message, Role
+from labeling.models import (
+    ALLOWED_CHILD_ROLES,
+    Assignment,
+    CandidateFlag,
+    Conversation,
+    LabelerProfile,
+    Message,
+    QueueSettings,
+    Ranking,
+    RankingEntry,
+    Review,
+    Role,
+    Task,
+    TaskCandidate,
+    TaskKind,
+)
+from labeling.selectors import available_tasks, current_assignment, kinds_for, live_slot_count, routing_score
 
 MAX_MESSAGE_CHARS = 20_000
+MIN_CANDIDATES, MAX_CANDIDATES = 2, 9
+MAX_TAGS, MAX_TAG_CHARS = 10, 48
+
+
+class SubmissionRefused(Exception):
+    """The submission cannot be accepted in the task's current state. The message says why, for the labeler."""
+
+
+# --- conversation trees ---
 
 
 def conversation_create(
@@ -29,6 +66,20 @@ def conversation_create(
     )
 
 
+def validate_text(text, *, field: str = "text", allow_empty: bool = False) -> str:
+    if not isinstance(text, str):
+        raise ValidationError({field: "The text must be a string."})
+    if "\x00" in text:
+        raise ValidationError({field: "The text contains a NUL character."})
+    if not allow_empty and not text.strip():
+        raise ValidationError({field: "The text is empty."})
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ValidationError(
+            {field: f"The text is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."}
+        )
+    return text
+
+
 def _validate_child(*, conversation: Conversation, parent: Message | None, role: str, text: str, origin: str) -> None:
     if parent is not None and parent.conversation_id != conversation.pk:
         where = f"conversation #{parent.conversation_id}, not #{conversation.pk}"
@@ -40,12 +91,7 @@ def _validate_child(*, conversation: Conversation, parent: Message | None, role:
         where = f"after a {parent_role.value} message" if parent_role else "as the first message"
         allowed = ", ".join(sorted(r.value for r in ALLOWED_CHILD_ROLES[parent_role]))
         raise ValidationError({"role": f"A {role} message cannot come {where}; expected {allowed}."})
-    if not isinstance(text, str):
-        raise ValidationError({"text": "The text must be a string."})
-    if not text.strip() and origin == Message.Origin.HUMAN:
-        raise ValidationError({"text": "The text is empty."})
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise ValidationError({"text": f"The text is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}."})
+    validate_text(text, allow_empty=origin != Message.Origin.HUMAN)
 
 
 @transaction.atomic
@@ -83,3 +129,522 @@ def message_create(
         assignment=assignment,
         review_status=review_status,
     )
+
+
+# --- creating tasks ---
+
+
+def ranking_overlap(*, seed: str, settings: QueueSettings | None = None) -> int:
+    """How many labelers rank a task: `rank_overlap` for a `rank_overlap_fraction` share of tasks, else one.
+
+    Deterministic in `seed`, so the share holds over many tasks and a retried creation decides the same way.
+    """
+    settings = settings or QueueSettings.load()
+    draw = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return settings.rank_overlap if draw < settings.rank_overlap_fraction else 1
+
+
+@transaction.atomic
+def task_create(
+    *,
+    kind: str,
+    conversation: Conversation | None = None,
+    parent_message: Message | None = None,
+    target_message: Message | None = None,
+    candidates: Sequence[Message] = (),
+    overlap: int = 1,
+    priority: int = 0,
+    model_version=None,
+    reserved_for=None,
+    created_by=None,
+    payload: dict | None = None,
+) -> Task:
+    if kind == TaskKind.RANK_REPLIES:
+        if not MIN_CANDIDATES <= len(candidates) <= MAX_CANDIDATES:
+            needs = f"A ranking needs {MIN_CANDIDATES} to {MAX_CANDIDATES} candidates"
+            raise ValidationError({"candidates": f"{needs}, not {len(candidates)}."})
+        if any(c.parent_id != parent_message.pk for c in candidates):
+            raise ValidationError({"candidates": "Every candidate must reply to the task's context message."})
+        if len({c.pk for c in candidates}) != len(candidates):
+            raise ValidationError({"candidates": "A candidate appears twice."})
+    source = conversation or (parent_message.conversation if parent_message else None)
+    task = Task.objects.create(
+        kind=kind,
+        conversation=source,
+        parent_message=parent_message,
+        target_message=target_message,
+        overlap=overlap,
+        priority=priority,
+        model_version=model_version,
+        reserved_for=reserved_for,
+        created_by=created_by,
+        language=source.language if source else "en",
+        tags=list(source.tags) if source else [],
+        payload=payload or {},
+    )
+    TaskCandidate.objects.bulk_create(
+        TaskCandidate(task=task, message=message, position=position) for position, message in enumerate(candidates)
+    )
+    return task
+
+
+def _open_task_exists(**filters) -> bool:
+    return Task.objects.filter(status=Task.Status.OPEN, **filters).exists()
+
+
+def prompt_tasks_replenish(*, settings: QueueSettings | None = None) -> int:
+    """Keep `open_prompt_tasks` 'write a prompt' tasks open. Returns how many were created."""
+    settings = settings or QueueSettings.load()
+    with transaction.atomic():
+        # One replenisher at a time; a transaction-level advisory lock keeps two beats from overfilling.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [0x464C_5054])
+        missing = (
+            settings.open_prompt_tasks
+            - Task.objects.filter(kind=TaskKind.WRITE_PROMPT, status=Task.Status.OPEN).count()
+        )
+        for _ in range(max(missing, 0)):
+            task_create(kind=TaskKind.WRITE_PROMPT)
+    return max(missing, 0)
+
+
+# --- the queue: leasing ---
+
+
+def task_lease_next(*, user, now: dt.datetime | None = None, rng: random.Random | None = None) -> Assignment | None:
+    """Give the labeler a task slot and a lease on it, or None when there is nothing for them.
+
+    A labeler who already holds a live lease gets that task back. Otherwise a task kind is drawn by the admin's
+    weights among the kinds that have work for this labeler, and the best task of that kind (priority, then
+    waiting time and routing) is locked with SKIP LOCKED. Its free slots are counted again under the lock, so two
+    labelers asking at once never take more slots than the task's overlap.
+    """
+    now = now or timezone.now()
+    rng = rng or random.Random()
+    settings = QueueSettings.load()
+    held = current_assignment(user, now=now)
+    if held is not None:
+        return held
+    candidates = available_tasks(user, now=now, kinds=kinds_for(user))
+    kinds = list(candidates.order_by().values_list("kind", flat=True).distinct())
+    weights = settings.kind_weights
+    kinds = [kind for kind in kinds if weights.get(kind, 0) > 0]
+    score = routing_score(user, now=now, settings=settings)
+    while kinds:
+        kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+        assignment = _lease_best_of_kind(user, candidates.filter(kind=kind), score, now, settings)
+        if assignment is not None:
+            return assignment
+        kinds.remove(kind)
+    return None
+
+
+def _lease_best_of_kind(user, candidates, score, now, settings, attempts: int = 8) -> Assignment | None:
+    tried: list[int] = []
+    for _ in range(attempts):
+        with transaction.atomic():
+            task = (
+                candidates.exclude(pk__in=tried)
+                .annotate(score=score)
+                .order_by("-score", "created_at", "pk")
+                .select_for_update(skip_locked=True, of=("self",))
+                .first()
+            )
+            if task is None:
+                return None
+            # A fresh statement under the row lock: every lease committed before ours is visible here.
+            if live_slot_count(task.pk, now=now) >= task.overlap:
+                tried.append(task.pk)
+                continue
+            expires = now + dt.timedelta(minutes=settings.lease_minutes)
+            updated = Assignment.objects.filter(task=task, labeler=user, status=Assignment.Status.EXPIRED).update(
+                status=Assignment.Status.LEASED, leased_at=now, lease_expires_at=expires
+            )
+            if updated:
+                return Assignment.objects.select_related("task").get(task=task, labeler=user)
+            return Assignment.objects.create(task=task, labeler=user, lease_expires_at=expires)
+    return None
+
+
+def leases_expire(*, now: dt.datetime | None = None) -> int:
+    """Mark leases past their expiry as expired. Their slots are free already; this keeps the records tidy."""
+    now = now or timezone.now()
+    return Assignment.objects.filter(status=Assignment.Status.LEASED, lease_expires_at__lte=now).update(
+        status=Assignment.Status.EXPIRED
+    )
+
+
+def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetime | None = None) -> Assignment:
+    """Keep what the labeler typed, and extend their lease while they are still working (if the slot is free)."""
+    now = now or timezone.now()
+    validate_text(draft, field="draft", allow_empty=True)
+    with transaction.atomic():
+        task = Task.objects.select_for_update().get(pk=assignment.task_id)
+        current = Assignment.objects.select_for_update().get(pk=assignment.pk)
+        current.draft = draft
+        fields = ["draft"]
+        if current.status in (Assignment.Status.LEASED, Assignment.Status.EXPIRED) and task.status == Task.Status.OPEN:
+            holds = current.status == Assignment.Status.LEASED and current.lease_expires_at > now
+            if holds or live_slot_count(task.pk, now=now, excluding=current.pk) < task.overlap:
+                current.status = Assignment.Status.LEASED
+                current.lease_expires_at = now + dt.timedelta(minutes=QueueSettings.load().lease_minutes)
+                fields += ["status", "lease_expires_at"]
+        current.save(update_fields=fields)
+    return current
+
+
+# --- the queue: finishing an assignment ---
+
+
+@dataclass
+class SubmitResult:
+    assignment: Assignment
+    created: bool  # False when this was a repeat of an earlier submission (double click, retry, stale tab)
+    result: object = None
+
+
+def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], *, time_spent_ms=None, now=None):
+    """The shared path of every submission: lock, check the slot, do the work, count it once.
+
+    Idempotent: a second submission of the same assignment returns the first one's result and counts nothing.
+    A submission on an expired lease is accepted while the task still has a free slot.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        task = Task.objects.select_for_update().get(pk=assignment.task_id)
+        current = Assignment.objects.select_for_update().get(pk=assignment.pk)
+        if current.status == Assignment.Status.SUBMITTED:
+            return SubmitResult(current, created=False, result=_existing_result(current))
+        if current.status in (Assignment.Status.SKIPPED, Assignment.Status.REPORTED):
+            raise SubmissionRefused(f"You {current.get_status_display().lower()} this task, so it cannot be submitted.")
+        if task.status == Task.Status.CANCELLED:
+            raise SubmissionRefused(
+                "This task was withdrawn while you worked on it. Your text is kept here, copy it if you need it."
+            )
+        holds = current.status == Assignment.Status.LEASED and current.lease_expires_at > now
+        full = (
+            task.status == Task.Status.DONE or live_slot_count(task.pk, now=now, excluding=current.pk) >= task.overlap
+        )
+        if not holds and full:
+            raise SubmissionRefused(
+                "Your lease on this task expired and other labelers have filled it in the meantime. "
+                "Your text is kept here, copy it if you need it."
+            )
+        result = work(task, current)
+        current.status = Assignment.Status.SUBMITTED
+        current.submitted_at = now
+        current.time_spent_ms = time_spent_ms
+        current.save(update_fields=["status", "submitted_at", "time_spent_ms"])
+        Task.objects.filter(pk=task.pk).update(submitted_count=F("submitted_count") + 1)
+        Task.objects.filter(pk=task.pk, submitted_count=F("overlap")).update(status=Task.Status.DONE, completed_at=now)
+    return SubmitResult(current, created=True, result=result)
+
+
+def _existing_result(assignment: Assignment):
+    for attribute in ("written_message", "ranking", "review"):
+        try:
+            return getattr(assignment, attribute)
+        except (Message.DoesNotExist, Ranking.DoesNotExist, Review.DoesNotExist):
+            continue
+    return None
+
+
+def _expect_kind(assignment: Assignment, *kinds: str) -> None:
+    if assignment.task.kind not in kinds:
+        raise ValidationError({"task": f"This is a {assignment.task.get_kind_display().lower()} task."})
+
+
+def _clean_tags(tags) -> list[str]:
+    tags = [str(t).strip().lower() for t in (tags or []) if str(t).strip()]
+    if len(tags) > MAX_TAGS:
+        raise ValidationError({"tags": f"At most {MAX_TAGS} tags."})
+    if any(len(t) > MAX_TAG_CHARS for t in tags):
+        raise ValidationError({"tags": f"A tag is at most {MAX_TAG_CHARS} characters."})
+    return sorted(set(tags))
+
+
+def prompt_submit(
+    *, assignment: Assignment, text: str, language: str = "en", tags=None, time_spent_ms=None
+) -> SubmitResult:
+    """A new conversation from the labeler's prompt, and a task to write the assistant's reply to it."""
+    _expect_kind(assignment, TaskKind.WRITE_PROMPT)
+    validate_text(text)
+    tags = _clean_tags(tags)
+    if not isinstance(language, str) or not 2 <= len(language) <= 16:
+        raise ValidationError({"language": "Give a language code such as en or de."})
+
+    def work(task, current):
+        conversation = conversation_create(created_by=current.labeler, language=language, tags=tags)
+        prompt = message_create(
+            conversation=conversation,
+            parent=None,
+            role=Role.USER,
+            text=text,
+            origin=Message.Origin.HUMAN,
+            author=current.labeler,
+            assignment=current,
+        )
+        task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt)
+        return prompt
+
+    return _submit(assignment, work, time_spent_ms=time_spent_ms)
+
+
+def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> SubmitResult:
+    """The labeler's assistant reply (a demonstration, sent to review) or user reply (which then needs an answer)."""
+    _expect_kind(assignment, TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY)
+    validate_text(text)
+
+    def work(task, current):
+        role = Role.ASSISTANT if task.kind == TaskKind.WRITE_ASSISTANT_REPLY else Role.USER
+        message = message_create(
+            conversation=task.parent_message.conversation,
+            parent=task.parent_message,
+            role=role,
+            text=text,
+            origin=Message.Origin.HUMAN,
+            author=current.labeler,
+            assignment=current,
+        )
+        if role == Role.ASSISTANT:
+            _review_task_create(message)
+        else:
+            task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=message)
+        return message
+
+    return _submit(assignment, work, time_spent_ms=time_spent_ms)
+
+
+def _review_task_create(message: Message) -> Task:
+    return task_create(
+        kind=TaskKind.REVIEW_DEMONSTRATION,
+        conversation=message.conversation,
+        target_message=message,
+        overlap=QueueSettings.load().review_overlap,
+    )
+
+
+@dataclass
+class RankingInput:
+    """A labeler's ranking: groups of candidate ids, best group first; a group of several is a tie."""
+
+    order: list[list[int]]
+    flags: dict[int, list[str]]
+    quality_rating: int | None = None
+    all_unacceptable: bool = False
+    confirm_untouched: bool = False
+
+
+def display_order(task: Task, labeler_id: int) -> list[int]:
+    """The order a labeler sees the candidates in: shuffled per labeler, so position bias does not add up
+    across the labelers who overlap on a task."""
+    ids = list(task.task_candidates.order_by("position").values_list("message_id", flat=True))
+    random.Random(f"{task.pk}:{labeler_id}").shuffle(ids)
+    return ids
+
+
+def validate_ranking(task: Task, labeler_id: int, ranking: RankingInput) -> None:
+    candidate_ids = set(task.task_candidates.values_list("message_id", flat=True))
+    order = ranking.order
+    if not isinstance(order, list) or not order or not all(isinstance(g, list) and g for g in order):
+        raise ValidationError({"order": "Give the order as a list of groups of candidate ids, best first."})
+    flat = [i for group in order for i in group]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat):
+        raise ValidationError({"order": "Candidate ids must be integers."})
+    if len(flat) != len(set(flat)):
+        raise ValidationError({"order": "A candidate appears twice in the order."})
+    unknown = set(flat) - candidate_ids
+    if unknown:
+        raise ValidationError({"order": f"Not candidates of this task: {', '.join(map(str, sorted(unknown)))}."})
+    missing = candidate_ids - set(flat)
+    if missing:
+        raise ValidationError({"order": f"The order misses candidates {', '.join(map(str, sorted(missing)))}."})
+    if not isinstance(ranking.flags, dict):
+        raise ValidationError({"flags": "Flags must map candidate ids to lists of flags."})
+    for message_id, flags in ranking.flags.items():
+        if message_id not in candidate_ids:
+            raise ValidationError({"flags": f"Message {message_id} is not a candidate of this task."})
+        if not isinstance(flags, list) or any(f not in CandidateFlag.values for f in flags):
+            raise ValidationError(
+                {"flags": f"Unknown flag for candidate {message_id}; use {', '.join(CandidateFlag.values)}."}
+            )
+    rating = ranking.quality_rating
+    if rating is not None and (not isinstance(rating, int) or isinstance(rating, bool) or not 1 <= rating <= 7):
+        raise ValidationError({"quality_rating": "The overall rating is a whole number from 1 to 7."})
+    untouched = all(len(g) == 1 for g in order) and flat == display_order(task, labeler_id)
+    if untouched and not ranking.confirm_untouched and not ranking.all_unacceptable:
+        message = "You left the candidates in the order they were shown. Rank them, or confirm this order."
+        raise ValidationError({"order": ValidationError(message, code="untouched")})
+
+
+def _write_entries(ranking_row: Ranking, ranking: RankingInput) -> None:
+    RankingEntry.objects.bulk_create(
+        RankingEntry(
+            ranking=ranking_row, message_id=message_id, rank=rank, flags=sorted(set(ranking.flags.get(message_id, [])))
+        )
+        for rank, group in enumerate(ranking.order, start=1)
+        for message_id in group
+    )
+
+
+def ranking_submit(*, assignment: Assignment, ranking: RankingInput, time_spent_ms=None) -> SubmitResult:
+    """Record a labeler's order of the candidates: ties allowed, flags per candidate, an overall 1-7 rating."""
+    _expect_kind(assignment, TaskKind.RANK_REPLIES)
+    validate_ranking(assignment.task, assignment.labeler_id, ranking)
+
+    def work(task, current):
+        row = Ranking.objects.create(
+            assignment=current,
+            task=task,
+            labeler=current.labeler,
+            all_unacceptable=ranking.all_unacceptable,
+            quality_rating=ranking.quality_rating,
+            order_untouched=ranking.confirm_untouched,
+            time_spent_ms=time_spent_ms,
+        )
+        _write_entries(row, ranking)
+        return row
+
+    return _submit(assignment, work, time_spent_ms=time_spent_ms)
+
+
+def review_submit(*, assignment: Assignment, decision: str, reason: str = "", time_spent_ms=None) -> SubmitResult:
+    """A reviewer's verdict. Once every reviewer slot is in, the majority decides (a tie rejects); an accepted
+    demonstration becomes SFT data and may be continued with a user reply, a rejected one is written again."""
+    _expect_kind(assignment, TaskKind.REVIEW_DEMONSTRATION)
+    if decision not in Review.Decision.values:
+        raise ValidationError({"decision": "Accept or reject."})
+    reason = (reason or "").strip()
+    if decision == Review.Decision.REJECT and not reason:
+        raise ValidationError({"reason": "Say why you reject it, so the writer can learn from it."})
+    validate_text(reason, field="reason", allow_empty=True)
+
+    def work(task, current):
+        if task.target_message.author_id == current.labeler_id:
+            raise SubmissionRefused("You cannot review your own demonstration.")
+        review = Review.objects.create(
+            assignment=current, message=task.target_message, reviewer=current.labeler, decision=decision, reason=reason
+        )
+        if task.submitted_count + 1 >= task.overlap:
+            _decide_demonstration(task.target_message)
+        return review
+
+    return _submit(assignment, work, time_spent_ms=time_spent_ms)
+
+
+def _decide_demonstration(message: Message) -> None:
+    verdicts = list(Review.objects.filter(message=message).values_list("decision", flat=True))
+    accepted = verdicts.count(Review.Decision.ACCEPT) > verdicts.count(Review.Decision.REJECT)
+    status = Message.ReviewStatus.ACCEPTED if accepted else Message.ReviewStatus.REJECTED
+    Message.objects.filter(pk=message.pk).update(review_status=status)
+    settings = QueueSettings.load()
+    if accepted and message.depth + 1 < settings.max_conversation_turns:
+        if not _open_task_exists(kind=TaskKind.WRITE_USER_REPLY, parent_message=message):
+            task_create(kind=TaskKind.WRITE_USER_REPLY, parent_message=message)
+    elif not accepted:
+        parent = message.parent
+        has_other = parent.children.filter(
+            role=Role.ASSISTANT,
+            review_status__in=[Message.ReviewStatus.PENDING, Message.ReviewStatus.ACCEPTED],
+        ).exclude(pk=message.pk)
+        if not has_other.exists() and not _open_task_exists(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent):
+            task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent)
+
+
+def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
+    with transaction.atomic():
+        current = Assignment.objects.select_for_update().get(pk=assignment.pk)
+        if current.status == Assignment.Status.SUBMITTED:
+            raise SubmissionRefused("This task is already submitted.")
+        if current.status == status:
+            return current  # a repeated click
+        for name, value in fields.items():
+            setattr(current, name, value)
+        current.status = status
+        current.save(update_fields=["status", *fields])
+    return current
+
+
+def assignment_skip(*, assignment: Assignment, reason: str) -> Assignment:
+    """The labeler passes on the task; it stays open for others and never comes back to them."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValidationError({"reason": "Choose or write a reason for skipping."})
+    validate_text(reason, field="reason")
+    return _leave(assignment, status=Assignment.Status.SKIPPED, skip_reason=reason[:500])
+
+
+def assignment_report(*, assignment: Assignment, reason: str, note: str = "") -> Assignment:
+    """The labeler reports the content. After `reports_to_cancel` reports the task leaves the queue for admins."""
+    if reason not in Assignment.ReportReason.values:
+        raise ValidationError({"reason": f"Choose one of: {', '.join(Assignment.ReportReason.labels)}."})
+    note = (note or "").strip()
+    validate_text(note, field="note", allow_empty=True)
+    with transaction.atomic():
+        reported = _leave(assignment, status=Assignment.Status.REPORTED, report_reason=reason, skip_reason=note[:500])
+        task = Task.objects.select_for_update().get(pk=assignment.task_id)
+        reports = task.assignments.filter(status=Assignment.Status.REPORTED)
+        if task.status == Task.Status.OPEN and reports.count() >= QueueSettings.load().reports_to_cancel:
+            reasons = sorted(set(reports.values_list("report_reason", flat=True)))
+            task.status = Task.Status.CANCELLED
+            task.cancelled_reason = f"Reported {reports.count()} times ({', '.join(reasons)})."
+            task.save(update_fields=["status", "cancelled_reason"])
+    return reported
+
+
+# --- editing one's own work ---
+
+
+def _ensure_editable(obj, user, owner_id: int) -> None:
+    if owner_id != user.pk:
+        raise SubmissionRefused("You can only edit your own work.")
+    if obj.used_in_training_at is not None:
+        raise SubmissionRefused("This was already used to train a model, so it can no longer be changed.")
+
+
+def message_edit(*, message: Message, user, text: str) -> Message:
+    """Change the text of a prompt or reply one wrote. An edited demonstration goes back to review."""
+    validate_text(text)
+    with transaction.atomic():
+        current = Message.objects.select_for_update().get(pk=message.pk)
+        _ensure_editable(current, user, current.author_id)
+        if current.text == text:
+            return current
+        current.text = text
+        fields = ["text", "updated_at"]
+        if current.review_status in (Message.ReviewStatus.ACCEPTED, Message.ReviewStatus.REJECTED):
+            current.review_status = Message.ReviewStatus.PENDING
+            fields.append("review_status")
+            if not _open_task_exists(kind=TaskKind.REVIEW_DEMONSTRATION, target_message=current):
+                _review_task_create(current)
+        current.save(update_fields=fields)
+    return current
+
+
+def ranking_edit(*, ranking: Ranking, user, new: RankingInput) -> Ranking:
+    validate_ranking(ranking.task, user.pk, RankingInput(**{**new.__dict__, "confirm_untouched": True}))
+    with transaction.atomic():
+        current = Ranking.objects.select_for_update().get(pk=ranking.pk)
+        _ensure_editable(current, user, current.labeler_id)
+        current.entries.all().delete()
+        _write_entries(current, new)
+        current.quality_rating = new.quality_rating
+        current.all_unacceptable = new.all_unacceptable
+        current.save(update_fields=["quality_rating", "all_unacceptable", "updated_at"])
+    return current
+
+
+def mark_used_in_training(*, message_ids: Sequence[int] = (), ranking_ids: Sequence[int] = ()) -> None:
+    """Freeze the rows a training run used: from now on their authors can no longer edit them."""
+    now = timezone.now()
+    Message.objects.filter(pk__in=message_ids, used_in_training_at__isnull=True).update(used_in_training_at=now)
+    Ranking.objects.filter(pk__in=ranking_ids, used_in_training_at__isnull=True).update(used_in_training_at=now)
+
+
+def labeler_profile_update(*, user, languages: Sequence[str], topics: Sequence[str]) -> LabelerProfile:
+    """What the labeler is good at; the queue prefers matching tasks."""
+    profile, _ = LabelerProfile.objects.get_or_create(user=user)
+    profile.languages = list(languages)
+    profile.topics = list(topics)
+    profile.save(update_fields=["languages", "topics"])
+    return profile

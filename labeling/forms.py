@@ -1,0 +1,137 @@
+"""Forms parse what the pages post into service inputs. Business rules live in services."""
+
+import json
+
+from django import forms
+
+from labeling.models import Assignment, CandidateFlag, LabelerProfile, Review
+from labeling.services import MAX_MESSAGE_CHARS, RankingInput
+
+LANGUAGES = [
+    ("en", "English"),
+    ("de", "German"),
+    ("es", "Spanish"),
+    ("fr", "French"),
+    ("it", "Italian"),
+    ("pt", "Portuguese"),
+    ("nl", "Dutch"),
+    ("pl", "Polish"),
+    ("ru", "Russian"),
+    ("uk", "Ukrainian"),
+    ("tr", "Turkish"),
+    ("ar", "Arabic"),
+    ("hi", "Hindi"),
+    ("ja", "Japanese"),
+    ("ko", "Korean"),
+    ("zh", "Chinese"),
+]
+SKIP_REASONS = [
+    "I don't know enough about this topic",
+    "The task is unclear",
+    "It is not in a language I know well",
+    "I'd rather not work on this content",
+]
+
+
+class TimedForm(forms.Form):
+    time_spent_ms = forms.IntegerField(
+        required=False, min_value=0, max_value=24 * 3600 * 1000, widget=forms.HiddenInput
+    )
+
+
+class WriteForm(TimedForm):
+    text = forms.CharField(
+        max_length=MAX_MESSAGE_CHARS,
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 12}),
+        error_messages={"required": "Write something first: the text is empty."},
+    )
+
+    def clean_text(self):
+        text = self.cleaned_data["text"]
+        if not text.strip():
+            raise forms.ValidationError("Write something first: the text is empty.")
+        return text
+
+
+class PromptForm(WriteForm):
+    language = forms.ChoiceField(choices=LANGUAGES, initial="en")
+    tags = forms.CharField(required=False, max_length=400, help_text="Comma-separated, e.g. cooking, travel")
+
+    def clean_tags(self):
+        return [t.strip() for t in self.cleaned_data["tags"].split(",") if t.strip()]
+
+
+class RankingForm(TimedForm):
+    order = forms.CharField(widget=forms.HiddenInput, error_messages={"required": "Put the candidates in order."})
+    quality_rating = forms.TypedChoiceField(
+        choices=[(str(i), str(i)) for i in range(1, 8)],
+        coerce=int,
+        widget=forms.RadioSelect,
+        error_messages={"required": "Rate the overall quality of the replies from 1 to 7."},
+    )
+    all_unacceptable = forms.BooleanField(required=False)
+    confirm_untouched = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+    def __init__(self, *args, candidate_ids=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.candidate_ids = list(candidate_ids)
+
+    def clean_order(self):
+        try:
+            order = json.loads(self.cleaned_data["order"])
+        except json.JSONDecodeError:
+            raise forms.ValidationError("The order could not be read; reload the page.") from None
+        return order
+
+    def ranking_input(self) -> RankingInput:
+        data = self.cleaned_data
+        flags = {}
+        for message_id in self.candidate_ids:
+            chosen = [f for f in self.data.getlist(f"flags-{message_id}") if f]
+            if chosen:
+                flags[message_id] = chosen
+        return RankingInput(
+            order=data["order"],
+            flags=flags,
+            quality_rating=data["quality_rating"],
+            all_unacceptable=data["all_unacceptable"],
+            confirm_untouched=data["confirm_untouched"],
+        )
+
+
+class ReviewForm(TimedForm):
+    decision = forms.ChoiceField(choices=Review.Decision.choices, error_messages={"required": "Accept or reject."})
+    reason = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 3}))
+
+
+class SkipForm(forms.Form):
+    reason = forms.CharField(max_length=500, error_messages={"required": "Choose or write a reason for skipping."})
+
+
+class ReportForm(forms.Form):
+    reason = forms.ChoiceField(choices=Assignment.ReportReason.choices)
+    note = forms.CharField(required=False, max_length=500)
+
+
+class ProfileForm(forms.ModelForm):
+    languages = forms.MultipleChoiceField(choices=LANGUAGES, required=False, widget=forms.CheckboxSelectMultiple)
+    topics = forms.CharField(required=False, max_length=500, help_text="Comma-separated, e.g. cooking, law, python")
+
+    class Meta:
+        model = LabelerProfile
+        fields = ["languages", "topics"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance and self.instance.pk:
+            self.initial["topics"] = ", ".join(self.instance.topics)
+
+    def clean_topics(self):
+        topics = sorted({t.strip().lower() for t in self.cleaned_data["topics"].split(",") if t.strip()})
+        if len(topics) > 20 or any(len(t) > 48 for t in topics):
+            raise forms.ValidationError("Up to 20 topics of at most 48 characters each.")
+        return topics
+
+
+FLAG_CHOICES = CandidateFlag.choices

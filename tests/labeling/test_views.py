@@ -1,0 +1,243 @@
+"""Every labeler page for each persona: a labeler (alice), a reviewer (bob), an admin, and an anonymous visitor."""
+
+import json
+
+import pytest
+from django.urls import reverse
+
+from labeling import services
+from labeling.models import Assignment, Message, Ranking, Task, TaskKind
+from labeling.services import display_order
+from tests.labeling.helpers import make_rank_task, make_reply_task
+
+pytestmark = pytest.mark.django_db
+
+PAGES = ["labeling:home", "labeling:guidelines", "labeling:next", "labeling:mine", "labeling:profile"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_anonymous_visitors_are_sent_to_log_in(client, page):
+    response = client.get(reverse(page))
+    assert response.status_code == 302 and response.url.startswith(reverse("login"))
+
+
+@pytest.mark.parametrize("persona", ["alice", "bob", "admin_user"])
+@pytest.mark.parametrize("page", PAGES)
+def test_every_persona_can_open_every_page(client, request, persona, page):
+    client.force_login(request.getfixturevalue(persona))
+    response = client.get(reverse(page))
+    assert response.status_code == 200
+
+
+def test_home_shows_counts_and_a_start_button(client, alice):
+    make_reply_task()
+    services.reply_submit(assignment=services.task_lease_next(user=alice), text="A reply.")
+    client.force_login(alice)
+    page = client.get(reverse("labeling:home")).content.decode()
+    assert 'data-testid="count-today">1<' in page and 'data-testid="count-total">1<' in page
+    assert "Start labeling" in page and "Guidelines in brief" in page
+
+
+def test_next_leases_a_task_and_redirects_to_it(client, alice):
+    make_reply_task()
+    client.force_login(alice)
+    response = client.get(reverse("labeling:next"))
+    assignment = Assignment.objects.get(labeler=alice)
+    assert response.status_code == 302 and response.url == reverse("labeling:work", args=[assignment.pk])
+    page = client.get(response.url).content.decode()
+    assert "Write the assistant&#x27;s reply" in page or "Write the assistant's reply" in page
+
+
+def test_an_empty_queue_says_so(client, alice):
+    client.force_login(alice)
+    assert "Nothing to do right now" in client.get(reverse("labeling:next")).content.decode()
+
+
+def test_a_labeler_cannot_open_someone_elses_assignment(client, alice, bob):
+    make_reply_task()
+    bobs = services.task_lease_next(user=bob)
+    client.force_login(alice)
+    assert client.get(reverse("labeling:work", args=[bobs.pk])).status_code == 404
+    assert client.post(reverse("labeling:work", args=[bobs.pk]), {"text": "hijack"}).status_code == 404
+    assert client.post(reverse("labeling:skip", args=[bobs.pk]), {"reason": "x"}).status_code == 404
+    assert client.post(reverse("labeling:draft", args=[bobs.pk]), {"text": "x"}).status_code == 404
+
+
+def test_writing_a_reply_through_the_page(client, alice):
+    task = make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    response = client.post(work_url, {"text": "Boil it for **7 minutes**.", "time_spent_ms": "4200"})
+    assert response.status_code == 302 and response.url == reverse("labeling:next")
+    reply = Message.objects.get(parent=task.parent_message)
+    assert reply.text == "Boil it for **7 minutes**." and reply.assignment.time_spent_ms == 4200
+
+
+def test_an_empty_submission_keeps_the_page_and_says_why(client, alice):
+    make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    response = client.post(work_url, {"text": "   "})
+    assert response.status_code == 422
+    assert "the text is empty" in response.content.decode()
+
+
+def test_a_refused_submission_keeps_the_typed_text(client, alice, bob):
+    make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    alices = Assignment.objects.get(labeler=alice)
+    Assignment.objects.filter(pk=alices.pk).update(lease_expires_at=alices.leased_at)
+    services.reply_submit(assignment=services.task_lease_next(user=bob), text="Bob was faster.")
+    typed = "My long careful answer that must not be lost."
+    response = client.post(work_url, {"text": typed})
+    page = response.content.decode()
+    assert response.status_code == 422
+    assert "lease on this task expired" in page
+    assert typed in page
+
+
+def test_ranking_through_the_page(client, alice):
+    task = make_rank_task(k=4)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    page = client.get(work_url).content.decode()
+    assert page.count('data-testid="candidate-') == 4
+    a, b, c, d = display_order(task, alice.pk)
+    form = {"order": json.dumps([[d], [b, c], [a]]), "quality_rating": "6", f"flags-{a}": ["hallucination"]}
+    response = client.post(work_url, form)
+    assert response.status_code == 302
+    ranking = Ranking.objects.get(labeler=alice)
+    assert ranking.ordered_message_ids == [[d], sorted([b, c]), [a]]
+    assert ranking.entries.get(message_id=a).flags == ["hallucination"]
+
+
+def test_an_untouched_ranking_warns_and_can_be_confirmed(client, alice):
+    task = make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    shown = json.dumps([[i] for i in display_order(task, alice.pk)])
+    response = client.post(work_url, {"order": shown, "quality_rating": "4"})
+    assert response.status_code == 422 and 'data-testid="untouched-warning"' in response.content.decode()
+    response = client.post(work_url, {"order": shown, "quality_rating": "4", "confirm_untouched": "on"})
+    assert response.status_code == 302 and Ranking.objects.get(labeler=alice).order_untouched
+
+
+def test_a_ranking_without_a_rating_keeps_the_arranged_order(client, alice):
+    task = make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    a, b, c = display_order(task, alice.pk)
+    response = client.post(work_url, {"order": json.dumps([[c], [a], [b]])})
+    page = response.content.decode()
+    assert response.status_code == 422 and "Rate the overall quality" in page
+    positions = [page.index(f'data-id="{i}"') for i in (c, a, b)]
+    assert positions == sorted(positions), "the labeler's order is shown again"
+
+
+def test_review_page_for_reviewers(client, alice, bob):
+    make_reply_task()
+    services.reply_submit(assignment=services.task_lease_next(user=alice), text="A demonstration.")
+    client.force_login(bob)
+    work_url = client.get(reverse("labeling:next")).url
+    assert "A demonstration." in client.get(work_url).content.decode()
+    response = client.post(work_url, {"decision": "reject", "reason": ""})
+    assert response.status_code == 422 and "Say why you reject it" in response.content.decode()
+    assert client.post(work_url, {"decision": "accept"}).status_code == 302
+    assert Message.objects.get(text="A demonstration.").review_status == Message.ReviewStatus.ACCEPTED
+
+
+def test_skip_and_report_through_the_page(client, alice):
+    make_reply_task()
+    make_reply_task()
+    client.force_login(alice)
+    first = client.get(reverse("labeling:next")).url
+    response = client.post(first.rstrip("/") + "/skip/", {"reason": "The task is unclear"})
+    assert response.status_code == 302
+    second = client.get(reverse("labeling:next")).url
+    assert second != first
+    client.post(second.rstrip("/") + "/report/", {"reason": "spam", "note": "ads"})
+    statuses = sorted(Assignment.objects.filter(labeler=alice).values_list("status", flat=True))
+    assert statuses == ["reported", "skipped"]
+
+
+def test_skip_without_a_reason_is_refused(client, alice):
+    make_reply_task()
+    client.force_login(alice)
+    url = client.get(reverse("labeling:next")).url
+    response = client.post(url.rstrip("/") + "/skip/", {"reason": ""}, follow=True)
+    assert "reason" in response.content.decode().lower()
+    assert Assignment.objects.get(labeler=alice).status == Assignment.Status.LEASED
+
+
+def test_draft_autosave(client, alice):
+    make_reply_task()
+    client.force_login(alice)
+    url = client.get(reverse("labeling:next")).url
+    response = client.post(url.rstrip("/") + "/draft/", {"text": "half-written"})
+    assert response.status_code == 200 and "Draft saved" in response.content.decode()
+    assert Assignment.objects.get(labeler=alice).draft == "half-written"
+    assert "half-written" in client.get(url).content.decode()
+
+
+def test_markdown_preview_is_sanitised(client, alice):
+    client.force_login(alice)
+    response = client.post(reverse("labeling:markdown_preview"), {"text": "**bold** <script>alert(1)</script>"})
+    html = response.content.decode()
+    assert "<strong>bold</strong>" in html and "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_my_work_lists_and_edits_my_submissions(client, alice, bob):
+    make_reply_task()
+    reply = services.reply_submit(assignment=services.task_lease_next(user=alice), text="Original.").result
+    client.force_login(alice)
+    assert "Original." in client.get(reverse("labeling:mine")).content.decode()
+    edit_url = reverse("labeling:edit_message", args=[reply.pk])
+    assert client.post(edit_url, {"text": "Improved."}).status_code == 302
+    reply.refresh_from_db()
+    assert reply.text == "Improved."
+    client.force_login(bob)
+    assert client.get(edit_url).status_code == 404
+
+
+def test_editing_a_ranking_through_the_page(client, alice):
+    task = make_rank_task(k=3)
+    a, b, c = display_order(task, alice.pk)
+    ranking = services.ranking_submit(
+        assignment=services.task_lease_next(user=alice),
+        ranking=services.RankingInput(order=[[b], [a], [c]], flags={}, quality_rating=3),
+    ).result
+    client.force_login(alice)
+    url = reverse("labeling:edit_ranking", args=[ranking.pk])
+    assert client.get(url).status_code == 200
+    response = client.post(url, {"order": json.dumps([[c], [a, b]]), "quality_rating": "2"})
+    assert response.status_code == 302
+    ranking.refresh_from_db()
+    assert ranking.ordered_message_ids == [[c], sorted([a, b])] and ranking.quality_rating == 2
+
+
+def test_profile_languages_and_topics(client, alice):
+    client.force_login(alice)
+    response = client.post(reverse("labeling:profile"), {"languages": ["de", "en"], "topics": "Cooking, law"})
+    assert response.status_code == 302
+    alice.labeler_profile.refresh_from_db()
+    assert alice.labeler_profile.languages == ["de", "en"] and alice.labeler_profile.topics == ["cooking", "law"]
+
+
+def test_prompt_page_creates_a_conversation(client, alice):
+    services.task_create(kind=TaskKind.WRITE_PROMPT)
+    client.force_login(alice)
+    url = client.get(reverse("labeling:next")).url
+    response = client.post(url, {"text": "Plan a 3-day trip to Rome.", "language": "en", "tags": "travel"})
+    assert response.status_code == 302
+    prompt = Message.objects.get(text="Plan a 3-day trip to Rome.")
+    assert prompt.conversation.tags == ["travel"]
+    assert Task.objects.filter(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt).exists()
+
+
+def test_admin_pages_open_for_admins_only(client, alice, admin_user):
+    client.force_login(alice)
+    assert client.get("/admin/labeling/task/").status_code == 302
+    client.force_login(admin_user)
+    for path in ["/admin/labeling/task/", "/admin/labeling/ranking/", "/admin/labeling/queuesettings/add/"]:
+        assert client.get(path).status_code == 200, path
