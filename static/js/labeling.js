@@ -199,6 +199,8 @@
     if (window.Sortable) {
       window.Sortable.create(list, {
         animation: 150,
+        forceFallback: true,  // mouse and touch events instead of native drag and drop: the same everywhere
+        fallbackTolerance: 3,
         handle: ".candidate-head",
         filter: "button, input, summary, a",
         preventOnFilter: false,
