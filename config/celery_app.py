@@ -55,6 +55,34 @@ app.conf.update(
 app.autodiscover_tasks()
 
 
+def _beat_schedule() -> dict:
+    from django.conf import settings
+
+    return {
+        "fill-ranking-pool": {
+            "task": "models_service.tasks.fill_ranking_pool",
+            "schedule": float(settings.SAMPLING_POOL_SCHEDULE_S),
+            "options": {"expires": settings.SAMPLING_POOL_SCHEDULE_S},
+        },
+        "expire-leases": {"task": "labeling.tasks.expire_leases", "schedule": 60.0, "options": {"expires": 60}},
+        "replenish-prompt-tasks": {
+            "task": "labeling.tasks.replenish_prompt_tasks",
+            "schedule": 60.0,
+            "options": {"expires": 60},
+        },
+        "reap-sampling-requests": {
+            "task": "models_service.tasks.reap_sampling_requests",
+            "schedule": 300.0,
+            "options": {"expires": 300},
+        },
+    }
+
+
+@app.on_after_configure.connect
+def _set_up_beat(sender, **kwargs):
+    sender.conf.beat_schedule = _beat_schedule()
+
+
 @app.task(name="config.celery_app.ping_queue", soft_time_limit=10, time_limit=20)
 def ping_queue(token: str) -> dict:
     """Health probe: echoes back which queue and worker ran it. Used by the ops page and the tests."""

@@ -16,6 +16,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
 
+from labeling import splits
 from labeling.models import (
     ALLOWED_CHILD_ROLES,
     Assignment,
@@ -225,6 +226,7 @@ def _bulk_create_trees(records: list[ImportRecord], importer) -> None:
             tags=record.tags,
             content_hash=record.content_hash,
             metadata=record.metadata,
+            split=splits.split_for_key(record.content_hash),
         )
         for record in records
     )

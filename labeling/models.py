@@ -11,6 +11,8 @@ from django.core.cache import cache
 from django.db import models
 from django.db.models import F, Q
 
+from labeling import splits
+
 
 class Role(models.TextChoices):
     SYSTEM = "system", "System"
@@ -64,10 +66,16 @@ class Conversation(models.Model):
         max_length=64, null=True, blank=True, unique=True, help_text="Makes imports idempotent."
     )
     metadata = models.JSONField(default=dict, blank=True)
+    split = models.CharField(
+        max_length=16,
+        choices=splits.CHOICES,
+        default=splits.random_split,
+        help_text="Fixed at creation: train, validation, or held out for the evaluation gate.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
-        indexes = [models.Index(fields=["source", "dataset"])]
+        indexes = [models.Index(fields=["source", "dataset"]), models.Index(fields=["split"])]
 
     def __str__(self):
         return f"conversation #{self.pk}"

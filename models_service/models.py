@@ -47,6 +47,7 @@ class ModelVersion(models.Model):
     activated_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     notes = models.TextField(blank=True)
+    load_error = models.TextField(blank=True, help_text="The last failure of a worker to load this version.")
 
     class Meta:
         constraints = [
@@ -105,3 +106,70 @@ class ModelActivation(models.Model):
 
     def __str__(self):
         return f"{self.action} {self.model_version}"
+
+
+class SamplingRequest(models.Model):
+    """One context to sample candidate replies for, from claim to the messages and task it produced.
+
+    A context can be claimed by one worker at a time (a partial unique index), so two sampling workers never
+    fill the same context twice. Failures stay here with their error for the ops page.
+    """
+
+    class Purpose(models.TextChoices):
+        POOL = "pool", "Ranking pool"
+        CHAT = "chat", "Chat reply"
+        ALTERNATIVES = "alternatives", "Alternatives asked for in chat"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting for a worker"
+        RUNNING = "running", "Sampling"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    purpose = models.CharField(max_length=16, choices=Purpose.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    context = models.ForeignKey("labeling.Message", on_delete=models.CASCADE, related_name="sampling_requests")
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="sampling_requests"
+    )
+    k = models.PositiveSmallIntegerField(default=4)
+    keep_message = models.ForeignKey(
+        "labeling.Message",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="+",
+        help_text="Alternatives: the model turn the labeler picked, ranked with the new samples.",
+    )
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    reserve_for_requester = models.BooleanField(default=False)
+    sampling_params = models.JSONField(default=dict, blank=True)
+    task = models.ForeignKey(
+        "labeling.Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="sampling_requests"
+    )
+    reply = models.ForeignKey(
+        "labeling.Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="Chat reply."
+    )
+    error = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["context", "purpose"],
+                condition=Q(status__in=["pending", "running"]),
+                name="sampling_request_one_in_flight_per_context",
+            ),
+            models.CheckConstraint(condition=Q(k__gte=1) & Q(k__lte=9), name="sampling_request_k_range"),
+            models.CheckConstraint(
+                condition=~Q(status="failed") | ~Q(error=""), name="sampling_request_failure_has_error"
+            ),
+        ]
+        indexes = [models.Index(fields=["purpose", "status"])]
+
+    def __str__(self):
+        return f"{self.get_purpose_display()} for message #{self.context_id} ({self.status})"

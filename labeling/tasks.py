@@ -1,0 +1,15 @@
+"""Periodic upkeep of the labeling queue, run by beat on the sampling queue (short, idempotent tasks)."""
+
+from celery import shared_task
+
+from labeling import services
+
+
+@shared_task(name="labeling.tasks.expire_leases", ignore_result=True, soft_time_limit=60, time_limit=90)
+def expire_leases() -> int:
+    return services.leases_expire()
+
+
+@shared_task(name="labeling.tasks.replenish_prompt_tasks", ignore_result=True, soft_time_limit=60, time_limit=90)
+def replenish_prompt_tasks() -> int:
+    return services.prompt_tasks_replenish()

@@ -1,0 +1,113 @@
+"""The worker side of sampling: load the active policy, generate, and hand the text to the services.
+
+Worker processes only (imports torch through generation and loading).
+"""
+
+import hashlib
+import logging
+
+from django.conf import settings
+
+from models_service import services
+from models_service.generation import SamplingParams, sample_completions
+from models_service.loading import active_holder
+from models_service.models import ModelVersion, SamplingRequest
+
+logger = logging.getLogger(__name__)
+
+
+def batch_seed(requests: list[SamplingRequest]) -> int:
+    """A seed per batch, derived from the configured seed and the requests, so batches differ but a batch can
+    be reproduced from what is recorded on its messages."""
+    key = f"{settings.SAMPLING_SEED}:" + ",".join(str(r.pk) for r in requests)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def _chat(request: SamplingRequest) -> list[dict]:
+    from labeling.selectors import message_thread, thread_as_chat
+
+    return thread_as_chat(message_thread(request.context))
+
+
+def _replies(completions, params: SamplingParams, stats, loaded) -> list[services.SampledReply]:
+    return [
+        services.SampledReply(
+            text=c.text,
+            params={
+                **params.as_dict(),
+                "row": c.row,
+                "finished": c.finished,
+                "new_tokens": len(c.token_ids),
+                "truncated_context": bool(stats.truncated_contexts),
+                "device": str(loaded.device),
+                "dtype": str(loaded.dtype).removeprefix("torch."),
+            },
+        )
+        for c in completions
+    ]
+
+
+def fill_pool_once(*, worker: str = "") -> dict:
+    """Claim one batch of contexts, sample K candidates for each in one padded batch, create the ranking tasks.
+
+    Returns what was done. A failure marks the batch's requests failed with the error and re-raises.
+    """
+    requests = services.pool_claim(
+        target=settings.SAMPLING_POOL_TARGET,
+        batch_contexts=settings.SAMPLING_BATCH_CONTEXTS,
+        k=settings.SAMPLING_K,
+        worker=worker,
+    )
+    if not requests:
+        return {"contexts": 0}
+    try:
+        loaded = active_holder(ModelVersion.Kind.POLICY).get()
+        version = ModelVersion.objects.get(pk=loaded.version_id)
+        params = SamplingParams.from_settings(seed=batch_seed(requests))
+        chats = [_chat(r) for r in requests]
+        grouped, stats = sample_completions(loaded.model, loaded.tokenizer, chats, k=settings.SAMPLING_K, params=params)
+        for request, completions in zip(requests, grouped, strict=True):
+            services.pool_complete(
+                request=request, version=version, replies=_replies(completions, params, stats, loaded)
+            )
+    except Exception as exc:
+        for request in requests:
+            services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
+        raise
+    logger.info(
+        "sampled %d contexts x %d with %s: %d tokens in %.1f s",
+        len(requests),
+        settings.SAMPLING_K,
+        version.name,
+        stats.generated_tokens,
+        stats.wall_s,
+    )
+    return {
+        "contexts": len(requests),
+        "k": settings.SAMPLING_K,
+        "model_version": version.name,
+        "generated_tokens": stats.generated_tokens,
+        "seconds": round(stats.wall_s, 2),
+    }
+
+
+def run_request(request: SamplingRequest) -> None:
+    """A chat reply (k = 1) or chat alternatives (k new samples), on the interactive worker."""
+    try:
+        loaded = active_holder(ModelVersion.Kind.POLICY).get()
+        version = ModelVersion.objects.get(pk=loaded.version_id)
+        max_new = settings.CHAT_MAX_NEW_TOKENS if request.purpose == SamplingRequest.Purpose.CHAT else None
+        params = SamplingParams.from_settings(
+            seed=batch_seed([request]), **({"max_new_tokens": max_new} if max_new else {})
+        )
+        grouped, stats = sample_completions(
+            loaded.model, loaded.tokenizer, [_chat(request)], k=request.k, params=params
+        )
+        replies = _replies(grouped[0], params, stats, loaded)
+        if request.purpose == SamplingRequest.Purpose.CHAT:
+            services.chat_complete(request=request, version=version, reply=replies[0])
+        else:
+            services.alternatives_complete(request=request, version=version, replies=replies)
+    except Exception as exc:
+        services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
+        raise

@@ -1,0 +1,58 @@
+"""Reads for the model service: which contexts need candidates, what the pool holds."""
+
+from django.db.models import Case, Exists, IntegerField, OuterRef, QuerySet, Value, When
+
+from labeling import splits
+from labeling.models import Conversation, Message, Role, Task, TaskKind
+from models_service.models import ModelVersion, SamplingRequest
+
+
+def open_pool_size() -> int:
+    """Open ranking tasks that any labeler may take (reserved ones, e.g. chat alternatives, do not count)."""
+    return Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN, reserved_for__isnull=True).count()
+
+
+def in_flight_pool_requests() -> int:
+    return SamplingRequest.objects.filter(
+        purpose=SamplingRequest.Purpose.POOL,
+        status__in=[SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING],
+    ).count()
+
+
+def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
+    """User turns of training conversations that this policy has not sampled for yet, best first.
+
+    Never ranked contexts come first, then those written in the product (fresh prompts) before imported ones,
+    newest first. Held-out and validation conversations are never sampled for ranking.
+    """
+    ranked_by_policy = Task.objects.filter(
+        kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), model_version=policy
+    )
+    open_ranking = Task.objects.filter(
+        kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), status=Task.Status.OPEN
+    )
+    any_ranking = Task.objects.filter(kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"))
+    in_flight = SamplingRequest.objects.filter(
+        context=OuterRef("pk"),
+        purpose=SamplingRequest.Purpose.POOL,
+        status__in=[SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING],
+    )
+    reported = Task.objects.filter(
+        conversation=OuterRef("conversation_id"), status=Task.Status.CANCELLED, cancelled_reason__startswith="Reported"
+    )
+    return (
+        Message.objects.filter(role=Role.USER, conversation__split=splits.TRAIN)
+        .exclude(Exists(ranked_by_policy))
+        .exclude(Exists(open_ranking))
+        .exclude(Exists(in_flight))
+        .exclude(Exists(reported))
+        .annotate(
+            already_ranked=Exists(any_ranking),
+            imported=Case(
+                When(conversation__source=Conversation.Source.IMPORT, then=Value(1)),
+                default=Value(0),
+                output_field=IntegerField(),
+            ),
+        )
+        .order_by("already_ranked", "imported", "-created_at", "-pk")
+    )

@@ -1,0 +1,319 @@
+"""Writes to the model registry: registering artifacts, activating, promoting and rolling back.
+
+No torch here: the web process calls these (activate and roll back from admin and the ops pages).
+"""
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from django.utils import timezone
+
+from labeling.models import Message, Role, Task, TaskKind
+from labeling.services import message_create, ranking_overlap, task_create
+from models_service.models import ModelActivation, ModelVersion, SamplingRequest
+from models_service.selectors import contexts_needing_candidates, in_flight_pool_requests, open_pool_size
+
+REQUIRED_FILES = ("config.json",)
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def artifact_problems(path: Path) -> list[str]:
+    """What keeps a folder from being a loadable save_pretrained model with safetensors weights."""
+    if not path.is_dir():
+        return [f"{path} does not exist"]
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not any(path.glob("*.safetensors")):
+        problems.append("no .safetensors weights")
+    refused = sorted(p.name for p in path.iterdir() if p.suffix in REFUSED_SUFFIXES)
+    if refused:
+        problems.append(f"pickle-based weights are not accepted: {', '.join(refused)}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        problems.append("no tokenizer")
+    return problems
+
+
+def artifact_relative_path(path: Path) -> str:
+    root = Path(settings.ARTIFACTS_DIR).resolve()
+    path = Path(path).resolve()
+    if not path.is_relative_to(root):
+        raise ValidationError({"artifact_path": f"{path} is outside ARTIFACTS_DIR ({root})."})
+    return str(path.relative_to(root))
+
+
+def next_version_name(*, kind: str, stage: str) -> str:
+    """policy-sft-v3, reward-rm-v1, ...: one counter per kind and stage."""
+    prefix = f"{kind}-{stage}-v"
+    numbers = [
+        int(match.group(1))
+        for name in ModelVersion.objects.filter(name__startswith=prefix).values_list("name", flat=True)
+        if (match := re.fullmatch(rf"{re.escape(prefix)}(\d+)", name))
+    ]
+    return f"{prefix}{max(numbers, default=-1) + 1}"
+
+
+@transaction.atomic
+def model_version_register(
+    *,
+    kind: str,
+    stage: str,
+    artifact_dir: Path,
+    name: str | None = None,
+    parent: ModelVersion | None = None,
+    training_run=None,
+    source: str = "",
+    metrics: dict | None = None,
+    notes: str = "",
+) -> ModelVersion:
+    """Register a complete model folder as a ready version. Incomplete folders are refused, so a half-written
+    artifact is never registered."""
+    problems = artifact_problems(Path(artifact_dir))
+    if problems:
+        raise ValidationError({"artifact_path": f"{artifact_dir} is not a complete model: {'; '.join(problems)}."})
+    return ModelVersion.objects.create(
+        name=name or next_version_name(kind=kind, stage=stage),
+        kind=kind,
+        stage=stage,
+        status=ModelVersion.Status.READY,
+        parent=parent,
+        training_run=training_run,
+        artifact_path=artifact_relative_path(artifact_dir),
+        source=source,
+        metrics=metrics or {},
+        notes=notes,
+    )
+
+
+def model_version_activate(
+    *,
+    version: ModelVersion,
+    actor=None,
+    reason: str = "",
+    action: str = ModelActivation.Action.ACTIVATE,
+    automatic: bool = False,
+) -> ModelActivation | None:
+    """Make `version` the one serving its kind, atomically, and record who did it, when and why.
+
+    Returns None when it was already active. Workers notice the change at their next task.
+    """
+    with transaction.atomic():
+        current = ModelVersion.objects.select_for_update().filter(kind=version.kind, is_active=True).first()
+        version = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if current is not None and current.pk == version.pk:
+            return None
+        if version.status != ModelVersion.Status.READY:
+            raise ValidationError(f"{version.name} is {version.get_status_display().lower()}, not ready to serve.")
+        problems = artifact_problems(version.artifact_dir)
+        if problems:
+            raise ValidationError(f"{version.name} cannot serve: {'; '.join(problems)}.")
+        if current is not None:
+            ModelVersion.objects.filter(pk=current.pk).update(is_active=False)
+        ModelVersion.objects.filter(pk=version.pk).update(is_active=True, activated_at=timezone.now(), load_error="")
+        return ModelActivation.objects.create(
+            kind=version.kind,
+            action=action,
+            model_version=version,
+            previous=current,
+            actor=actor,
+            automatic=automatic,
+            reason=reason,
+        )
+
+
+def model_version_rollback(*, kind: str, actor=None, reason: str = "") -> ModelActivation:
+    """Serve again the version that the current one replaced."""
+    last = (
+        ModelActivation.objects.filter(kind=kind, model_version__is_active=True)
+        .select_related("previous")
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    if last is None or last.previous is None:
+        raise ValidationError(f"There is no earlier {kind} version to roll back to.")
+    return model_version_activate(
+        version=last.previous,
+        actor=actor,
+        reason=reason or f"rolled back from {last.model_version.name}",
+        action=ModelActivation.Action.ROLLBACK,
+    )
+
+
+def active_version(kind: str) -> ModelVersion | None:
+    return ModelVersion.objects.filter(kind=kind, is_active=True).first()
+
+
+# --- sampling requests ---
+
+POOL_LOCK_KEY = 0x464C_504C  # "FLPL": one pool claim at a time across workers
+
+
+def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") -> list[SamplingRequest]:
+    """Claim up to `batch_contexts` contexts for the ranking pool, never more than the pool lacks.
+
+    Under an advisory lock: count the open pool and the requests still in flight, and claim only the shortfall.
+    Two workers running this at once therefore never overfill the pool, and never claim the same context (a
+    partial unique index on in-flight requests backs that up).
+    """
+    policy = active_version(ModelVersion.Kind.POLICY)
+    if policy is None:
+        return []
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [POOL_LOCK_KEY])
+        shortfall = target - open_pool_size() - in_flight_pool_requests()
+        if shortfall <= 0:
+            return []
+        contexts = list(contexts_needing_candidates(policy)[: min(shortfall, batch_contexts)])
+        now = timezone.now()
+        return SamplingRequest.objects.bulk_create(
+            SamplingRequest(
+                purpose=SamplingRequest.Purpose.POOL,
+                status=SamplingRequest.Status.RUNNING,
+                context=context,
+                model_version=policy,
+                k=k,
+                worker=worker,
+                started_at=now,
+            )
+            for context in contexts
+        )
+
+
+def sampling_request_claim(*, request_id: int, worker: str = "") -> SamplingRequest | None:
+    """Move a pending request to running; None if another worker has it, or it is finished (a redelivery)."""
+    claimed = SamplingRequest.objects.filter(pk=request_id, status=SamplingRequest.Status.PENDING).update(
+        status=SamplingRequest.Status.RUNNING, started_at=timezone.now(), worker=worker
+    )
+    return SamplingRequest.objects.select_related("context", "keep_message").get(pk=request_id) if claimed else None
+
+
+def sampling_request_fail(*, request: SamplingRequest, error: str) -> None:
+    SamplingRequest.objects.filter(pk=request.pk).exclude(status=SamplingRequest.Status.DONE).update(
+        status=SamplingRequest.Status.FAILED, error=error[:4000] or "unknown error", finished_at=timezone.now()
+    )
+
+
+def _sampled_message(request, *, version: ModelVersion, text: str, params: dict):
+    return message_create(
+        conversation=request.context.conversation,
+        parent=request.context,
+        role=Role.ASSISTANT,
+        text=text,
+        origin=Message.Origin.MODEL,
+        model_version=version,
+        sampling_params=params,
+    )
+
+
+@dataclass
+class SampledReply:
+    text: str
+    params: dict  # the sampling parameters as used, including seed and batch row
+
+
+def pool_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:
+    """Store the sampled candidates under the context and open a ranking task for them."""
+    with transaction.atomic():
+        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
+        if current.status != SamplingRequest.Status.RUNNING:
+            raise ValidationError(f"sampling request #{request.pk} is {current.status}, not running")
+        candidates = [_sampled_message(current, version=version, text=r.text, params=r.params) for r in replies]
+        task = task_create(
+            kind=TaskKind.RANK_REPLIES,
+            parent_message=current.context,
+            candidates=candidates,
+            overlap=ranking_overlap(seed=f"context-{current.context_id}-policy-{version.pk}"),
+            model_version=version,
+            payload={"sampling_request": current.pk},
+        )
+        current.status = SamplingRequest.Status.DONE
+        current.task = task
+        current.model_version = version
+        current.sampling_params = replies[0].params if replies else {}
+        current.finished_at = timezone.now()
+        current.save(update_fields=["status", "task", "model_version", "sampling_params", "finished_at"])
+    return task
+
+
+def chat_request_create(*, user_message: Message, user) -> SamplingRequest:
+    """Ask the interactive worker for the assistant's reply to `user_message`."""
+    if user_message.role != Role.USER:
+        raise ValidationError({"message": "The model replies to a user message."})
+    with transaction.atomic():
+        request = SamplingRequest.objects.create(
+            purpose=SamplingRequest.Purpose.CHAT, context=user_message, k=1, requested_by=user
+        )
+        from models_service.tasks import chat_reply
+
+        chat_reply.delay_on_commit(request.pk)
+    return request
+
+
+def chat_complete(*, request: SamplingRequest, version: ModelVersion, reply: SampledReply) -> Message:
+    with transaction.atomic():
+        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
+        message = _sampled_message(current, version=version, text=reply.text, params=reply.params)
+        current.status, current.reply, current.model_version = SamplingRequest.Status.DONE, message, version
+        current.sampling_params, current.finished_at = reply.params, timezone.now()
+        current.save(update_fields=["status", "reply", "model_version", "sampling_params", "finished_at"])
+    return message
+
+
+def alternatives_request_create(
+    *, model_message: Message, user, k: int, reserve_for_requester: bool
+) -> SamplingRequest:
+    """Rank a model turn against freshly sampled siblings: k - 1 new samples plus the chosen turn."""
+    if model_message.role != Role.ASSISTANT or model_message.origin != Message.Origin.MODEL:
+        raise ValidationError({"message": "Alternatives are sampled for a turn the model wrote."})
+    if not 2 <= k <= 9:
+        raise ValidationError({"k": "Ask for 2 to 9 replies in the ranking."})
+    with transaction.atomic():
+        request = SamplingRequest.objects.create(
+            purpose=SamplingRequest.Purpose.ALTERNATIVES,
+            context=model_message.parent,
+            keep_message=model_message,
+            k=k - 1,
+            requested_by=user,
+            reserve_for_requester=reserve_for_requester,
+        )
+        from models_service.tasks import chat_alternatives
+
+        chat_alternatives.delay_on_commit(request.pk)
+    return request
+
+
+def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:
+    with transaction.atomic():
+        current = (
+            SamplingRequest.objects.select_for_update(of=("self",)).select_related("keep_message").get(pk=request.pk)
+        )
+        fresh = [_sampled_message(current, version=version, text=r.text, params=r.params) for r in replies]
+        task = task_create(
+            kind=TaskKind.RANK_REPLIES,
+            parent_message=current.context,
+            candidates=[current.keep_message, *fresh],
+            overlap=1 if current.reserve_for_requester else ranking_overlap(seed=f"alternatives-{current.pk}"),
+            model_version=version,
+            reserved_for=current.requested_by if current.reserve_for_requester else None,
+            created_by=current.requested_by,
+            priority=1 if current.reserve_for_requester else 0,
+            payload={"sampling_request": current.pk, "from_chat": True},
+        )
+        current.status, current.task, current.model_version = SamplingRequest.Status.DONE, task, version
+        current.finished_at = timezone.now()
+        current.save(update_fields=["status", "task", "model_version", "finished_at"])
+    return task
+
+
+def sampling_requests_reap(*, older_than_s: int) -> int:
+    """Requests left running by a worker that died: mark them failed, which frees their contexts."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    return SamplingRequest.objects.filter(status=SamplingRequest.Status.RUNNING, started_at__lt=cutoff).update(
+        status=SamplingRequest.Status.FAILED,
+        error=f"No result after {older_than_s} s: the worker was lost or timed out.",
+        finished_at=timezone.now(),
+    )

@@ -1,0 +1,73 @@
+"""Celery tasks of the model service. Each takes ids, claims its work in the database, and calls the worker code.
+
+torch is imported inside the task bodies, so the web process can import this module to enqueue.
+"""
+
+import time
+
+from celery import current_task, shared_task
+from django.conf import settings
+
+from models_service import services
+
+
+def _worker_name() -> str:
+    return getattr(current_task.request, "hostname", "") or ""
+
+
+@shared_task(
+    name="models_service.tasks.fill_ranking_pool",
+    soft_time_limit=settings.SAMPLING_SOFT_TIME_LIMIT_S,
+    time_limit=settings.SAMPLING_SOFT_TIME_LIMIT_S + 60,
+    ignore_result=True,
+)
+def fill_ranking_pool(max_batches: int = 50) -> dict:
+    """Keep the pool of open ranking tasks at SAMPLING_POOL_TARGET: sample batches until it is full."""
+    from models_service.sampling import fill_pool_once
+
+    totals = {"batches": 0, "contexts": 0}
+    deadline = time.monotonic() + settings.SAMPLING_SOFT_TIME_LIMIT_S * 0.8
+    for _ in range(max_batches):
+        done = fill_pool_once(worker=_worker_name())
+        if not done["contexts"]:
+            break
+        totals["batches"] += 1
+        totals["contexts"] += done["contexts"]
+        if time.monotonic() > deadline:
+            break
+    return totals
+
+
+@shared_task(
+    name="models_service.tasks.chat_reply",
+    soft_time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S,
+    time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 30,
+    ignore_result=True,
+)
+def chat_reply(request_id: int) -> None:
+    """The assistant's reply for the chat page."""
+    _run(request_id)
+
+
+@shared_task(
+    name="models_service.tasks.chat_alternatives",
+    soft_time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S,
+    time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 30,
+    ignore_result=True,
+)
+def chat_alternatives(request_id: int) -> None:
+    """Fresh siblings of a model turn, ranked with it: a ranking task for the labeler or for others."""
+    _run(request_id)
+
+
+def _run(request_id: int) -> None:
+    from models_service.sampling import run_request
+
+    request = services.sampling_request_claim(request_id=request_id, worker=_worker_name())
+    if request is not None:  # None: a redelivered message whose request another worker ran
+        run_request(request)
+
+
+@shared_task(name="models_service.tasks.reap_sampling_requests", ignore_result=True, soft_time_limit=60)
+def reap_sampling_requests() -> int:
+    return services.sampling_requests_reap(older_than_s=settings.SAMPLING_SOFT_TIME_LIMIT_S + 120)

@@ -1,0 +1,169 @@
+"""The sampling worker's code against real Postgres and a tiny model: the pool fills to its target and no
+further (also with two workers at once), parameters are recorded, failures are kept, versions switch."""
+
+import shutil
+import threading
+
+import pytest
+from django.db import connection
+
+from labeling import splits
+from labeling.models import Message, Role, Task, TaskKind
+from models_service import loading, services
+from models_service.models import ModelVersion, SamplingRequest
+from models_service.sampling import fill_pool_once, run_request
+from models_service.services import model_version_activate
+from tests.conftest import register_tiny_policy
+from tests.factories import ConversationFactory, MessageFactory
+
+
+@pytest.fixture
+def pool_settings(settings):
+    settings.SAMPLING_POOL_TARGET = 3
+    settings.SAMPLING_BATCH_CONTEXTS = 2
+    settings.SAMPLING_K = 3
+    settings.SAMPLING_MAX_NEW_TOKENS = 8
+    settings.SAMPLING_TEMPERATURE = 0.9
+    settings.SAMPLING_TOP_P = 0.8
+    return settings
+
+
+def make_contexts(n, split=splits.TRAIN):
+    return [MessageFactory(conversation=ConversationFactory(split=split), text=f"prompt {i}") for i in range(n)]
+
+
+def fill(times=10):
+    for _ in range(times):
+        if not fill_pool_once(worker="test")["contexts"]:
+            break
+
+
+@pytest.mark.django_db
+def test_the_pool_fills_to_its_target_and_no_further(tiny_policy, pool_settings):
+    make_contexts(6)
+    fill()
+    tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN)
+    assert tasks.count() == 3
+    fill()
+    assert tasks.count() == 3
+    for task in tasks:
+        candidates = list(task.candidates.all())
+        assert len(candidates) == 3 and task.model_version == tiny_policy
+        assert {c.parent_id for c in candidates} == {task.parent_message_id}
+        for candidate in candidates:
+            params = candidate.sampling_params
+            assert candidate.origin == Message.Origin.MODEL and candidate.model_version == tiny_policy
+            assert (params["temperature"], params["top_p"], params["max_new_tokens"]) == (0.9, 0.8, 8)
+            assert "seed" in params and "row" in params and params["dtype"] == "float32"
+    assert SamplingRequest.objects.filter(status="done").count() == 3
+
+
+@pytest.mark.django_db
+def test_held_out_and_validation_prompts_are_never_sampled(tiny_policy, pool_settings):
+    make_contexts(3, split=splits.HOLDOUT)
+    make_contexts(3, split=splits.VALIDATION)
+    fill()
+    assert not Task.objects.filter(kind=TaskKind.RANK_REPLIES).exists()
+
+
+@pytest.mark.django_db
+def test_a_policy_does_not_sample_the_same_context_twice(tiny_policy, pool_settings):
+    make_contexts(2)
+    fill()
+    Task.objects.filter(kind=TaskKind.RANK_REPLIES).update(status=Task.Status.CANCELLED)
+    fill()
+    assert Task.objects.filter(kind=TaskKind.RANK_REPLIES).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_at_once_fill_the_pool_once(tiny_policy, pool_settings):
+    make_contexts(8)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def worker():
+        try:
+            barrier.wait()
+            fill()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES)
+    assert tasks.count() == 3
+    contexts = list(tasks.values_list("parent_message", flat=True))
+    assert len(set(contexts)) == len(contexts)
+
+
+@pytest.mark.django_db
+def test_a_failure_is_recorded_and_frees_the_context(tiny_policy, pool_settings):
+    make_contexts(2)
+    shutil.rmtree(tiny_policy.artifact_dir)
+    with pytest.raises(Exception, match="not a loadable model"):
+        fill_pool_once(worker="test")
+    failed = SamplingRequest.objects.filter(status="failed")
+    assert failed.count() == 2 and all("not a loadable model" in r.error for r in failed)
+    assert "failed to load" in ModelVersion.objects.get(pk=tiny_policy.pk).load_error
+
+
+@pytest.mark.django_db
+def test_the_holder_switches_versions_and_keeps_serving_when_a_load_fails(tiny_policy, tiny_model_dirs):
+    holder = loading.active_holder(ModelVersion.Kind.POLICY)
+    assert holder.get().version_id == tiny_policy.pk
+    second = register_tiny_policy(tiny_model_dirs[1], name="second", stage="sft", activate=True)
+    assert holder.get().version_id == second.pk
+    third = register_tiny_policy(tiny_model_dirs[0], name="third", stage="ppo")
+    model_version_activate(version=third)
+    (third.artifact_dir / "model.safetensors").write_bytes(b"not a model")
+    assert holder.get().version_id == second.pk, "a version that fails to load leaves the previous one serving"
+    assert "failed to load" in ModelVersion.objects.get(pk=third.pk).load_error
+
+
+@pytest.mark.django_db
+def test_a_chat_reply(tiny_policy, alice, settings):
+    settings.CHAT_MAX_NEW_TOKENS = 6
+    prompt = MessageFactory(author=alice, text="Hi!")
+    request = SamplingRequest.objects.create(purpose="chat", context=prompt, k=1, requested_by=alice)
+    run_request(services.sampling_request_claim(request_id=request.pk))
+    request.refresh_from_db()
+    assert request.status == "done" and request.reply.parent == prompt
+    assert request.reply.role == Role.ASSISTANT and request.reply.sampling_params["max_new_tokens"] == 6
+    assert services.sampling_request_claim(request_id=request.pk) is None, "a redelivery runs nothing"
+
+
+@pytest.mark.django_db
+def test_alternatives_make_a_ranking_task_reserved_for_the_labeler(tiny_policy, alice, settings):
+    settings.SAMPLING_MAX_NEW_TOKENS = 6
+    prompt = MessageFactory(author=alice, text="Tell me a joke.")
+    chosen = services.message_create(
+        conversation=prompt.conversation,
+        parent=prompt,
+        role=Role.ASSISTANT,
+        text="Why did the chicken...",
+        origin=Message.Origin.MODEL,
+        model_version=tiny_policy,
+        sampling_params={"seed": 1},
+    )
+    request = services.alternatives_request_create(model_message=chosen, user=alice, k=4, reserve_for_requester=True)
+    run_request(services.sampling_request_claim(request_id=request.pk))
+    task = SamplingRequest.objects.get(pk=request.pk).task
+    candidates = list(task.candidates.all())
+    assert len(candidates) == 4 and chosen in candidates
+    assert task.reserved_for == alice and task.parent_message == prompt
+
+
+@pytest.mark.django_db
+def test_stale_running_requests_are_reaped(tiny_policy):
+    context = MessageFactory()
+    request = SamplingRequest.objects.create(purpose="pool", context=context, status="running", k=2)
+    SamplingRequest.objects.filter(pk=request.pk).update(started_at="2020-01-01T00:00:00Z")
+    assert services.sampling_requests_reap(older_than_s=60) == 1
+    request.refresh_from_db()
+    assert request.status == "failed" and "worker was lost" in request.error
