@@ -1,8 +1,9 @@
 """Batched sampling from a causal LM: many contexts x K completions in one left-padded batch.
 
 Why a decode loop of our own rather than `model.generate`:
-- the K rows of a context share their prompt, so each unique context is prefilled once and its KV cache is
-  repeated K times (prefill dominated the run when every row paid for its own prompt);
+- the K rows of a context share their prompt, so each unique context is prefilled once, at its own length,
+  and its KV cache is repeated K times (prefill dominated the run when every row paid for its own prompt, and
+  for the padding up to the longest prompt);
 - the KV cache is preallocated (a static cache), so a decode step never copies the cache to grow it;
 - top-p is computed inside the 256 most likely tokens, not by sorting the whole vocabulary every step
   (the sort of a 64 x 49k matrix cost as much as a third of a decode step on the CPU). The probability mass
@@ -127,6 +128,46 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def _prefill(model, prompts: list[list[int]], *, k: int, pad_id: int, extra: int, device):
+    """Prefill each unique context once, at its own length (no padding computed), and lay the results out as
+    a left-padded static KV cache with K rows per context. Returns (cache, next-token logits per row, mask)."""
+    from transformers import DynamicCache, StaticCache
+
+    width = max(len(p) for p in prompts)
+    layer_keys: list[list[torch.Tensor]] = []
+    layer_values: list[list[torch.Tensor]] = []
+    logits = []
+    for prompt in prompts:
+        out = model(
+            input_ids=torch.tensor([prompt], device=device),
+            position_ids=torch.arange(len(prompt), device=device)[None],
+            past_key_values=DynamicCache(config=model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits.append(out.logits[:, -1, :].float())
+        for index, layer in enumerate(out.past_key_values.layers):
+            if index == len(layer_keys):
+                layer_keys.append([])
+                layer_values.append([])
+            layer_keys[index].append(layer.keys)
+            layer_values[index].append(layer.values)
+    cache = StaticCache(config=model.config, max_cache_len=width + extra)
+    for layer, keys, values in zip(cache.layers, layer_keys, layer_values, strict=True):
+        layer.update(_pad_left_and_repeat(keys, width, k), _pad_left_and_repeat(values, width, k))
+    _, mask = left_pad(prompts, pad_id, device)
+    return cache, torch.cat(logits).repeat_interleave(k, dim=0), mask
+
+
+def _pad_left_and_repeat(states: list[torch.Tensor], width: int, k: int) -> torch.Tensor:
+    """[1, heads, length, dim] per context -> [contexts * k, heads, width, dim], zeros on the left."""
+    first = states[0]
+    out = first.new_zeros((len(states), first.shape[1], width, first.shape[3]))
+    for row, state in enumerate(states):
+        out[row, :, width - state.shape[2] :, :] = state[0]
+    return out.repeat_interleave(k, dim=0)
+
+
 @torch.inference_mode()
 def sample_completions(
     model,
@@ -141,8 +182,6 @@ def sample_completions(
 
     With temperature 0 the decoding is greedy, and then every row's text is the same as decoding it alone.
     """
-    from transformers import DynamicCache, StaticCache
-
     device = next(model.parameters()).device
     window = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)
     max_prompt = max(window - params.max_new_tokens, 8)
@@ -158,26 +197,12 @@ def sample_completions(
     generator = torch.Generator(device=device).manual_seed(params.seed)
 
     started = time.perf_counter()
-    ids, mask = left_pad(list(prompts), pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=DynamicCache(config=model.config),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    width = ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=width + params.max_new_tokens)
-    for layer, prefilled in zip(cache.layers, prefill.past_key_values.layers, strict=True):
-        layer.update(prefilled.keys.repeat_interleave(k, dim=0), prefilled.values.repeat_interleave(k, dim=0))
-    logits = prefill.logits[:, -1, :].float().repeat_interleave(k, dim=0)
-    del prefill
+    cache, logits, mask = _prefill(model, list(prompts), k=k, pad_id=pad_id, extra=params.max_new_tokens, device=device)
+    width = mask.shape[1]
     rows = len(chats) * k
     full_mask = torch.zeros((rows, width + params.max_new_tokens), dtype=torch.long, device=device)
     full_mask[:, :width] = mask.repeat_interleave(k, dim=0)
-    position = positions[:, -1:].repeat_interleave(k, dim=0)
+    position = torch.tensor([len(p) - 1 for p in prompts], device=device)[:, None].repeat_interleave(k, dim=0)
     stats.prefill_s = time.perf_counter() - started
 
     started = time.perf_counter()

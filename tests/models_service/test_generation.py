@@ -103,10 +103,10 @@ class EosAfter(torch.nn.Module):
         out = self.inner(**kwargs)
         logits = out.logits.clone()
         logits[..., self.eos_id] = -1e9
-        rows = torch.arange(logits.shape[0])
-        if self.calls > 0:  # the first call is the prefill of the unique contexts
-            logits[rows % 3 == self.calls - 1, -1, self.eos_id] = 1e9
-        self.calls += 1
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step (prefill calls read whole prompts)
+            rows = torch.arange(logits.shape[0])
+            logits[rows % 3 == self.calls, -1, self.eos_id] = 1e9
+            self.calls += 1
         out.logits = logits
         return out
 
