@@ -13,8 +13,8 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 
-from labeling.models import Message, Role, Task, TaskKind
-from labeling.services import message_create, ranking_overlap, task_create
+from labeling.models import Conversation, Message, Role, Task, TaskKind
+from labeling.services import conversation_create, message_create, ranking_overlap, task_create
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import contexts_needing_candidates, in_flight_pool_requests, open_pool_size
 
@@ -317,3 +317,34 @@ def sampling_requests_reap(*, older_than_s: int) -> int:
         error=f"No result after {older_than_s} s: the worker was lost or timed out.",
         finished_at=timezone.now(),
     )
+
+
+# --- chat with the policy ---
+
+
+def chat_start(*, user, text: str, language: str = "en") -> tuple[Message, SamplingRequest]:
+    """A new chat conversation: the labeler's first message, and a request for the policy's reply."""
+    with transaction.atomic():
+        conversation = conversation_create(source=Conversation.Source.CHAT, created_by=user, language=language)
+        message = message_create(
+            conversation=conversation, parent=None, role=Role.USER, text=text, origin=Message.Origin.HUMAN, author=user
+        )
+        return message, chat_request_create(user_message=message, user=user)
+
+
+def chat_continue(*, user, parent: Message, text: str) -> tuple[Message, SamplingRequest]:
+    """The labeler's next message after a model turn of their chat, and a request for the reply."""
+    if parent.conversation.created_by_id != user.pk or parent.conversation.source != Conversation.Source.CHAT:
+        raise ValidationError({"parent": "That message is not in one of your chats."})
+    if parent.role != Role.ASSISTANT:
+        raise ValidationError({"parent": "Wait for the assistant's reply before writing again."})
+    with transaction.atomic():
+        message = message_create(
+            conversation=parent.conversation,
+            parent=parent,
+            role=Role.USER,
+            text=text,
+            origin=Message.Origin.HUMAN,
+            author=user,
+        )
+        return message, chat_request_create(user_message=message, user=user)

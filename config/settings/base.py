@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "django_htmx",
+    "template_partials",
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",

@@ -15,3 +15,8 @@ def markdown_filter(text: str) -> str:
 def letter(index: int) -> str:
     """0 -> A, 1 -> B, ...: how candidates are named on the ranking page."""
     return chr(ord("A") + int(index))
+
+
+@register.filter
+def get_item(mapping, key):
+    return mapping.get(key) if mapping else None

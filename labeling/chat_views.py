@@ -1,0 +1,122 @@
+"""Chat with the active policy. Replies come from the interactive Celery queue; the page polls until they arrive.
+
+Nothing here imports torch: the web process only creates requests and reads their results.
+"""
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseStopPolling
+
+from labeling.models import Conversation, Message
+from labeling.selectors import chat_conversations, chat_view
+from labeling.services import MAX_MESSAGE_CHARS
+from models_service import services as model_services
+from models_service.models import SamplingRequest
+
+
+class ChatForm(forms.Form):
+    text = forms.CharField(max_length=MAX_MESSAGE_CHARS, strip=False, error_messages={"required": "Write a message."})
+    parent = forms.IntegerField(required=False, widget=forms.HiddenInput)
+
+    def clean_text(self):
+        if not self.cleaned_data["text"].strip():
+            raise forms.ValidationError("Write a message.")
+        return self.cleaned_data["text"]
+
+
+class AlternativesForm(forms.Form):
+    k = forms.TypedChoiceField(choices=[(str(i), str(i)) for i in range(2, 10)], coerce=int, initial=4)
+    for_me = forms.BooleanField(required=False)
+
+
+def _own_chat(request, conversation_id: int) -> Conversation:
+    return get_object_or_404(Conversation, pk=conversation_id, created_by=request.user, source=Conversation.Source.CHAT)
+
+
+@login_required
+def chat_index(request):
+    form = ChatForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            message, _ = model_services.chat_start(user=request.user, text=form.cleaned_data["text"])
+            return redirect("labeling:chat", conversation_id=message.conversation_id)
+        except ValidationError as error:
+            form.add_error("text", error.messages)
+    status = 422 if form.errors else 200
+    return render(
+        request, "labeling/chat_index.html", {"form": form, "chats": chat_conversations(request.user)}, status=status
+    )
+
+
+@login_required
+def chat(request, conversation_id: int):
+    conversation = _own_chat(request, conversation_id)
+    view = chat_view(conversation)
+    form = ChatForm(request.POST or None)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            parent = Message.objects.filter(pk=form.cleaned_data["parent"], conversation=conversation).first()
+            try:
+                if parent is None:
+                    raise ValidationError("Wait for the assistant's reply before writing again.")
+                model_services.chat_continue(user=request.user, parent=parent, text=form.cleaned_data["text"])
+                return redirect("labeling:chat", conversation_id=conversation.pk)
+            except ValidationError as error:
+                form.add_error("text", error.messages)
+        status = 422
+    tip = view["thread"][-1] if view["thread"] else None
+    return render(
+        request,
+        "labeling/chat.html",
+        {
+            "conversation": conversation,
+            "form": form,
+            "tip": tip,
+            "can_reply": tip is not None and tip.role == "assistant",
+            "alternatives_form": AlternativesForm(),
+            "k_choices": range(2, 10),
+            **view,
+        },
+        status=status,
+    )
+
+
+@login_required
+def chat_poll(request, request_id: int):
+    """The typing indicator asks here every second; when the reply is in, the page reloads to show it."""
+    sampling = get_object_or_404(SamplingRequest, pk=request_id, requested_by=request.user)
+    if sampling.status in (SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING):
+        return render(request, "labeling/chat.html#typing", {"pending": sampling})
+    response = HttpResponseStopPolling()
+    response["HX-Refresh"] = "true"
+    return response
+
+
+@login_required
+@require_POST
+def chat_alternatives(request, message_id: int):
+    message = get_object_or_404(
+        Message, pk=message_id, conversation__created_by=request.user, conversation__source=Conversation.Source.CHAT
+    )
+    form = AlternativesForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose how many replies to rank, from 2 to 9.")
+        return redirect("labeling:chat", conversation_id=message.conversation_id)
+    try:
+        model_services.alternatives_request_create(
+            model_message=message,
+            user=request.user,
+            k=form.cleaned_data["k"],
+            reserve_for_requester=form.cleaned_data["for_me"],
+        )
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        who = "you" if form.cleaned_data["for_me"] else "the labelers"
+        messages.success(request, f"Sampling alternatives. A ranking task for {who} will be ready in a moment.")
+    return redirect("labeling:chat", conversation_id=message.conversation_id)

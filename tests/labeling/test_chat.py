@@ -1,0 +1,93 @@
+"""The chat page: a labeler talks to the active policy; replies come from the interactive worker."""
+
+import pytest
+from django.urls import reverse
+
+from labeling.models import Conversation, Message
+from models_service import services
+from models_service.models import SamplingRequest
+from models_service.sampling import run_request
+
+pytestmark = pytest.mark.django_db
+
+
+def answer(request_id: int):
+    run_request(services.sampling_request_claim(request_id=request_id))
+
+
+def test_anonymous_visitors_log_in_first(client):
+    assert client.get(reverse("labeling:chat_index")).status_code == 302
+
+
+def test_start_a_chat_wait_for_the_reply_and_continue(client, alice, tiny_policy, settings):
+    settings.CHAT_MAX_NEW_TOKENS = 5
+    client.force_login(alice)
+    assert client.get(reverse("labeling:chat_index")).status_code == 200
+    response = client.post(reverse("labeling:chat_index"), {"text": "Hello, model!"})
+    conversation = Conversation.objects.get(created_by=alice, source=Conversation.Source.CHAT)
+    assert response.url == reverse("labeling:chat", args=[conversation.pk])
+    request = SamplingRequest.objects.get(purpose="chat")
+    page = client.get(response.url).content.decode()
+    assert 'data-testid="typing"' in page and "Hello, model!" in page
+
+    poll = reverse("labeling:chat_poll", args=[request.pk])
+    assert 'data-testid="typing"' in client.get(poll).content.decode()
+    answer(request.pk)
+    done = client.get(poll)
+    assert done.status_code == 286 and done["HX-Refresh"] == "true"
+
+    page = client.get(response.url).content.decode()
+    reply = Message.objects.get(conversation=conversation, role="assistant")
+    assert f'data-message-id="{reply.pk}"' in page and "Ask for alternatives" in page
+    response = client.post(
+        reverse("labeling:chat", args=[conversation.pk]), {"text": "Tell me more.", "parent": reply.pk}
+    )
+    assert response.status_code == 302
+    follow_up = Message.objects.get(text="Tell me more.")
+    assert follow_up.parent == reply and SamplingRequest.objects.filter(context=follow_up).exists()
+
+
+def test_ask_for_alternatives_from_a_model_turn(client, alice, tiny_policy):
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    answer(SamplingRequest.objects.get(purpose="chat").pk)
+    reply = Message.objects.get(role="assistant")
+    response = client.post(reverse("labeling:chat_alternatives", args=[reply.pk]), {"k": "3", "for_me": "on"})
+    assert response.status_code == 302
+    request = SamplingRequest.objects.get(purpose="alternatives")
+    assert (request.k, request.keep_message, request.reserve_for_requester) == (2, reply, True)
+    page = client.get(reverse("labeling:chat", args=[reply.conversation_id])).content.decode()
+    assert "sampling alternatives" in page
+
+
+def test_an_empty_message_is_refused_and_kept_out(client, alice):
+    client.force_login(alice)
+    response = client.post(reverse("labeling:chat_index"), {"text": "   "})
+    assert response.status_code == 422 and "Write a message." in response.content.decode()
+    assert not Conversation.objects.exists()
+
+
+def test_another_labelers_chat_is_private(client, alice, bob, tiny_policy):
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Secret question"})
+    request = SamplingRequest.objects.get()
+    answer(request.pk)
+    reply = Message.objects.get(role="assistant")
+    client.force_login(bob)
+    assert client.get(reverse("labeling:chat", args=[reply.conversation_id])).status_code == 404
+    assert client.get(reverse("labeling:chat_poll", args=[request.pk])).status_code == 404
+    assert client.post(reverse("labeling:chat_alternatives", args=[reply.pk]), {"k": "3"}).status_code == 404
+    response = client.post(reverse("labeling:chat_index"), {"text": "x"})
+    bobs = Conversation.objects.get(created_by=bob)
+    response = client.post(reverse("labeling:chat", args=[bobs.pk]), {"text": "hijack", "parent": reply.pk})
+    assert response.status_code == 422
+    assert not Message.objects.filter(text="hijack").exists()
+
+
+def test_a_failed_reply_is_shown(client, alice):
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Hi"})
+    request = SamplingRequest.objects.get()
+    services.sampling_request_fail(request=request, error="No active policy model.")
+    page = client.get(reverse("labeling:chat", args=[request.context.conversation_id])).content.decode()
+    assert 'data-testid="chat-failed"' in page and "No active policy model." in page
