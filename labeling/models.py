@@ -4,6 +4,7 @@ Writes go through labeling/services.py; these classes hold fields, constraints a
 """
 
 import hashlib
+import time
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
@@ -196,6 +197,13 @@ class Task(models.Model):
     priority = models.IntegerField(default=0, help_text="Higher is served first.")
     overlap = models.PositiveSmallIntegerField(default=1, help_text="How many labelers must submit it.")
     submitted_count = models.PositiveSmallIntegerField(default=0, editable=False)
+    free_slots_from = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When every slot is taken: the earliest time one may free up (a lease expiring). Lets the "
+        "queue skip busy tasks cheaply; the authoritative slot count is taken under the task's row lock.",
+    )
     conversation = models.ForeignKey(
         Conversation, null=True, blank=True, on_delete=models.CASCADE, related_name="tasks"
     )
@@ -265,7 +273,11 @@ class Task(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["-priority", "created_at"], condition=Q(status="open"), name="task_open_queue_order"),
+            models.Index(
+                fields=["kind", "-priority", "created_at", "id"],
+                condition=Q(status="open"),
+                name="task_open_queue_order",
+            ),
             models.Index(fields=["kind", "status"]),
         ]
 
@@ -492,6 +504,8 @@ class QueueSettings(models.Model):
         ]
 
     CACHE_KEY = "labeling:queue-settings"
+    LOCAL_TTL_S = 10
+    _local: "tuple[QueueSettings, float] | None" = None
 
     def __str__(self):
         return "Queue settings"
@@ -500,13 +514,22 @@ class QueueSettings(models.Model):
         self.pk = 1
         super().save(*args, **kwargs)
         cache.delete(self.CACHE_KEY)
+        QueueSettings._local = None
 
     @classmethod
     def load(cls) -> "QueueSettings":
+        """The settings, from this process's memory for up to LOCAL_TTL_S, else from Redis, else the database.
+
+        A change in admin reaches every process within LOCAL_TTL_S seconds.
+        """
+        now = time.monotonic()
+        if cls._local is not None and now < cls._local[1]:
+            return cls._local[0]
         cached = cache.get(cls.CACHE_KEY)
         if cached is None:
             cached, _ = cls.objects.get_or_create(pk=1)
-            cache.set(cls.CACHE_KEY, cached, 30)
+            cache.set(cls.CACHE_KEY, cached, 300)
+        cls._local = (cached, now + cls.LOCAL_TTL_S)
         return cached
 
     @property

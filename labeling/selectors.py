@@ -3,21 +3,9 @@
 import datetime as dt
 
 from django.db.models import (
-    Case,
     Count,
-    Exists,
-    ExpressionWrapper,
-    F,
-    FloatField,
-    OuterRef,
     Q,
-    QuerySet,
-    Subquery,
-    Value,
-    When,
 )
-from django.db.models.expressions import RawSQL
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from labeling.models import (
@@ -25,11 +13,8 @@ from labeling.models import (
     Conversation,
     LabelerProfile,
     Message,
-    QueueSettings,
     Ranking,
     Review,
-    Task,
-    TaskCandidate,
     TaskKind,
 )
 from models_service.models import SamplingRequest
@@ -61,17 +46,21 @@ def thread_as_chat(messages: list[Message]) -> list[dict]:
 # --- roles ---
 
 
-def is_reviewer(user) -> bool:
+def labeler_profile(user) -> LabelerProfile | None:
+    return LabelerProfile.objects.filter(user=user).first()
+
+
+def is_reviewer(user, *, profile: LabelerProfile | None = None) -> bool:
     if user.is_staff:
         return True
-    profile = LabelerProfile.objects.filter(user=user).only("is_reviewer").first()
+    profile = profile or labeler_profile(user)
     return bool(profile and profile.is_reviewer)
 
 
-def kinds_for(user) -> list[str]:
+def kinds_for(user, *, profile: LabelerProfile | None = None) -> list[str]:
     """The task kinds a user may be given: everyone labels, reviewers also review."""
     kinds = [k for k in TaskKind.values if k != TaskKind.REVIEW_DEMONSTRATION]
-    if is_reviewer(user):
+    if is_reviewer(user, profile=profile):
         kinds.append(TaskKind.REVIEW_DEMONSTRATION)
     return kinds
 
@@ -89,63 +78,6 @@ def live_slot_count(task_id: int, *, now: dt.datetime, excluding: int | None = N
     if excluding is not None:
         slots = slots.exclude(pk=excluding)
     return slots.count()
-
-
-def available_tasks(user, *, now: dt.datetime, kinds: list[str]) -> QuerySet[Task]:
-    """Open tasks this labeler may take now: not done or skipped by them, not about their own messages,
-    not reserved for someone else, and with a free slot.
-
-    Blind overlap: nothing here depends on what other labelers submitted, only on how many slots are taken.
-    The slot count is re-checked under the task's row lock before a lease is granted (services.task_lease_next).
-    """
-    mine = Assignment.objects.filter(task=OuterRef("pk"), labeler=user).exclude(status=Assignment.Status.EXPIRED)
-    own_candidate = TaskCandidate.objects.filter(task=OuterRef("pk"), message__author=user)
-    own_context = Message.objects.filter(pk=OuterRef("parent_message_id"), author=user)
-    own_target = Message.objects.filter(pk=OuterRef("target_message_id"), author=user)
-    taken = Subquery(
-        Assignment.objects.filter(live_assignments(now), task=OuterRef("pk"))
-        .order_by()
-        .values("task")
-        .annotate(n=Count("pk"))
-        .values("n")[:1]
-    )
-    return (
-        Task.objects.filter(status=Task.Status.OPEN, kind__in=kinds, submitted_count__lt=F("overlap"))
-        .filter(Q(reserved_for__isnull=True) | Q(reserved_for=user))
-        .exclude(Exists(mine))
-        .exclude(Exists(own_candidate))
-        .exclude(Q(kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY]) & Exists(own_context))
-        .exclude(Exists(own_target))
-        .annotate(taken=Coalesce(taken, 0))
-        .filter(taken__lt=F("overlap"))
-    )
-
-
-def routing_score(user, *, now: dt.datetime, settings: QueueSettings):
-    """Higher is served first. Priority dominates; within a priority, a task's waiting time in minutes plus a
-    bonus for matching the labeler's languages and topics. Waiting time keeps growing (up to a cap), so a task
-    nobody is an expert for is still served eventually: matching is a preference, never a filter."""
-    profile = LabelerProfile.objects.filter(user=user).only("languages", "topics").first()
-    languages = list(profile.languages) if profile else []
-    topics = list(profile.topics) if profile else []
-    waited = RawSQL(
-        "LEAST(EXTRACT(EPOCH FROM (%s - labeling_task.created_at)) / 60.0, %s)::float",
-        (now, settings.max_age_minutes),
-        output_field=FloatField(),
-    )
-    language_bonus = Case(
-        When(language__in=languages, then=Value(float(settings.language_bonus_minutes))),
-        default=Value(0.0),
-        output_field=FloatField(),
-    )
-    topic_bonus = Case(
-        When(tags__overlap=topics, then=Value(float(settings.topic_bonus_minutes))),
-        default=Value(0.0),
-        output_field=FloatField(),
-    )
-    return ExpressionWrapper(
-        F("priority") * Value(1_000_000.0) + waited + language_bonus + topic_bonus, output_field=FloatField()
-    )
 
 
 def current_assignment(user, *, now: dt.datetime) -> Assignment | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from labeling.models import (
@@ -31,7 +31,7 @@ from labeling.models import (
     TaskCandidate,
     TaskKind,
 )
-from labeling.selectors import available_tasks, current_assignment, kinds_for, live_slot_count, routing_score
+from labeling.selectors import live_slot_count
 
 MAX_MESSAGE_CHARS = 20_000
 MIN_CANDIDATES, MAX_CANDIDATES = 2, 9
@@ -94,7 +94,6 @@ def _validate_child(*, conversation: Conversation, parent: Message | None, role:
     validate_text(text, allow_empty=origin != Message.Origin.HUMAN)
 
 
-@transaction.atomic
 def message_create(
     *,
     conversation: Conversation,
@@ -144,7 +143,6 @@ def ranking_overlap(*, seed: str, settings: QueueSettings | None = None) -> int:
     return settings.rank_overlap if draw < settings.rank_overlap_fraction else 1
 
 
-@transaction.atomic
 def task_create(
     *,
     kind: str,
@@ -168,23 +166,24 @@ def task_create(
         if len({c.pk for c in candidates}) != len(candidates):
             raise ValidationError({"candidates": "A candidate appears twice."})
     source = conversation or (parent_message.conversation if parent_message else None)
-    task = Task.objects.create(
-        kind=kind,
-        conversation=source,
-        parent_message=parent_message,
-        target_message=target_message,
-        overlap=overlap,
-        priority=priority,
-        model_version=model_version,
-        reserved_for=reserved_for,
-        created_by=created_by,
-        language=source.language if source else "en",
-        tags=list(source.tags) if source else [],
-        payload=payload or {},
-    )
-    TaskCandidate.objects.bulk_create(
-        TaskCandidate(task=task, message=message, position=position) for position, message in enumerate(candidates)
-    )
+    with transaction.atomic(savepoint=False):
+        task = Task.objects.create(
+            kind=kind,
+            conversation=source,
+            parent_message=parent_message,
+            target_message=target_message,
+            overlap=overlap,
+            priority=priority,
+            model_version=model_version,
+            reserved_for=reserved_for,
+            created_by=created_by,
+            language=source.language if source else "en",
+            tags=list(source.tags) if source else [],
+            payload=payload or {},
+        )
+        TaskCandidate.objects.bulk_create(
+            TaskCandidate(task=task, message=message, position=position) for position, message in enumerate(candidates)
+        )
     return task
 
 
@@ -216,54 +215,47 @@ def task_lease_next(*, user, now: dt.datetime | None = None, rng: random.Random 
 
     A labeler who already holds a live lease gets that task back. Otherwise a task kind is drawn by the admin's
     weights among the kinds that have work for this labeler, and the best task of that kind (priority, then
-    waiting time and routing) is locked with SKIP LOCKED. Its free slots are counted again under the lock, so two
-    labelers asking at once never take more slots than the task's overlap.
+    waiting time and routing) is locked with SKIP LOCKED; its free slots are counted again under the lock, so
+    two labelers asking at once never take more slots than the task's overlap. All of it runs in PostgreSQL,
+    in one call of labeling_lease_next() (labeling/migrations/0008_lease_next_function.py).
     """
+    assignment_id = task_lease_next_id(user=user, now=now, rng=rng)
+    if assignment_id is None:
+        return None
+    return Assignment.objects.select_related("task").get(pk=assignment_id)
+
+
+def task_lease_next_id(*, user, now: dt.datetime | None = None, rng: random.Random | None = None) -> int | None:
+    """task_lease_next in one database round trip, returning only the assignment's id (the queue's hot path)."""
     now = now or timezone.now()
     rng = rng or random.Random()
     settings = QueueSettings.load()
-    held = current_assignment(user, now=now)
-    if held is not None:
-        return held
-    candidates = available_tasks(user, now=now, kinds=kinds_for(user))
-    kinds = list(candidates.order_by().values_list("kind", flat=True).distinct())
+    kinds = TaskKind.values
     weights = settings.kind_weights
-    kinds = [kind for kind in kinds if weights.get(kind, 0) > 0]
-    score = routing_score(user, now=now, settings=settings)
-    while kinds:
-        kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
-        assignment = _lease_best_of_kind(user, candidates.filter(kind=kind), score, now, settings)
-        if assignment is not None:
-            return assignment
-        kinds.remove(kind)
-    return None
+    with connection.cursor() as cursor:
+        # Outside an explicit transaction the call is its own transaction: one round trip.
+        cursor.execute(
+            "SELECT labeling_lease_next(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                user.pk,
+                now,
+                kinds,
+                [float(weights.get(kind, 0)) for kind in kinds],
+                [rng.random() for _ in kinds],
+                settings.lease_minutes,
+                float(settings.language_bonus_minutes),
+                float(settings.topic_bonus_minutes),
+                float(settings.max_age_minutes),
+            ],
+        )
+        (assignment_id,) = cursor.fetchone()
+    return assignment_id
 
 
-def _lease_best_of_kind(user, candidates, score, now, settings, attempts: int = 8) -> Assignment | None:
-    tried: list[int] = []
-    for _ in range(attempts):
-        with transaction.atomic():
-            task = (
-                candidates.exclude(pk__in=tried)
-                .annotate(score=score)
-                .order_by("-score", "created_at", "pk")
-                .select_for_update(skip_locked=True, of=("self",))
-                .first()
-            )
-            if task is None:
-                return None
-            # A fresh statement under the row lock: every lease committed before ours is visible here.
-            if live_slot_count(task.pk, now=now) >= task.overlap:
-                tried.append(task.pk)
-                continue
-            expires = now + dt.timedelta(minutes=settings.lease_minutes)
-            updated = Assignment.objects.filter(task=task, labeler=user, status=Assignment.Status.EXPIRED).update(
-                status=Assignment.Status.LEASED, leased_at=now, lease_expires_at=expires
-            )
-            if updated:
-                return Assignment.objects.select_related("task").get(task=task, labeler=user)
-            return Assignment.objects.create(task=task, labeler=user, lease_expires_at=expires)
-    return None
+def _refresh_free_slots(task_id: int, now: dt.datetime) -> None:
+    """Recompute the task's cached "all slots taken until" time (see migration 0008), under its row lock."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT labeling_task_refresh_slots(%s, %s)", [task_id, now])
 
 
 def leases_expire(*, now: dt.datetime | None = None) -> int:
@@ -290,6 +282,7 @@ def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetim
                 current.lease_expires_at = now + dt.timedelta(minutes=QueueSettings.load().lease_minutes)
                 fields += ["status", "lease_expires_at"]
         current.save(update_fields=fields)
+        _refresh_free_slots(task.pk, now)
     return current
 
 
@@ -311,8 +304,12 @@ def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], 
     """
     now = now or timezone.now()
     with transaction.atomic():
-        task = Task.objects.select_for_update().get(pk=assignment.task_id)
-        current = Assignment.objects.select_for_update().get(pk=assignment.pk)
+        task = (
+            Task.objects.select_for_update(of=("self",))
+            .select_related("parent_message__conversation", "target_message")
+            .get(pk=assignment.task_id)
+        )
+        current = Assignment.objects.select_for_update(of=("self",)).select_related("labeler").get(pk=assignment.pk)
         if current.status == Assignment.Status.SUBMITTED:
             return SubmitResult(current, created=False, result=_existing_result(current))
         if current.status in (Assignment.Status.SKIPPED, Assignment.Status.REPORTED):
@@ -322,10 +319,9 @@ def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], 
                 "This task was withdrawn while you worked on it. Your text is kept here, copy it if you need it."
             )
         holds = current.status == Assignment.Status.LEASED and current.lease_expires_at > now
-        full = (
+        if not holds and (
             task.status == Task.Status.DONE or live_slot_count(task.pk, now=now, excluding=current.pk) >= task.overlap
-        )
-        if not holds and full:
+        ):
             raise SubmissionRefused(
                 "Your lease on this task expired and other labelers have filled it in the meantime. "
                 "Your text is kept here, copy it if you need it."
@@ -335,8 +331,13 @@ def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], 
         current.submitted_at = now
         current.time_spent_ms = time_spent_ms
         current.save(update_fields=["status", "submitted_at", "time_spent_ms"])
-        Task.objects.filter(pk=task.pk).update(submitted_count=F("submitted_count") + 1)
-        Task.objects.filter(pk=task.pk, submitted_count=F("overlap")).update(status=Task.Status.DONE, completed_at=now)
+        last = Q(submitted_count__gte=F("overlap") - 1)
+        Task.objects.filter(pk=task.pk).update(
+            submitted_count=F("submitted_count") + 1,
+            status=Case(When(last, then=Value(Task.Status.DONE)), default=F("status")),
+            completed_at=Case(When(last, then=Value(now)), default=F("completed_at")),
+        )
+        _refresh_free_slots(task.pk, now)
     return SubmitResult(current, created=True, result=result)
 
 
@@ -553,6 +554,7 @@ def _decide_demonstration(message: Message) -> None:
 
 def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
     with transaction.atomic():
+        Task.objects.select_for_update().filter(pk=assignment.task_id).first()
         current = Assignment.objects.select_for_update().get(pk=assignment.pk)
         if current.status == Assignment.Status.SUBMITTED:
             raise SubmissionRefused("This task is already submitted.")
@@ -562,6 +564,7 @@ def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
             setattr(current, name, value)
         current.status = status
         current.save(update_fields=["status", *fields])
+        _refresh_free_slots(current.task_id, timezone.now())
     return current
 
 

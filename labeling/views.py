@@ -41,10 +41,10 @@ def guidelines(request):
 
 @login_required
 def next_task(request):
-    assignment = services.task_lease_next(user=request.user)
-    if assignment is None:
+    assignment_id = services.task_lease_next_id(user=request.user)
+    if assignment_id is None:
         return render(request, "labeling/empty.html", status=200)
-    return redirect("labeling:work", assignment_id=assignment.pk)
+    return redirect("labeling:work", assignment_id=assignment_id)
 
 
 def _own_assignment(request, assignment_id: int) -> Assignment:

@@ -143,3 +143,17 @@ def tiny_policy(db, tiny_model_dirs):
     loading._holders.clear()
     yield register_tiny_policy(tiny_model_dirs[0], name="tiny-policy-v0", activate=True)
     loading._holders.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_queue_settings():
+    """Queue settings are cached in Redis and in process memory; each test starts from the database's."""
+    from django.core.cache import cache
+
+    from labeling.models import QueueSettings
+
+    cache.delete(QueueSettings.CACHE_KEY)
+    QueueSettings._local = None
+    yield
+    cache.delete(QueueSettings.CACHE_KEY)
+    QueueSettings._local = None

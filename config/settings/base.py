@@ -85,6 +85,9 @@ CACHES = {
     }
 }
 
+# Sessions are read from Redis and written through to PostgreSQL: no session query on most requests.
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -2,14 +2,13 @@
 sees the ranking saved in order, and keeps the typed text through a validation error."""
 
 import pytest
-from django.utils import timezone
 
 from labeling import services
 from labeling.models import Assignment, Message, Ranking, TaskKind
 from labeling.services import display_order
 from tests.browser.conftest import log_in, screenshot
 from tests.factories import UserFactory
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -132,7 +131,7 @@ def test_a_refused_submission_keeps_the_typed_text(page, labeler):
     page.locator("[data-testid=editor]").fill(typed)
     # Meanwhile the lease runs out and another labeler fills the task.
     assignment = Assignment.objects.get(labeler=labeler)
-    Assignment.objects.filter(pk=assignment.pk).update(lease_expires_at=timezone.now())
+    expire_lease(assignment)
     services.reply_submit(assignment=services.task_lease_next(user=UserFactory(username="quick")), text="Quick.")
     page.keyboard.press("Control+Enter")
     page.wait_for_selector("[data-testid=form-error]")

@@ -39,3 +39,14 @@ def make_rank_task(*, k=4, overlap=1, candidate_author=None, texts=None):
     return services.task_create(
         kind=TaskKind.RANK_REPLIES, parent_message=prompt, candidates=candidates, overlap=overlap, model_version=policy
     )
+
+
+def expire_lease(assignment) -> None:
+    """Let the lease run out, as time passing would: its expiry and the task's cached busy time move to the past."""
+    from django.utils import timezone
+
+    from labeling.models import Assignment, Task
+
+    past = timezone.now() - timezone.timedelta(seconds=1)
+    Assignment.objects.filter(pk=assignment.pk).update(lease_expires_at=past)
+    Task.objects.filter(pk=assignment.task_id, free_slots_from__isnull=False).update(free_slots_from=past)

@@ -4,23 +4,15 @@ import datetime as dt
 import random
 
 import pytest
-from django.core.cache import cache
 from django.utils import timezone
 
 from labeling import services
 from labeling.models import Assignment, Message, QueueSettings, Role, Task, TaskKind
 from labeling.services import task_lease_next
 from tests.factories import MessageFactory, UserFactory
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def fresh_settings():
-    cache.delete(QueueSettings.CACHE_KEY)
-    yield
-    cache.delete(QueueSettings.CACHE_KEY)
 
 
 def set_queue(**fields):
@@ -139,7 +131,7 @@ def test_submitting_twice_counts_once(alice):
 def test_a_submission_on_an_expired_lease_is_accepted_while_the_slot_is_free(alice):
     task = make_reply_task()
     lease = task_lease_next(user=alice)
-    Assignment.objects.filter(pk=lease.pk).update(lease_expires_at=timezone.now() - dt.timedelta(minutes=1))
+    expire_lease(lease)
     result = services.reply_submit(assignment=lease, text="Late but fine.")
     assert result.created
     task.refresh_from_db()
@@ -149,7 +141,7 @@ def test_a_submission_on_an_expired_lease_is_accepted_while_the_slot_is_free(ali
 def test_a_submission_on_an_expired_lease_is_refused_when_others_filled_the_slot(alice, bob):
     task = make_reply_task()
     lease = task_lease_next(user=alice)
-    Assignment.objects.filter(pk=lease.pk).update(lease_expires_at=timezone.now() - dt.timedelta(minutes=1))
+    expire_lease(lease)
     services.reply_submit(assignment=task_lease_next(user=bob), text="Bob's reply.")
     with pytest.raises(services.SubmissionRefused, match="lease on this task expired"):
         services.reply_submit(assignment=lease, text="Alice's late reply.")
@@ -230,7 +222,7 @@ def test_the_kind_mix_follows_the_admin_weights(bob):
         labeler = UserFactory(username=f"mix{i}")
         assignment = task_lease_next(user=labeler, rng=rng)
         offered.append(assignment.task.kind)
-        Assignment.objects.filter(pk=assignment.pk).delete()
+        services.assignment_skip(assignment=assignment, reason="measuring the mix")
     assert TaskKind.WRITE_PROMPT not in offered
     share_rank = offered.count(TaskKind.RANK_REPLIES) / len(offered)
     assert 0.65 < share_rank < 0.85, share_rank
@@ -296,3 +288,16 @@ def test_editing_is_possible_until_used_in_training(alice, bob):
     services.mark_used_in_training(message_ids=[demonstration.pk])
     with pytest.raises(services.SubmissionRefused, match="already used to train"):
         services.message_edit(message=demonstration, user=alice, text="Third try.")
+
+
+def test_a_busy_tasks_cached_free_time_follows_its_leases(alice, bob):
+    task = make_reply_task()
+    lease = task_lease_next(user=alice)
+    task.refresh_from_db()
+    assert task.free_slots_from == lease.lease_expires_at, "all slots taken until the lease expires"
+    services.assignment_skip(assignment=lease, reason="not for me")
+    task.refresh_from_db()
+    assert task.free_slots_from is None
+    services.reply_submit(assignment=task_lease_next(user=bob), text="Done.")
+    task.refresh_from_db()
+    assert task.status == Task.Status.DONE and task.free_slots_from is None

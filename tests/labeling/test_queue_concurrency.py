@@ -10,7 +10,7 @@ from django.db import connection
 from labeling import services
 from labeling.models import Assignment, Message, Task
 from tests.factories import UserFactory
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,7 +70,7 @@ def test_two_labelers_racing_for_the_last_slot_of_an_expired_lease():
     task = make_reply_task()
     first, second, third = (UserFactory(username=f"race{i}") for i in range(3))
     stale = services.task_lease_next(user=first)
-    Assignment.objects.filter(pk=stale.pk).update(lease_expires_at=stale.leased_at)
+    expire_lease(stale)
     results = run_at_once(
         [
             lambda: services.reply_submit(assignment=stale, text="late reply"),

@@ -8,7 +8,7 @@ from django.urls import reverse
 from labeling import services
 from labeling.models import Assignment, Message, Ranking, Task, TaskKind
 from labeling.services import display_order
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db
 
@@ -87,7 +87,7 @@ def test_a_refused_submission_keeps_the_typed_text(client, alice, bob):
     client.force_login(alice)
     work_url = client.get(reverse("labeling:next")).url
     alices = Assignment.objects.get(labeler=alice)
-    Assignment.objects.filter(pk=alices.pk).update(lease_expires_at=alices.leased_at)
+    expire_lease(alices)
     services.reply_submit(assignment=services.task_lease_next(user=bob), text="Bob was faster.")
     typed = "My long careful answer that must not be lost."
     response = client.post(work_url, {"text": typed})

@@ -1,0 +1,358 @@
+"""The task queue under load: concurrent simulated labelers doing next-task and submit against gunicorn.
+
+    .venv/bin/python bench/queue.py [--labelers 50] [--seconds 20] [--think-ms 500]
+
+Starts its own database and a gunicorn (bin/web) on 127.0.0.1, seeds labelers and tasks, and runs, with a
+bounded asyncio client:
+1. latency: `--labelers` labelers, each looping next-task -> think -> submit (the time on the task page, drawn
+   between 0.5x and 1.5x `--think-ms`; real labelers spend 10 s to minutes there, the default is 2 s; they
+   start at random moments within one think time); p50/p99 of next-task and submit;
+2. throughput, the same number of clients with no think time: next-task alone (each request from a labeler
+   holding no lease, so each grants a new one), whole next-task + submit cycles, and the trivial endpoint
+   (/healthz: one SELECT 1), in this run, on this server.
+Stops everything and drops its database at the end. The last line is JSON with every figure.
+"""
+
+import os
+import sys
+
+# This file is named queue.py, like the standard library module that asyncio imports: keep its folder off the
+# import path before anything imports `queue`.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_DB = "feedback_loop_bench_queue"
+PORT = 8011
+BASE_URL = f"http://127.0.0.1:{PORT}"
+DATABASE_URL = f"postgres://postgres@127.0.0.1:5432/{BENCH_DB}"
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.local"
+os.environ["DATABASE_URL"] = DATABASE_URL
+os.environ["DJANGO_DEBUG"] = "false"
+os.environ["REDIS_URL"] = "redis://127.0.0.1:6379/13"
+os.environ["LOG_LEVEL"] = "WARNING"
+
+import django  # noqa: E402
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def recreate_database() -> None:
+    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {BENCH_DB}")
+
+
+def drop_database() -> None:
+    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+
+
+def seed(labelers: int, tasks: int) -> list[str]:
+    """Migrate, create labelers with logged-in sessions and `tasks` reply tasks. Returns session keys."""
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db import connection
+
+    from labeling.models import Conversation, Message, Task, TaskKind
+
+    call_command("migrate", verbosity=0)
+    User = get_user_model()
+    author = User.objects.create(username="prompt-author")
+    conversations = Conversation.objects.bulk_create(
+        Conversation(language="en", tags=["bench"], split="train") for _ in range(tasks)
+    )
+    prompts = Message.objects.bulk_create(
+        Message(
+            conversation=c, depth=0, role="user", text=f"Prompt {i}: explain something.", origin="human", author=author
+        )
+        for i, c in enumerate(conversations)
+    )
+    Task.objects.bulk_create(
+        Task(kind=TaskKind.WRITE_ASSISTANT_REPLY, conversation=p.conversation, parent_message=p) for p in prompts
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")  # what autovacuum does after a bulk load; the planner needs the row counts
+    return make_labelers("labeler", labelers)
+
+
+def make_labelers(prefix: str, count: int) -> list[str]:
+    """Labelers with profiles and logged-in sessions (as the login page would leave them). Returns session keys."""
+    from django.conf import settings
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+    from django.contrib.sessions.backends.cached_db import SessionStore
+
+    from labeling.models import LabelerProfile
+
+    users = get_user_model().objects.bulk_create(
+        get_user_model()(username=f"{prefix}{i}", password="!") for i in range(count)
+    )
+    LabelerProfile.objects.bulk_create(LabelerProfile(user=user, languages=["en"]) for user in users)
+    keys = []
+    for user in users:
+        session = SessionStore()
+        session[SESSION_KEY] = str(user.pk)
+        session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
+        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+        session.create()
+        keys.append(session.session_key)
+    return keys
+
+
+def start_server() -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        WEB_BIND=f"127.0.0.1:{PORT}",
+        LOG_LEVEL="WARNING",
+    )
+    server = subprocess.Popen(
+        [str(ROOT / "bin" / "web")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(ROOT / "var" / "bench-queue-gunicorn.log", "w"),  # noqa: SIM115 - the server outlives this call
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{BASE_URL}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    os.killpg(server.pid, signal.SIGTERM)
+    raise SystemExit("gunicorn did not come up")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+async def send(client: httpx.AsyncClient, method: str, url: str, **kwargs) -> httpx.Response:
+    """One request; retried once on a connection the server had just closed (keep-alive race), as browsers do.
+    Safe for the submit POST too: submissions are idempotent."""
+    try:
+        return await client.request(method, url, **kwargs)
+    except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError, httpx.WriteError):
+        return await client.request(method, url, **kwargs)
+
+
+class Labeler:
+    def __init__(self, session_key: str):
+        self.client = httpx.AsyncClient(
+            base_url=BASE_URL, cookies={"sessionid": session_key}, timeout=30, follow_redirects=False
+        )
+        self.csrf = ""
+
+    async def start(self):
+        response = await self.client.get("/")
+        response.raise_for_status()
+        self.csrf = self.client.cookies.get("csrftoken", "")
+
+    async def next_task(self, timings):
+        started = time.perf_counter()
+        response = await send(self.client, "GET", "/work/next/")
+        timings.append(time.perf_counter() - started)
+        if response.status_code == 302 and "/work/" in response.headers["location"]:
+            return response.headers["location"]
+        return None
+
+    async def submit(self, url, timings):
+        started = time.perf_counter()
+        response = await send(
+            self.client,
+            "POST",
+            url,
+            data={"text": "A careful reply.", "csrfmiddlewaretoken": self.csrf, "time_spent_ms": "1000"},
+            headers={"Referer": BASE_URL + url},
+        )
+        timings.append(time.perf_counter() - started)
+        if response.status_code != 302:
+            raise RuntimeError(f"submit returned {response.status_code}: {response.text[:300]}")
+
+
+async def labeling_phase(labelers, seconds: float, think_s: float) -> dict:
+    next_timings, submit_timings = [], []
+    deadline = time.monotonic() + seconds
+
+    async def work(labeler: Labeler, rng: random.Random):
+        if think_s:
+            await asyncio.sleep(rng.uniform(0, think_s))  # labelers do not all start at the same instant
+        while time.monotonic() < deadline:
+            url = await labeler.next_task(next_timings)
+            if url is None:
+                return
+            if think_s:
+                # Reading and writing, some faster, some slower; the page then submits and asks for the next.
+                await asyncio.sleep(rng.uniform(0.5 * think_s, 1.5 * think_s))
+            await labeler.submit(url, submit_timings)
+
+    started = time.monotonic()
+    await asyncio.gather(*(work(labeler, random.Random(i)) for i, labeler in enumerate(labelers)))
+    elapsed = time.monotonic() - started
+    return {"next": next_timings, "submit": submit_timings, "elapsed": elapsed}
+
+
+async def next_task_phase(fresh_keys: list[str], concurrency: int, seconds: float) -> dict:
+    """Next-task alone: each request comes from a labeler who holds no lease, so each one grants a new lease."""
+    timings = []
+    keys = list(fresh_keys)
+    deadline = time.monotonic() + seconds
+
+    async def client():
+        async with httpx.AsyncClient(base_url=BASE_URL, timeout=30, follow_redirects=False) as http:
+            while keys and time.monotonic() < deadline:
+                http.cookies.set("sessionid", keys.pop())
+                started = time.perf_counter()
+                response = await send(http, "GET", "/work/next/")
+                timings.append(time.perf_counter() - started)
+                if response.status_code != 302 or "/work/" not in response.headers["location"]:
+                    raise RuntimeError(f"next-task gave no task: {response.status_code}")
+
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"timings": timings, "elapsed": time.monotonic() - started, "exhausted": not keys}
+
+
+async def trivial_phase(labelers, seconds: float) -> dict:
+    timings = []
+    deadline = time.monotonic() + seconds
+
+    async def hammer(labeler: Labeler):
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            response = await send(labeler.client, "GET", "/healthz")
+            timings.append(time.perf_counter() - started)
+            response.raise_for_status()
+
+    started = time.monotonic()
+    await asyncio.gather(*(hammer(labeler) for labeler in labelers))
+    return {"timings": timings, "elapsed": time.monotonic() - started}
+
+
+def percentile(values, q) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] * 1000
+
+
+def round_trips() -> dict:
+    """What one database and one Redis round trip cost on this machine (they bound every request)."""
+    import redis
+
+    with psycopg.connect(DATABASE_URL.replace("postgres://", "postgresql://"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        started = time.perf_counter()
+        for _ in range(500):
+            conn.execute("SELECT 1").fetchone()
+        db = (time.perf_counter() - started) / 500
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.ping()
+    started = time.perf_counter()
+    for _ in range(500):
+        client.get("round-trip")
+    return {
+        "db_round_trip_ms": round(db * 1000, 3),
+        "redis_round_trip_ms": round((time.perf_counter() - started) * 2, 3),
+    }
+
+
+async def run(args) -> dict:
+    labelers = [Labeler(key) for key in args.session_keys]
+    await asyncio.gather(*(labeler.start() for labeler in labelers))
+    figures = {"concurrency": len(labelers), "think_ms": args.think_ms, **round_trips()}
+    log(f"round trips: PostgreSQL {figures['db_round_trip_ms']} ms, Redis {figures['redis_round_trip_ms']} ms")
+
+    log(f"latency phase: {len(labelers)} labelers, think time {args.think_ms} ms, {args.seconds} s")
+    latency = await labeling_phase(labelers, args.seconds, args.think_ms / 1000)
+    figures.update(
+        next_task_p50_ms=round(percentile(latency["next"], 50), 1),
+        next_task_p99_ms=round(percentile(latency["next"], 99), 1),
+        submit_p50_ms=round(percentile(latency["submit"], 50), 1),
+        submit_p99_ms=round(percentile(latency["submit"], 99), 1),
+        tasks_done_latency_phase=len(latency["submit"]),
+    )
+    log(
+        f"  next-task p50 {figures['next_task_p50_ms']} ms, p99 {figures['next_task_p99_ms']} ms; "
+        f"submit p50 {figures['submit_p50_ms']} ms, p99 {figures['submit_p99_ms']} ms; "
+        f"{len(latency['submit'])} tasks done"
+    )
+
+    log(f"throughput phase: {len(labelers)} clients, no think time, {args.seconds} s each")
+    alone = await next_task_phase(args.fresh_keys, len(labelers), args.seconds)
+    cycles = await labeling_phase(labelers, args.seconds, 0)
+    trivial = await trivial_phase(labelers, args.seconds)
+    figures.update(
+        next_task_rps=round(len(alone["timings"]) / alone["elapsed"], 1),
+        saturated_next_task_p50_ms=round(percentile(alone["timings"], 50), 1),
+        saturated_next_task_p99_ms=round(percentile(alone["timings"], 99), 1),
+        cycle_rps=round(len(cycles["submit"]) / cycles["elapsed"], 1),
+        trivial_rps=round(len(trivial["timings"]) / trivial["elapsed"], 1),
+        trivial_p50_ms=round(percentile(trivial["timings"], 50), 1),
+        trivial_p99_ms=round(percentile(trivial["timings"], 99), 1),
+    )
+    figures["next_task_vs_trivial"] = round(figures["next_task_rps"] / figures["trivial_rps"], 3)
+    figures["cycle_vs_trivial"] = round(figures["cycle_rps"] / figures["trivial_rps"], 3)
+    if alone["exhausted"]:
+        log("  (the fresh labelers ran out before the time was up; raise --fresh-labelers)")
+    log(
+        f"  next-task alone (each a new lease): {figures['next_task_rps']} req/s; "
+        f"next-task + submit cycles: {figures['cycle_rps']}/s; trivial /healthz: {figures['trivial_rps']} req/s; "
+        f"next-task = {figures['next_task_vs_trivial']:.2f}x trivial, "
+        f"a whole cycle = {figures['cycle_vs_trivial']:.2f}x"
+    )
+    await asyncio.gather(*(labeler.client.aclose() for labeler in labelers))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labelers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--think-ms", type=int, default=2000, help="time on a task page between next-task and submit (people: 10 s+)"
+    )
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--fresh-labelers", type=int, default=6000, help="labelers for the next-task-alone phase")
+    args = parser.parse_args()
+
+    subprocess.run([str(ROOT / "bin" / "services")], check=True)
+    recreate_database()
+    django.setup()
+    log(f"seeding {args.labelers} labelers and {args.tasks} tasks ...")
+    args.session_keys = seed(args.labelers, args.tasks)
+    args.fresh_keys = make_labelers("fresh", args.fresh_labelers)
+    from django.db import connections
+
+    connections.close_all()
+    server = start_server()
+    try:
+        figures = asyncio.run(run(args))
+    finally:
+        stop_server(server)
+        drop_database()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
