@@ -34,12 +34,20 @@ def score_head(model):
     return head
 
 
+REWARD_OFFSET = "reward_offset"  # config attribute: added to every score (set so demonstrations average 0)
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar per left-padded row, read at its last token. Differentiable (used in training too)."""
+    """One scalar per left-padded row, read at its last token. Differentiable (used in training too).
+
+    The model's config may carry `reward_offset`, the shift that makes demonstrations score 0 on average
+    (InstructGPT normalises its reward model this way before RL; the scalar head has no bias to hold it).
+    """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     base = getattr(model, model.base_model_prefix)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-    return score_head(model)(hidden[:, -1, :]).squeeze(-1).float()
+    offset = float(getattr(model.config, REWARD_OFFSET, 0.0) or 0.0)
+    return score_head(model)(hidden[:, -1, :]).squeeze(-1).float() + offset
 
 
 def pair_input_ids(tokenizer, chat: list[dict], reply: str, *, max_tokens: int = 1024) -> list[int]:

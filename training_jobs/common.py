@@ -1,0 +1,164 @@
+"""What the trainers share: results, progress reporting, cancellation, seeds, configs, devices.
+
+Trainers are plain functions, `train_x(config, data, ...) -> TrainResult`: no Django models, no Celery. They
+report through a `Progress` object and stop when it says the run was cancelled. Library types (TRL, peft,
+datasets) stay inside the trainer modules.
+"""
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The run was cancelled; the trainer stops at the next step and writes nothing."""
+
+
+class TrainingFailed(Exception):
+    """The run cannot go on (for example PPO's KL exceeded its bound). The message says why."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path  # a complete save_pretrained folder (safetensors)
+    metrics: dict  # final figures, e.g. {"val_loss": 1.23, "best_epoch": 2}
+    series: dict = field(default_factory=dict)  # name -> [[step, value], ...]
+
+
+class Progress:
+    """Collects metric series and progress, and hands them to `sink` at most every `interval_s` seconds
+    (and always at the end). `should_stop` is asked at every step; when it says so, the trainer stops."""
+
+    def __init__(
+        self,
+        sink: Callable[["Progress"], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        interval_s: float = 2.0,
+    ):
+        self.sink = sink
+        self.should_stop = should_stop
+        self.interval_s = interval_s
+        self.step = 0
+        self.total = 0
+        self.series: dict[str, list[list[float]]] = {}
+        self.log: list[str] = []
+        self._last_flush = 0.0
+
+    def start(self, total: int) -> None:
+        self.total = max(int(total), 1)
+        self.flush(force=True)
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        value = float(value)
+        if math.isfinite(value):
+            self.series.setdefault(name, []).append([int(self.step if step is None else step), round(value, 6)])
+
+    def message(self, text: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {text}"
+        logger.info(text)
+        self.log.append(stamped)
+        del self.log[:-200]
+
+    def advance(self, steps: int = 1) -> None:
+        """One more step done; flushes when due and raises Cancelled if the run was cancelled."""
+        self.step = min(self.step + steps, self.total) if self.total else self.step + steps
+        self.flush()
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("cancelled")
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.sink is not None and (force or now - self._last_flush >= self.interval_s):
+            self._last_flush = now
+            self.sink(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def training_device() -> tuple[torch.device, torch.dtype]:
+    """Training runs on CUDA in bf16 (fp16 without bf16 support) when present, in fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def config_from(cls, values: dict | None):
+    """A config dataclass from a dict, refusing unknown keys and wrong types with the key's name."""
+    values = dict(values or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
+    converted = {}
+    for name, value in values.items():
+        kind = type(getattr(cls(), name))
+        try:
+            converted[name] = kind(value) if kind in (int, float, bool, str) else value
+        except (TypeError, ValueError):
+            raise ValueError(f"{cls.__name__}.{name} must be {kind.__name__}, not {value!r}") from None
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{cls.__name__}.{name} must be true or false, not {value!r}")
+    return cls(**converted)
+
+
+def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.1):
+    """Linear warm-up, then cosine decay to `final_fraction` of the learning rate (InstructGPT: 10%)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def library_versions() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "safetensors", "tokenizers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def apply_lora(model, *, rank: int, alpha: int, dropout: float = 0.0, task_type: str = "CAUSAL_LM"):
+    """Wrap a model with LoRA adapters on its attention and MLP projections (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, output_dir: Path) -> Path:
+    """save_pretrained with safetensors; a LoRA model is merged first, so the folder loads without peft."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
