@@ -56,7 +56,6 @@ def next_version_name(*, kind: str, stage: str) -> str:
     return f"{prefix}{max(numbers, default=-1) + 1}"
 
 
-@transaction.atomic(savepoint=False)
 def model_version_register(
     *,
     kind: str,

@@ -1,0 +1,84 @@
+"""The reward model with tiny models on CPU: the InstructGPT ranking loss, and learning a visible preference."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from training_jobs.reward import Ranked, RewardConfig, ranking_loss, ranking_pairs, train_reward
+
+
+def test_ranking_loss_equals_the_hand_computed_value():
+    scores = torch.tensor([2.0, 0.5, -1.0])
+    ranks = [1, 2, 3]  # candidate 0 best
+    expected = (
+        -(
+            math.log(1 / (1 + math.exp(-(2.0 - 0.5))))
+            + math.log(1 / (1 + math.exp(-(2.0 + 1.0))))
+            + math.log(1 / (1 + math.exp(-(0.5 + 1.0))))
+        )
+        / 3
+    )
+    assert ranking_loss(scores, ranks).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ties_are_skipped():
+    scores = torch.tensor([2.0, 0.5, -1.0])
+    # candidates 1 and 2 tied: only the pairs (0, 1) and (0, 2) count.
+    expected = -(math.log(1 / (1 + math.exp(-1.5))) + math.log(1 / (1 + math.exp(-3.0)))) / 2
+    assert ranking_pairs([1, 2, 2]) == ([0, 0], [1, 2])
+    assert ranking_loss(scores, [1, 2, 2]).item() == pytest.approx(expected, rel=1e-6)
+    assert ranking_loss(scores, [1, 1, 1]) is None
+
+
+def test_the_loss_is_one_element_per_ranking_not_per_pair():
+    """K candidates give C(K,2) pairs, averaged into one value: scaling K does not scale the loss."""
+    scores = torch.linspace(3, -3, 9)
+    assert len(ranking_pairs(list(range(1, 10)))[0]) == 36
+    assert 0 < ranking_loss(scores, list(range(1, 10))).item() < 1
+
+
+WORDS = "river mountain window garden letter table orange pencil music paper yellow cloud".split()
+
+
+def synthetic_rankings(n: int, seed: int) -> list[Ranked]:
+    """Rankings whose rule is visible: a reply that says "banana" beats one that does not."""
+    rng = random.Random(seed)
+    rankings = []
+    for _ in range(n):
+        context = [{"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}]
+        plain = [" ".join(rng.choices(WORDS, k=6)) for _ in range(2)]
+        liked = " ".join(rng.choices(WORDS, k=3) + ["banana"] + rng.choices(WORDS, k=2))
+        candidates = [liked, *plain]
+        rng.shuffle(candidates)
+        ranks = [1 if "banana" in c else 2 for c in candidates]
+        rankings.append(Ranked(context, candidates, ranks))
+    return rankings
+
+
+def test_the_reward_model_learns_a_visible_preference(tiny_model_dirs, tmp_path):
+    config = RewardConfig(epochs=6, learning_rate=2e-3, rankings_per_batch=8, max_length=64, seed=0)
+    demonstrations = [([{"role": "user", "content": "Hi"}], "river banana garden")] * 4
+    result = train_reward(
+        config,
+        synthetic_rankings(160, seed=1),
+        synthetic_rankings(30, seed=2),
+        base_dir=tiny_model_dirs[0],
+        output_dir=tmp_path / "rm",
+        holdout=synthetic_rankings(20, seed=3),
+        demonstrations=demonstrations,
+    )
+    assert result.metrics["val_accuracy"] >= 0.9, result.metrics
+    assert result.metrics["holdout_accuracy"] >= 0.9, result.metrics
+    assert "rm/train_loss" in result.series and "rm/val_accuracy" in result.series
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from models_service.scoring import score_pairs
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    scores = score_pairs(model, tokenizer, demonstrations)
+    assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4), "demonstrations average 0 after the shift"
+    assert not list((tmp_path / "rm").glob("*.bin"))

@@ -1,0 +1,169 @@
+"""Data sets built from the database: demonstrations for SFT, rankings for the reward model, prompts for PPO.
+
+Each conversation belongs to one split, fixed when it was created (labeling/splits.py), so a conversation is
+never in both train and validation, and held-out conversations (kept for the evaluation gate) are in none.
+Every builder returns plain Python data plus the ids it used, for the run's data snapshot.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from django.db.models import Count
+
+from labeling import splits
+from labeling.models import Message, Ranking, RankingEntry, Role
+from labeling.selectors import thread_as_chat
+
+
+class NotEnoughData(Exception):
+    """Too little data to train: the message gives the counts and what is needed."""
+
+
+@dataclass
+class SFTExample:
+    conversation_id: int
+    message_id: int  # the demonstration
+    chat: list[dict]  # the conversation up to and including the demonstration (the last, assistant, turn)
+
+
+@dataclass
+class RankingExample:
+    ranking_id: int
+    conversation_id: int
+    context: list[dict]  # the conversation up to the user turn the candidates reply to
+    candidates: list[str]
+    ranks: list[int]  # 1 is best; equal ranks are ties
+    candidate_ids: list[int] = field(default_factory=list)
+    dataset: str = ""
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """(better, worse) candidate indices for every ordered pair; ties give no pair."""
+        return [(i, j) for i in range(len(self.ranks)) for j in range(len(self.ranks)) if self.ranks[i] < self.ranks[j]]
+
+
+@dataclass
+class PromptExample:
+    conversation_id: int
+    message_id: int  # the user turn the policy replies to
+    chat: list[dict]
+
+
+@dataclass
+class DataSplit:
+    train: list
+    validation: list
+
+    def snapshot(self, id_attribute: str) -> dict:
+        return {
+            "train_count": len(self.train),
+            "validation_count": len(self.validation),
+            "train_ids": [getattr(e, id_attribute) for e in self.train],
+            "validation_ids": [getattr(e, id_attribute) for e in self.validation],
+            "conversations": len({e.conversation_id for e in self.train + self.validation}),
+        }
+
+
+def _threads(messages: list[Message]) -> dict[int, list[Message]]:
+    """message id -> its thread, reading each conversation's messages once."""
+    by_conversation: dict[int, dict[int, Message]] = defaultdict(dict)
+    conversation_ids = {m.conversation_id for m in messages}
+    for message in Message.objects.filter(conversation_id__in=conversation_ids).only(
+        "id", "parent_id", "role", "text", "conversation_id", "depth"
+    ):
+        by_conversation[message.conversation_id][message.pk] = message
+    threads = {}
+    for message in messages:
+        nodes, node, thread = by_conversation[message.conversation_id], message, []
+        while node is not None:
+            thread.append(node)
+            node = nodes.get(node.parent_id) if node.parent_id else None
+        threads[message.pk] = list(reversed(thread))
+    return threads
+
+
+def demonstrations(*, split: str):
+    """Accepted demonstrations (written in the product and reviewed, or imported) in conversations of `split`."""
+    return Message.objects.filter(
+        role=Role.ASSISTANT,
+        review_status=Message.ReviewStatus.ACCEPTED,
+        conversation__split=split,
+    ).order_by("pk")
+
+
+def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int | None = None) -> DataSplit:
+    """Chats ending with an accepted demonstration. The SFT loss is on that last assistant turn only."""
+    data = {}
+    for name in (splits.TRAIN, splits.VALIDATION):
+        messages = list(demonstrations(split=name)[:limit] if limit else demonstrations(split=name))
+        threads = _threads(messages)
+        data[name] = [SFTExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
+    result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
+    _require("SFT", "accepted demonstrations", result, minimum_train, minimum_validation)
+    return result
+
+
+def build_rankings(
+    *, minimum_train: int = 1, minimum_validation: int = 1, dataset_prefix: str | None = None, exclude_dataset: str = ""
+) -> DataSplit:
+    """One element per (context, labeler) ranking with its K candidates and their ranks; ties stay ties.
+
+    Rankings whose candidates are all tied carry no preference and are left out.
+    """
+    rankings = (
+        Ranking.objects.select_related("task__parent_message", "task__conversation")
+        .annotate(distinct_ranks=Count("entries__rank", distinct=True))
+        .filter(distinct_ranks__gte=2)
+    )
+    if dataset_prefix:
+        rankings = rankings.filter(task__conversation__dataset__startswith=dataset_prefix)
+    if exclude_dataset:
+        rankings = rankings.exclude(task__conversation__dataset__startswith=exclude_dataset)
+    data = {}
+    for name in (splits.TRAIN, splits.VALIDATION):
+        chosen = list(rankings.filter(task__conversation__split=name).order_by("pk"))
+        entries = defaultdict(list)
+        for entry in (
+            RankingEntry.objects.filter(ranking__in=chosen).select_related("message").order_by("ranking_id", "pk")
+        ):
+            entries[entry.ranking_id].append(entry)
+        threads = _threads([r.task.parent_message for r in chosen])
+        data[name] = [
+            RankingExample(
+                ranking_id=r.pk,
+                conversation_id=r.task.conversation_id,
+                context=thread_as_chat(threads[r.task.parent_message_id]),
+                candidates=[e.message.text for e in entries[r.pk]],
+                ranks=[e.rank for e in entries[r.pk]],
+                candidate_ids=[e.message_id for e in entries[r.pk]],
+                dataset=r.task.conversation.dataset,
+            )
+            for r in chosen
+        ]
+    result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
+    _require("reward model", "rankings", result, minimum_train, minimum_validation)
+    return result
+
+
+def build_prompts(*, minimum: int = 1, limit: int | None = None, split: str = splits.TRAIN) -> list[PromptExample]:
+    """User turns of conversations in `split` (by default train), as chats for the policy to answer.
+
+    Held-out conversations are never used: the evaluation gate needs prompts no stage trained on.
+    """
+    messages = Message.objects.filter(role=Role.USER, conversation__split=split).order_by("pk")
+    if limit:
+        messages = messages[:limit]
+    messages = list(messages)
+    threads = _threads(messages)
+    prompts = [PromptExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
+    if len(prompts) < minimum:
+        raise NotEnoughData(f"PPO needs at least {minimum} prompts in the training split; there are {len(prompts)}.")
+    return prompts
+
+
+def _require(stage: str, what: str, data: DataSplit, minimum_train: int, minimum_validation: int) -> None:
+    if len(data.train) < minimum_train or len(data.validation) < minimum_validation:
+        raise NotEnoughData(
+            f"Not enough data for {stage}: {len(data.train)} {what} in the training split (at least {minimum_train} "
+            f"needed) and {len(data.validation)} in the validation split (at least {minimum_validation} needed)."
+        )

@@ -1,0 +1,206 @@
+"""The reward model: `train_reward(config, data, ...) -> TrainResult`.
+
+A scalar head on the SFT (or base) policy (AutoModelForSequenceClassification, num_labels=1), trained with the
+InstructGPT loss: all C(K,2) ordered pairs of one ranking form ONE batch element. The K candidates of a ranking
+go through the model once each, and the loss is `-mean log sigma(r_w - r_l)` over the ranking's pairs; ties give
+no pair. Flattening the pairs into independent examples would cost a forward pass per pair and overfit, since
+each reply would be seen K - 1 times (bench/training.py measures the cost side).
+
+After training, the scores are shifted so that labeler demonstrations average 0 (the shift is stored in the
+config as `reward_offset`, which models_service.scoring adds).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models_service.generation import left_pad
+from models_service.scoring import REWARD_OFFSET, pair_input_ids, sequence_scores
+from training_jobs.common import (
+    Progress,
+    TrainResult,
+    apply_lora,
+    cosine_schedule,
+    save_model,
+    seed_everything,
+    training_device,
+)
+
+
+@dataclass
+class RewardConfig:
+    epochs: int = 1
+    learning_rate: float = 1e-5
+    warmup_ratio: float = 0.05
+    rankings_per_batch: int = 4
+    max_length: int = 512
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    normalise_on_demonstrations: bool = True
+
+
+@dataclass
+class Ranked:
+    """What the trainer needs of a ranking: the context, the K candidate replies, and their ranks (1 = best)."""
+
+    context: list[dict]
+    candidates: list[str]
+    ranks: list[int]
+
+
+def ranking_pairs(ranks: list[int]) -> tuple[list[int], list[int]]:
+    """Indices (winners, losers) of every ordered pair of a ranking; tied candidates give no pair."""
+    winners, losers = [], []
+    for i, rank_i in enumerate(ranks):
+        for j, rank_j in enumerate(ranks):
+            if rank_i < rank_j:
+                winners.append(i)
+                losers.append(j)
+    return winners, losers
+
+
+def ranking_loss(scores: torch.Tensor, ranks: list[int]) -> torch.Tensor | None:
+    """InstructGPT's loss for ONE ranking: the mean over its C(K,2) pairs of -log sigma(r_w - r_l).
+    None when every candidate is tied (no pair)."""
+    winners, losers = ranking_pairs(ranks)
+    if not winners:
+        return None
+    return -F.logsigmoid(scores[winners] - scores[losers]).mean()
+
+
+def _score_candidates(model, tokenizer, rankings: list[Ranked], max_length: int, device) -> list[torch.Tensor]:
+    """One forward pass over all candidates of the given rankings (K rows each); scores split per ranking."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [
+        pair_input_ids(tokenizer, r.context, candidate, max_tokens=max_length)
+        for r in rankings
+        for candidate in r.candidates
+    ]
+    ids, mask = left_pad(rows, pad_id, device)
+    scores = sequence_scores(model, ids, mask)
+    return list(torch.split(scores, [len(r.candidates) for r in rankings]))
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, rankings: list[Ranked], *, max_length: int, batch_size: int = 8) -> dict:
+    """Share of ordered (non-tied) pairs the model scores in the labelers' order."""
+    model.eval()
+    correct = total = 0
+    device = next(model.parameters()).device
+    for start in range(0, len(rankings), batch_size):
+        chunk = rankings[start : start + batch_size]
+        for scores, ranking in zip(_score_candidates(model, tokenizer, chunk, max_length, device), chunk, strict=True):
+            winners, losers = ranking_pairs(ranking.ranks)
+            correct += int((scores[winners] > scores[losers]).sum()) if winners else 0
+            total += len(winners)
+    model.train()
+    return {"accuracy": correct / total if total else None, "pairs": total}
+
+
+@torch.no_grad()
+def mean_score(
+    model, tokenizer, pairs: list[tuple[list[dict], str]], *, max_length: int, batch_size: int = 16
+) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        rows = [
+            pair_input_ids(tokenizer, chat, reply, max_tokens=max_length)
+            for chat, reply in pairs[start : start + batch_size]
+        ]
+        ids, mask = left_pad(rows, pad_id, device)
+        total += float(sequence_scores(model, ids, mask).sum())
+    model.train()
+    return total / max(len(pairs), 1)
+
+
+def load_reward_model(base_dir: Path, *, dtype, device):
+    """The policy at `base_dir` with its LM head replaced by a scalar head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=dtype).to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def train_reward(
+    config: RewardConfig,
+    train: list[Ranked],
+    validation: list[Ranked],
+    *,
+    base_dir: Path,
+    output_dir: Path,
+    holdout: list[Ranked] = (),
+    demonstrations: list[tuple[list[dict], str]] = (),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train the reward model on rankings; report pairwise accuracy on `validation` and on `holdout` (e.g. a
+    held-out slice of imported HH-RLHF pairs); shift scores so `demonstrations` (chat, reply) average 0."""
+    progress = progress or Progress()
+    seed_everything(config.seed)
+    device, dtype = training_device()
+    model, tokenizer = load_reward_model(base_dir, dtype=dtype, device=device)
+    if config.lora:
+        model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, task_type="SEQ_CLS")
+    model.train()
+    train = [r for r in train if ranking_pairs(r.ranks)[0]]
+    steps_per_epoch = (len(train) + config.rankings_per_batch - 1) // config.rankings_per_batch
+    total_steps = steps_per_epoch * config.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
+    progress.start(total_steps)
+    progress.message(
+        f"reward model on {len(train)} rankings ({sum(len(ranking_pairs(r.ranks)[0]) for r in train)} pairs), "
+        f"{len(validation)} for validation"
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in range(0, len(order), config.rankings_per_batch):
+            chunk = [train[i] for i in order[start : start + config.rankings_per_batch]]
+            scores = _score_candidates(model, tokenizer, chunk, config.max_length, device)
+            losses = [ranking_loss(s, r.ranks) for s, r in zip(scores, chunk, strict=True)]
+            loss = torch.stack([x for x in losses if x is not None]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            progress.metric("rm/train_loss", loss.item())
+            progress.advance()
+        measured = pairwise_accuracy(model, tokenizer, validation, max_length=config.max_length)
+        if measured["accuracy"] is not None:
+            progress.metric("rm/val_accuracy", measured["accuracy"])
+        progress.message(f"epoch {epoch}/{config.epochs}: validation pairwise accuracy {measured['accuracy']}")
+
+    metrics = {
+        "val_accuracy": measured["accuracy"],
+        "val_pairs": measured["pairs"],
+        "train_rankings": len(train),
+        "validation_rankings": len(validation),
+    }
+    if holdout:
+        held = pairwise_accuracy(model, tokenizer, list(holdout), max_length=config.max_length)
+        metrics.update(holdout_accuracy=held["accuracy"], holdout_pairs=held["pairs"])
+        progress.message(f"held-out pairwise accuracy {held['accuracy']} over {held['pairs']} pairs")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if config.normalise_on_demonstrations and demonstrations:
+        setattr(model.config, REWARD_OFFSET, 0.0)
+        offset = -mean_score(model, tokenizer, list(demonstrations), max_length=config.max_length)
+        setattr(model.config, REWARD_OFFSET, offset)
+        metrics["reward_offset"] = round(offset, 6)
+        progress.message(f"scores shifted by {offset:+.4f} so that {len(demonstrations)} demonstrations average 0")
+    save_model(model, tokenizer, output_dir)
+    progress.flush(force=True)
+    return TrainResult(output_dir=output_dir, metrics=metrics, series=progress.series)
