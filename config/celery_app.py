@@ -70,6 +70,11 @@ def _beat_schedule() -> dict:
             "schedule": 60.0,
             "options": {"expires": 60},
         },
+        "reap-lost-training-runs": {
+            "task": "training_jobs.tasks.reap_lost_runs",
+            "schedule": 60.0,
+            "options": {"expires": 60, "queue": "sampling"},
+        },
         "reap-sampling-requests": {
             "task": "models_service.tasks.reap_sampling_requests",
             "schedule": 300.0,

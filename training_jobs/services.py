@@ -1,0 +1,145 @@
+"""Writes to training runs: create, claim, report, cancel, finish, reap. No torch here (the web process calls these).
+
+A run goes queued -> running -> succeeded / failed / cancelled. Every transition is a conditional UPDATE, so a
+duplicated Celery message, two workers or a cancel racing a finish can never move a run twice.
+"""
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from models_service.models import ModelVersion
+from training_jobs.models import TrainingRun
+
+LOG_TAIL_LINES = 200
+
+
+def training_run_create(
+    *,
+    kind: str,
+    config: dict | None = None,
+    trigger: str = TrainingRun.Trigger.MANUAL,
+    triggered_by=None,
+    base_model: ModelVersion | None = None,
+    reward_model: ModelVersion | None = None,
+    previous_run: TrainingRun | None = None,
+    seed: int = 0,
+) -> TrainingRun:
+    """Queue a run and send it to the training worker. Only one run of a kind may be queued or running: the
+    database refuses a second one (a partial unique index), and the refusal says which run is in the way."""
+    if kind not in TrainingRun.Kind.values:
+        raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(TrainingRun.Kind.values)}."})
+    if kind == TrainingRun.Kind.PPO and reward_model is None:
+        raise ValidationError({"reward_model": "PPO needs a reward model."})
+    try:
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                kind=kind,
+                config=config or {},
+                trigger=trigger,
+                triggered_by=triggered_by,
+                base_model=base_model,
+                reward_model=reward_model,
+                previous_run=previous_run,
+                seed=seed,
+            )
+            from training_jobs.tasks import run_training
+
+            run_training.delay_on_commit(run.pk)
+    except IntegrityError as exc:
+        if "training_run_one_active_per_kind" not in str(exc):
+            raise
+        active = TrainingRun.objects.filter(kind=kind, status__in=TrainingRun.ACTIVE_STATUSES).first()
+        raise ValidationError(
+            f"A {TrainingRun.Kind(kind).label.lower()} run is already {active.status if active else 'active'} "
+            f"(run #{active.pk if active else '?'}); wait for it to finish or cancel it."
+        ) from None
+    return run
+
+
+def training_run_claim(*, run_id: int, worker: str = "") -> TrainingRun | None:
+    """queued -> running, for exactly one worker. None if the run is not queued (a duplicated message, or it was
+    cancelled while waiting)."""
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker[:255]
+    )
+    return TrainingRun.objects.get(pk=run_id) if claimed else None
+
+
+def training_run_report(
+    *, run_id: int, step: int, total: int, series: dict, log: list[str], data_snapshot: dict | None = None
+) -> bool:
+    """Progress, metric series and the log tail of a running run; also its heartbeat. False if the run is no
+    longer running (it was reaped or cancelled), which tells the trainer to stop."""
+    fields = {
+        "progress_step": min(step, total) if total else step,
+        "progress_total": total,
+        "metrics": series,
+        "log_tail": "\n".join(log[-LOG_TAIL_LINES:]),
+        "heartbeat_at": timezone.now(),
+    }
+    if data_snapshot is not None:
+        fields["data_snapshot"] = data_snapshot
+    return bool(TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(**fields))
+
+
+def training_run_cancel_requested(*, run_id: int) -> bool:
+    return TrainingRun.objects.filter(pk=run_id, cancel_requested_at__isnull=False).exists()
+
+
+def training_run_cancel(*, run: TrainingRun, actor=None) -> TrainingRun:
+    """Cancel a run. A queued run is cancelled at once; a running one stops at its next step."""
+    now = timezone.now()
+    who = f" by {actor}" if actor else ""
+    if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.CANCELLED, cancel_requested_at=now, finished_at=now, error=f"Cancelled{who}."
+    ):
+        return TrainingRun.objects.get(pk=run.pk)
+    updated = TrainingRun.objects.filter(
+        pk=run.pk, status=TrainingRun.Status.RUNNING, cancel_requested_at__isnull=True
+    ).update(cancel_requested_at=now)
+    run.refresh_from_db()
+    if not updated and run.status in TrainingRun.FINISHED_STATUSES:
+        raise ValidationError(f"Run #{run.pk} has already {run.status}.")
+    return run
+
+
+def training_run_finish(*, run_id: int, status: str, summary: dict | None = None, error: str = "") -> bool:
+    """running -> a final status. False if the run had already finished (e.g. reaped as lost meanwhile)."""
+    if status not in TrainingRun.FINISHED_STATUSES:
+        raise ValueError(f"{status} is not a final status")
+    if status == TrainingRun.Status.FAILED and not error:
+        error = "failed without an error message"
+    return bool(
+        TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+            status=status, summary=summary or {}, error=error[:20000], finished_at=timezone.now()
+        )
+    )
+
+
+def staging_dir(run: TrainingRun) -> Path:
+    """Where a run writes its checkpoint before it is complete and registered."""
+    return Path(settings.ARTIFACTS_DIR) / "staging" / f"run-{run.pk}"
+
+
+def training_runs_reap(*, now: dt.datetime | None = None) -> list[int]:
+    """Runs whose worker died: still 'running' with no heartbeat for TRAINING_HEARTBEAT_TIMEOUT_S. Mark them
+    failed with the reason and delete their half-written checkpoint. Returns the reaped run ids."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+    reaped = []
+    for run in TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff):
+        message = (
+            f"The worker {run.worker or '(unknown)'} stopped reporting at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC: "
+            "it was killed or crashed. Nothing it was writing was registered."
+        )
+        if training_run_finish(run_id=run.pk, status=TrainingRun.Status.FAILED, error=message):
+            shutil.rmtree(staging_dir(run), ignore_errors=True)
+            reaped.append(run.pk)
+    return reaped
