@@ -39,7 +39,20 @@ def test_the_loss_is_one_element_per_ranking_not_per_pair():
     assert 0 < ranking_loss(scores, list(range(1, 10))).item() < 1
 
 
-WORDS = "river mountain window garden letter table orange pencil music paper yellow cloud".split()
+WORDS = [
+    "river",
+    "mountain",
+    "window",
+    "garden",
+    "letter",
+    "table",
+    "orange",
+    "pencil",
+    "music",
+    "paper",
+    "yellow",
+    "cloud",
+]
 
 
 def synthetic_rankings(n: int, seed: int) -> list[Ranked]:
