@@ -34,6 +34,8 @@ app.conf.update(
         "models_service.tasks.chat_*": {"queue": "interactive"},
         "models_service.tasks.*": {"queue": "sampling"},
         "labeling.tasks.*": {"queue": "sampling"},
+        "training_jobs.tasks.loop_tick": {"queue": "sampling"},
+        "training_jobs.tasks.reap_lost_runs": {"queue": "sampling"},
         "training_jobs.tasks.*": {"queue": "training"},
         "config.celery_app.ping_*": {"queue": "interactive"},
     },
@@ -73,7 +75,17 @@ def _beat_schedule() -> dict:
         "reap-lost-training-runs": {
             "task": "training_jobs.tasks.reap_lost_runs",
             "schedule": 60.0,
-            "options": {"expires": 60, "queue": "sampling"},
+            "options": {"expires": 60},
+        },
+        "retraining-loop": {
+            "task": "training_jobs.tasks.loop_tick",
+            "schedule": float(settings.LOOP_TICK_S),
+            "options": {"expires": settings.LOOP_TICK_S},
+        },
+        "score-rankings": {
+            "task": "models_service.tasks.score_rankings",
+            "schedule": 300.0,
+            "options": {"expires": 300},
         },
         "reap-sampling-requests": {
             "task": "models_service.tasks.reap_sampling_requests",

@@ -407,6 +407,10 @@ class RankingEntry(models.Model):
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="ranking_entries")
     rank = models.PositiveSmallIntegerField(help_text="1 is best. Candidates with the same rank are tied.")
     flags = ArrayField(models.CharField(max_length=32, choices=CandidateFlag.choices), default=list, blank=True)
+    rm_score = models.FloatField(null=True, blank=True, help_text="The active reward model's score of this reply.")
+    rm_version = models.ForeignKey(
+        "models_service.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["rank", "message_id"]

@@ -79,3 +79,35 @@ def score_with_active_reward_model(pairs: Sequence[tuple[list[dict], str]]) -> t
 
     loaded = active_holder(ModelVersion.Kind.REWARD).get()
     return score_pairs(loaded.model, loaded.tokenizer, pairs), loaded.version_id
+
+
+def score_rankings_with_active_model(*, limit: int) -> int:
+    """Fill RankingEntry.rm_score for replies not yet scored by the active reward model. Returns how many."""
+    from django.db.models import Q
+
+    from labeling.models import RankingEntry
+    from labeling.selectors import message_thread, thread_as_chat
+    from models_service.loading import NoActiveModel, active_holder
+    from models_service.models import ModelVersion
+
+    try:
+        loaded = active_holder(ModelVersion.Kind.REWARD).get()
+    except NoActiveModel:
+        return 0
+    entries = list(
+        RankingEntry.objects.filter(Q(rm_version__isnull=True) | ~Q(rm_version_id=loaded.version_id))
+        .select_related("message", "ranking__task__parent_message")
+        .order_by("-ranking__created_at")[:limit]
+    )
+    chats: dict[int, list[dict]] = {}
+    for entry in entries:
+        context = entry.ranking.task.parent_message
+        if context.pk not in chats:
+            chats[context.pk] = thread_as_chat(message_thread(context))
+    scores = score_pairs(
+        loaded.model, loaded.tokenizer, [(chats[e.ranking.task.parent_message_id], e.message.text) for e in entries]
+    )
+    for entry, score in zip(entries, scores, strict=True):
+        entry.rm_score, entry.rm_version_id = score, loaded.version_id
+    RankingEntry.objects.bulk_update(entries, ["rm_score", "rm_version"])
+    return len(entries)

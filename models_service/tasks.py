@@ -71,3 +71,11 @@ def _run(request_id: int) -> None:
 @shared_task(name="models_service.tasks.reap_sampling_requests", ignore_result=True, soft_time_limit=60)
 def reap_sampling_requests() -> int:
     return services.sampling_requests_reap(older_than_s=settings.SAMPLING_SOFT_TIME_LIMIT_S + 120)
+
+
+@shared_task(name="models_service.tasks.score_rankings", ignore_result=True, soft_time_limit=600, time_limit=660)
+def score_rankings(limit: int = 400) -> int:
+    """Score ranked replies with the active reward model, for the labeler-agreement figures on the ops page."""
+    from models_service.scoring import score_rankings_with_active_model
+
+    return score_rankings_with_active_model(limit=limit)

@@ -111,7 +111,11 @@ def tiny_model_dirs(tmp_path_factory):
     from models_service.tiny import build_tiny_policy
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return {seed: build_tiny_policy(root / f"policy-seed{seed}", seed=seed) for seed in (0, 1)}
+    TINY_MODEL_DIRS.update({seed: build_tiny_policy(root / f"policy-seed{seed}", seed=seed) for seed in (0, 1)})
+    return TINY_MODEL_DIRS
+
+
+TINY_MODEL_DIRS: dict = {}  # filled by the tiny_model_dirs fixture
 
 
 def register_tiny_policy(source_dir, *, name: str, stage: str = "base", activate: bool = False):

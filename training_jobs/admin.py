@@ -1,10 +1,13 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 
-from training_jobs.models import TrainingRun
+from training_jobs import services
+from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
+    actions = ["cancel_runs", "retrain_sft", "retrain_rm", "retrain_ppo"]
     list_display = ["id", "kind", "status", "trigger", "progress", "base_model", "created_at", "duration"]
     list_filter = ["kind", "status", "trigger", "created_at"]
     search_fields = ["id", "error", "log_tail", "celery_task_id"]
@@ -35,3 +38,83 @@ class TrainingRunAdmin(admin.ModelAdmin):
     @admin.display(description="duration")
     def duration(self, obj):
         return "-" if obj.duration_s is None else f"{obj.duration_s:.0f} s"
+
+    @admin.action(description="Cancel the selected runs")
+    def cancel_runs(self, request, queryset):
+        for run in queryset:
+            try:
+                services.training_run_cancel(run=run, actor=request.user)
+            except ValidationError as error:
+                self.message_user(request, " ".join(error.messages), level=messages.WARNING)
+        self.message_user(request, "Queued runs are cancelled; running ones stop at their next step.")
+
+    def _retrain(self, request, kind):
+        try:
+            run = services.training_run_create(kind=kind, triggered_by=request.user)
+        except ValidationError as error:
+            self.message_user(request, " ".join(error.messages), level=messages.ERROR)
+        else:
+            self.message_user(request, f"Started {run.get_kind_display().lower()} run #{run.pk}.")
+
+    @admin.action(description="Retrain now: SFT")
+    def retrain_sft(self, request, queryset):
+        self._retrain(request, "sft")
+
+    @admin.action(description="Retrain now: reward model")
+    def retrain_rm(self, request, queryset):
+        self._retrain(request, "rm")
+
+    @admin.action(description="Retrain now: PPO")
+    def retrain_ppo(self, request, queryset):
+        self._retrain(request, "ppo")
+
+
+@admin.register(LoopSettings)
+class LoopSettingsAdmin(admin.ModelAdmin):
+    """The retraining policy and the promotion rules (one row)."""
+
+    list_display = ["__str__", "enabled", "sft_threshold", "rm_threshold", "auto_promote", "updated_at"]
+    readonly_fields = ["last_checked_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["enabled", "check_every_minutes", "last_checked_at"]}),
+        ("When to retrain", {"fields": ["sft_threshold", "rm_threshold", "ppo_after_new_models"]}),
+        ("Evaluation", {"fields": ["eval_prompts", "eval_max_new_tokens", "human_comparisons"]}),
+        (
+            "Promotion rules",
+            {
+                "fields": [
+                    "auto_promote",
+                    "min_rm_gain",
+                    "max_kl",
+                    "require_human_win_rate",
+                    "min_human_comparisons",
+                    "min_human_win_rate",
+                ]
+            },
+        ),
+        ("Pause", {"fields": ["paused_reason", "paused_for", "updated_at"]}),
+    ]
+
+    def has_add_permission(self, request):
+        return not LoopSettings.objects.exists()
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_object(self, request, object_id, from_field=None):
+        LoopSettings.load()
+        return super().get_object(request, object_id, from_field)
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(admin.ModelAdmin):
+    list_display = ["id", "candidate", "baseline", "status", "decision", "rm_gain", "created_at"]
+    list_filter = ["status", "decision", "created_at"]
+    search_fields = ["candidate__name", "baseline__name", "decision_reason", "error"]
+    raw_id_fields = ["candidate", "baseline", "reward_model", "reference", "training_run", "decided_by"]
+    readonly_fields = ["rm_gain", "metrics", "samples", "prompt_ids", "created_at", "finished_at", "decided_at"]
+
+    @admin.display(description="score gain")
+    def rm_gain(self, obj):
+        gain = obj.metrics.get("rm_gain")
+        return "-" if gain is None else f"{gain:+.3f}"

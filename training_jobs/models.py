@@ -104,3 +104,130 @@ class TrainingRun(models.Model):
             return None
         end = self.finished_at or self.heartbeat_at or self.started_at
         return (end - self.started_at).total_seconds()
+
+
+class LoopSettings(models.Model):
+    """The retraining policy and the promotion rules. One row, edited in admin or on the ops page."""
+
+    enabled = models.BooleanField(default=True, help_text="Let beat start training runs and evaluations.")
+    check_every_minutes = models.PositiveIntegerField(default=10, help_text="How often thresholds are checked.")
+    sft_threshold = models.PositiveIntegerField(
+        default=50, help_text="New accepted demonstrations (not yet trained on) that start an SFT run."
+    )
+    rm_threshold = models.PositiveIntegerField(
+        default=100, help_text="New rankings (not yet trained on) that start a reward-model run."
+    )
+    ppo_after_new_models = models.BooleanField(
+        default=True, help_text="Start PPO when a new SFT policy or a new reward model is ready."
+    )
+    eval_prompts = models.PositiveSmallIntegerField(default=32, help_text="Held-out prompts per evaluation.")
+    eval_max_new_tokens = models.PositiveSmallIntegerField(default=96)
+    auto_promote = models.BooleanField(default=True, help_text="Promote without an admin when the rules hold.")
+    min_rm_gain = models.FloatField(default=0.0, help_text="Mean reward-model score gain over the active policy.")
+    max_kl = models.FloatField(default=20.0, help_text="Largest KL (nats per reply) from the SFT policy allowed.")
+    human_comparisons = models.PositiveSmallIntegerField(
+        default=20, help_text="Blind A/B comparison tasks created per evaluation (0: none)."
+    )
+    require_human_win_rate = models.BooleanField(
+        default=False, help_text="Wait for the human A/B result before promoting automatically."
+    )
+    min_human_comparisons = models.PositiveSmallIntegerField(default=20)
+    min_human_win_rate = models.FloatField(default=0.5)
+    paused_reason = models.TextField(
+        blank=True, help_text="Set when a stage of the chain failed; the loop waits until it is cleared."
+    )
+    paused_for = models.CharField(
+        max_length=64, blank=True, help_text="The failure the loop paused for (e.g. run:12), so it pauses once."
+    )
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = verbose_name_plural = "loop settings"
+        constraints = [
+            models.CheckConstraint(condition=Q(id=1), name="loop_settings_singleton"),
+            models.CheckConstraint(condition=Q(check_every_minutes__gte=1), name="loop_settings_interval_positive"),
+            models.CheckConstraint(
+                condition=Q(min_human_win_rate__gte=0) & Q(min_human_win_rate__lte=1),
+                name="loop_settings_win_rate_range",
+            ),
+        ]
+
+    def __str__(self):
+        return "Loop settings"
+
+    def save(self, *args, **kwargs):
+        self.pk = 1
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def load(cls) -> "LoopSettings":
+        return cls.objects.get_or_create(pk=1)[0]
+
+
+class Evaluation(models.Model):
+    """The gate before promotion: a candidate policy against the active one on held-out prompts."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    class Decision(models.TextChoices):
+        PENDING = "pending", "Not decided yet"
+        PROMOTED = "promoted", "Promoted"
+        WAITING_FOR_ADMIN = "waiting", "Waiting for an admin"
+        WAITING_FOR_HUMANS = "waiting_humans", "Waiting for the human A/B result"
+        NOT_PROMOTED = "not_promoted", "Not promoted"
+
+    candidate = models.ForeignKey(
+        "models_service.ModelVersion", on_delete=models.PROTECT, related_name="evaluations_as_candidate"
+    )
+    baseline = models.ForeignKey(
+        "models_service.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="evaluations_as_baseline",
+        help_text="The policy serving when the evaluation ran.",
+    )
+    reward_model = models.ForeignKey(
+        "models_service.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    reference = models.ForeignKey(
+        "models_service.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The SFT policy the KL is measured against.",
+    )
+    training_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    decision = models.CharField(max_length=16, choices=Decision.choices, default=Decision.PENDING)
+    decision_reason = models.TextField(blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    prompt_ids = models.JSONField(default=list, blank=True, help_text="The held-out prompt messages used.")
+    metrics = models.JSONField(default=dict, blank=True)
+    samples = models.JSONField(default=list, blank=True, help_text="Replies side by side, with their scores.")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["candidate"],
+                condition=Q(status__in=["queued", "running"]),
+                name="evaluation_one_active_per_candidate",
+            ),
+            models.CheckConstraint(condition=~Q(status="failed") | ~Q(error=""), name="evaluation_failure_has_error"),
+        ]
+
+    def __str__(self):
+        return f"evaluation #{self.pk} of {self.candidate_id} ({self.status}, {self.decision})"

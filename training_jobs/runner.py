@@ -18,7 +18,7 @@ from django.conf import settings
 
 from labeling.services import mark_used_in_training
 from models_service.models import ModelVersion
-from models_service.services import model_version_register
+from models_service.services import active_version, model_version_activate, model_version_register
 from training_jobs import datasets, services
 from training_jobs.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from training_jobs.models import TrainingRun
@@ -111,7 +111,9 @@ def execute(run_id: int, *, worker: str = "") -> str | None:
             source=f"training run #{run.pk}",
             metrics=result.metrics,
         )
-        progress.message(f"registered {version.name} (not active: the evaluation gate decides)")
+        if kind == ModelVersion.Kind.REWARD and active_version(ModelVersion.Kind.REWARD) is None:
+            model_version_activate(version=version, reason="the first reward model", automatic=True)
+        progress.message(f"registered {version.name} (not serving: the evaluation gate decides)")
         progress.flush(force=True)
         summary = {**result.metrics, "model_version": version.pk, "model_version_name": version.name}
         if not services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.SUCCEEDED, summary=summary):

@@ -164,6 +164,10 @@ TRAINING_PPO_DEFAULTS = {
     "kl_coef": env_float("TRAINING_PPO_KL_COEF", 0.02, min_value=0.0),
 }
 
+# The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
+LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)
+EVAL_COMPARISON_PRIORITY = env_int("EVAL_COMPARISON_PRIORITY", 5)
+
 # Data splits, drawn per conversation when it is created (labeling/splits.py).
 DATA_VALIDATION_FRACTION = env_float("DATA_VALIDATION_FRACTION", 0.1, min_value=0.0, max_value=0.5)
 DATA_HOLDOUT_FRACTION = env_float("DATA_HOLDOUT_FRACTION", 0.05, min_value=0.0, max_value=0.5)

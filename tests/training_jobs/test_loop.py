@@ -1,0 +1,265 @@
+"""The retraining policy, the promotion rules and the ops pages (no model training here; see test_e2e_loop)."""
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from labeling import services as labeling_services
+from labeling.models import Conversation, Message, Ranking, Task
+from labeling.quality import agreement, kendall_tau_b
+from models_service.models import ModelActivation, ModelVersion
+from tests.conftest import register_tiny_policy
+from tests.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
+from tests.labeling.helpers import make_rank_task
+from tests.training_jobs.test_runs import demonstration
+from training_jobs import gate, loop
+from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+
+pytestmark = pytest.mark.django_db
+
+
+def set_loop(**fields) -> LoopSettings:
+    settings = LoopSettings.load()
+    for name, value in fields.items():
+        setattr(settings, name, value)
+    settings.save()
+    return settings
+
+
+def ready(name, stage, kind="policy", **extra):
+    return ModelVersionFactory(name=name, stage=stage, kind=kind, **extra)
+
+
+def test_sft_starts_when_enough_new_demonstrations(tiny_policy):
+    set_loop(sft_threshold=3, rm_threshold=1000)
+    for i in range(2):
+        demonstration("train", i)
+    assert loop.loop_tick(force_check=True).action == "nothing"
+    demonstration("train", 99)
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == "sft" and "3 new accepted demonstrations" in decision.reason
+    run = TrainingRun.objects.get()
+    assert (run.kind, run.trigger, run.status) == ("sft", "schedule", "queued")
+    assert loop.loop_tick(force_check=True).action == "wait", "one thing at a time"
+
+
+def test_thresholds_wait_for_the_check_interval_unless_a_run_just_ended(tiny_policy):
+    settings = set_loop(sft_threshold=1, check_every_minutes=60, last_checked_at=timezone.now())
+    demonstration("train", 0)
+    assert loop.loop_tick().action == "nothing"
+    TrainingRunFactory(kind="rm", status="succeeded", finished_at=timezone.now())
+    assert loop.loop_tick().action == "sft", "a finished run makes the loop look again at once"
+    assert LoopSettings.load().last_checked_at > settings.last_checked_at
+
+
+def test_a_reward_model_then_ppo_on_the_newest_models(tiny_policy):
+    set_loop(sft_threshold=1000, rm_threshold=2)
+    labeler = UserFactory(username="ranker")
+    for _ in range(2):
+        task = make_rank_task(k=2)
+        a, b = labeling_services.display_order(task, labeler.pk)
+        labeling_services.ranking_submit(
+            assignment=labeling_services.task_lease_next(user=labeler),
+            ranking=labeling_services.RankingInput(order=[[b], [a]], flags={}),
+        )
+    Conversation.objects.update(split="train")
+    assert loop.loop_tick(force_check=True).action == "rm"
+    rm_run = TrainingRun.objects.get(kind="rm")
+    TrainingRun.objects.filter(pk=rm_run.pk).update(status="succeeded", finished_at=timezone.now())
+    Ranking.objects.update(used_in_training_at=timezone.now())
+    sft = ready("policy-sft-v0", "sft")
+    rm = ready("reward-rm-v0", "rm", kind="reward", training_run=rm_run)
+    decision = loop.loop_tick()
+    assert decision.action == "ppo"
+    ppo = TrainingRun.objects.get(kind="ppo")
+    assert (ppo.base_model, ppo.reward_model, ppo.trigger) == (sft, rm, "chain")
+    TrainingRun.objects.filter(pk=ppo.pk).update(status="succeeded", finished_at=timezone.now())
+    assert loop.loop_tick().action == "nothing", "that pair has been through PPO"
+
+
+def test_a_new_ppo_policy_is_evaluated_and_an_sft_one_only_without_ppo_to_follow(tiny_policy):
+    ready("reward-rm-v0", "rm", kind="reward")
+    sft = ready("policy-sft-v0", "sft")
+    TrainingRunFactory(kind="ppo", status="succeeded", finished_at=timezone.now(), base_model=sft)
+    assert loop._unevaluated_policy(LoopSettings.load()) is None
+    ppo = ready("policy-ppo-v0", "ppo")
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == "evaluate" and decision.candidate == ppo
+    evaluation = Evaluation.objects.get()
+    assert (evaluation.candidate, evaluation.baseline, evaluation.status) == (ppo, tiny_policy, "queued")
+
+
+def test_a_failed_stage_pauses_the_loop_until_resumed(tiny_policy):
+    set_loop(sft_threshold=1)
+    demonstration("train", 0)
+    TrainingRunFactory(
+        kind="sft", status="failed", error="out of memory", trigger="schedule", finished_at=timezone.now()
+    )
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == "paused" and "out of memory" in LoopSettings.load().paused_reason
+    assert not TrainingRun.objects.filter(status="queued").exists()
+    loop.loop_resume()
+    assert loop.loop_tick(force_check=True).action == "sft", "resumed: the same failure does not pause it again"
+
+
+def test_wilson_interval():
+    low, high = gate.wilson_interval(8, 10)
+    assert 0.49 < low < 0.5 and 0.94 < high < 0.95
+    assert gate.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def evaluation_with(gain, kl, **extra):
+    from tests.conftest import TINY_MODEL_DIRS
+
+    return Evaluation.objects.create(
+        candidate=register_tiny_policy(TINY_MODEL_DIRS[1], name=f"policy-ppo-{gain}-{kl}", stage="ppo"),
+        baseline=ModelVersion.objects.get(is_active=True, kind="policy"),
+        status="done",
+        metrics={"rm_gain": gain, "candidate": {"kl": kl}},
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    ("gain", "kl", "expected", "phrase"),
+    [
+        (0.4, 3.0, "promoted", "The rules hold"),
+        (-0.1, 3.0, "not_promoted", "below the required"),
+        (0.4, 99.0, "not_promoted", "exceeds the bound"),
+    ],
+)
+def test_promotion_rules(tiny_policy, gain, kl, expected, phrase):
+    set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True)
+    evaluation = evaluation_with(gain, kl)
+    assert gate.evaluation_decide(evaluation=evaluation) == expected
+    evaluation.refresh_from_db()
+    assert phrase in evaluation.decision_reason
+    promoted = ModelVersion.objects.get(pk=evaluation.candidate_id).is_active
+    assert promoted == (expected == "promoted")
+    if promoted:
+        activation = ModelActivation.objects.get(model_version=evaluation.candidate)
+        assert activation.action == "promote" and activation.automatic
+
+
+def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
+    set_loop(auto_promote=False)
+    evaluation = evaluation_with(0.5, 1.0)
+    assert gate.evaluation_decide(evaluation=evaluation) == "waiting"
+    gate.evaluation_promote(evaluation=evaluation, actor=admin_user, reason="looks good")
+    activation = ModelActivation.objects.get(model_version=evaluation.candidate)
+    assert (activation.actor, activation.reason, activation.automatic) == (admin_user, "looks good", False)
+
+
+def test_the_human_a_b_result_can_be_required(tiny_policy, alice):
+    set_loop(require_human_win_rate=True, min_human_comparisons=2, min_human_win_rate=0.6)
+    evaluation = evaluation_with(0.5, 1.0)
+    tasks = []
+    for _ in range(2):
+        task = make_rank_task(k=2)
+        first, second = task.candidates.all()
+        Task.objects.filter(pk=task.pk).update(
+            payload={"evaluation": evaluation.pk, "arms": {str(first.pk): "candidate", str(second.pk): "baseline"}}
+        )
+        tasks.append((task, first, second))
+    assert gate.evaluation_decide(evaluation=evaluation) == "waiting_humans"
+    labelers = [UserFactory(username=f"judge{i}") for i in range(2)]
+    for labeler, (_task, candidate, baseline) in zip(labelers, tasks, strict=True):
+        assignment = labeling_services.task_lease_next(user=labeler)
+        labeling_services.ranking_submit(
+            assignment=assignment,
+            ranking=labeling_services.RankingInput(
+                order=[[candidate.pk], [baseline.pk]], flags={}, confirm_untouched=True
+            ),
+        )
+    result = gate.human_result(evaluation)
+    assert (result["comparisons"], result["win_rate"]) == (2, 1.0)
+    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    assert "human win rate 100%" in Evaluation.objects.get(pk=evaluation.pk).decision_reason
+
+
+def test_kendall_tau_and_agreement():
+    assert kendall_tau_b({1: 1, 2: 2, 3: 3}, {1: 1, 2: 2, 3: 3}) == pytest.approx(1.0)
+    assert kendall_tau_b({1: 1, 2: 2, 3: 3}, {1: 3, 2: 2, 3: 1}) == pytest.approx(-1.0)
+    assert kendall_tau_b({1: 1, 2: 1, 3: 2}, {1: 1, 2: 2, 3: 3}) == pytest.approx(2 / (6**0.5))
+
+
+def test_agreement_on_overlapping_rankings(alice, bob):
+    task = make_rank_task(k=3, overlap=2)
+    a, b, c = (m.pk for m in task.candidates.order_by("pk"))
+    for labeler, order in ((alice, [[a], [b], [c]]), (bob, [[a], [c], [b]])):
+        labeling_services.ranking_submit(
+            assignment=labeling_services.task_lease_next(user=labeler),
+            ranking=labeling_services.RankingInput(order=order, flags={}, confirm_untouched=True),
+        )
+    result = agreement()
+    assert result["overall"]["pairs"] == 3 and result["overall"]["agreement"] == pytest.approx(2 / 3)
+    assert result["per_labeler"][alice.pk]["kendall_tau"] == pytest.approx(1 / 3)
+
+
+OPS_PAGES = [
+    ("ops:overview", {}),
+    ("ops:runs", {}),
+    ("ops:models", {}),
+    ("ops:labelers", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), OPS_PAGES)
+def test_ops_pages_are_for_admins_only(client, alice, admin_user, name, kwargs):
+    url = reverse(name, kwargs=kwargs)
+    assert client.get(url).status_code == 302, "anonymous visitors log in first"
+    client.force_login(alice)
+    assert client.get(url).status_code == 403
+    client.force_login(admin_user)
+    assert client.get(url).status_code == 200
+
+
+def test_ops_run_page_and_its_live_data(client, admin_user, tiny_policy):
+    run = TrainingRunFactory(
+        kind="ppo",
+        status="running",
+        progress_step=3,
+        progress_total=10,
+        metrics={"ppo/mean_reward": [[0, 0.1], [1, 0.2]], "ppo/kl": [[0, 0.0], [1, 0.5]]},
+        log_tail="iteration 1",
+    )
+    client.force_login(admin_user)
+    assert "Cancel" in client.get(reverse("ops:run", args=[run.pk])).content.decode()
+    data = client.get(reverse("ops:run_data", args=[run.pk])).json()
+    assert (data["step"], data["total"], data["finished"]) == (3, 10, False)
+    assert [c["title"] for c in data["charts"]] == ["PPO reward", "KL from the SFT policy"]
+    response = client.post(reverse("ops:cancel_run", args=[run.pk]))
+    assert response.status_code == 302
+    assert TrainingRun.objects.get(pk=run.pk).cancel_requested_at is not None
+
+
+def test_ops_promote_and_rollback_are_one_click_and_recorded(client, admin_user, tiny_policy, tiny_model_dirs):
+    candidate = register_tiny_policy(tiny_model_dirs[1], name="policy-ppo-v0", stage="ppo")
+    evaluation = Evaluation.objects.create(candidate=candidate, baseline=tiny_policy, status="done", metrics={})
+    client.force_login(admin_user)
+    assert client.get(reverse("ops:evaluation", args=[evaluation.pk])).status_code == 200
+    client.post(reverse("ops:promote", args=[evaluation.pk]), {"reason": "better in the A/B"})
+    candidate.refresh_from_db()
+    assert candidate.is_active
+    client.post(reverse("ops:rollback", args=["policy"]), {"reason": "complaints"})
+    tiny_policy.refresh_from_db()
+    assert tiny_policy.is_active
+    actions = list(ModelActivation.objects.filter(actor=admin_user).values_list("action", "reason"))
+    assert actions == [("rollback", "complaints"), ("promote", "better in the A/B")]
+
+
+def test_retrain_now_from_the_ops_page(client, admin_user, tiny_policy):
+    client.force_login(admin_user)
+    response = client.post(reverse("ops:start_run"), {"kind": "sft"})
+    run = TrainingRun.objects.get()
+    assert response.url == reverse("ops:run", args=[run.pk]) and run.triggered_by == admin_user
+    response = client.post(reverse("ops:start_run"), {"kind": "sft"}, follow=True)
+    assert "already queued" in response.content.decode()
+
+
+def test_a_demonstration_count_excludes_held_out_and_trained_ones(tiny_policy):
+    demonstration("train", 1)
+    demonstration("holdout", 2)
+    used = demonstration("validation", 3)
+    Message.objects.filter(pk=used.pk).update(used_in_training_at=timezone.now())
+    assert loop.new_demonstrations() == 1

@@ -1,0 +1,185 @@
+"""The automatic evaluation of a candidate policy, on the training worker (imports torch).
+
+On held-out prompts (conversations no stage ever trained on), the candidate and the serving policy each reply
+once with the production sampling parameters and a fixed seed. Reported: the mean reward-model score of each,
+the KL of each from the candidate's SFT policy (the mean over replies of sum log pi(y) - log pi_SFT(y) on the
+sampled tokens), the mean reply length, and replies side by side. Then blind A/B comparison tasks are created
+(ranking tasks with K = 2, one reply from each policy, shown in a per-labeler random order) and the gate decides.
+Models are loaded one at a time, so the evaluation needs the memory of one model plus the reward model.
+"""
+
+import gc
+import logging
+import random
+
+import torch
+from django.conf import settings as django_settings
+from django.db import transaction
+from django.utils import timezone
+
+from labeling import splits
+from labeling.models import Message, Role, TaskKind
+from labeling.services import message_create, task_create
+from models_service.generation import SamplingParams, chat_prompt_ids, sample_completions
+from models_service.loading import load_version
+from models_service.models import ModelVersion
+from models_service.scoring import score_pairs
+from training_jobs import datasets, gate
+from training_jobs.models import Evaluation, LoopSettings
+
+logger = logging.getLogger(__name__)
+EVAL_SEED = 1234
+SIDE_BY_SIDE = 12
+
+
+def reference_of(version: ModelVersion) -> ModelVersion:
+    """The SFT policy a version descends from (itself if it is one); the base if there is no SFT ancestor."""
+    for ancestor in reversed(version.lineage):
+        if ancestor.stage == ModelVersion.Stage.SFT:
+            return ancestor
+    return version.lineage[0]
+
+
+@torch.inference_mode()
+def reply_logprob_sums(model, tokenizer, chats, replies, *, batch_size: int = 8) -> list[float]:
+    """Sum of log-probabilities of each reply's tokens (with its end-of-turn token) after its prompt."""
+    device = next(model.parameters()).device
+    sums = []
+    for start in range(0, len(chats), batch_size):
+        rows, spans = [], []
+        for chat, reply in zip(chats[start : start + batch_size], replies[start : start + batch_size], strict=True):
+            prompt, _ = chat_prompt_ids(tokenizer, chat, max_prompt_tokens=1024)
+            rows.append(prompt + reply)
+            spans.append((len(prompt), len(reply)))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids.to(device)[:, 1:, None])[..., 0]
+        for i, (prompt_length, reply_length) in enumerate(spans):
+            sums.append(float(logprobs[i, prompt_length - 1 : prompt_length - 1 + reply_length].sum()))
+    return sums
+
+
+def _sample(version: ModelVersion, chats, params):
+    loaded = load_version(version, for_inference=True)
+    groups, _ = sample_completions(loaded.model, loaded.tokenizer, chats, k=1, params=params)
+    completions = [g[0] for g in groups]
+    own = reply_logprob_sums(loaded.model, loaded.tokenizer, chats, [c.token_ids for c in completions])
+    del loaded
+    gc.collect()
+    return completions, own
+
+
+def run_evaluation(evaluation_id: int) -> str | None:
+    """Evaluate a queued evaluation to the end; returns its final status (None if another worker has it)."""
+    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
+        status=Evaluation.Status.RUNNING
+    )
+    if not claimed:
+        return None
+    evaluation = Evaluation.objects.select_related("candidate", "baseline", "reward_model").get(pk=evaluation_id)
+    try:
+        _evaluate(evaluation, LoopSettings.load())
+    except Exception as exc:
+        logger.exception("evaluation %s failed", evaluation_id)
+        Evaluation.objects.filter(pk=evaluation_id).update(
+            status=Evaluation.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:4000], finished_at=timezone.now()
+        )
+        return Evaluation.Status.FAILED
+    gate.evaluation_decide(evaluation=evaluation)
+    return Evaluation.Status.DONE
+
+
+def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
+    prompts = datasets.build_prompts(minimum=1, limit=settings.eval_prompts, split=splits.HOLDOUT)
+    chats = [p.chat for p in prompts]
+    params = SamplingParams.from_settings(max_new_tokens=settings.eval_max_new_tokens, seed=EVAL_SEED)
+    reference = reference_of(evaluation.candidate)
+    arms = {"candidate": evaluation.candidate}
+    if evaluation.baseline is not None:
+        arms["baseline"] = evaluation.baseline
+    sampled = {name: _sample(version, chats, params) for name, version in arms.items()}
+
+    loaded = load_version(reference, for_inference=True)
+    for name, (completions, _) in sampled.items():
+        sampled[name] += (
+            reply_logprob_sums(loaded.model, loaded.tokenizer, chats, [c.token_ids for c in completions]),
+        )
+    del loaded
+    gc.collect()
+
+    scores = {}
+    if evaluation.reward_model is not None:
+        rm = load_version(evaluation.reward_model, for_inference=True)
+        for name, (completions, *_rest) in sampled.items():
+            scores[name] = score_pairs(rm.model, rm.tokenizer, [(c, x.text) for c, x in zip(chats, completions)])
+        del rm
+        gc.collect()
+
+    metrics = {"prompts": len(chats), "reference": reference.name, "sampling": params.as_dict()}
+    for name, (completions, own, ref) in sampled.items():
+        metrics[name] = {
+            "model": arms[name].name,
+            "rm_score": sum(scores[name]) / len(chats) if name in scores else None,
+            "kl": sum(o - r for o, r in zip(own, ref)) / len(chats),
+            "length": sum(len(c.token_ids) for c in completions) / len(chats),
+            "finished": sum(c.finished for c in completions) / len(chats),
+        }
+    if "baseline" in metrics and metrics["candidate"]["rm_score"] is not None:
+        metrics["rm_gain"] = metrics["candidate"]["rm_score"] - metrics["baseline"]["rm_score"]
+    elif "baseline" not in metrics:
+        metrics["rm_gain"] = None
+    samples = [
+        {
+            "prompt": chats[i][-1]["content"],
+            **{name: sampled[name][0][i].text for name in sampled},
+            **{f"{name}_score": scores[name][i] for name in scores},
+        }
+        for i in range(min(SIDE_BY_SIDE, len(chats)))
+    ]
+    with transaction.atomic():
+        Evaluation.objects.filter(pk=evaluation.pk).update(
+            status=Evaluation.Status.DONE,
+            metrics=metrics,
+            samples=samples,
+            prompt_ids=[p.message_id for p in prompts],
+            reference=reference,
+            finished_at=timezone.now(),
+        )
+        if "baseline" in sampled and settings.human_comparisons:
+            _comparison_tasks(evaluation, prompts, sampled, settings.human_comparisons)
+    evaluation.refresh_from_db()
+
+
+def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:
+    """Blind A/B: for each of the first `count` prompts, a ranking task over one reply from each policy.
+    Labelers see the two in their own random order; the payload says which is which."""
+    rng = random.Random(evaluation.pk)
+    for i, prompt in enumerate(prompts[:count]):
+        context = Message.objects.get(pk=prompt.message_id)
+        replies = {}
+        for arm in ("candidate", "baseline"):
+            completion = sampled[arm][0][i]
+            version = evaluation.candidate if arm == "candidate" else evaluation.baseline
+            replies[arm] = message_create(
+                conversation=context.conversation,
+                parent=context,
+                role=Role.ASSISTANT,
+                text=completion.text,
+                origin=Message.Origin.MODEL,
+                model_version=version,
+                sampling_params={"seed": EVAL_SEED, "row": completion.row, "evaluation": evaluation.pk},
+            )
+        order = list(replies.values())
+        rng.shuffle(order)
+        task_create(
+            kind=TaskKind.RANK_REPLIES,
+            parent_message=context,
+            candidates=order,
+            priority=django_settings.EVAL_COMPARISON_PRIORITY,
+            payload={"evaluation": evaluation.pk, "arms": {str(m.pk): arm for arm, m in replies.items()}},
+        )

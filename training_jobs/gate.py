@@ -1,0 +1,157 @@
+"""The evaluation gate's decisions: human win rates and the promotion rules. No torch (the web process uses it).
+
+Promotion rules (LoopSettings): the candidate must beat the serving policy's mean reward-model score by at least
+`min_rm_gain` on held-out prompts, stay within `max_kl` of its SFT policy, and, if `require_human_win_rate`, win
+the blind A/B comparisons at least `min_human_win_rate` of the time over `min_human_comparisons`. When the rules
+hold and `auto_promote` is on, the loop promotes; otherwise an admin decides on the ops page.
+"""
+
+import math
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from labeling.models import Ranking, Task, TaskKind
+from models_service.models import ModelActivation
+from models_service.services import model_version_activate
+from training_jobs.models import Evaluation, LoopSettings
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties count half a win)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - margin), min(1.0, centre + margin)
+
+
+def comparison_tasks(evaluation: Evaluation):
+    return Task.objects.filter(kind=TaskKind.RANK_REPLIES, payload__evaluation=evaluation.pk)
+
+
+def human_result(evaluation: Evaluation) -> dict:
+    """The blind A/B result so far: how often labelers ranked the candidate's reply above the baseline's."""
+    wins = 0.0
+    comparisons = 0
+    rankings = Ranking.objects.filter(task__in=comparison_tasks(evaluation)).select_related("task")
+    for ranking in rankings.prefetch_related("entries"):
+        arms = ranking.task.payload.get("arms", {})
+        ranks = {arms.get(str(e.message_id)): e.rank for e in ranking.entries.all()}
+        if "candidate" not in ranks or "baseline" not in ranks:
+            continue
+        comparisons += 1
+        if ranks["candidate"] < ranks["baseline"]:
+            wins += 1
+        elif ranks["candidate"] == ranks["baseline"]:
+            wins += 0.5
+    low, high = wilson_interval(wins, comparisons)
+    return {
+        "comparisons": comparisons,
+        "tasks": comparison_tasks(evaluation).count(),
+        "candidate_wins": wins,
+        "win_rate": wins / comparisons if comparisons else None,
+        "ci_low": low,
+        "ci_high": high,
+        "ci_width": high - low,
+    }
+
+
+def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
+    """(decision, reason) for a finished evaluation under the current rules."""
+    if evaluation.status != Evaluation.Status.DONE:
+        return Evaluation.Decision.PENDING, "The automatic evaluation has not finished."
+    if evaluation.baseline_id is None:
+        return Evaluation.Decision.PROMOTED, "No policy was serving."
+    metrics = evaluation.metrics
+    gain, kl = metrics.get("rm_gain"), metrics.get("candidate", {}).get("kl")
+    problems = []
+    if gain is None:
+        problems.append("there is no reward model to score the replies")
+    elif gain < settings.min_rm_gain:
+        problems.append(f"the reward-model score gain {gain:+.3f} is below the required {settings.min_rm_gain:+.3f}")
+    if kl is not None and kl > settings.max_kl:
+        problems.append(f"the KL from the SFT policy, {kl:.2f}, exceeds the bound {settings.max_kl:.2f}")
+    if problems:
+        return Evaluation.Decision.NOT_PROMOTED, "Not promoted: " + "; ".join(problems) + "."
+    facts = f"score gain {gain:+.3f}" + (f", KL {kl:.2f}" if kl is not None else "")
+    if settings.require_human_win_rate:
+        human = human_result(evaluation)
+        if human["comparisons"] < settings.min_human_comparisons:
+            return (
+                Evaluation.Decision.WAITING_FOR_HUMANS,
+                f"{facts}; waiting for the blind A/B result ({human['comparisons']} of "
+                f"{settings.min_human_comparisons} comparisons labeled).",
+            )
+        if human["win_rate"] < settings.min_human_win_rate:
+            return (
+                Evaluation.Decision.NOT_PROMOTED,
+                f"Not promoted: labelers preferred it {human['win_rate']:.0%} of the time "
+                f"(95% CI {human['ci_low']:.0%}-{human['ci_high']:.0%}), below {settings.min_human_win_rate:.0%}.",
+            )
+        facts += f", human win rate {human['win_rate']:.0%} over {human['comparisons']} comparisons"
+    if not settings.auto_promote:
+        return Evaluation.Decision.WAITING_FOR_ADMIN, f"The rules hold ({facts}); automatic promotion is off."
+    return Evaluation.Decision.PROMOTED, f"The rules hold: {facts}."
+
+
+def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None = None) -> str:
+    """Apply the rules to an evaluation still open for a decision; promote when they say so."""
+    settings = settings or LoopSettings.load()
+    open_decisions = [
+        Evaluation.Decision.PENDING,
+        Evaluation.Decision.WAITING_FOR_HUMANS,
+        Evaluation.Decision.WAITING_FOR_ADMIN,
+    ]
+    with transaction.atomic():
+        current = Evaluation.objects.select_for_update().get(pk=evaluation.pk)
+        if current.decision not in open_decisions:
+            return current.decision
+        decision, reason = decide(current, settings)
+        if decision == Evaluation.Decision.PROMOTED:
+            _promote(current, actor=None, reason=reason, automatic=True)
+        Evaluation.objects.filter(pk=current.pk).update(
+            decision=decision,
+            decision_reason=reason,
+            decided_at=timezone.now() if decision in (Evaluation.Decision.PROMOTED,) else None,
+        )
+    return decision
+
+
+def _promote(evaluation: Evaluation, *, actor, reason: str, automatic: bool) -> ModelActivation | None:
+    """Serve the candidate, and the reward model it was optimised against, so the active pair stays consistent."""
+    activation = model_version_activate(
+        version=evaluation.candidate,
+        actor=actor,
+        reason=reason,
+        action=ModelActivation.Action.PROMOTE,
+        automatic=automatic,
+    )
+    run = evaluation.candidate.training_run
+    if run is not None and run.reward_model is not None:
+        model_version_activate(
+            version=run.reward_model,
+            actor=actor,
+            reason=f"the reward model behind {evaluation.candidate.name}",
+            action=ModelActivation.Action.PROMOTE,
+            automatic=automatic,
+        )
+    return activation
+
+
+def evaluation_promote(*, evaluation: Evaluation, actor, reason: str = "") -> ModelActivation:
+    """An admin's one-click promotion of an evaluated candidate, recorded with who, when and why."""
+    if evaluation.status != Evaluation.Status.DONE:
+        raise ValidationError("The evaluation has not finished.")
+    reason = reason.strip() or f"promoted by {actor} after evaluation #{evaluation.pk}"
+    with transaction.atomic():
+        activation = _promote(evaluation, actor=actor, reason=reason, automatic=False)
+        Evaluation.objects.filter(pk=evaluation.pk).update(
+            decision=Evaluation.Decision.PROMOTED, decision_reason=reason, decided_by=actor, decided_at=timezone.now()
+        )
+    if activation is None:
+        raise ValidationError(f"{evaluation.candidate} is already serving.")
+    return activation

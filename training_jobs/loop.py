@@ -1,0 +1,199 @@
+"""The retraining policy: what beat starts next. No torch (beat's task and the ops page call it).
+
+At each tick, one thing at a time:
+1. if a run or an evaluation is under way, wait;
+2. if the last stage the loop started failed, pause with its reason until an admin resumes;
+3. a new SFT or PPO policy without an evaluation is evaluated (SFT only when no PPO will follow it);
+4. thresholds are checked (every `check_every_minutes`, and right after a run finished, so a chain goes on):
+   new accepted demonstrations >= N_sft -> SFT; new rankings >= N_rm -> a reward model on the newest SFT;
+5. a newest SFT and newest reward model that have not been through PPO together -> PPO.
+Evaluations waiting for the human A/B result are decided again at every tick.
+"""
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from labeling import splits
+from labeling.models import Message, Ranking, Role
+from models_service.models import ModelVersion
+from models_service.services import active_version
+from training_jobs import gate, services
+from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+
+logger = logging.getLogger(__name__)
+TRAINING_SPLITS = [splits.TRAIN, splits.VALIDATION]
+
+
+def new_demonstrations() -> int:
+    """Accepted demonstrations no run has trained on yet."""
+    return Message.objects.filter(
+        role=Role.ASSISTANT,
+        review_status=Message.ReviewStatus.ACCEPTED,
+        used_in_training_at__isnull=True,
+        conversation__split__in=TRAINING_SPLITS,
+    ).count()
+
+
+def new_rankings() -> int:
+    return Ranking.objects.filter(
+        used_in_training_at__isnull=True, task__conversation__split__in=TRAINING_SPLITS
+    ).count()
+
+
+def newest(kind: str, stage: str) -> ModelVersion | None:
+    return ModelVersion.objects.filter(kind=kind, stage=stage, status=ModelVersion.Status.READY).first()
+
+
+@dataclass
+class Plan:
+    action: str  # wait | paused | evaluate | sft | rm | ppo | nothing
+    reason: str
+    candidate: ModelVersion | None = None
+
+
+def _busy() -> str | None:
+    run = TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE_STATUSES).first()
+    if run is not None:
+        return f"{run.get_kind_display()} run #{run.pk} is {run.status}"
+    evaluation = Evaluation.objects.filter(status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]).first()
+    if evaluation is not None:
+        return f"evaluation #{evaluation.pk} of {evaluation.candidate} is {evaluation.status}"
+    return None
+
+
+def _failure() -> tuple[str, str] | None:
+    """The last automatic stage, if it failed: (key, reason)."""
+    run = TrainingRun.objects.exclude(trigger=TrainingRun.Trigger.MANUAL).order_by("-created_at").first()
+    evaluation = Evaluation.objects.order_by("-created_at").first()
+    candidates = []
+    if run is not None and run.status == TrainingRun.Status.FAILED:
+        candidates.append(
+            (run.created_at, f"run:{run.pk}", f"{run.get_kind_display()} run #{run.pk} failed: {run.error}")
+        )
+    if evaluation is not None and evaluation.status == Evaluation.Status.FAILED:
+        candidates.append(
+            (
+                evaluation.created_at,
+                f"evaluation:{evaluation.pk}",
+                f"Evaluation #{evaluation.pk} failed: {evaluation.error}",
+            )
+        )
+    if not candidates:
+        return None
+    _, key, reason = max(candidates)
+    return key, reason
+
+
+def _unevaluated_policy(settings: LoopSettings) -> ModelVersion | None:
+    reward_exists = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM) is not None
+    stages = [ModelVersion.Stage.PPO]
+    if not (reward_exists and settings.ppo_after_new_models):
+        stages.append(ModelVersion.Stage.SFT)
+    return (
+        ModelVersion.objects.filter(
+            kind=ModelVersion.Kind.POLICY, stage__in=stages, status=ModelVersion.Status.READY, is_active=False
+        )
+        .exclude(evaluations_as_candidate__isnull=False)
+        .filter(activations__isnull=True)
+        .first()
+    )
+
+
+def plan(settings: LoopSettings, *, now: dt.datetime, check_thresholds: bool) -> Plan:
+    busy = _busy()
+    if busy:
+        return Plan("wait", f"Waiting: {busy}.")
+    failure = _failure()
+    if failure is not None and (settings.paused_reason or failure[0] != settings.paused_for):
+        return Plan("paused", settings.paused_reason or failure[1])
+    candidate = _unevaluated_policy(settings)
+    if candidate is not None:
+        return Plan("evaluate", f"{candidate.name} is new and not evaluated yet.", candidate)
+    if check_thresholds:
+        demos, rankings = new_demonstrations(), new_rankings()
+        if demos >= settings.sft_threshold:
+            return Plan("sft", f"{demos} new accepted demonstrations (threshold {settings.sft_threshold}).")
+        if rankings >= settings.rm_threshold:
+            return Plan("rm", f"{rankings} new rankings (threshold {settings.rm_threshold}).")
+    sft = newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)
+    rm = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+    if settings.ppo_after_new_models and sft and rm:
+        done = TrainingRun.objects.filter(kind=TrainingRun.Kind.PPO, base_model=sft, reward_model=rm).exists()
+        if not done:
+            return Plan("ppo", f"{sft.name} and {rm.name} have not been through PPO together.")
+    return Plan("nothing", "No threshold reached.")
+
+
+def loop_tick(*, now: dt.datetime | None = None, force_check: bool = False) -> Plan:
+    """One decision of the loop, acted on. Safe to call from several places at once (a row lock serialises it)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        settings = LoopSettings.objects.select_for_update().get_or_create(pk=1)[0]
+        for evaluation in Evaluation.objects.filter(
+            status=Evaluation.Status.DONE, decision=Evaluation.Decision.WAITING_FOR_HUMANS
+        ):
+            gate.evaluation_decide(evaluation=evaluation, settings=settings)
+        if not settings.enabled:
+            return Plan("disabled", "The loop is switched off.")
+        last_finish = TrainingRun.objects.filter(finished_at__isnull=False).order_by("-finished_at").first()
+        due = (
+            force_check
+            or settings.last_checked_at is None
+            or now - settings.last_checked_at >= dt.timedelta(minutes=settings.check_every_minutes)
+            or (last_finish is not None and last_finish.finished_at > settings.last_checked_at)
+        )
+        decision = plan(settings, now=now, check_thresholds=due)
+        if due and decision.action not in ("wait", "paused"):
+            settings.last_checked_at = now
+            settings.save(update_fields=["last_checked_at"])
+        if decision.action == "paused" and not settings.paused_reason:
+            settings.paused_reason = decision.reason + " The loop waits: fix the cause, then resume it on the ops page."
+            settings.paused_for = _failure()[0]
+            settings.save(update_fields=["paused_reason", "paused_for"])
+        _act(decision)
+    if decision.action not in ("wait", "nothing", "disabled"):
+        logger.info("loop: %s (%s)", decision.action, decision.reason)
+    return decision
+
+
+def _act(decision: Plan) -> None:
+    previous = TrainingRun.objects.filter(status=TrainingRun.Status.SUCCEEDED).order_by("-finished_at").first()
+    if decision.action in ("sft", "rm"):
+        services.training_run_create(kind=decision.action, trigger=TrainingRun.Trigger.SCHEDULE)
+    elif decision.action == "ppo":
+        services.training_run_create(
+            kind="ppo",
+            trigger=TrainingRun.Trigger.CHAIN,
+            previous_run=previous,
+            base_model=newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT),
+            reward_model=newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+        )
+    elif decision.action == "evaluate":
+        evaluation_create(candidate=decision.candidate)
+
+
+def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
+    """Queue the gate's evaluation of a candidate against the serving policy, scored by the newest reward model."""
+    with transaction.atomic():
+        evaluation = Evaluation.objects.create(
+            candidate=candidate,
+            baseline=active_version(ModelVersion.Kind.POLICY),
+            reward_model=active_version(ModelVersion.Kind.REWARD)
+            or newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+            training_run=candidate.training_run,
+        )
+        from training_jobs.tasks import evaluate_candidate
+
+        evaluate_candidate.delay_on_commit(evaluation.pk)
+    return evaluation
+
+
+def loop_resume(*, actor=None) -> None:
+    """Clear a pause after a failed stage; the loop plans again at its next tick."""
+    settings = LoopSettings.load()
+    settings.paused_reason = ""
+    settings.save(update_fields=["paused_reason"])

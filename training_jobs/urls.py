@@ -1,0 +1,21 @@
+from django.urls import path
+
+from training_jobs import views
+
+app_name = "ops"
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("loop/resume/", views.resume_loop, name="resume_loop"),
+    path("runs/", views.runs, name="runs"),
+    path("runs/start/", views.start_run, name="start_run"),
+    path("runs/<int:run_id>/", views.run_detail, name="run"),
+    path("runs/<int:run_id>/data/", views.run_data, name="run_data"),
+    path("runs/<int:run_id>/cancel/", views.cancel_run, name="cancel_run"),
+    path("models/", views.models, name="models"),
+    path("models/<int:version_id>/activate/", views.activate_model, name="activate_model"),
+    path("models/rollback/<str:kind>/", views.rollback, name="rollback"),
+    path("evaluations/<int:evaluation_id>/", views.evaluation_detail, name="evaluation"),
+    path("evaluations/<int:evaluation_id>/promote/", views.promote, name="promote"),
+    path("labelers/", views.labelers, name="labelers"),
+]

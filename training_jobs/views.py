@@ -1,0 +1,152 @@
+"""The ops pages, for admins: the loop, training runs, the model lineage, evaluations and labeler quality."""
+
+from functools import wraps
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from labeling.quality import labeler_quality
+from models_service.models import ModelVersion
+from models_service.services import model_version_activate, model_version_rollback
+from training_jobs import gate, loop, selectors, services
+from training_jobs.models import Evaluation, TrainingRun
+
+
+def staff_only(view):
+    @login_required
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_staff:
+            raise PermissionDenied("The ops pages are for admins.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _done(request, message: str, target: str = "ops:overview", **kwargs):
+    messages.success(request, message)
+    return redirect(target, **kwargs)
+
+
+def _refused(request, error: ValidationError, target: str = "ops:overview", **kwargs):
+    messages.error(request, " ".join(error.messages))
+    return redirect(target, **kwargs)
+
+
+@staff_only
+def overview(request):
+    return render(request, "ops/overview.html", selectors.loop_overview())
+
+
+@staff_only
+@require_POST
+def start_run(request):
+    kind = request.POST.get("kind", "")
+    try:
+        run = services.training_run_create(kind=kind, triggered_by=request.user)
+    except ValidationError as error:
+        return _refused(request, error)
+    return _done(request, f"Started {run.get_kind_display().lower()} run #{run.pk}.", "ops:run", run_id=run.pk)
+
+
+@staff_only
+@require_POST
+def resume_loop(request):
+    loop.loop_resume(actor=request.user)
+    return _done(request, "The loop resumes at its next tick.")
+
+
+@staff_only
+def runs(request):
+    return render(
+        request, "ops/runs.html", {"runs": TrainingRun.objects.select_related("base_model", "reward_model")[:100]}
+    )
+
+
+@staff_only
+def run_detail(request, run_id: int):
+    run = get_object_or_404(TrainingRun.objects.select_related("base_model", "reward_model", "triggered_by"), pk=run_id)
+    return render(
+        request,
+        "ops/run.html",
+        {"run": run, "chart_data": selectors.run_chart_data(run), "produced": run.produced_models.all()},
+    )
+
+
+@staff_only
+def run_data(request, run_id: int):
+    """Progress, metric series and log tail as JSON: the run page refreshes its bar and plots from it."""
+    return JsonResponse(selectors.run_chart_data(get_object_or_404(TrainingRun, pk=run_id)))
+
+
+@staff_only
+@require_POST
+def cancel_run(request, run_id: int):
+    run = get_object_or_404(TrainingRun, pk=run_id)
+    try:
+        run = services.training_run_cancel(run=run, actor=request.user)
+    except ValidationError as error:
+        return _refused(request, error, "ops:run", run_id=run_id)
+    state = "cancelled" if run.status == TrainingRun.Status.CANCELLED else "stopping at its next step"
+    return _done(request, f"Run #{run.pk} is {state}.", "ops:run", run_id=run_id)
+
+
+@staff_only
+def models(request):
+    return render(
+        request,
+        "ops/models.html",
+        {"rows": selectors.lineage(), "evaluations": Evaluation.objects.select_related("candidate", "baseline")[:20]},
+    )
+
+
+@staff_only
+@require_POST
+def activate_model(request, version_id: int):
+    version = get_object_or_404(ModelVersion, pk=version_id)
+    reason = request.POST.get("reason", "").strip() or f"activated by {request.user} on the ops page"
+    try:
+        model_version_activate(version=version, actor=request.user, reason=reason)
+    except ValidationError as error:
+        return _refused(request, error, "ops:models")
+    return _done(request, f"{version.name} is now the active {version.get_kind_display().lower()}.", "ops:models")
+
+
+@staff_only
+@require_POST
+def rollback(request, kind: str):
+    if kind not in ModelVersion.Kind.values:
+        raise PermissionDenied("Unknown model kind.")
+    try:
+        activation = model_version_rollback(kind=kind, actor=request.user, reason=request.POST.get("reason", ""))
+    except ValidationError as error:
+        return _refused(request, error, "ops:models")
+    return _done(request, f"Rolled back: {activation.model_version.name} serves again.", "ops:models")
+
+
+@staff_only
+def evaluation_detail(request, evaluation_id: int):
+    evaluation = get_object_or_404(
+        Evaluation.objects.select_related("candidate", "baseline", "reward_model", "reference"), pk=evaluation_id
+    )
+    return render(request, "ops/evaluation.html", selectors.evaluation_detail(evaluation))
+
+
+@staff_only
+@require_POST
+def promote(request, evaluation_id: int):
+    evaluation = get_object_or_404(Evaluation, pk=evaluation_id)
+    try:
+        gate.evaluation_promote(evaluation=evaluation, actor=request.user, reason=request.POST.get("reason", ""))
+    except ValidationError as error:
+        return _refused(request, error, "ops:evaluation", evaluation_id=evaluation_id)
+    return _done(request, f"{evaluation.candidate.name} is now serving.", "ops:evaluation", evaluation_id=evaluation_id)
+
+
+@staff_only
+def labelers(request):
+    return render(request, "ops/labelers.html", labeler_quality())
