@@ -141,6 +141,193 @@ def self_instruct_record(row: dict, *, dataset: str) -> ImportRecord:
     )
 
 
+def _turns(value, field: str) -> list[Turn]:
+    """A list of {"role", "content"} messages, checked."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(f'"{field}" must be a non-empty list of {{"role", "content"}} messages')
+    turns = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise RecordError(f'"{field}"[{index}] must be an object with a string "content"')
+        role = message.get("role")
+        if role not in Role.values:
+            raise RecordError(f'"{field}"[{index}] has role {role!r}; expected system, user or assistant')
+        turns.append(Turn(role, message["content"]))
+    return turns
+
+
+def prompt_record(row: dict, *, dataset: str = "") -> ImportRecord:
+    """{"prompt": "..."} or {"messages": [... ending with a user turn]}."""
+    if isinstance(row.get("prompt"), str):
+        context = [Turn(Role.USER, row["prompt"])]
+    elif "messages" in row:
+        context = _turns(row["messages"], "messages")
+    else:
+        raise RecordError('a prompt needs "prompt" (a string) or "messages" (a list ending with a user turn)')
+    if context[-1].role != Role.USER:
+        raise RecordError("a prompt's messages must end with a user turn")
+    return ImportRecord(kind="prompt", context=context, dataset=dataset, **_extras(row))
+
+
+def demonstration_record(row: dict, *, dataset: str = "") -> ImportRecord:
+    """{"messages": [..., user, assistant]}: the last assistant turn is the demonstration."""
+    turns = _turns(row.get("messages"), "messages")
+    if turns[-1].role != Role.ASSISTANT or len(turns) < 2:
+        raise RecordError("a demonstration's messages must end with an assistant turn after a user turn")
+    return ImportRecord(
+        kind="demonstration", context=turns[:-1], reply=turns[-1].content, dataset=dataset, **_extras(row)
+    )
+
+
+def trl_preference_record(row: dict, *, dataset: str = "") -> ImportRecord:
+    """TRL's preference form: {"prompt": [...], "chosen": [...], "rejected": [...]} (explicit prompt), or
+    chosen/rejected holding whole conversations that share all but their last assistant turn (implicit)."""
+    chosen, rejected = _turns(row.get("chosen"), "chosen"), _turns(row.get("rejected"), "rejected")
+    if "prompt" in row:
+        prompt = row["prompt"]
+        context = [Turn(Role.USER, prompt)] if isinstance(prompt, str) else _turns(prompt, "prompt")
+    else:
+        if chosen[:-1] != rejected[:-1]:
+            raise RecordError("without a prompt, chosen and rejected must share all but their last turn")
+        context, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != 1 or turns[0].role != Role.ASSISTANT:
+            raise RecordError(f'"{name}" must be one assistant message')
+    if not context or context[-1].role != Role.USER:
+        raise RecordError("the prompt must end with a user turn")
+    record = _preference(context, chosen[0].content, rejected[0].content, dataset=dataset)
+    for name, value in _extras(row).items():
+        setattr(record, name, value)
+    return record
+
+
+def _extras(row: dict) -> dict:
+    extras = {}
+    if isinstance(row.get("language"), str) and 2 <= len(row["language"]) <= 16:
+        extras["language"] = row["language"]
+    if isinstance(row.get("tags"), list):
+        extras["tags"] = [_tag(str(t)) for t in row["tags"] if str(t).strip()][:10]
+    return extras
+
+
+FORMATS = {
+    "prompts": prompt_record,
+    "demonstrations": demonstration_record,
+    "hh": hh_pair_record,
+    "trl_preference": trl_preference_record,
+}
+
+
+def detect_format(row: dict) -> str:
+    """Which of FORMATS a row is in, from its keys."""
+    if "chosen" in row and "rejected" in row:
+        return "hh" if isinstance(row["chosen"], str) and "prompt" not in row else "trl_preference"
+    if "messages" in row:
+        messages = row["messages"]
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        return "demonstrations" if isinstance(last, dict) and last.get("role") == Role.ASSISTANT else "prompts"
+    if "prompt" in row:
+        return "prompts"
+    raise RecordError('unknown row: expected "prompt", "messages", or "chosen" and "rejected"')
+
+
+def parse_row(row, *, format: str = "auto", dataset: str = "") -> ImportRecord:
+    if not isinstance(row, dict):
+        raise RecordError("each line must be a JSON object")
+    name = detect_format(row) if format == "auto" else format
+    if name not in FORMATS:
+        raise RecordError(f"unknown format {format!r}; use auto, {', '.join(FORMATS)}")
+    record = FORMATS[name](row, dataset=dataset)
+    validate_record(record)
+    return record
+
+
+def parse_jsonl(lines, *, format: str = "auto", dataset: str = ""):
+    """Yield (line number, ImportRecord or RecordError) for each non-blank line of a JSONL byte stream."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            yield number, RecordError(f"not valid UTF-8 (byte {exc.start})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, RecordError(f"not valid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        try:
+            yield number, parse_row(row, format=format, dataset=dataset)
+        except RecordError as exc:
+            yield number, exc
+
+
+@dataclass
+class ImportReport:
+    lines: int = 0
+    added: int = 0
+    existing: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return len(self.errors)
+
+
+def import_jsonl(
+    open_lines,
+    *,
+    format: str = "auto",
+    dataset: str = "",
+    on_error: str = "skip",
+    batch_size: int = 1000,
+    progress=None,
+) -> ImportReport:
+    """Import a JSONL file (`open_lines()` returns a fresh iterator of its byte lines) in one transaction.
+
+    on_error="skip": malformed lines are reported with their line number and left out; the rest is imported.
+    on_error="abort": the file is checked first; any malformed line stops the import before anything is
+    written. Either way the import is one transaction: it lands whole or not at all.
+    `progress(lines_done, report)` is called every batch.
+    """
+    if on_error not in ("skip", "abort"):
+        raise ValueError('on_error must be "skip" or "abort"')
+    report = ImportReport()
+    if on_error == "abort":
+        for number, item in parse_jsonl(open_lines(), format=format, dataset=dataset):
+            report.lines = number
+            if isinstance(item, RecordError):
+                report.errors.append((number, str(item)))
+        if report.errors:
+            report.aborted = True
+            return report
+        report.lines = 0
+    importer = import_user()
+    batch: list[ImportRecord] = []
+
+    def flush():
+        added, existing = records_import(batch, importer=importer)
+        report.added += added
+        report.existing += existing
+        batch.clear()
+        if progress is not None:
+            progress(report.lines, report)
+
+    with transaction.atomic():
+        for number, item in parse_jsonl(open_lines(), format=format, dataset=dataset):
+            report.lines = number
+            if isinstance(item, RecordError):
+                report.errors.append((number, str(item)))
+                continue
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    return report
+
+
 def _tag(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 

@@ -539,3 +539,47 @@ class QueueSettings(models.Model):
     @property
     def kind_weights(self) -> dict[str, float]:
         return {kind: getattr(self, f"weight_{kind}") for kind in TaskKind.values}
+
+
+class ImportJob(models.Model):
+    """A JSONL file uploaded for import, processed by a worker, with its progress and the lines it refused."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Importing"
+        DONE = "done", "Done"
+        ABORTED = "aborted", "Aborted: malformed lines"
+        FAILED = "failed", "Failed"
+
+    class OnError(models.TextChoices):
+        SKIP = "skip", "Skip malformed lines"
+        ABORT = "abort", "Abort the whole import"
+
+    file_path = models.CharField(max_length=512)
+    original_name = models.CharField(max_length=255)
+    format = models.CharField(max_length=32, default="auto")
+    dataset = models.CharField(max_length=64, blank=True)
+    on_error = models.CharField(max_length=8, choices=OnError.choices, default=OnError.SKIP)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    size_bytes = models.BigIntegerField(default=0)
+    lines_done = models.PositiveIntegerField(default=0)
+    lines_total = models.PositiveIntegerField(default=0)
+    added = models.PositiveIntegerField(default=0)
+    existing = models.PositiveIntegerField(default=0)
+    errors = models.JSONField(default=list, blank=True, help_text="[line number, reason] of refused lines.")
+    error_count = models.PositiveIntegerField(default=0)
+    failure = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"import #{self.pk} of {self.original_name} ({self.status})"
+
+    @property
+    def fraction(self) -> float:
+        return self.lines_done / self.lines_total if self.lines_total else 0.0

@@ -1,6 +1,7 @@
 """Reads from the labeling domain: the queue, threads and what a labeler has done."""
 
 import datetime as dt
+from collections import defaultdict
 
 from django.db.models import (
     Count,
@@ -36,6 +37,24 @@ def message_thread(message: Message) -> list[Message]:
         thread.append(node)
         node = candidates.get(node.parent_id) if node.parent_id else None
     return list(reversed(thread))
+
+
+def threads_of(messages: list[Message]) -> dict[int, list[Message]]:
+    """message id -> its thread, reading each conversation's messages once."""
+    by_conversation: dict[int, dict[int, Message]] = defaultdict(dict)
+    conversation_ids = {m.conversation_id for m in messages}
+    for message in Message.objects.filter(conversation_id__in=conversation_ids).only(
+        "id", "parent_id", "role", "text", "conversation_id", "depth"
+    ):
+        by_conversation[message.conversation_id][message.pk] = message
+    threads = {}
+    for message in messages:
+        nodes, node, thread = by_conversation[message.conversation_id], message, []
+        while node is not None:
+            thread.append(node)
+            node = nodes.get(node.parent_id) if node.parent_id else None
+        threads[message.pk] = list(reversed(thread))
+    return threads
 
 
 def thread_as_chat(messages: list[Message]) -> list[dict]:

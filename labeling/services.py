@@ -7,9 +7,12 @@ race: two labelers, two browser tabs or a retried request can call any of these 
 import datetime as dt
 import hashlib
 import random
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import Case, F, Q, Value, When
@@ -20,6 +23,7 @@ from labeling.models import (
     Assignment,
     CandidateFlag,
     Conversation,
+    ImportJob,
     LabelerProfile,
     Message,
     QueueSettings,
@@ -651,3 +655,88 @@ def labeler_profile_update(*, user, languages: Sequence[str], topics: Sequence[s
     profile.topics = list(topics)
     profile.save(update_fields=["languages", "topics"])
     return profile
+
+
+# --- imports ---
+
+IMPORT_ERRORS_KEPT = 200
+
+
+def import_job_create(*, upload, format: str, on_error: str, dataset: str, user) -> ImportJob:
+    """Save an uploaded JSONL file and queue its import on a worker."""
+    from labeling.importing import FORMATS
+
+    if format != "auto" and format not in FORMATS:
+        raise ValidationError({"format": f"Unknown format {format!r}; use auto, {', '.join(FORMATS)}."})
+    if on_error not in ImportJob.OnError.values:
+        raise ValidationError({"on_error": "Choose skip or abort."})
+    if len(dataset) > 64:
+        raise ValidationError({"dataset": "At most 64 characters."})
+    folder = Path(django_settings.ARTIFACTS_DIR) / "imports"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.jsonl"
+    size = 0
+    with path.open("wb") as out:
+        for chunk in upload.chunks():
+            out.write(chunk)
+            size += len(chunk)
+    if size == 0:
+        path.unlink()
+        raise ValidationError({"file": "The file is empty."})
+    with transaction.atomic():
+        job = ImportJob.objects.create(
+            file_path=str(path),
+            original_name=getattr(upload, "name", "upload.jsonl")[:255],
+            format=format,
+            on_error=on_error,
+            dataset=dataset,
+            size_bytes=size,
+            created_by=user,
+        )
+        from labeling.tasks import run_import
+
+        run_import.delay_on_commit(job.pk)
+    return job
+
+
+def import_job_run(*, job_id: int) -> ImportJob | None:
+    """Import a queued job's file, recording progress as it goes. None if another worker has it."""
+    from labeling.importing import import_jsonl
+
+    if not ImportJob.objects.filter(pk=job_id, status=ImportJob.Status.QUEUED).update(
+        status=ImportJob.Status.RUNNING, started_at=timezone.now()
+    ):
+        return None
+    job = ImportJob.objects.get(pk=job_id)
+    path = Path(job.file_path)
+    with path.open("rb") as lines:
+        total = sum(1 for _ in lines)
+    ImportJob.objects.filter(pk=job.pk).update(lines_total=total)
+
+    def progress(lines_done, report):
+        ImportJob.objects.filter(pk=job.pk).update(
+            lines_done=lines_done, added=report.added, existing=report.existing, error_count=len(report.errors)
+        )
+
+    def open_lines():
+        return path.open("rb")
+
+    try:
+        report = import_jsonl(
+            open_lines, format=job.format, dataset=job.dataset, on_error=job.on_error, progress=progress
+        )
+    except Exception as exc:
+        ImportJob.objects.filter(pk=job.pk).update(
+            status=ImportJob.Status.FAILED, failure=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()
+        )
+        raise
+    ImportJob.objects.filter(pk=job.pk).update(
+        status=ImportJob.Status.ABORTED if report.aborted else ImportJob.Status.DONE,
+        lines_done=total if not report.aborted else report.lines,
+        added=report.added,
+        existing=report.existing,
+        errors=report.errors[:IMPORT_ERRORS_KEPT],
+        error_count=len(report.errors),
+        finished_at=timezone.now(),
+    )
+    return ImportJob.objects.get(pk=job.pk)

@@ -13,3 +13,9 @@ def expire_leases() -> int:
 @shared_task(name="labeling.tasks.replenish_prompt_tasks", ignore_result=True, soft_time_limit=60, time_limit=90)
 def replenish_prompt_tasks() -> int:
     return services.prompt_tasks_replenish()
+
+
+@shared_task(name="labeling.tasks.run_import", ignore_result=True, soft_time_limit=3600, time_limit=3700)
+def run_import(job_id: int) -> None:
+    """An uploaded JSONL import, on the sampling worker (it needs no model)."""
+    services.import_job_run(job_id=job_id)

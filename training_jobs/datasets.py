@@ -12,7 +12,7 @@ from django.db.models import Count
 
 from labeling import splits
 from labeling.models import Message, Ranking, RankingEntry, Role
-from labeling.selectors import thread_as_chat
+from labeling.selectors import thread_as_chat, threads_of
 
 
 class NotEnoughData(Exception):
@@ -64,24 +64,6 @@ class DataSplit:
         }
 
 
-def _threads(messages: list[Message]) -> dict[int, list[Message]]:
-    """message id -> its thread, reading each conversation's messages once."""
-    by_conversation: dict[int, dict[int, Message]] = defaultdict(dict)
-    conversation_ids = {m.conversation_id for m in messages}
-    for message in Message.objects.filter(conversation_id__in=conversation_ids).only(
-        "id", "parent_id", "role", "text", "conversation_id", "depth"
-    ):
-        by_conversation[message.conversation_id][message.pk] = message
-    threads = {}
-    for message in messages:
-        nodes, node, thread = by_conversation[message.conversation_id], message, []
-        while node is not None:
-            thread.append(node)
-            node = nodes.get(node.parent_id) if node.parent_id else None
-        threads[message.pk] = list(reversed(thread))
-    return threads
-
-
 def demonstrations(*, split: str):
     """Accepted demonstrations (written in the product and reviewed, or imported) in conversations of `split`."""
     return Message.objects.filter(
@@ -96,7 +78,7 @@ def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int
     data = {}
     for name in (splits.TRAIN, splits.VALIDATION):
         messages = list(demonstrations(split=name)[:limit] if limit else demonstrations(split=name))
-        threads = _threads(messages)
+        threads = threads_of(messages)
         data[name] = [SFTExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
     result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
     _require("SFT", "accepted demonstrations", result, minimum_train, minimum_validation)
@@ -127,7 +109,7 @@ def build_rankings(
             RankingEntry.objects.filter(ranking__in=chosen).select_related("message").order_by("ranking_id", "pk")
         ):
             entries[entry.ranking_id].append(entry)
-        threads = _threads([r.task.parent_message for r in chosen])
+        threads = threads_of([r.task.parent_message for r in chosen])
         data[name] = [
             RankingExample(
                 ranking_id=r.pk,
@@ -154,7 +136,7 @@ def build_prompts(*, minimum: int = 1, limit: int | None = None, split: str = sp
     if limit:
         messages = messages[:limit]
     messages = list(messages)
-    threads = _threads(messages)
+    threads = threads_of(messages)
     prompts = [PromptExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
     if len(prompts) < minimum:
         raise NotEnoughData(f"PPO needs at least {minimum} prompts in the training split; there are {len(prompts)}.")

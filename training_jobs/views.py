@@ -8,8 +8,12 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseStopPolling
 
+from labeling.importing import FORMATS
+from labeling.models import ImportJob
 from labeling.quality import labeler_quality
+from labeling.services import import_job_create
 from models_service.models import ModelVersion
 from models_service.services import model_version_activate, model_version_rollback
 from training_jobs import gate, loop, selectors, services
@@ -150,3 +154,40 @@ def promote(request, evaluation_id: int):
 @staff_only
 def labelers(request):
     return render(request, "ops/labelers.html", labeler_quality())
+
+
+@staff_only
+def imports(request):
+    """Upload a JSONL file to import; the job runs on a worker and its page shows the progress."""
+    if request.method == "POST":
+        upload = request.FILES.get("file")
+        try:
+            if upload is None:
+                raise ValidationError({"file": "Choose a JSONL file."})
+            job = import_job_create(
+                upload=upload,
+                format=request.POST.get("format", "auto"),
+                on_error=request.POST.get("on_error", "skip"),
+                dataset=request.POST.get("dataset", "").strip(),
+                user=request.user,
+            )
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+        else:
+            return redirect("ops:import", job_id=job.pk)
+    return render(
+        request,
+        "ops/imports.html",
+        {"jobs": ImportJob.objects.select_related("created_by")[:30], "formats": ["auto", *FORMATS]},
+    )
+
+
+@staff_only
+def import_detail(request, job_id: int):
+    job = get_object_or_404(ImportJob, pk=job_id)
+    if request.htmx:
+        response = render(request, "ops/import.html#progress", {"job": job})
+        if job.status not in (ImportJob.Status.QUEUED, ImportJob.Status.RUNNING):
+            response.status_code = HttpResponseStopPolling.status_code
+        return response
+    return render(request, "ops/import.html", {"job": job})

@@ -263,3 +263,28 @@ def test_a_demonstration_count_excludes_held_out_and_trained_ones(tiny_policy):
     used = demonstration("validation", 3)
     Message.objects.filter(pk=used.pk).update(used_in_training_at=timezone.now())
     assert loop.new_demonstrations() == 1
+
+
+def test_the_import_page_uploads_and_shows_progress(client, admin_user, alice):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from labeling.models import ImportJob
+    from labeling.services import import_job_run
+
+    client.force_login(alice)
+    assert client.get(reverse("ops:imports")).status_code == 403
+    client.force_login(admin_user)
+    upload = SimpleUploadedFile("p.jsonl", b'{"prompt": "hello"}\n{"prompt": 5}\n')
+    response = client.post(reverse("ops:imports"), {"file": upload, "format": "auto", "on_error": "skip"})
+    job = ImportJob.objects.get()
+    assert response.url == reverse("ops:import", args=[job.pk])
+    polling = client.get(response.url, HTTP_HX_REQUEST="true")
+    assert polling.status_code == 200 and "hx-trigger" in polling.content.decode()
+    import_job_run(job_id=job.pk)
+    done = client.get(response.url, HTTP_HX_REQUEST="true")
+    assert done.status_code == 286, "htmx stops polling when the import has ended"
+    assert (
+        "1 added" in done.content.decode()
+        and "a list ending with a user turn" in client.get(response.url).content.decode()
+    )
+    assert "Choose a JSONL file" in client.post(reverse("ops:imports"), {}, follow=True).content.decode()

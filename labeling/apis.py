@@ -1,0 +1,451 @@
+"""The labeling API: everything a labeler does in the browser, for scripts and other clients; plus import and
+export for admins. Each view parses with an InputSerializer, calls one service, and renders an OutputSerializer."""
+
+import datetime as dt
+
+from django.http import HttpResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView, RetrieveAPIView
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.api import IsAdmin, StrictCharField
+from labeling import exporting, services
+from labeling.importing import FORMATS
+from labeling.models import Assignment, CandidateFlag, Conversation, ImportJob, Message, Review, TaskKind
+from labeling.selectors import message_thread
+from labeling.services import MAX_MESSAGE_CHARS
+
+# --- output ---
+
+
+class MessageOut(serializers.ModelSerializer):
+    content = serializers.CharField(source="text")
+    model_version = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "parent", "role", "content", "origin", "model_version", "review_status", "created_at"]
+
+
+class TurnOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    role = serializers.CharField()
+    content = serializers.CharField(source="text")
+
+
+class AssignmentOut(serializers.ModelSerializer):
+    kind = serializers.CharField(source="task.kind")
+    task_id = serializers.IntegerField(source="task.pk")
+    language = serializers.CharField(source="task.language")
+    tags = serializers.ListField(child=serializers.CharField(), source="task.tags")
+    context = serializers.SerializerMethodField(help_text="The conversation so far, oldest first.")
+    candidates = serializers.SerializerMethodField(help_text="Ranking tasks: the replies, in this labeler's order.")
+    demonstration = serializers.SerializerMethodField(help_text="Review tasks: the reply under review.")
+
+    class Meta:
+        model = Assignment
+        fields = [
+            "id",
+            "task_id",
+            "kind",
+            "status",
+            "leased_at",
+            "lease_expires_at",
+            "language",
+            "tags",
+            "draft",
+            "context",
+            "candidates",
+            "demonstration",
+        ]
+
+    def _context_message(self, assignment):
+        task = assignment.task
+        return task.parent_message or (task.target_message.parent if task.target_message else None)
+
+    def get_context(self, assignment) -> list[dict]:
+        message = self._context_message(assignment)
+        return TurnOut(message_thread(message), many=True).data if message else []
+
+    def get_candidates(self, assignment) -> list[dict]:
+        if assignment.task.kind != TaskKind.RANK_REPLIES:
+            return []
+        by_id = {c.message_id: c.message for c in assignment.task.task_candidates.select_related("message")}
+        order = services.display_order(assignment.task, assignment.labeler_id)
+        return [{"id": i, "content": by_id[i].text} for i in order]
+
+    def get_demonstration(self, assignment) -> dict | None:
+        message = assignment.task.target_message
+        return {"id": message.pk, "content": message.text} if message else None
+
+
+def _assignment_out(assignment) -> dict:
+    return AssignmentOut(assignment).data
+
+
+def _own_assignment(request, assignment_id) -> Assignment:
+    return get_object_or_404(
+        Assignment.objects.select_related("task__parent_message", "task__target_message"),
+        pk=assignment_id,
+        labeler=request.user,
+    )
+
+
+# --- the queue ---
+
+
+class NextTaskApi(APIView):
+    @extend_schema(
+        summary="Lease the next task",
+        description="The labeler's next task, with a lease; the same task again while the lease holds. "
+        "`assignment` is null when there is nothing to do.",
+        request=None,
+        responses=inline_serializer("NextTask", {"assignment": AssignmentOut(allow_null=True)}),
+    )
+    def post(self, request):
+        assignment = services.task_lease_next(user=request.user)
+        return Response({"assignment": _assignment_out(assignment) if assignment else None})
+
+
+class AssignmentListApi(ListAPIView):
+    serializer_class = AssignmentOut
+
+    def get_queryset(self):
+        queryset = Assignment.objects.filter(labeler=self.request.user).select_related(
+            "task__parent_message", "task__target_message"
+        )
+        status_filter = self.request.query_params.get("status")
+        if status_filter:
+            queryset = queryset.filter(status=status_filter)
+        return queryset.order_by("-leased_at")
+
+    @extend_schema(parameters=[OpenApiParameter("status", enum=Assignment.Status.values, required=False)])
+    def get(self, request, *args, **kwargs):
+        status_filter = request.query_params.get("status")
+        if status_filter and status_filter not in Assignment.Status.values:
+            raise serializers.ValidationError({"status": f"Use one of {', '.join(Assignment.Status.values)}."})
+        return super().get(request, *args, **kwargs)
+
+
+class AssignmentDetailApi(APIView):
+    @extend_schema(responses=AssignmentOut)
+    def get(self, request, assignment_id: int):
+        return Response(_assignment_out(_own_assignment(request, assignment_id)))
+
+
+class SubmitApi(APIView):
+    """Submit a task. The body depends on its kind; a repeated submission returns the first one's result."""
+
+    class WriteInput(serializers.Serializer):
+        text = StrictCharField(max_length=MAX_MESSAGE_CHARS, trim_whitespace=False)
+        language = StrictCharField(max_length=16, required=False, default="en")
+        tags = serializers.ListField(child=StrictCharField(max_length=48), required=False, max_length=10)
+        time_spent_ms = serializers.IntegerField(required=False, min_value=0, max_value=86_400_000)
+
+    class RankInput(serializers.Serializer):
+        order = serializers.ListField(
+            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False),
+            allow_empty=False,
+            help_text="Groups of candidate ids, best group first; a group of several is a tie.",
+        )
+        flags = serializers.DictField(
+            child=serializers.ListField(child=serializers.ChoiceField(choices=CandidateFlag.values)),
+            required=False,
+            help_text="Candidate id -> flags.",
+        )
+        quality_rating = serializers.IntegerField(min_value=1, max_value=7, required=False, allow_null=True)
+        all_unacceptable = serializers.BooleanField(required=False, default=False)
+        confirm_untouched = serializers.BooleanField(required=False, default=False)
+        time_spent_ms = serializers.IntegerField(required=False, min_value=0, max_value=86_400_000)
+
+        def validate_flags(self, flags):
+            try:
+                return {int(key): value for key, value in flags.items()}
+            except ValueError:
+                raise serializers.ValidationError("Keys must be candidate ids.") from None
+
+    class ReviewInput(serializers.Serializer):
+        decision = serializers.ChoiceField(choices=Review.Decision.values)
+        reason = StrictCharField(max_length=2000, required=False, allow_blank=True, default="")
+        time_spent_ms = serializers.IntegerField(required=False, min_value=0, max_value=86_400_000)
+
+    class Output(serializers.Serializer):
+        assignment = serializers.IntegerField()
+        created = serializers.BooleanField(help_text="False when this repeated an earlier submission.")
+        result_type = serializers.CharField()
+        result_id = serializers.IntegerField(allow_null=True)
+
+    @extend_schema(
+        summary="Submit a leased task",
+        request=PolymorphicProxySerializer(
+            component_name="Submission",
+            serializers=[WriteInput, RankInput, ReviewInput],
+            resource_type_field_name=None,
+        ),
+        description="Write tasks: {text, language?, tags?}. Ranking: {order: [[id], [id, id], ...], flags?, "
+        "quality_rating?, all_unacceptable?, confirm_untouched?}. Review: {decision: accept|reject, reason?}.",
+        responses={201: Output, 200: Output},
+    )
+    def post(self, request, assignment_id: int):
+        assignment = _own_assignment(request, assignment_id)
+        kind = assignment.task.kind
+        if kind == TaskKind.RANK_REPLIES:
+            data = self._valid(self.RankInput, request)
+            result = services.ranking_submit(
+                assignment=assignment,
+                ranking=services.RankingInput(
+                    order=data["order"],
+                    flags=data.get("flags", {}),
+                    quality_rating=data.get("quality_rating"),
+                    all_unacceptable=data["all_unacceptable"],
+                    confirm_untouched=data["confirm_untouched"],
+                ),
+                time_spent_ms=data.get("time_spent_ms"),
+            )
+        elif kind == TaskKind.REVIEW_DEMONSTRATION:
+            data = self._valid(self.ReviewInput, request)
+            result = services.review_submit(
+                assignment=assignment,
+                decision=data["decision"],
+                reason=data["reason"],
+                time_spent_ms=data.get("time_spent_ms"),
+            )
+        elif kind == TaskKind.WRITE_PROMPT:
+            data = self._valid(self.WriteInput, request)
+            result = services.prompt_submit(
+                assignment=assignment,
+                text=data["text"],
+                language=data["language"],
+                tags=data.get("tags", []),
+                time_spent_ms=data.get("time_spent_ms"),
+            )
+        else:
+            data = self._valid(self.WriteInput, request)
+            result = services.reply_submit(
+                assignment=assignment, text=data["text"], time_spent_ms=data.get("time_spent_ms")
+            )
+        body = {
+            "assignment": assignment.pk,
+            "created": result.created,
+            "result_type": type(result.result).__name__.lower() if result.result is not None else "none",
+            "result_id": getattr(result.result, "pk", None),
+        }
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+
+    @staticmethod
+    def _valid(serializer_class, request) -> dict:
+        if not isinstance(request.data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Send a JSON object."]})
+        serializer = serializer_class(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        return serializer.validated_data
+
+
+class SkipApi(APIView):
+    class SkipInput(serializers.Serializer):
+        reason = StrictCharField(max_length=500)
+
+    @extend_schema(request=SkipInput, responses=AssignmentOut)
+    def post(self, request, assignment_id: int):
+        serializer = self.SkipInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        assignment = services.assignment_skip(
+            assignment=_own_assignment(request, assignment_id), reason=serializer.validated_data["reason"]
+        )
+        return Response(_assignment_out(assignment))
+
+
+class ReportApi(APIView):
+    class ReportInput(serializers.Serializer):
+        reason = serializers.ChoiceField(choices=Assignment.ReportReason.values)
+        note = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
+
+    @extend_schema(request=ReportInput, responses=AssignmentOut)
+    def post(self, request, assignment_id: int):
+        serializer = self.ReportInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        assignment = services.assignment_report(
+            assignment=_own_assignment(request, assignment_id), **serializer.validated_data
+        )
+        return Response(_assignment_out(assignment))
+
+
+class DraftApi(APIView):
+    class DraftInput(serializers.Serializer):
+        text = StrictCharField(max_length=MAX_MESSAGE_CHARS, allow_blank=True, trim_whitespace=False)
+
+    @extend_schema(request=DraftInput, responses=AssignmentOut, summary="Save a draft (and extend the lease)")
+    def post(self, request, assignment_id: int):
+        serializer = self.DraftInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        assignment = services.assignment_save_draft(
+            assignment=_own_assignment(request, assignment_id), draft=serializer.validated_data["text"]
+        )
+        return Response(_assignment_out(assignment))
+
+
+# --- conversations ---
+
+
+class ConversationOut(serializers.ModelSerializer):
+    messages = MessageOut(many=True, read_only=True)
+
+    class Meta:
+        model = Conversation
+        fields = ["id", "source", "dataset", "language", "tags", "split", "created_at", "messages"]
+
+
+def visible_conversations(user):
+    """Admins see every conversation; labelers those they started or wrote in."""
+    conversations = Conversation.objects.prefetch_related("messages__model_version")
+    if user.is_staff:
+        return conversations
+    return conversations.filter(
+        pk__in=Message.objects.filter(author=user).values("conversation_id")
+    ) | conversations.filter(created_by=user)
+
+
+class ConversationListApi(ListAPIView):
+    serializer_class = ConversationOut
+
+    def get_queryset(self):
+        return visible_conversations(self.request.user).distinct().order_by("-created_at", "-pk")
+
+
+class ConversationDetailApi(RetrieveAPIView):
+    serializer_class = ConversationOut
+    lookup_url_kwarg = "conversation_id"
+
+    def get_queryset(self):
+        return visible_conversations(self.request.user).distinct()
+
+
+class MessageDetailApi(RetrieveAPIView):
+    serializer_class = MessageOut
+    lookup_url_kwarg = "message_id"
+
+    def get_queryset(self):
+        visible = visible_conversations(self.request.user).values("pk")
+        return Message.objects.filter(conversation_id__in=visible).select_related("model_version")
+
+
+# --- import and export (admins) ---
+
+
+class ImportJobOut(serializers.ModelSerializer):
+    class Meta:
+        model = ImportJob
+        fields = [
+            "id",
+            "original_name",
+            "format",
+            "dataset",
+            "on_error",
+            "status",
+            "size_bytes",
+            "lines_done",
+            "lines_total",
+            "added",
+            "existing",
+            "error_count",
+            "errors",
+            "failure",
+            "created_at",
+            "finished_at",
+        ]
+
+
+class ImportCreateApi(APIView):
+    permission_classes = [IsAdmin]
+    parser_classes = [MultiPartParser, FormParser]
+
+    class ImportInput(serializers.Serializer):
+        file = serializers.FileField()
+        format = serializers.ChoiceField(choices=["auto", *FORMATS], default="auto")
+        on_error = serializers.ChoiceField(choices=ImportJob.OnError.values, default="skip")
+        dataset = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+
+    @extend_schema(
+        request={"multipart/form-data": ImportInput}, responses={202: ImportJobOut}, summary="Import a JSONL file"
+    )
+    def post(self, request):
+        serializer = self.ImportInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        job = services.import_job_create(
+            upload=data["file"],
+            format=data["format"],
+            on_error=data["on_error"],
+            dataset=data["dataset"],
+            user=request.user,
+        )
+        return Response(ImportJobOut(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ImportDetailApi(RetrieveAPIView):
+    permission_classes = [IsAdmin]
+    serializer_class = ImportJobOut
+    queryset = ImportJob.objects.all()
+    lookup_url_kwarg = "job_id"
+
+
+class ExportFiltersInput(serializers.Serializer):
+    since = serializers.DateField(required=False)
+    until = serializers.DateField(required=False)
+    model_version = serializers.CharField(required=False, max_length=128)
+    min_agreement = serializers.FloatField(required=False, min_value=0, max_value=1)
+    include_unreviewed = serializers.BooleanField(required=False, default=False)
+    include_imported = serializers.BooleanField(required=False, default=True)
+
+    def to_filters(self) -> exporting.ExportFilters:
+        data = self.validated_data
+        return exporting.ExportFilters(
+            since=data.get("since"),
+            until=data.get("until"),
+            model_version=data.get("model_version"),
+            min_agreement=data.get("min_agreement"),
+            accepted_only=not data["include_unreviewed"],
+            include_imported=data["include_imported"],
+        )
+
+
+class ExportApi(APIView):
+    permission_classes = [IsAdmin]
+
+    @extend_schema(
+        summary="Export training data (streamed JSONL)",
+        parameters=[ExportFiltersInput],
+        responses={(200, "application/x-ndjson"): OpenApiTypes.STR},
+    )
+    def get(self, request, kind: str):
+        filters = ExportFiltersInput(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        if kind not in exporting.KINDS:
+            raise serializers.ValidationError({"kind": f"Use one of {', '.join(exporting.KINDS)}."})
+        response = StreamingHttpResponse(
+            exporting.jsonl_lines(kind, filters.to_filters()), content_type="application/x-ndjson"
+        )
+        stamp = dt.date.today().isoformat()
+        response["Content-Disposition"] = f'attachment; filename="{kind}-{stamp}.jsonl"'
+        return response
+
+
+class ExportCardApi(APIView):
+    permission_classes = [IsAdmin]
+
+    @extend_schema(
+        summary="The dataset card (README.md) for an export with these filters",
+        parameters=[ExportFiltersInput],
+        responses={(200, "text/markdown"): OpenApiTypes.STR},
+    )
+    def get(self, request):
+        filters = ExportFiltersInput(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        chosen = filters.to_filters()
+        counts = {kind: sum(1 for _ in exporting.ROWS[kind](chosen)) for kind in exporting.KINDS}
+        return HttpResponse(exporting.dataset_card(counts, chosen), content_type="text/markdown; charset=utf-8")

@@ -1,0 +1,168 @@
+"""Import and export in the formats the field uses: round trips, malformed lines, filters and the dataset card."""
+
+import datetime as dt
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import CommandError, call_command
+
+from labeling import services
+from labeling.exporting import ExportFilters, dataset_card, preference_rows, ranking_rows, sft_rows, write_export
+from labeling.importing import hh_pair_record, import_jsonl
+from labeling.models import Conversation, ImportJob, Message, Ranking
+from tests.labeling.helpers import make_rank_task
+
+pytestmark = pytest.mark.django_db
+HH = Path(settings.SHARED_DATA_DIR) / "hh_rlhf_harmless_base_sample.jsonl.gz"
+
+
+def lines_of(rows) -> list[bytes]:
+    return [row if isinstance(row, bytes) else json.dumps(row).encode() + b"\n" for row in rows]
+
+
+def import_rows(rows, **kwargs):
+    data = lines_of(rows)
+    return import_jsonl(lambda: iter(data), **kwargs)
+
+
+def test_hh_round_trip_gives_back_the_same_pairs():
+    with gzip.open(HH, "rb") as source:
+        raw = source.readlines()
+    report = import_jsonl(lambda: iter(raw), format="hh", dataset="hh-rlhf-harmless-base")
+    assert (report.added, report.existing, report.skipped) == (1000, 0, 0)
+    exported = {
+        (json.dumps(row["prompt"]), row["chosen"][0]["content"], row["rejected"][0]["content"])
+        for row in preference_rows(ExportFilters())
+    }
+    original = set()
+    for line in raw:
+        record = hh_pair_record(json.loads(line))
+        prompt = [{"role": t.role, "content": t.content} for t in record.context]
+        original.add((json.dumps(prompt), record.chosen, record.rejected))
+    assert exported == original
+    again = import_jsonl(lambda: iter(raw), format="hh")
+    assert (again.added, again.existing) == (0, 1000), "a re-import adds nothing"
+
+
+def test_malformed_lines_are_reported_with_their_line_numbers():
+    rows = [
+        {"prompt": "A fine prompt"},
+        b"{not json}\n",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "robot", "content": "beep"}]},
+        b'{"prompt": "bad \xff byte"}\n',
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+        {
+            "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "x"}],
+            "prompt": "q",
+        },
+        {"something": "else"},
+        ["a", "list"],
+    ]
+    report = import_rows(rows)
+    assert report.added == 3
+    assert [n for n, _ in report.errors] == [2, 4, 5, 7, 8, 9]
+    reasons = dict(report.errors)
+    assert "not valid JSON" in reasons[2]
+    assert "role 'robot'" in reasons[4]
+    assert "not valid UTF-8" in reasons[5]
+    assert "identical" in reasons[7]
+    assert "unknown row" in reasons[8]
+    assert "JSON object" in reasons[9]
+
+
+def test_abort_mode_imports_nothing_when_a_line_is_malformed():
+    report = import_rows([{"prompt": "ok"}, {"prompt": 3}], on_error="abort")
+    assert report.aborted and report.errors[0][0] == 2
+    assert not Conversation.objects.exists()
+
+
+def test_every_format_imports():
+    report = import_rows(
+        [
+            {"prompt": "Just a prompt", "language": "de", "tags": ["Cooking"]},
+            {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {
+                "prompt": [{"role": "user", "content": "Capital of France?"}],
+                "chosen": [{"role": "assistant", "content": "Paris"}],
+                "rejected": [{"role": "assistant", "content": "Lyon"}],
+            },
+            {
+                "chosen": [{"role": "user", "content": "Best pet?"}, {"role": "assistant", "content": "A cat"}],
+                "rejected": [{"role": "user", "content": "Best pet?"}, {"role": "assistant", "content": "A rock"}],
+            },
+        ]
+    )
+    assert (report.added, report.errors) == (5, [])
+    german = Conversation.objects.get(language="de")
+    assert german.tags == ["cooking"]
+    assert Message.objects.get(text="4").review_status == Message.ReviewStatus.ACCEPTED
+    assert Ranking.objects.count() == 2
+
+
+def test_the_import_command(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "one"}\n{"prompt": 2}\n{"prompt": "three"}\n')
+    out, err = io.StringIO(), io.StringIO()
+    call_command("import_data", str(path), stdout=out, stderr=err)
+    assert "2 added" in out.getvalue() and "line 2:" in err.getvalue()
+    with pytest.raises(CommandError, match="Aborted: 1 malformed line"):
+        call_command("import_data", str(path), "--on-error", "abort", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_an_uploaded_import_job_records_its_progress(admin_user):
+    upload = SimpleUploadedFile("prompts.jsonl", b'{"prompt": "a"}\n{"prompt": "b"}\nnot json\n')
+    job = services.import_job_create(upload=upload, format="auto", on_error="skip", dataset="upload", user=admin_user)
+    assert job.status == ImportJob.Status.QUEUED
+    job = services.import_job_run(job_id=job.pk)
+    assert (job.status, job.lines_total, job.added, job.error_count) == ("done", 3, 2, 1)
+    assert job.errors[0][0] == 3
+    assert services.import_job_run(job_id=job.pk) is None, "a job runs once"
+
+
+def test_exports_and_their_filters(alice, bob):
+    task = make_rank_task(k=3, overlap=2)
+    a, b, c = (m.pk for m in task.candidates.order_by("pk"))
+    for labeler, order in ((alice, [[a], [b, c]]), (bob, [[b], [a], [c]])):
+        services.ranking_submit(
+            assignment=services.task_lease_next(user=labeler),
+            ranking=services.RankingInput(order=order, flags={}, confirm_untouched=True),
+        )
+    preferences = list(preference_rows(ExportFilters()))
+    assert len(preferences) == 2 + 3, "ties give no pair"
+    assert {p["labeler"] for p in preferences} == {alice.labeler_profile.pseudonym, bob.labeler_profile.pseudonym}
+    assert all("alice" not in json.dumps(p) for p in preferences)
+    rankings = list(ranking_rows(ExportFilters()))
+    assert sorted(r["ranks"] for r in rankings) == [[1, 2, 2], [1, 2, 3]]
+    version = task.model_version.name
+    assert len(list(preference_rows(ExportFilters(model_version=version)))) == 5
+    assert list(preference_rows(ExportFilters(model_version="nope"))) == []
+    assert list(preference_rows(ExportFilters(since=dt.date.today() + dt.timedelta(days=1)))) == []
+    # They order a-b differently and a-c alike: each agrees with the other on half of their strict pairs.
+    assert len(list(ranking_rows(ExportFilters(min_agreement=0.5)))) == 2
+    assert list(ranking_rows(ExportFilters(min_agreement=0.9))) == []
+
+
+def test_accepted_demonstrations_only_by_default():
+    import_rows([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    assert [r["messages"][-1]["content"] for r in sft_rows(ExportFilters())] == ["a"]
+    Message.objects.filter(text="a").update(review_status=Message.ReviewStatus.PENDING)
+    assert list(sft_rows(ExportFilters())) == []
+    assert len(list(sft_rows(ExportFilters(accepted_only=False)))) == 1
+
+
+def test_write_export_and_the_dataset_card(tmp_path):
+    import_rows([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    filters = ExportFilters(since=dt.date(2020, 1, 1))
+    counts = write_export(tmp_path, filters)
+    assert counts == {"sft": 1, "preferences": 0, "rankings": 0}
+    card = (tmp_path / "README.md").read_text()
+    assert "| `sft.jsonl` | 1 |" in card and "created on or after 2020-01-01" in card
+    assert card == dataset_card(counts, filters)

@@ -1,0 +1,79 @@
+"""Training runs: read for any signed-in user; start and cancel for admins."""
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView, RetrieveAPIView
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.api import IsAdmin
+from models_service.models import ModelVersion
+from training_jobs import services
+from training_jobs.models import TrainingRun
+
+
+class TrainingRunOut(serializers.ModelSerializer):
+    base_model = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    reward_model = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = TrainingRun
+        fields = [
+            "id",
+            "kind",
+            "status",
+            "trigger",
+            "base_model",
+            "reward_model",
+            "config",
+            "progress_step",
+            "progress_total",
+            "summary",
+            "error",
+            "data_snapshot",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+
+class TrainingRunListApi(ListAPIView):
+    serializer_class = TrainingRunOut
+    queryset = TrainingRun.objects.select_related("base_model", "reward_model").order_by("-created_at", "-pk")
+
+
+class TrainingRunDetailApi(RetrieveAPIView):
+    serializer_class = TrainingRunOut
+    queryset = TrainingRun.objects.select_related("base_model", "reward_model")
+    lookup_url_kwarg = "run_id"
+
+
+class TrainingRunCreateApi(APIView):
+    permission_classes = [IsAdmin]
+
+    class TrainingRunInput(serializers.Serializer):
+        kind = serializers.ChoiceField(choices=TrainingRun.Kind.values)
+        config = serializers.DictField(required=False, default=dict)
+        base_model = serializers.SlugRelatedField(
+            slug_field="name", queryset=ModelVersion.objects.filter(kind="policy", status="ready"), required=False
+        )
+        reward_model = serializers.SlugRelatedField(
+            slug_field="name", queryset=ModelVersion.objects.filter(kind="reward", status="ready"), required=False
+        )
+
+    @extend_schema(request=TrainingRunInput, responses={201: TrainingRunOut}, summary="Start a training run (admins)")
+    def post(self, request):
+        serializer = self.TrainingRunInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        run = services.training_run_create(triggered_by=request.user, **serializer.validated_data)
+        return Response(TrainingRunOut(run).data, status=status.HTTP_201_CREATED)
+
+
+class TrainingRunCancelApi(APIView):
+    permission_classes = [IsAdmin]
+
+    @extend_schema(request=None, responses=TrainingRunOut, summary="Cancel a training run (admins)")
+    def post(self, request, run_id: int):
+        run = services.training_run_cancel(run=get_object_or_404(TrainingRun, pk=run_id), actor=request.user)
+        return Response(TrainingRunOut(run).data)
