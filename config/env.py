@@ -4,6 +4,7 @@ django-environ parses the values; these helpers make every failure an Improperly
 variable and says what was expected, so a bad deployment stops at start-up instead of misbehaving later.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def env_list(name: str, default=_MISSING) -> list[str]:
     if value is None:
         return list(default)
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_json_object(name: str, default=_MISSING) -> dict:
+    """A JSON object, e.g. TRAINING_PPO_CONFIG='{"iterations": 40, "learning_rate": 1e-5}'."""
+    value = _raw(name, default)
+    if value is None:
+        return dict(default)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: not JSON ({exc.msg}).") from None
+    if not isinstance(parsed, dict):
+        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected a JSON object.")
+    return parsed
 
 
 def env_db(name: str, default=_MISSING) -> dict:

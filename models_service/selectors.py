@@ -23,7 +23,8 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
     """User turns of training conversations that this policy has not sampled for yet, best first.
 
     Never ranked contexts come first, then those written in the product (fresh prompts) before imported ones,
-    newest first. Held-out and validation conversations are never sampled for ranking.
+    newest first. Validation conversations are sampled too (the reward model is validated on their rankings);
+    held-out conversations never are: the evaluation gate needs prompts nothing was trained or validated on.
     """
     ranked_by_policy = Task.objects.filter(
         kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), model_version=policy
@@ -41,7 +42,7 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
         conversation=OuterRef("conversation_id"), status=Task.Status.CANCELLED, cancelled_reason__startswith="Reported"
     )
     return (
-        Message.objects.filter(role=Role.USER, conversation__split=splits.TRAIN)
+        Message.objects.filter(role=Role.USER, conversation__split__in=[splits.TRAIN, splits.VALIDATION])
         .exclude(Exists(ranked_by_policy))
         .exclude(Exists(open_ranking))
         .exclude(Exists(in_flight))

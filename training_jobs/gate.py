@@ -68,6 +68,11 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
         return Evaluation.Decision.PROMOTED, "No policy was serving."
     metrics = evaluation.metrics
     gain, kl = metrics.get("rm_gain"), metrics.get("candidate", {}).get("kl")
+    bootstrap = _bootstrap(evaluation)
+    if gain is None and bootstrap:
+        if not settings.auto_promote:
+            return Evaluation.Decision.WAITING_FOR_ADMIN, f"{bootstrap} Automatic promotion is off."
+        return Evaluation.Decision.PROMOTED, bootstrap
     problems = []
     if gain is None:
         problems.append("there is no reward model to score the replies")
@@ -96,6 +101,21 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
     if not settings.auto_promote:
         return Evaluation.Decision.WAITING_FOR_ADMIN, f"The rules hold ({facts}); automatic promotion is off."
     return Evaluation.Decision.PROMOTED, f"The rules hold: {facts}."
+
+
+def _bootstrap(evaluation: Evaluation) -> str:
+    """Before any reward model exists, an SFT policy that lowered its validation loss replaces the base policy
+    it was trained from: it is what samples the replies the first reward model learns from (InstructGPT)."""
+    candidate, baseline = evaluation.candidate, evaluation.baseline
+    if candidate.stage != candidate.Stage.SFT or baseline is None or baseline.stage != baseline.Stage.BASE:
+        return ""
+    before, after = candidate.metrics.get("val_loss_initial"), candidate.metrics.get("val_loss")
+    if before is None or after is None or after >= before:
+        return ""
+    return (
+        f"No reward model yet: the SFT policy replaces the base policy (validation loss {before:.3f} -> {after:.3f}) "
+        "so that the ranking tasks sample from it."
+    )
 
 
 def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None = None) -> str:

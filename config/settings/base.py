@@ -7,6 +7,7 @@ from config.env import (
     env_db,
     env_float,
     env_int,
+    env_json_object,
     env_list,
     env_path,
     env_redis_url,
@@ -171,12 +172,10 @@ TRAINING_MIN_PROMPTS = env_int("TRAINING_MIN_PROMPTS", 8, min_value=1)
 TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=0)
 TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
 TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
-TRAINING_SFT_DEFAULTS = {"epochs": env_int("TRAINING_SFT_EPOCHS", 2, min_value=1)}
-TRAINING_RM_DEFAULTS = {"epochs": env_int("TRAINING_RM_EPOCHS", 1, min_value=1)}
-TRAINING_PPO_DEFAULTS = {
-    "iterations": env_int("TRAINING_PPO_ITERATIONS", 20, min_value=1),
-    "kl_coef": env_float("TRAINING_PPO_KL_COEF", 0.02, min_value=0.0),
-}
+# Each stage's config (training_jobs/{sft,reward,ppo}.py) as a JSON object; a run's own config overrides it.
+TRAINING_SFT_DEFAULTS = env_json_object("TRAINING_SFT_CONFIG", {"epochs": 2})
+TRAINING_RM_DEFAULTS = env_json_object("TRAINING_RM_CONFIG", {"epochs": 1})
+TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
 LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)

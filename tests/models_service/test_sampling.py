@@ -59,11 +59,13 @@ def test_the_pool_fills_to_its_target_and_no_further(tiny_policy, pool_settings)
 
 
 @pytest.mark.django_db
-def test_held_out_and_validation_prompts_are_never_sampled(tiny_policy, pool_settings):
+def test_held_out_prompts_are_never_sampled_and_validation_ones_are(tiny_policy, pool_settings):
     make_contexts(3, split=splits.HOLDOUT)
-    make_contexts(3, split=splits.VALIDATION)
     fill()
     assert not Task.objects.filter(kind=TaskKind.RANK_REPLIES).exists()
+    make_contexts(1, split=splits.VALIDATION)
+    fill()
+    assert Task.objects.get(kind=TaskKind.RANK_REPLIES).conversation.split == splits.VALIDATION
 
 
 @pytest.mark.django_db

@@ -288,3 +288,18 @@ def test_the_import_page_uploads_and_shows_progress(client, admin_user, alice):
         and "a list ending with a user turn" in client.get(response.url).content.decode()
     )
     assert "Choose a JSONL file" in client.post(reverse("ops:imports"), {}, follow=True).content.decode()
+
+
+def test_before_any_reward_model_a_better_sft_policy_replaces_the_base(tiny_policy, tiny_model_dirs):
+    sft = register_tiny_policy(tiny_model_dirs[1], name="policy-sft-v0", stage="sft")
+    ModelVersion.objects.filter(pk=sft.pk).update(metrics={"val_loss_initial": 5.0, "val_loss": 3.2})
+    evaluation = Evaluation.objects.create(
+        candidate=sft, baseline=tiny_policy, status="done", metrics={"rm_gain": None}
+    )
+    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    assert "5.000 -> 3.200" in Evaluation.objects.get(pk=evaluation.pk).decision_reason
+    worse = register_tiny_policy(tiny_model_dirs[1], name="policy-sft-v1", stage="sft")
+    ModelVersion.objects.filter(pk=worse.pk).update(metrics={"val_loss_initial": 5.0, "val_loss": 5.5})
+    sft.refresh_from_db()
+    evaluation = Evaluation.objects.create(candidate=worse, baseline=sft, status="done", metrics={"rm_gain": None})
+    assert gate.evaluation_decide(evaluation=evaluation) == "not_promoted"
