@@ -44,9 +44,10 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (InstructGPT normalises its reward model this way before RL; the scalar head has no bias to hold it).
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    base = getattr(model, model.base_model_prefix)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft (LoRA) wrapper
+    base = getattr(inner, inner.base_model_prefix)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-    offset = float(getattr(model.config, REWARD_OFFSET, 0.0) or 0.0)
+    offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
     return score_head(model)(hidden[:, -1, :]).squeeze(-1).float() + offset
 
 

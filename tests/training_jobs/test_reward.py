@@ -95,3 +95,19 @@ def test_the_reward_model_learns_a_visible_preference(tiny_model_dirs, tmp_path)
     scores = score_pairs(model, tokenizer, demonstrations)
     assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4), "demonstrations average 0 after the shift"
     assert not list((tmp_path / "rm").glob("*.bin"))
+
+
+def test_the_reward_model_trains_with_lora(tiny_model_dirs, tmp_path):
+    config = RewardConfig(epochs=6, learning_rate=1e-2, rankings_per_batch=8, max_length=64, lora=True, lora_rank=8)
+    result = train_reward(
+        config,
+        synthetic_rankings(64, seed=4),
+        synthetic_rankings(16, seed=5),
+        base_dir=tiny_model_dirs[0],
+        output_dir=tmp_path / "rm",
+    )
+    losses = [value for _, value in result.series["rm/train_loss"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, "the adapters learn"
+    assert result.metrics["val_accuracy"] >= 0.9, result.metrics
+    files = {p.name for p in (tmp_path / "rm").iterdir()}
+    assert "model.safetensors" in files and "adapter_config.json" not in files

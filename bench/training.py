@@ -1,0 +1,264 @@
+"""Training speed and memory with the default model (SmolLM2-135M-Instruct) on this machine.
+
+    .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 2]
+
+Measured in this run:
+- SFT tokens/s of our loop (training_jobs/sft.py) and of TRL's SFTTrainer on the same demonstrations and
+  settings;
+- reward-model training time per ranking with K = 9: grouped (the K candidates through the model once, all
+  C(K,2) pairs in one loss) against flattened pairs (C(K,2) chosen/rejected rows, as a pairwise trainer does);
+- PPO seconds per iteration and the peak RSS of the process that runs it (a fresh process, so the figure is
+  PPO's own), with LoRA on the policy and the value model.
+The last line is JSON with every figure.
+"""
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from itertools import combinations
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import django  # noqa: E402
+
+django.setup()
+
+import torch  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+K = 9
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def default_model_dir() -> Path:
+    from bench.sampling import default_model_dir as convert
+
+    return convert()
+
+
+def demonstrations(n: int) -> list[list[dict]]:
+    chats = []
+    with gzip.open(Path(settings.SHARED_DATA_DIR) / "self_instruct_seed_tasks.jsonl.gz", "rt") as lines:
+        for line in lines:
+            row = json.loads(line)
+            instance = row["instances"][0]
+            prompt = row["instruction"] + (f"\n\n{instance['input']}" if instance["input"] else "")
+            chats.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": instance["output"]}])
+            if len(chats) == n:
+                break
+    return chats
+
+
+def sft_ours(model_dir: Path, chats, epochs: int, batch: int, max_length: int) -> dict:
+    from training_jobs.sft import SFTConfig, train_sft
+
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        result = train_sft(
+            SFTConfig(epochs=epochs, batch_size=batch, max_length=max_length, learning_rate=1e-5),
+            chats,
+            chats[:4],
+            base_dir=model_dir,
+            output_dir=Path(out) / "sft",
+        )
+        wall = time.perf_counter() - started
+    return {"tokens_per_s": result.metrics["tokens_per_s"], "wall_s": wall, "tokens": result.metrics["train_tokens"]}
+
+
+def sft_trl(model_dir: Path, chats, epochs: int, batch: int, max_length: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_list([{"messages": chat} for chat in chats])
+    with tempfile.TemporaryDirectory() as out:
+        trainer = SFTTrainer(
+            model=str(model_dir),
+            args=SFTConfig(
+                output_dir=out,
+                num_train_epochs=epochs,
+                per_device_train_batch_size=batch,
+                max_length=max_length,
+                learning_rate=1e-5,
+                report_to=[],
+                save_strategy="no",
+                logging_strategy="no",
+                use_cpu=True,
+                assistant_only_loss=False,
+            ),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * epochs
+        output = trainer.train()
+    runtime = output.metrics["train_runtime"]
+    return {"tokens_per_s": tokens / runtime, "wall_s": runtime, "tokens": tokens}
+
+
+def reward_timing(model_dir: Path, rankings: int = 3) -> dict:
+    """Seconds per K=9 ranking for one training step, grouped against flattened pairs."""
+    import torch.nn.functional as F
+
+    from models_service.generation import left_pad
+    from models_service.scoring import pair_input_ids, sequence_scores
+    from training_jobs.reward import load_reward_model, ranking_loss
+
+    model, tokenizer = load_reward_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    chats = demonstrations(rankings * K)
+    pad = tokenizer.pad_token_id
+
+    def grouped(index):
+        context = chats[index * K][:1]
+        replies = [chats[index * K + j][1]["content"] for j in range(K)]
+        rows = [pair_input_ids(tokenizer, context, reply, max_tokens=256) for reply in replies]
+        ids, mask = left_pad(rows, pad, "cpu")
+        loss = ranking_loss(sequence_scores(model, ids, mask), list(range(1, K + 1)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def flattened(index):
+        context = chats[index * K][:1]
+        replies = [chats[index * K + j][1]["content"] for j in range(K)]
+        pairs = list(combinations(range(K), 2))
+        rows = [pair_input_ids(tokenizer, context, replies[i], max_tokens=256) for i, _ in pairs]
+        rows += [pair_input_ids(tokenizer, context, replies[j], max_tokens=256) for _, j in pairs]
+        for start in range(0, len(pairs), 12):  # 12 pairs (24 rows) per micro-batch, one optimizer step
+            chunk = slice(start, start + 12)
+            chosen, rejected = rows[: len(pairs)][chunk], rows[len(pairs) :][chunk]
+            ids, mask = left_pad(chosen + rejected, pad, "cpu")
+            scores = sequence_scores(model, ids, mask)
+            half = len(chosen)
+            loss = -F.logsigmoid(scores[:half] - scores[half:]).mean() * half / len(pairs)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    timings = {}
+    for name, step in (("grouped", grouped), ("flattened", flattened)):
+        step(0)  # warm-up
+        started = time.perf_counter()
+        for index in range(1, rankings):
+            step(index)
+        timings[name] = (time.perf_counter() - started) / (rankings - 1)
+    return timings
+
+
+def _ppo_child(model_dir: str, reward_dir: str, iterations: int, queue) -> None:
+    from training_jobs.common import Progress
+    from training_jobs.ppo import PPOConfig, train_ppo
+
+    prompts = [chat[:1] for chat in demonstrations(32)]
+    times = []
+    progress = Progress()
+    original = progress.advance
+
+    def timed_advance(steps=1):
+        times.append(time.perf_counter())
+        original(steps)
+
+    progress.advance = timed_advance
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        result = train_ppo(
+            PPOConfig(iterations=iterations, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=48),
+            prompts=prompts,
+            policy_dir=Path(model_dir),
+            reward_dir=Path(reward_dir),
+            output_dir=Path(out) / "ppo",
+            progress=progress,
+        )
+    marks = [started, *times]
+    per_iteration = [b - a for a, b in zip(marks, marks[1:])]
+    queue.put(
+        {
+            "per_iteration_s": per_iteration,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        }
+    )
+
+
+def ppo_timing(model_dir: Path, iterations: int) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as reward_dir:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        reward = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+        reward.config.pad_token_id = tokenizer.pad_token_id
+        reward.save_pretrained(reward_dir, safe_serialization=True)
+        tokenizer.save_pretrained(reward_dir)
+        del reward
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        child = context.Process(target=_ppo_child, args=(str(model_dir), reward_dir, iterations, queue))
+        child.start()
+        result = queue.get(timeout=3600)
+        child.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--ppo-iterations", type=int, default=3)
+    parser.add_argument("--sft-examples", type=int, default=32)
+    args = parser.parse_args()
+    model_dir = default_model_dir()
+    figures = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads()}
+
+    chats = demonstrations(args.sft_examples)
+    log(f"SFT: {len(chats)} demonstrations, 1 epoch, batch 4, max length 256")
+    ours = sft_ours(model_dir, chats, epochs=1, batch=4, max_length=256)
+    log(f"  ours: {ours['tokens_per_s']:.0f} tokens/s ({ours['tokens']} tokens)")
+    figures.update(sft_tokens_per_s=round(ours["tokens_per_s"], 1))
+    if not args.skip_trl:
+        trl = sft_trl(model_dir, chats, epochs=1, batch=4, max_length=256)
+        log(f"  TRL SFTTrainer: {trl['tokens_per_s']:.0f} tokens/s ({trl['tokens']} tokens)")
+        figures.update(
+            trl_sft_tokens_per_s=round(trl["tokens_per_s"], 1),
+            sft_vs_trl=round(ours["tokens_per_s"] / trl["tokens_per_s"], 2),
+        )
+
+    log(f"reward model: one training step per ranking with K = {K} ({K * (K - 1) // 2} pairs)")
+    rm = reward_timing(model_dir)
+    log(
+        f"  grouped (K rows): {rm['grouped']:.2f} s per ranking; flattened ({K * (K - 1)} rows): {rm['flattened']:.2f} s"
+    )
+    figures.update(
+        rm_grouped_s_per_ranking=round(rm["grouped"], 3),
+        rm_flattened_s_per_ranking=round(rm["flattened"], 3),
+        rm_grouped_speedup=round(rm["flattened"] / rm["grouped"], 2),
+    )
+
+    log(f"PPO: {args.ppo_iterations} iterations, 8 rollouts x 48 tokens, LoRA, in a fresh process")
+    ppo = ppo_timing(model_dir, args.ppo_iterations)
+    steady = ppo["per_iteration_s"][1:] or ppo["per_iteration_s"]
+    per_iteration = ", ".join(f"{t:.1f}" for t in ppo["per_iteration_s"])
+    log(f"  {per_iteration} s per iteration; peak RSS {ppo['peak_rss_mb']:.0f} MB")
+    figures.update(
+        ppo_iter_s=round(sum(steady) / len(steady), 2),
+        ppo_first_iter_s=round(ppo["per_iteration_s"][0], 2),
+        ppo_peak_rss_mb=round(ppo["peak_rss_mb"], 1),
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,537 @@
+"""PPO against a reward model, with a per-token KL penalty to the SFT policy (InstructGPT §3.5, Appendix C).
+
+One iteration (Ouyang et al. 2022; "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024):
+1. Roll out one response per prompt from the policy: left-padded prompts, positions from the attention mask,
+   sampling from the full distribution at `temperature` (no top-k or top-p), until EOS or `max_new_tokens`.
+2. Score exactly the produced tokens with the reward model (prompt ids + response ids + EOS, no re-tokenising).
+   A response that never reached EOS gets the fixed `missing_eos_penalty` instead of a score.
+3. Per-token reward `-beta * (logp - logp_ref)`, computed from the sampled tokens' log-probs under the policy and
+   the frozen SFT policy at the rollout's temperature; the score is added at the last response token.
+4. GAE (gamma = 1, lambda = 0.95) with values from a value model initialised from the reward model; advantages
+   are whitened per batch.
+5. `ppo_epochs` passes over shuffled minibatches: clipped policy loss (plus the PPO-ptx LM loss on demonstrations
+   when `ptx_coef` > 0) and clipped value loss, each with its own optimizer and gradient clipping.
+
+With `lora=True` the policy and the value model train LoRA adapters (and the value model its score head); the
+reference policy is the policy with its adapters disabled, and the reward model is the value model with its
+adapters disabled, so no second copy of either set of weights is loaded (the default 135M model then runs PPO
+in about 3 GB on the CPU).
+"""
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from models_service.generation import chat_prompt_ids, eos_ids, left_pad
+from models_service.scoring import REWARD_OFFSET, reward_input_ids, score_head, sequence_scores
+from training_jobs.common import (
+    Progress,
+    TrainingFailed,
+    TrainResult,
+    apply_lora,
+    save_model,
+    seed_everything,
+    training_device,
+)
+
+RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 20
+    rollout_batch_size: int = 8  # prompts per iteration, one response each
+    minibatch_size: int = 4
+    ppo_epochs: int = 2  # minibatch epochs per rollout
+    learning_rate: float = 1e-5  # policy
+    value_learning_rate: float = 1e-5
+    kl_coef: float = 0.02  # beta, per-token KL penalty to the reference (SFT) policy
+    adaptive_kl: bool = False  # Ziegler et al. adaptive controller toward target_kl
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    max_kl: float = 25.0  # collapse guard: mean per-sequence KL above this fails the run
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 256
+    temperature: float = 1.0
+    missing_eos_penalty: float | None = -1.0  # fixed score for responses without EOS; None scores them as they are
+    whiten_rewards: bool = False
+    ptx_coef: float = 0.0  # PPO-ptx: gamma_ptx times the LM loss on SFT examples (0 = off)
+    ptx_batch_size: int = 4
+    lora: bool = True  # policy and value model get LoRA adapters; reference = policy with adapters disabled
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Rollout:
+    """Rollout tensors, one row per episode: left-padded queries, right-padded responses, per-token figures."""
+
+    queries: torch.Tensor  # [B, P]
+    query_mask: torch.Tensor  # [B, P]
+    responses: torch.Tensor  # [B, R]
+    response_mask: torch.Tensor  # [B, R], 1 up to and including EOS
+    logprobs: torch.Tensor | None = None  # [B, R] policy at rollout time ("old")
+    ref_logprobs: torch.Tensor | None = None  # [B, R]
+    values: torch.Tensor | None = None  # [B, R]
+    advantages: torch.Tensor | None = None  # [B, R]
+    returns: torch.Tensor | None = None  # [B, R]
+
+    def rows(self, index) -> "Rollout":
+        """The rows `index`, with the query padding no row of them needs cut off."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        picked = {name: None if value is None else value[index] for name, value in picked.items()}
+        keep = int(picked["query_mask"].sum(-1).max())
+        picked["queries"], picked["query_mask"] = picked["queries"][:, -keep:], picked["query_mask"][:, -keep:]
+        return Rollout(**picked)
+
+    def model_inputs(self) -> dict:
+        mask = torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+        return {
+            "input_ids": torch.cat([self.queries, self.responses], dim=1),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        }
+
+
+# --- rollouts and per-token figures ---
+
+
+@torch.no_grad()
+def sample_responses(
+    policy, queries: list[list[int]], *, pad_id: int, stop_ids: list[int], config: PPOConfig, generator
+):
+    """One response per query, sampled from the full distribution at `config.temperature` (N+ details: the
+    log-prob pass must see the distribution the tokens were drawn from, so no top-k/top-p truncation).
+
+    Left padding, positions from the attention mask, a KV cache. Returns (Rollout, lengths, finished).
+    """
+    device = next(policy.parameters()).device
+    ids, query_mask = left_pad(queries, pad_id, device)
+    mask = query_mask
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    position = position[:, -1:]
+    stop = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    lengths = torch.zeros(len(queries), dtype=torch.long, device=device)
+    tokens = []
+    for step in range(config.max_new_tokens):
+        probs = (out.logits[:, -1, :].float() / config.temperature).softmax(-1)
+        token = torch.multinomial(probs, 1, generator=generator).masked_fill(finished[:, None], pad_id)
+        tokens.append(token)
+        lengths += (~finished).long()
+        finished |= torch.isin(token[:, 0], stop)
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        position = position + 1
+        out = policy(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values)
+    responses = torch.cat(tokens, dim=1)
+    response_mask = (torch.arange(responses.shape[1], device=device)[None, :] < lengths[:, None]).long()
+    return Rollout(ids, query_mask, responses, response_mask), lengths.tolist(), finished.tolist()
+
+
+def response_logprobs(model, batch: Rollout, temperature: float, *, with_entropy: bool = False):
+    """Log-probs of the response tokens (and the entropy of each step's distribution), at `temperature`.
+
+    Only the logits that predict response tokens are computed (`logits_to_keep`), which keeps memory modest.
+    """
+    width = batch.responses.shape[1]
+    logits = model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1, :].float() / temperature
+    all_logprobs = logits.log_softmax(-1)
+    logprobs = all_logprobs.gather(-1, batch.responses[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():
+        entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
+    return logprobs, entropy
+
+
+def reference_logprobs(policy, reference, batch: Rollout, temperature: float) -> torch.Tensor:
+    """Log-probs under the frozen SFT policy: the separate copy, or the LoRA policy with its adapters disabled."""
+    with torch.no_grad():
+        if reference is not None:
+            return response_logprobs(reference, batch, temperature)[0]
+        with policy.disable_adapter():
+            return response_logprobs(policy, batch, temperature)[0]
+
+
+def reward_scores(reward_model, value_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores of left-padded reward-model inputs: the frozen copy, or the LoRA value model with adapters disabled."""
+    with torch.no_grad():
+        if reward_model is not None:
+            return sequence_scores(reward_model, ids, mask)
+        with value_model.disable_adapter():
+            return sequence_scores(value_model.get_base_model(), ids, mask)
+
+
+def token_values(value_model, batch: Rollout) -> torch.Tensor:
+    """V(s_t) for every response step: the reward model's scalar head applied to the hidden state at each
+    position (InstructGPT initialises the value function from the reward model)."""
+    inner = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    backbone = getattr(inner, inner.base_model_prefix)
+    width = batch.responses.shape[1]
+    hidden = backbone(**batch.model_inputs()).last_hidden_state[:, -width - 1 : -1, :]
+    offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
+    return score_head(inner)(hidden).squeeze(-1).float() + offset
+
+
+# --- advantages and losses ---
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries (unbiased variance); with shift_mean=False the mean stays."""
+    mask = mask.float()
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float):
+    """Generalised advantage estimation over the response tokens. Steps past a response's end have value and
+    reward 0, so the last token's advantage is `r_T - V(s_T)`. Returns (advantages, returns)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def token_rewards(logprobs, ref_logprobs, mask, scores, beta: float):
+    """Per-token reward `-beta * (logp - logp_ref)`, plus each episode's score at its last response token
+    (InstructGPT's KL-penalised reward, per token). Returns (rewards, per-token KL)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
+    return rewards, kl
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+    """PPO's clipped surrogate, averaged over response tokens. Returns (loss, clip fraction, approx KL)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(old || new)
+    return loss, clip_fraction, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, clip_range: float) -> torch.Tensor:
+    """Clipped value loss (N+ details): the value may move at most `clip_range` from its rollout estimate."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def _optimizer_step(model, optimizer, max_grad_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def policy_step(policy, optimizer, batch: Rollout, config: PPOConfig, *, ptx: tuple | None = None) -> dict:
+    """One optimizer step of the policy on a minibatch (plus `ptx_coef` x the LM loss of a `ptx` batch; the two
+    losses are backpropagated one after the other, so only one graph is held at a time)."""
+    policy.train()
+    optimizer.zero_grad(set_to_none=True)
+    logprobs, entropy = response_logprobs(policy, batch, config.temperature, with_entropy=True)
+    mask = batch.response_mask.float()
+    loss, clip_fraction, approx_kl = policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.clip_range)
+    stats = {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+    stats["entropy"] = masked_mean(entropy, mask).item()
+    loss.backward()
+    del logprobs, entropy, loss
+    if ptx is not None and config.ptx_coef > 0:
+        lm_loss = demonstration_loss(policy, *ptx)
+        (config.ptx_coef * lm_loss).backward()
+        stats["ptx_loss"] = lm_loss.item()
+    _optimizer_step(policy, optimizer, config.max_grad_norm)
+    return stats
+
+
+def value_step(value_model, optimizer, batch: Rollout, config: PPOConfig) -> dict:
+    value_model.train()
+    optimizer.zero_grad(set_to_none=True)
+    mask = batch.response_mask.float()
+    loss = value_loss(token_values(value_model, batch), batch.values, batch.returns, mask, config.value_clip_range)
+    loss.backward()
+    _optimizer_step(value_model, optimizer, config.max_grad_norm)
+    return {"value_loss": loss.item()}
+
+
+def demonstration_loss(policy, ids: torch.Tensor, mask: torch.Tensor, reply_lengths: torch.Tensor) -> torch.Tensor:
+    """Mean LM loss on the reply tokens of left-padded (prompt + reply + EOS) rows: the PPO-ptx term."""
+    width = int(reply_lengths.max())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    targets = ids[:, -width:]
+    logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    reply_mask = torch.arange(width, device=ids.device)[None, :] >= (width - reply_lengths)[:, None]
+    return -masked_mean(logprobs, reply_mask.float())
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, episodes: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * episodes / self.horizon
+
+
+# --- the run ---
+
+
+def _load(config: PPOConfig, policy_dir: Path, reward_dir: Path, *, need_reward_model: bool, device, dtype):
+    """Tokenizer, policy, reference, reward model, value model.
+
+    With LoRA, `reference` and `reward_model` are None: they are the policy and the value model with their adapters
+    disabled (the value model's score head is a trainable copy, and disabling the adapters restores the
+    original), which keeps one copy of each set of weights in memory. Without LoRA they are frozen copies."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if (Path(reward_dir) / "tokenizer_config.json").is_file():
+        reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab() or reward_tokenizer.eos_token != tokenizer.eos_token:
+            raise TrainingFailed("the reward model's tokenizer differs from the policy's: it could not read the tokens")
+
+    def frozen(model):
+        model.requires_grad_(False)
+        return model.eval()
+
+    def causal_lm():
+        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
+
+    def sequence_classifier():
+        return AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype).to(device)
+
+    policy, reference = causal_lm(), None
+    if config.lora:
+        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha)
+    else:
+        reference = frozen(causal_lm())
+    value_model, reward_model = sequence_classifier(), None
+    if config.lora:
+        value_model = apply_lora(value_model, rank=config.lora_rank, alpha=config.lora_alpha, task_type="SEQ_CLS")
+    elif need_reward_model:
+        reward_model = frozen(sequence_classifier())
+    for model in (policy, value_model):
+        _disable_dropout(model)  # N+ details: dropout would make the ratio differ from 1 before any update
+    return tokenizer, policy, reference, reward_model, value_model
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+
+
+def _demonstrations(tokenizer, chats: list[list[dict]], config: PPOConfig) -> list[tuple[list[int], list[int]]]:
+    examples = []
+    for chat in chats:
+        if not chat or chat[-1]["role"] != "assistant":
+            raise ValueError("a PPO-ptx example must end with an assistant turn")
+        prompt, _ = chat_prompt_ids(tokenizer, chat[:-1], max_prompt_tokens=config.max_prompt_tokens)
+        reply = tokenizer.encode(chat[-1]["content"], add_special_tokens=False)[: config.max_prompt_tokens]
+        examples.append((prompt, [*reply, tokenizer.eos_token_id]))
+    return examples
+
+
+def _cycle(items: list, rng: random.Random):
+    while True:
+        order = list(items)
+        rng.shuffle(order)
+        yield from order
+
+
+def _scores(
+    reward_model, value_model, reward_fn, chats, queries, responses, finished, tokenizer, config, device
+) -> torch.Tensor:
+    """The score of each episode: the reward model on exactly the produced tokens (or `reward_fn`), and the
+    fixed `missing_eos_penalty` for responses that never reached EOS."""
+    if reward_fn is not None:
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        scores = [float(s) for s in reward_fn(chats, texts, responses)]
+    else:
+        scores = []
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        inputs = [reward_input_ids(q, r, tokenizer.eos_token_id) for q, r in zip(queries, responses, strict=True)]
+        for start in range(0, len(inputs), config.minibatch_size):
+            ids, mask = left_pad(inputs[start : start + config.minibatch_size], pad_id, device)
+            scores += reward_scores(reward_model, value_model, ids, mask).tolist()
+    if config.missing_eos_penalty is not None:
+        scores = [s if done else config.missing_eos_penalty for s, done in zip(scores, finished, strict=True)]
+    return torch.tensor(scores, dtype=torch.float32, device=device)
+
+
+def train_ppo(
+    config: PPOConfig,
+    *,
+    prompts: list[list[dict]],
+    policy_dir: Path,
+    reward_dir: Path,
+    output_dir: Path,
+    ptx_examples: list[list[dict]] | None = None,
+    progress: Progress | None = None,
+    reward_fn: RewardFn | None = None,
+) -> TrainResult:
+    """Run PPO for `config.iterations` rollouts and save the policy (LoRA merged, safetensors) to `output_dir`.
+
+    Raises TrainingFailed when the mean per-sequence KL to the SFT policy exceeds `config.max_kl`, and Cancelled
+    (from `progress.advance`) when the run is cancelled; in both cases nothing is written to `output_dir`.
+    """
+    if not prompts:
+        raise ValueError("PPO needs at least one prompt")
+    if config.temperature <= 0:
+        raise ValueError("PPO samples from the policy: temperature must be positive")
+    if min(config.iterations, config.rollout_batch_size, config.minibatch_size, config.ppo_epochs) < 1:
+        raise ValueError("iterations, rollout_batch_size, minibatch_size and ppo_epochs must be at least 1")
+    progress = progress or Progress()
+    started = time.monotonic()
+    seed_everything(config.seed)
+    device, dtype = training_device()
+    tokenizer, policy, reference, reward_model, value_model = _load(
+        config, policy_dir, reward_dir, need_reward_model=reward_fn is None, device=device, dtype=dtype
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = eos_ids(policy, tokenizer)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    policy_optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    value_optimizer = torch.optim.AdamW(value_params, lr=config.value_learning_rate, eps=1e-5)
+    kl_control = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+    rng = random.Random(config.seed)
+    prompt_stream = _cycle(list(range(len(prompts))), rng)
+    encoded = [chat_prompt_ids(tokenizer, chat, max_prompt_tokens=config.max_prompt_tokens)[0] for chat in prompts]
+    ptx_stream = None
+    if ptx_examples and config.ptx_coef > 0:
+        ptx_stream = _cycle(_demonstrations(tokenizer, ptx_examples, config), rng)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    progress.start(config.iterations)
+    history: list[dict] = []
+
+    for iteration in range(1, config.iterations + 1):
+        # 1-2. Rollout and scores, with the policy in eval mode and no gradients.
+        picked = [next(prompt_stream) for _ in range(config.rollout_batch_size)]
+        policy.eval()
+        value_model.eval()
+        batch, lengths, finished = sample_responses(
+            policy, [encoded[i] for i in picked], pad_id=pad_id, stop_ids=stop_ids, config=config, generator=generator
+        )
+        responses = [row[:n] for row, n in zip(batch.responses.tolist(), lengths, strict=True)]
+        scores = _scores(
+            reward_model,
+            value_model,
+            reward_fn,
+            [prompts[i] for i in picked],
+            [encoded[i] for i in picked],
+            responses,
+            finished,
+            tokenizer,
+            config,
+            device,
+        )
+        # 3. Old log-probs, reference log-probs and values, in minibatches.
+        parts = {"logprobs": [], "ref_logprobs": [], "values": []}
+        with torch.no_grad():
+            for start in range(0, len(picked), config.minibatch_size):
+                rows = batch.rows(slice(start, start + config.minibatch_size))
+                parts["logprobs"].append(response_logprobs(policy, rows, config.temperature)[0])
+                parts["ref_logprobs"].append(reference_logprobs(policy, reference, rows, config.temperature))
+                parts["values"].append(token_values(value_model, rows))
+        for name, chunks in parts.items():
+            setattr(batch, name, torch.cat(chunks))
+        mask = batch.response_mask.float()
+        beta = kl_control.beta
+        rewards, kl_tokens = token_rewards(batch.logprobs, batch.ref_logprobs, mask, scores, beta)
+        kl = kl_tokens.sum(-1).mean().item()
+        if kl > config.max_kl:
+            raise TrainingFailed(f"KL {kl:.2f} exceeded the bound {config.max_kl}: stopped to avoid collapse")
+        if config.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        # 4. GAE, whitened advantages.
+        batch.values = batch.values * mask
+        advantages, batch.returns = gae(rewards, batch.values, mask, gamma=config.gamma, lam=config.lam)
+        batch.advantages = whiten(advantages, mask)
+        residual = (batch.returns - batch.values)[mask.bool()]
+        explained_variance = 1 - residual.var().item() / max(batch.returns[mask.bool()].var().item(), 1e-12)
+        # 5. PPO epochs over shuffled minibatches.
+        steps: list[dict] = []
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(picked))
+            for start in range(0, len(picked), config.minibatch_size):
+                rows = batch.rows(order[start : start + config.minibatch_size].to(device))
+                ptx = _ptx_batch(ptx_stream, config, pad_id, device) if ptx_stream is not None else None
+                stats = policy_step(policy, policy_optimizer, rows, config, ptx=ptx)
+                stats |= value_step(value_model, value_optimizer, rows, config)
+                steps.append(stats)
+        if config.adaptive_kl:
+            kl_control.update(kl, len(picked))
+
+        figures = {name: sum(s[name] for s in steps) / len(steps) for name in steps[0]}
+        figures |= {
+            "mean_reward": scores.mean().item(),
+            "kl": kl,
+            "kl_coef": beta,
+            "response_length": sum(lengths) / len(lengths),
+            "finished_fraction": sum(finished) / len(finished),
+            "explained_variance": explained_variance,
+        }
+        history.append(figures)
+        for name, value in figures.items():
+            progress.metric(f"ppo/{name}", value, step=iteration)
+        progress.message(
+            f"PPO iteration {iteration}/{config.iterations}: reward {figures['mean_reward']:.3f}, KL {kl:.3f} "
+            f"(beta {beta:.4f}), policy loss {figures['policy_loss']:.4f}, value loss {figures['value_loss']:.4f}, "
+            f"clip {figures['clip_fraction']:.2f}, length {figures['response_length']:.1f}"
+        )
+        progress.advance()
+
+    save_model(policy, tokenizer, Path(output_dir))
+    progress.flush(force=True)
+    head = history[: max(1, min(3, len(history) // 2))]
+    tail = history[-len(head) :]
+    metrics = {
+        "iterations": len(history),
+        "episodes": len(history) * config.rollout_batch_size,
+        "mean_reward_first": sum(h["mean_reward"] for h in head) / len(head),
+        "mean_reward_last": sum(h["mean_reward"] for h in tail) / len(tail),
+        "kl_last": history[-1]["kl"],
+        "kl_coef_last": kl_control.beta,
+        "response_length_last": history[-1]["response_length"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return TrainResult(Path(output_dir), metrics=metrics, series=progress.series)
+
+
+def _ptx_batch(stream, config: PPOConfig, pad_id: int, device) -> tuple:
+    examples = [next(stream) for _ in range(config.ptx_batch_size)]
+    ids, mask = left_pad([prompt + reply for prompt, reply in examples], pad_id, device)
+    return ids, mask, torch.tensor([len(reply) for _, reply in examples], device=device)
