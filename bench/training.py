@@ -238,9 +238,8 @@ def main() -> None:
 
     log(f"reward model: one training step per ranking with K = {K} ({K * (K - 1) // 2} pairs)")
     rm = reward_timing(model_dir)
-    log(
-        f"  grouped (K rows): {rm['grouped']:.2f} s per ranking; flattened ({K * (K - 1)} rows): {rm['flattened']:.2f} s"
-    )
+    log(f"  grouped (K rows): {rm['grouped']:.2f} s per ranking")
+    log(f"  flattened pairs ({K * (K - 1)} rows): {rm['flattened']:.2f} s per ranking")
     figures.update(
         rm_grouped_s_per_ranking=round(rm["grouped"], 3),
         rm_flattened_s_per_ranking=round(rm["flattened"], 3),
