@@ -98,6 +98,7 @@ def sft_trl(model_dir: Path, chats, epochs: int, batch: int, max_length: int) ->
                 save_strategy="no",
                 logging_strategy="no",
                 use_cpu=True,
+                gradient_checkpointing=False,
                 assistant_only_loss=False,
             ),
             train_dataset=data,

@@ -105,6 +105,9 @@ def config_from(cls, values: dict | None):
         raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
     converted = {}
     for name, value in values.items():
+        if value is None and "None" in str(known[name].type):
+            converted[name] = None
+            continue
         kind = type(getattr(cls(), name))
         try:
             converted[name] = kind(value) if kind in (int, float, bool, str) else value
@@ -162,3 +165,38 @@ def save_model(model, tokenizer, output_dir: Path) -> Path:
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def train_top_layers_only(model, layers: int) -> int:
+    """Freeze the embeddings and all but the top `layers` transformer blocks (0: train everything).
+
+    On a CPU this is what makes training affordable: the backward pass stops at the lowest trained block, and the
+    frozen blocks keep no activations. The final norm and the heads (LM head unless tied to the embeddings, the
+    reward model's scalar head) stay trainable. Returns the number of trainable parameters.
+    """
+    if layers > 0:
+        blocks = next(
+            (
+                m
+                for m in model.modules()
+                if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers
+            ),
+            None,
+        )
+        if blocks is None:
+            raise TrainingFailed(f"cannot find the transformer blocks of {type(model).__name__} to freeze")
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        trained = [*blocks[-layers:]]
+        trained += [
+            m
+            for name, m in model.named_modules()
+            if name.endswith(("norm", "score", "classifier")) and "layers." not in name
+        ]
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if lm_head is not None and lm_head.weight is not model.get_input_embeddings().weight:
+            trained.append(lm_head)
+        for module in trained:
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

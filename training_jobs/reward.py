@@ -25,6 +25,7 @@ from training_jobs.common import (
     cosine_schedule,
     save_model,
     seed_everything,
+    train_top_layers_only,
     training_device,
 )
 
@@ -39,6 +40,7 @@ class RewardConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: bool = False
+    train_top_layers: int = 0  # 0: all; n: only the top n transformer blocks (and the heads) learn, for CPUs
     lora_rank: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -151,6 +153,8 @@ def train_reward(
     model, tokenizer = load_reward_model(base_dir, dtype=dtype, device=device)
     if config.lora:
         model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, task_type="SEQ_CLS")
+    else:
+        train_top_layers_only(model, config.train_top_layers)
     model.train()
     train = [r for r in train if ranking_pairs(r.ranks)[0]]
     steps_per_epoch = (len(train) + config.rankings_per_batch - 1) // config.rankings_per_batch

@@ -19,6 +19,7 @@ from training_jobs.common import (
     cosine_schedule,
     save_model,
     seed_everything,
+    train_top_layers_only,
     training_device,
 )
 
@@ -35,6 +36,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: bool = False
+    train_top_layers: int = 0  # 0: all; n: only the top n transformer blocks (and the heads) learn, for CPUs
     lora_rank: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -115,6 +117,8 @@ def train_sft(
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
     if config.lora:
         model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    else:
+        train_top_layers_only(model, config.train_top_layers)
     model.train()
 
     train = [e for e in (encode(tokenizer, chat, config.max_length) for chat in train_chats) if e]

@@ -65,3 +65,23 @@ def test_a_cancelled_run_stops_and_writes_nothing(tiny_model_dirs, tmp_path):
     else:
         raise AssertionError("the run should have stopped")
     assert not (tmp_path / "x").exists()
+
+
+def test_training_only_the_top_layers(tiny_model_dirs, tmp_path):
+    from training_jobs.common import train_top_layers_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[0])
+    total = sum(p.numel() for p in model.parameters())
+    trained = train_top_layers_only(model, 1)
+    assert 0 < trained < total
+    assert not model.model.layers[0].self_attn.q_proj.weight.requires_grad
+    assert model.model.layers[-1].self_attn.q_proj.weight.requires_grad and model.model.norm.weight.requires_grad
+    config = SFTConfig(epochs=3, learning_rate=3e-3, batch_size=8, max_length=128, train_top_layers=1)
+    result = train_sft(
+        config, chats(40), chats(8, offset=100), base_dir=tiny_model_dirs[0], output_dir=tmp_path / "top"
+    )
+    assert result.metrics["val_loss"] < result.metrics["val_loss_initial"]
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[0])
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "top")
+    assert torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(before.model.layers[-1].mlp.up_proj.weight, after.model.layers[-1].mlp.up_proj.weight)

@@ -1,0 +1,216 @@
+"""The closed loop, end to end, with tiny models and real PostgreSQL, Redis and Celery workers.
+
+Scripted labelers work the queue through the product's services. Their hidden rule: a reply is better the more
+often it says "banana". Demonstrations say it about half of the time. Then, with no one running a script:
+thresholds fire; SFT, the reward model and PPO run on the training worker; the gate evaluates and promotes;
+and new ranking tasks are sampled from the new policy.
+"""
+
+import random
+import re
+import time
+
+import pytest
+from django.db import connection
+
+from labeling import services
+from labeling.models import Conversation, Message, QueueSettings, Role, Task, TaskKind
+from models_service.generation import SamplingParams, sample_completions
+from models_service.loading import load_version
+from models_service.models import ModelVersion
+from models_service.tasks import fill_ranking_pool
+from tests.conftest import running_workers
+from tests.factories import UserFactory
+from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+from training_jobs.tasks import loop_tick
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+WORD = "banana"
+WORDS = ["river", "mountain", "window", "garden", "letter", "table", "orange", "pencil", "music", "paper"]
+WORKER_ENV = {
+    "TRAINING_MIN_DEMONSTRATIONS": "8",
+    "TRAINING_MIN_RANKINGS": "8",
+    "TRAINING_MIN_PROMPTS": "4",
+    "TRAINING_REPORT_INTERVAL_S": "0.5",
+    "TRAINING_SFT_CONFIG": '{"epochs": 8, "learning_rate": 0.003, "batch_size": 8, "max_length": 96}',
+    "TRAINING_RM_CONFIG": '{"epochs": 8, "learning_rate": 0.002, "rankings_per_batch": 8, "max_length": 64}',
+    "TRAINING_PPO_CONFIG": '{"iterations": 25, "learning_rate": 0.002, "value_learning_rate": 0.002, '
+    '"rollout_batch_size": 16, "minibatch_size": 8, "max_new_tokens": 12, "max_kl": 1000, '
+    '"missing_eos_penalty": null, "kl_coef": 0.02}',
+    "SAMPLING_POOL_TARGET": "40",
+    "SAMPLING_K": "4",
+    "SAMPLING_MAX_NEW_TOKENS": "12",
+    "SAMPLING_TEMPERATURE": "1.0",
+    "SAMPLING_TOP_P": "1.0",
+    "LOG_LEVEL": "WARNING",
+}
+
+
+def score(text: str) -> int:
+    return len(re.findall(WORD, text))
+
+
+class ScriptedLabeler:
+    """Takes whatever task the queue gives and does it; ranks by the hidden rule; accepts every review."""
+
+    def __init__(self, user, rng):
+        self.user, self.rng, self.done = user, rng, []
+
+    def sentence(self) -> str:
+        words = self.rng.choices(WORDS, k=4)
+        if self.rng.random() < 0.5:
+            words.insert(self.rng.randrange(len(words) + 1), WORD)
+        return " ".join(words)
+
+    def work(self) -> str | None:
+        assignment = services.task_lease_next(user=self.user, rng=self.rng)
+        if assignment is None:
+            return None
+        kind = assignment.task.kind
+        if kind == TaskKind.WRITE_PROMPT:
+            services.prompt_submit(assignment=assignment, text=f"Tell me about the {self.rng.choice(WORDS)}.")
+        elif kind == TaskKind.WRITE_ASSISTANT_REPLY:
+            services.reply_submit(assignment=assignment, text=self.sentence())
+        elif kind == TaskKind.WRITE_USER_REPLY:
+            services.reply_submit(assignment=assignment, text=f"And the {self.rng.choice(WORDS)}?")
+        elif kind == TaskKind.REVIEW_DEMONSTRATION:
+            services.review_submit(assignment=assignment, decision="accept")
+        else:
+            candidates = list(assignment.task.candidates.all())
+            levels = sorted({score(c.text) for c in candidates}, reverse=True)
+            order = [[c.pk for c in candidates if score(c.text) == level] for level in levels]
+            services.ranking_submit(
+                assignment=assignment,
+                ranking=services.RankingInput(order=order, flags={}, quality_rating=4, confirm_untouched=True),
+            )
+        self.done.append(kind)
+        return kind
+
+
+def held_out_prompts(n: int) -> list[Message]:
+    prompts = []
+    for i in range(n):
+        conversation = Conversation.objects.create(split="holdout", source="import", dataset="e2e-holdout")
+        prompts.append(
+            services.message_create(
+                conversation=conversation,
+                parent=None,
+                role=Role.USER,
+                text=f"Tell me about the {WORDS[i % len(WORDS)]}, please ({i}).",
+                origin=Message.Origin.IMPORT,
+            )
+        )
+    return prompts
+
+
+def rule_rate(version: ModelVersion, chats, seed: int = 7) -> float:
+    loaded = load_version(version, for_inference=True)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed)
+    groups, _ = sample_completions(loaded.model, loaded.tokenizer, chats, k=8, params=params)
+    texts = [c.text for group in groups for c in group]
+    return sum(WORD in text for text in texts) / len(texts)
+
+
+def wait_until(predicate, *, timeout: float, labelers, what: str):
+    """Labelers keep working (and beat's tasks are sent) until `predicate` holds."""
+    deadline = time.monotonic() + timeout
+    last_kick = 0.0
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        services.prompt_tasks_replenish()
+        for labeler in labelers:
+            for _ in range(5):
+                if labeler.work() is None:
+                    break
+        if time.monotonic() - last_kick > 2:
+            loop_tick.delay()
+            fill_ranking_pool.delay()
+            last_kick = time.monotonic()
+        connection.close()
+        time.sleep(0.2)
+    runs = list(TrainingRun.objects.values_list("kind", "status", "error"))
+    evaluations = list(Evaluation.objects.values_list("candidate__name", "status", "decision", "decision_reason"))
+    raise AssertionError(f"timed out waiting for {what}; runs {runs}; evaluations {evaluations}")
+
+
+def test_labels_in_a_better_policy_out(tiny_policy):
+    loop = LoopSettings.load()
+    loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 60, 1
+    loop.eval_prompts, loop.eval_max_new_tokens, loop.human_comparisons = 12, 12, 0
+    loop.min_rm_gain, loop.max_kl, loop.auto_promote = 0.0, 1000.0, True
+    loop.save()
+    queue = QueueSettings.load()
+    queue.open_prompt_tasks, queue.rank_overlap_fraction, queue.max_conversation_turns = 6, 0.0, 2
+    queue.weight_rank_replies = 8.0
+    queue.save()
+    holdout = held_out_prompts(12)
+    rng = random.Random(0)
+    labelers = [
+        ScriptedLabeler(UserFactory(username=f"e2e-{i}", profile__is_reviewer=True), random.Random(rng.random()))
+        for i in range(3)
+    ]
+
+    with running_workers("training", "sampling", env=WORKER_ENV):
+        sft_run = wait_until(
+            lambda: TrainingRun.objects.filter(kind="sft", status="succeeded").first(),
+            timeout=240,
+            labelers=labelers,
+            what="the SFT run",
+        )
+        sft = ModelVersion.objects.get(training_run=sft_run)
+        wait_until(
+            lambda: ModelVersion.objects.get(pk=sft.pk).is_active, timeout=120, labelers=labelers, what="SFT to serve"
+        )
+        wait_until(
+            lambda: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=sft).exists(),
+            timeout=60,
+            labelers=labelers,
+            what="ranking tasks sampled from the SFT policy",
+        )
+        rm_run = wait_until(
+            lambda: TrainingRun.objects.filter(kind="rm", status="succeeded").first(),
+            timeout=300,
+            labelers=labelers,
+            what="the reward-model run",
+        )
+        ppo_run = wait_until(
+            lambda: TrainingRun.objects.filter(kind="ppo", status="succeeded").first(),
+            timeout=300,
+            labelers=labelers,
+            what="the PPO run",
+        )
+        ppo = ModelVersion.objects.get(training_run=ppo_run)
+        evaluation = wait_until(
+            lambda: Evaluation.objects.filter(candidate=ppo, status="done").exclude(decision="pending").first(),
+            timeout=180,
+            labelers=labelers,
+            what="the evaluation of the PPO policy",
+        )
+        assert evaluation.decision == "promoted", (evaluation.decision_reason, evaluation.metrics)
+        wait_until(
+            lambda: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=ppo).exists(),
+            timeout=90,
+            labelers=labelers,
+            what="ranking tasks sampled from the PPO policy",
+        )
+
+    # Every step happened, in order, each with its data snapshot.
+    runs = list(TrainingRun.objects.filter(status="succeeded").order_by("created_at"))
+    assert [r.kind for r in runs][:3] == ["sft", "rm", "ppo"]
+    assert sft_run.trigger == "schedule" and rm_run.trigger == "schedule" and ppo_run.trigger == "chain"
+    assert sft_run.data_snapshot["demonstrations"]["train_count"] >= 8
+    assert rm_run.data_snapshot["rankings"]["train_count"] >= 8 and rm_run.base_model == sft
+    assert ppo_run.base_model == sft and ppo_run.reward_model == ModelVersion.objects.get(training_run=rm_run)
+    assert ppo_run.data_snapshot["prompts"] >= 4
+    assert rm_run.created_at < ppo_run.created_at < evaluation.created_at
+    ppo.refresh_from_db()
+    assert ppo.is_active and ppo.activations.get().action == "promote"
+
+    # The reward model learned the rule; the PPO policy follows it more often than the SFT policy.
+    assert rm_run.summary["val_accuracy"] >= 0.9, rm_run.summary
+    chats = [[{"role": "user", "content": p.text}] for p in holdout]
+    sft_rate, ppo_rate = rule_rate(sft, chats), rule_rate(ppo, chats)
+    assert ppo_rate > sft_rate, f"PPO says {WORD!r} in {ppo_rate:.0%} of replies, SFT in {sft_rate:.0%}"
