@@ -34,7 +34,7 @@ run: install services
 
 test: install-dev services
 	bin/ensure-chromium
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --create-db $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .
