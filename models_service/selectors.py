@@ -7,9 +7,14 @@ from labeling.models import Conversation, Message, Role, Task, TaskKind
 from models_service.models import ModelVersion, SamplingRequest
 
 
-def open_pool_size() -> int:
-    """Open ranking tasks that any labeler may take (reserved ones, e.g. chat alternatives, do not count)."""
-    return Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN, reserved_for__isnull=True).count()
+def open_pool_size(policy: ModelVersion | None = None) -> int:
+    """Open ranking tasks that any labeler may take (reserved ones, e.g. chat alternatives, do not count).
+
+    With `policy`, only those sampled from it: once a new policy serves, the older policy's open tasks stay
+    in the queue but no longer stop the pool from filling with the new policy's replies.
+    """
+    tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN, reserved_for__isnull=True)
+    return (tasks.filter(model_version=policy) if policy is not None else tasks).count()
 
 
 def in_flight_pool_requests() -> int:

@@ -163,7 +163,7 @@ def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") ->
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [POOL_LOCK_KEY])
-        shortfall = target - open_pool_size() - in_flight_pool_requests()
+        shortfall = target - open_pool_size(policy) - in_flight_pool_requests()
         if shortfall <= 0:
             return []
         contexts = list(contexts_needing_candidates(policy)[: min(shortfall, batch_contexts)])

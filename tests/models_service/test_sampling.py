@@ -77,6 +77,22 @@ def test_a_policy_does_not_sample_the_same_context_twice(tiny_policy, pool_setti
     assert Task.objects.filter(kind=TaskKind.RANK_REPLIES).count() == 2
 
 
+@pytest.mark.django_db
+def test_a_new_policy_fills_the_pool_although_the_old_policys_tasks_are_still_open(
+    tiny_policy, tiny_model_dirs, pool_settings
+):
+    make_contexts(8)
+    fill()
+    assert Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN).count() == 3
+    second = register_tiny_policy(tiny_model_dirs[1], name="second", stage="sft", activate=True)
+    fill()
+    open_tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN)
+    assert open_tasks.filter(model_version=second).count() == 3, "the new policy's pool fills to the target"
+    assert open_tasks.filter(model_version=tiny_policy).count() == 3, "the old tasks stay to be ranked"
+    fill()
+    assert open_tasks.count() == 6
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_workers_at_once_fill_the_pool_once(tiny_policy, pool_settings):
     make_contexts(8)
