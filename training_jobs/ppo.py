@@ -3,8 +3,11 @@
 One iteration (Ouyang et al. 2022; "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024):
 1. Roll out one response per prompt from the policy: left-padded prompts, positions from the attention mask,
    sampling from the full distribution at `temperature` (no top-k or top-p), until EOS or `max_new_tokens`.
-2. Score exactly the produced tokens with the reward model (prompt ids + response ids + EOS, no re-tokenising).
-   A response that never reached EOS gets the fixed `missing_eos_penalty` instead of a score.
+2. Score the response with the reward model as the product scores any reply: its text, tokenised again after the
+   conversation (`pair_input_ids`), as in the reward model's training data and the gate's evaluation. Scoring
+   the raw sampled ids instead lets PPO win on token sequences that no text ever tokenises to (seen with the
+   tiny test models: training reward up, the gate's score of the same policy down). A response that never
+   reached EOS gets the fixed `missing_eos_penalty` instead of a score.
 3. Per-token reward `-beta * (logp - logp_ref)`, computed from the sampled tokens' log-probs under the policy and
    the frozen SFT policy at the rollout's temperature; the score is added at the last response token.
 4. GAE (gamma = 1, lambda = 0.95) with values from a value model initialised from the reward model; advantages
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 from models_service.generation import chat_prompt_ids, eos_ids, left_pad
-from models_service.scoring import REWARD_OFFSET, reward_input_ids, score_head, sequence_scores
+from models_service.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 from training_jobs.common import (
     Progress,
     TrainingFailed,
@@ -374,15 +377,15 @@ def _cycle(items: list, rng: random.Random):
 def _scores(
     reward_model, value_model, reward_fn, chats, queries, responses, finished, tokenizer, config, device
 ) -> torch.Tensor:
-    """The score of each episode: the reward model on exactly the produced tokens (or `reward_fn`), and the
-    fixed `missing_eos_penalty` for responses that never reached EOS."""
+    """The score of each episode: the reward model on the response's text after the conversation (or
+    `reward_fn`), and the fixed `missing_eos_penalty` for responses that never reached EOS."""
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     if reward_fn is not None:
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         scores = [float(s) for s in reward_fn(chats, texts, responses)]
     else:
         scores = []
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        inputs = [reward_input_ids(q, r, tokenizer.eos_token_id) for q, r in zip(queries, responses, strict=True)]
+        inputs = [pair_input_ids(tokenizer, chat, text) for chat, text in zip(chats, texts, strict=True)]
         for start in range(0, len(inputs), config.minibatch_size):
             ids, mask = left_pad(inputs[start : start + config.minibatch_size], pad_id, device)
             scores += reward_scores(reward_model, value_model, ids, mask).tolist()

@@ -113,7 +113,9 @@ def execute(run_id: int, *, worker: str = "") -> str | None:
         )
         if kind == ModelVersion.Kind.REWARD and active_version(ModelVersion.Kind.REWARD) is None:
             model_version_activate(version=version, reason="the first reward model", automatic=True)
-        progress.message(f"registered {version.name} (not serving: the evaluation gate decides)")
+            progress.message(f"registered {version.name}, the first reward model: it scores from now on")
+        else:
+            progress.message(f"registered {version.name} (not serving: the loop decides)")
         progress.flush(force=True)
         summary = {**result.metrics, "model_version": version.pk, "model_version_name": version.name}
         if not services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.SUCCEEDED, summary=summary):
@@ -207,7 +209,10 @@ def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
     from training_jobs.ppo import PPOConfig, train_ppo
 
     overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
-    config = config_from(PPOConfig, {**settings.TRAINING_PPO_DEFAULTS, **overrides})
+    # Rollouts at the temperature the policy will serve at (and the gate samples at), unless a config says
+    # otherwise: a policy tuned for T = 1 can fall apart at a lower serving temperature.
+    serving = {"temperature": settings.SAMPLING_TEMPERATURE} if settings.SAMPLING_TEMPERATURE > 0 else {}
+    config = config_from(PPOConfig, {**serving, **settings.TRAINING_PPO_DEFAULTS, **overrides})
     prompts = datasets.build_prompts(
         minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
     )
