@@ -1,7 +1,7 @@
 """The closed loop, end to end, with tiny models and real PostgreSQL, Redis and Celery workers.
 
 Scripted labelers work the queue through the product's services. Their hidden rule: a reply is better the more
-often it says "banana". Demonstrations say it about half of the time. Then, with no one running a script:
+often it says "sentence". Demonstrations say it about half of the time. Then, with no one running a script:
 thresholds fire; SFT, the reward model and PPO run on the training worker; the gate evaluates and promotes;
 and new ranking tasks are sampled from the new policy.
 """
@@ -14,10 +14,11 @@ import pytest
 from django.db import connection
 
 from labeling import services
-from labeling.models import Conversation, Message, QueueSettings, Role, Task, TaskKind
+from labeling.models import Conversation, Message, QueueSettings, Ranking, Role, Task, TaskKind
 from models_service.generation import SamplingParams, sample_completions
 from models_service.loading import load_version
 from models_service.models import ModelVersion
+from models_service.scoring import score_pairs
 from models_service.tasks import fill_ranking_pool
 from tests.conftest import running_workers
 from tests.factories import UserFactory
@@ -26,22 +27,25 @@ from training_jobs.tasks import loop_tick
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-WORD = "banana"
-WORDS = ["river", "mountain", "window", "garden", "letter", "table", "orange", "pencil", "music", "paper"]
+# Words that the tiny test tokenizer has as single tokens, so a two-layer model learns them from a few
+# dozen demonstrations.
+WORD = "sentence"
+STARTED = [time.monotonic()]
+WORDS = ["and", "are", "can", "for", "from", "given", "have", "not", "one", "that", "with", "your"]
 WORKER_ENV = {
     "TRAINING_MIN_DEMONSTRATIONS": "8",
     "TRAINING_MIN_RANKINGS": "8",
     "TRAINING_MIN_PROMPTS": "4",
     "TRAINING_REPORT_INTERVAL_S": "0.5",
-    "TRAINING_SFT_CONFIG": '{"epochs": 8, "learning_rate": 0.003, "batch_size": 8, "max_length": 96}',
-    "TRAINING_RM_CONFIG": '{"epochs": 8, "learning_rate": 0.002, "rankings_per_batch": 8, "max_length": 64}',
-    "TRAINING_PPO_CONFIG": '{"iterations": 25, "learning_rate": 0.002, "value_learning_rate": 0.002, '
+    "TRAINING_SFT_CONFIG": '{"epochs": 40, "learning_rate": 0.003, "batch_size": 8, "max_length": 96}',
+    "TRAINING_RM_CONFIG": '{"epochs": 20, "learning_rate": 0.002, "rankings_per_batch": 8, "max_length": 64}',
+    "TRAINING_PPO_CONFIG": '{"iterations": 40, "learning_rate": 0.002, "value_learning_rate": 0.002, '
     '"rollout_batch_size": 16, "minibatch_size": 8, "max_new_tokens": 12, "max_kl": 1000, '
     '"missing_eos_penalty": null, "kl_coef": 0.02}',
     "SAMPLING_POOL_TARGET": "40",
-    "SAMPLING_K": "4",
+    "SAMPLING_K": "6",
     "SAMPLING_MAX_NEW_TOKENS": "12",
-    "SAMPLING_TEMPERATURE": "1.0",
+    "SAMPLING_TEMPERATURE": "0.7",
     "SAMPLING_TOP_P": "1.0",
     "LOG_LEVEL": "WARNING",
 }
@@ -112,22 +116,43 @@ def rule_rate(version: ModelVersion, chats, seed: int = 7) -> float:
     return sum(WORD in text for text in texts) / len(texts)
 
 
-def wait_until(predicate, *, timeout: float, labelers, what: str):
-    """Labelers keep working (and beat's tasks are sent) until `predicate` holds."""
+def rule_accuracy(reward_model: ModelVersion, n: int = 60) -> float:
+    """On fresh pairs that differ only by the hidden word, how often the reward model prefers the one with it."""
+    rng = random.Random(11)
+    loaded = load_version(reward_model, for_inference=True)
+    pairs = []
+    for i in range(n):
+        words = rng.choices(WORDS, k=4)
+        with_word = [*words]
+        with_word.insert(rng.randrange(len(words) + 1), WORD)
+        chat = [{"role": "user", "content": f"Tell me about the {WORDS[i % len(WORDS)]}."}]
+        pairs += [(chat, " ".join(with_word)), (chat, " ".join(words))]
+    scores = score_pairs(loaded.model, loaded.tokenizer, pairs)
+    return sum(scores[i] > scores[i + 1] for i in range(0, len(scores), 2)) / n
+
+
+def wait_until(predicate, *, timeout: float, labelers, what: str, work_while=lambda: False, fill_pool=True):
+    """Beat's tasks are sent until `predicate` holds; meanwhile the labelers work while `work_while()` holds.
+
+    Scripted labelers are far faster than people: left alone they would write hundreds of demonstrations
+    while the first run trains, and make every later stage slow. So each phase asks for only what it needs.
+    """
     deadline = time.monotonic() + timeout
     last_kick = 0.0
     while time.monotonic() < deadline:
         value = predicate()
         if value:
+            print(f"{time.monotonic() - STARTED[0]:7.1f} s: {what}", flush=True)
             return value
         services.prompt_tasks_replenish()
-        for labeler in labelers:
+        for labeler in labelers if work_while() else []:
             for _ in range(5):
                 if labeler.work() is None:
                     break
         if time.monotonic() - last_kick > 2:
             loop_tick.delay()
-            fill_ranking_pool.delay()
+            if fill_pool:
+                fill_ranking_pool.delay()
             last_kick = time.monotonic()
         connection.close()
         time.sleep(0.2)
@@ -137,16 +162,17 @@ def wait_until(predicate, *, timeout: float, labelers, what: str):
 
 
 def test_labels_in_a_better_policy_out(tiny_policy):
+    STARTED[0] = time.monotonic()
     loop = LoopSettings.load()
-    loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 60, 1
-    loop.eval_prompts, loop.eval_max_new_tokens, loop.human_comparisons = 12, 12, 0
+    loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 120, 1
+    loop.eval_prompts, loop.eval_max_new_tokens, loop.human_comparisons = 40, 12, 0
     loop.min_rm_gain, loop.max_kl, loop.auto_promote = 0.0, 1000.0, True
     loop.save()
     queue = QueueSettings.load()
-    queue.open_prompt_tasks, queue.rank_overlap_fraction, queue.max_conversation_turns = 6, 0.0, 2
-    queue.weight_rank_replies = 8.0
+    queue.open_prompt_tasks, queue.rank_overlap_fraction, queue.max_conversation_turns = 12, 0.0, 2
+    queue.weight_rank_replies = 0.0  # first demonstrations only
     queue.save()
-    holdout = held_out_prompts(12)
+    holdout = held_out_prompts(40)
     rng = random.Random(0)
     labelers = [
         ScriptedLabeler(UserFactory(username=f"e2e-{i}", profile__is_reviewer=True), random.Random(rng.random()))
@@ -159,11 +185,24 @@ def test_labels_in_a_better_policy_out(tiny_policy):
             timeout=240,
             labelers=labelers,
             what="the SFT run",
+            work_while=lambda: (
+                Message.objects.filter(
+                    review_status="accepted", conversation__split__in=["train", "validation"]
+                ).count()
+                < 44
+            ),
+            fill_pool=False,  # the base policy's replies would only be ranked as ties
         )
         sft = ModelVersion.objects.get(training_run=sft_run)
         wait_until(
             lambda: ModelVersion.objects.get(pk=sft.pk).is_active, timeout=120, labelers=labelers, what="SFT to serve"
         )
+        # From here on the labelers rank and write prompts (no demonstrations, so no second SFT run).
+        queue = QueueSettings.load()
+        for kind in ("write_assistant_reply", "write_user_reply", "review_demonstration"):
+            setattr(queue, f"weight_{kind}", 0.0)
+        queue.weight_rank_replies = 3.0  # new prompts are new contexts for the SFT policy to sample
+        queue.save()
         wait_until(
             lambda: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=sft).exists(),
             timeout=60,
@@ -175,6 +214,7 @@ def test_labels_in_a_better_policy_out(tiny_policy):
             timeout=300,
             labelers=labelers,
             what="the reward-model run",
+            work_while=lambda: Ranking.objects.count() < 130,
         )
         ppo_run = wait_until(
             lambda: TrainingRun.objects.filter(kind="ppo", status="succeeded").first(),
@@ -189,6 +229,10 @@ def test_labels_in_a_better_policy_out(tiny_policy):
             labelers=labelers,
             what="the evaluation of the PPO policy",
         )
+        for run in (sft_run, rm_run, ppo_run):
+            run.refresh_from_db()
+            print(run.kind, run.summary, flush=True)
+        print("gate", evaluation.metrics, flush=True)
         assert evaluation.decision == "promoted", (evaluation.decision_reason, evaluation.metrics)
         wait_until(
             lambda: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=ppo).exists(),
@@ -209,8 +253,11 @@ def test_labels_in_a_better_policy_out(tiny_policy):
     ppo.refresh_from_db()
     assert ppo.is_active and ppo.activations.get().action == "promote"
 
-    # The reward model learned the rule; the PPO policy follows it more often than the SFT policy.
-    assert rm_run.summary["val_accuracy"] >= 0.9, rm_run.summary
+    # The reward model learned the rule (on pairs it never saw);
+    # the PPO policy follows it more often than the SFT policy.
+    assert rm_run.summary["val_accuracy"] is not None, rm_run.summary
+    rm = ModelVersion.objects.get(training_run=rm_run)
+    assert rule_accuracy(rm) >= 0.9, rm_run.summary
     chats = [[{"role": "user", "content": p.text}] for p in holdout]
     sft_rate, ppo_rate = rule_rate(sft, chats), rule_rate(ppo, chats)
     assert ppo_rate > sft_rate, f"PPO says {WORD!r} in {ppo_rate:.0%} of replies, SFT in {sft_rate:.0%}"
