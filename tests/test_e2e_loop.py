@@ -43,7 +43,7 @@ WORKER_ENV = {
     '"rollout_batch_size": 16, "minibatch_size": 8, "max_new_tokens": 12, "max_kl": 1000, '
     '"missing_eos_penalty": null, "kl_coef": 0.02}',
     "SAMPLING_POOL_TARGET": "40",
-    "SAMPLING_K": "6",
+    "SAMPLING_K": "8",
     "SAMPLING_MAX_NEW_TOKENS": "12",
     "SAMPLING_TEMPERATURE": "0.7",
     "SAMPLING_TOP_P": "1.0",
@@ -101,7 +101,7 @@ def held_out_prompts(n: int) -> list[Message]:
                 conversation=conversation,
                 parent=None,
                 role=Role.USER,
-                text=f"Tell me about the {WORDS[i % len(WORDS)]}, please ({i}).",
+                text=f"Tell me about the {WORDS[i % len(WORDS)]}.",  # as the labelers write them
                 origin=Message.Origin.IMPORT,
             )
         )
@@ -110,7 +110,7 @@ def held_out_prompts(n: int) -> list[Message]:
 
 def rule_rate(version: ModelVersion, chats, seed: int = 7) -> float:
     loaded = load_version(version, for_inference=True)
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed)
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=12, seed=seed)  # as served
     groups, _ = sample_completions(loaded.model, loaded.tokenizer, chats, k=8, params=params)
     texts = [c.text for group in groups for c in group]
     return sum(WORD in text for text in texts) / len(texts)
@@ -164,7 +164,7 @@ def wait_until(predicate, *, timeout: float, labelers, what: str, work_while=lam
 def test_labels_in_a_better_policy_out(tiny_policy):
     STARTED[0] = time.monotonic()
     loop = LoopSettings.load()
-    loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 120, 1
+    loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 140, 1
     loop.eval_prompts, loop.eval_max_new_tokens, loop.human_comparisons = 40, 12, 0
     loop.min_rm_gain, loop.max_kl, loop.auto_promote = 0.0, 1000.0, True
     loop.save()
@@ -214,7 +214,7 @@ def test_labels_in_a_better_policy_out(tiny_policy):
             timeout=300,
             labelers=labelers,
             what="the reward-model run",
-            work_while=lambda: Ranking.objects.count() < 130,
+            work_while=lambda: Ranking.objects.count() < 150,
         )
         ppo_run = wait_until(
             lambda: TrainingRun.objects.filter(kind="ppo", status="succeeded").first(),
