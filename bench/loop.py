@@ -209,8 +209,8 @@ def run_loop(tick_s: float, timeout_s: float):
             return f"paused: {decision.reason}"
         ppo = next((r for r in runs if r.kind == "ppo" and r.status == "succeeded"), None)
         evaluation = Evaluation.objects.filter(candidate__training_run=ppo).first() if ppo else None
-        if evaluation and evaluation.decision == "rejected":
-            return f"the gate rejected the PPO policy: {evaluation.decision_reason}"
+        if evaluation and evaluation.decision in ("not_promoted", "waiting"):
+            return f"the gate did not promote the PPO policy: {evaluation.decision_reason}"
         serving = evaluation and evaluation.decision == "promoted"
         if serving and Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=evaluation.candidate).exists():
             return "serving"
@@ -253,7 +253,9 @@ def figures(outcome: str, counts: dict, loop_started) -> dict:
     result.update(stages)
     ppo_activation = ModelActivation.objects.filter(model_version__stage="ppo").first()
     end = ppo_activation.created_at if ppo_activation else None
-    result["loop_total_s"] = seconds(loop_started, end)
+    result["loop_total_s"] = seconds(loop_started, end)  # to the PPO policy serving; None if it was not promoted
+    ppo_evaluation = Evaluation.objects.filter(candidate__stage="ppo").first()
+    result["loop_to_ppo_decision_s"] = seconds(loop_started, ppo_evaluation and ppo_evaluation.finished_at)
     result["loop_total_min"] = round(result["loop_total_s"] / 60, 1) if result["loop_total_s"] else None
     result["target_min"] = 30
     return result
