@@ -98,6 +98,10 @@ def sft_trl(model_dir: Path, chats, epochs: int, batch: int, max_length: int) ->
                 save_strategy="no",
                 logging_strategy="no",
                 use_cpu=True,
+                # fp32 like ours: bf16 matmuls run at under 1 GFLOP/s on this CPU (TRL otherwise loads the
+                # model in the dtype its config names).
+                bf16=False,
+                model_init_kwargs={"dtype": torch.float32},
                 gradient_checkpointing=False,
                 assistant_only_loss=False,
             ),
