@@ -24,13 +24,14 @@ in about 3 GB on the CPU).
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from models_service.generation import chat_prompt_ids, eos_ids, left_pad
-from models_service.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
+from models_service.scoring import REWARD_OFFSET, score_head, score_pairs, sequence_scores
 from training_jobs.common import (
     Progress,
     TrainingFailed,
@@ -169,13 +170,20 @@ def reference_logprobs(policy, reference, batch: Rollout, temperature: float) ->
             return response_logprobs(policy, batch, temperature)[0]
 
 
-def reward_scores(reward_model, value_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scores of left-padded reward-model inputs: the frozen copy, or the LoRA value model with adapters disabled."""
-    with torch.no_grad():
-        if reward_model is not None:
-            return sequence_scores(reward_model, ids, mask)
+@contextmanager
+def frozen_reward_model(reward_model, value_model):
+    """The reward model to score with: the frozen copy, or the LoRA value model with its adapters disabled."""
+    if reward_model is not None:
+        yield reward_model
+    else:
         with value_model.disable_adapter():
-            return sequence_scores(value_model.get_base_model(), ids, mask)
+            yield value_model.get_base_model()
+
+
+def reward_scores(reward_model, value_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores of left-padded reward-model inputs."""
+    with torch.no_grad(), frozen_reward_model(reward_model, value_model) as model:
+        return sequence_scores(model, ids, mask)
 
 
 def token_values(value_model, batch: Rollout) -> torch.Tensor:
@@ -375,7 +383,7 @@ def _cycle(items: list, rng: random.Random):
 
 
 def _scores(
-    reward_model, value_model, reward_fn, chats, queries, responses, finished, tokenizer, config, device
+    reward_model, value_model, reward_fn, chats, responses, finished, tokenizer, config, device
 ) -> torch.Tensor:
     """The score of each episode: the reward model on the response's text after the conversation (or
     `reward_fn`), and the fixed `missing_eos_penalty` for responses that never reached EOS."""
@@ -383,12 +391,9 @@ def _scores(
     if reward_fn is not None:
         scores = [float(s) for s in reward_fn(chats, texts, responses)]
     else:
-        scores = []
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        inputs = [pair_input_ids(tokenizer, chat, text) for chat, text in zip(chats, texts, strict=True)]
-        for start in range(0, len(inputs), config.minibatch_size):
-            ids, mask = left_pad(inputs[start : start + config.minibatch_size], pad_id, device)
-            scores += reward_scores(reward_model, value_model, ids, mask).tolist()
+        with frozen_reward_model(reward_model, value_model) as model:
+            pairs = list(zip(chats, texts, strict=True))
+            scores = score_pairs(model, tokenizer, pairs, batch_size=config.minibatch_size)
     if config.missing_eos_penalty is not None:
         scores = [s if done else config.missing_eos_penalty for s, done in zip(scores, finished, strict=True)]
     return torch.tensor(scores, dtype=torch.float32, device=device)
@@ -454,7 +459,6 @@ def train_ppo(
             value_model,
             reward_fn,
             [prompts[i] for i in picked],
-            [encoded[i] for i in picked],
             responses,
             finished,
             tokenizer,
