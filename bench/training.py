@@ -17,7 +17,6 @@ import gzip
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -165,6 +164,19 @@ def reward_timing(model_dir: Path, rankings: int = 3) -> dict:
     return timings
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM).
+
+    Not getrusage's ru_maxrss: across fork and exec Linux carries the parent's high-water mark into it, so a
+    child spawned after the SFT and reward-model timings would report the parent's peak (15.8 GB here, once).
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _ppo_child(model_dir: str, reward_dir: str, iterations: int, queue) -> None:
     from training_jobs.common import Progress
     from training_jobs.ppo import PPOConfig, train_ppo
@@ -194,7 +206,7 @@ def _ppo_child(model_dir: str, reward_dir: str, iterations: int, queue) -> None:
     queue.put(
         {
             "per_iteration_s": per_iteration,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": own_peak_rss_mb(),
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         }
     )

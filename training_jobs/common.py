@@ -6,6 +6,7 @@ datasets) stay inside the trainer modules.
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -94,6 +95,48 @@ def training_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.device("cpu"), torch.float32
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def limit_allocator_caching() -> bool:
+    """Make glibc's malloc give freed memory back to the system on the CPU. Returns whether it could.
+
+    Training allocates activations of a different size at every step (prompt and reply lengths vary). With
+    glibc's defaults, buffers under its adaptive mmap threshold (which climbs to 32 MB) come from per-thread
+    arenas that are only trimmed at their top, so the freed activations of earlier steps stay resident: PPO with
+    the default model rested at 2.7 GB and peaked at 4.2 GB after 3 iterations, against 1.6 and 3.0 GB with
+    one arena, a fixed 1 MB mmap threshold and trimming. Buffers of 1 MB and more are then mapped and unmapped
+    by the kernel (a few microseconds against the milliseconds of the matmuls that fill them).
+    """
+    libc = _glibc()
+    if libc is None or torch.cuda.is_available():
+        return False
+    libc.mallopt(_M_ARENA_MAX, 1)
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    return True
+
+
+def release_freed_memory() -> None:
+    """Return the allocator's free pages to the system (glibc's malloc_trim); a no-op elsewhere."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def config_from(cls, values: dict | None):

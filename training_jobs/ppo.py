@@ -37,6 +37,8 @@ from training_jobs.common import (
     TrainingFailed,
     TrainResult,
     apply_lora,
+    limit_allocator_caching,
+    release_freed_memory,
     save_model,
     seed_everything,
     training_device,
@@ -424,6 +426,7 @@ def train_ppo(
     progress = progress or Progress()
     started = time.monotonic()
     seed_everything(config.seed)
+    limit_allocator_caching()
     device, dtype = training_device()
     tokenizer, policy, reference, reward_model, value_model = _load(
         config, policy_dir, reward_dir, need_reward_model=reward_fn is None, device=device, dtype=dtype
@@ -519,6 +522,8 @@ def train_ppo(
             f"(beta {beta:.4f}), policy loss {figures['policy_loss']:.4f}, value loss {figures['value_loss']:.4f}, "
             f"clip {figures['clip_fraction']:.2f}, length {figures['response_length']:.1f}"
         )
+        del batch, rows, rewards, kl_tokens, advantages, scores
+        release_freed_memory()  # this iteration's activations, before the next rollout's (see limit_allocator_caching)
         progress.advance()
 
     save_model(policy, tokenizer, Path(output_dir))

@@ -23,6 +23,7 @@ from training_jobs.common import (
     TrainResult,
     apply_lora,
     cosine_schedule,
+    limit_allocator_caching,
     save_model,
     seed_everything,
     train_top_layers_only,
@@ -149,6 +150,7 @@ def train_reward(
     held-out slice of imported HH-RLHF pairs); shift scores so `demonstrations` (chat, reply) average 0."""
     progress = progress or Progress()
     seed_everything(config.seed)
+    limit_allocator_caching()
     device, dtype = training_device()
     model, tokenizer = load_reward_model(base_dir, dtype=dtype, device=device)
     if config.lora:

@@ -17,6 +17,7 @@ from training_jobs.common import (
     TrainResult,
     apply_lora,
     cosine_schedule,
+    limit_allocator_caching,
     save_model,
     seed_everything,
     train_top_layers_only,
@@ -111,6 +112,7 @@ def train_sft(
 
     progress = progress or Progress()
     seed_everything(config.seed)
+    limit_allocator_caching()
     device, dtype = training_device()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
