@@ -278,6 +278,18 @@ class Task(models.Model):
                 condition=Q(status="open"),
                 name="task_open_queue_order",
             ),
+            # The queue's scans (labeling_lease_next): open tasks with a free slot, best first, without walking
+            # past the tasks whose slots are all leased; and the few whose leases have since expired.
+            models.Index(
+                fields=["kind", "-priority", "created_at", "id"],
+                condition=Q(status="open", free_slots_from__isnull=True),
+                name="task_open_free_queue_order",
+            ),
+            models.Index(
+                fields=["kind", "free_slots_from"],
+                condition=Q(status="open", free_slots_from__isnull=False),
+                name="task_open_busy_until",
+            ),
             models.Index(fields=["kind", "status"]),
         ]
 
@@ -345,6 +357,7 @@ class Assignment(models.Model):
         indexes = [
             models.Index(fields=["labeler", "status"]),
             models.Index(fields=["lease_expires_at"], condition=Q(status="leased"), name="assignment_live_leases"),
+            models.Index(fields=["labeler", "-leased_at"], condition=Q(status="leased"), name="assignment_leased_by"),
         ]
 
     def __str__(self):

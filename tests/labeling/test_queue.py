@@ -100,6 +100,8 @@ def test_an_expired_lease_returns_the_slot_to_the_queue(alice, bob):
     task = make_reply_task()
     lease = task_lease_next(user=alice)
     assert task_lease_next(user=bob) is None
+    task.refresh_from_db()
+    assert task.free_slots_from == lease.lease_expires_at, "busy until the lease ends, not freed early"
     later = timezone.now() + dt.timedelta(minutes=QueueSettings.load().lease_minutes + 1)
     assert task_lease_next(user=bob, now=later).task == task
     assert services.leases_expire(now=later) == 1
