@@ -278,15 +278,15 @@ class Task(models.Model):
                 condition=Q(status="open"),
                 name="task_open_queue_order",
             ),
-            # The queue's scans (labeling_lease_next): open tasks with a free slot, best first, without walking
-            # past the tasks whose slots are all leased; and the few whose leases have since expired.
+            # The queue's scans (labeling_lease_next): open tasks that may have a free slot, best first, without
+            # walking past the tasks whose slots are all leased; and the busy ones by the time they may free up.
             models.Index(
                 fields=["kind", "-priority", "created_at", "id"],
                 condition=Q(status="open", free_slots_from__isnull=True),
                 name="task_open_free_queue_order",
             ),
             models.Index(
-                fields=["kind", "free_slots_from"],
+                fields=["free_slots_from"],
                 condition=Q(status="open", free_slots_from__isnull=False),
                 name="task_open_busy_until",
             ),

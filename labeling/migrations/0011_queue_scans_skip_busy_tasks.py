@@ -11,8 +11,8 @@ Measured on 20,000 open tasks with 1,000 of them fully leased (labelers who took
   message of the author (all of them, when one author wrote the prompts); it is now a lookup by primary key.
 - labeling_task_refresh_slots() was a LANGUAGE sql function, which PostgreSQL plans at every call; it is plpgsql.
 - the index walks read past every fully leased task (they stay open until their leases end), so a call cost more
-  with every abandoned lease. Open tasks with a free slot now have their own partial index, and the tasks whose
-  leases have expired since (free_slots_from <= now) are merged in from a second one.
+  with every abandoned lease. Open tasks that may have a free slot now have their own partial index; a busy task
+  whose time has come (free_slots_from <= now, from a second index) is put back among them by the next call.
 - a labeler's live lease was looked up by walking every live lease; it has its own index.
 """
 
@@ -287,7 +287,7 @@ class Migration(migrations.Migration):
             model_name="task",
             index=models.Index(
                 condition=models.Q(("free_slots_from__isnull", False), ("status", "open")),
-                fields=["kind", "free_slots_from"],
+                fields=["free_slots_from"],
                 name="task_open_busy_until",
             ),
         ),
