@@ -10,6 +10,8 @@ Measured on 20,000 open tasks with 1,000 of them fully leased (labelers who took
 - "not a reply to the labeler's own message" was an EXISTS that the generic plan turned into a scan of every
   message of the author (all of them, when one author wrote the prompts); it is now a lookup by primary key.
 - labeling_task_refresh_slots() was a LANGUAGE sql function, which PostgreSQL plans at every call; it is plpgsql.
+  After a lease the function no longer calls it: the count under the row lock already says whether the lease
+  took the last slot, and only then is the task marked busy (a task with a slot left is not updated at all).
 - the index walks read past every fully leased task (they stay open until their leases end), so a call cost more
   with every abandoned lease. Open tasks that may have a free slot now have their own partial index; a busy task
   whose time has come (free_slots_from <= now, from a second index) is put back among them by the next call.
@@ -227,7 +229,15 @@ BEGIN
                                 RETURNING id INTO v_assignment;
                             END IF;
                             IF v_assignment IS NOT NULL THEN
-                                PERFORM labeling_task_refresh_slots(v_task, p_now);
+                                -- The task was found among the free ones (free_slots_from NULL) and we hold its row
+                                -- lock. With a slot left it stays so: no update. If our lease took the last slot,
+                                -- the task is busy until the first live lease ends.
+                                IF v_taken + 1 >= v_overlap THEN
+                                    UPDATE labeling_task t SET free_slots_from = (
+                                        SELECT min(a.lease_expires_at) FROM labeling_assignment a
+                                         WHERE a.task_id = v_task AND a.status = 'leased' AND a.lease_expires_at > p_now)
+                                     WHERE t.id = v_task;
+                                END IF;
                                 RETURN v_assignment;
                             END IF;
                             RAISE EXCEPTION 'taken' USING ERRCODE = 'FL001';

@@ -15,6 +15,7 @@ def resident_mb() -> float:
 
 def test_freed_activation_sized_buffers_leave_the_process():
     assert limit_allocator_caching()  # glibc here
+    release_freed_memory()  # what earlier tests in this process freed, so that the buffers below need new pages
     before = resident_mb()
     # Buffers of a few hundred KB (like one layer's activations) with a small live tensor after each, as
     # activations leave small tensors around them: the heap cannot shrink from its top.
