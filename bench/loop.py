@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,22 +81,12 @@ os.environ.update(
 )
 
 import django  # noqa: E402
-import psycopg  # noqa: E402
+
+from bench.support import drop_database, recreate_database, stop_process_groups  # noqa: E402
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def recreate_database() -> None:
-    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-
-
-def drop_database() -> None:
-    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
 
 
 def read_records(name: str, parse, n: int, dataset: str) -> list:
@@ -164,18 +153,6 @@ def start_workers(env: dict) -> list[subprocess.Popen]:
         if {n.split("@")[0] for n in names} >= {"training", "sampling"}:
             return processes
     raise SystemExit("the workers did not answer a ping within 120 s")
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def seconds(start, end) -> float | None:
@@ -274,7 +251,7 @@ def main() -> None:
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     LOGS.mkdir(parents=True, exist_ok=True)
-    recreate_database()
+    recreate_database(BENCH_DB)
     django.setup()
     from django.utils import timezone
 
@@ -306,11 +283,11 @@ def main() -> None:
         result["eval_prompts"] = args.eval_prompts
         result["threads"] = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     finally:
-        stop(processes)
+        stop_process_groups(processes, timeout_s=30)
         from django.db import connections
 
         connections.close_all()
-        drop_database()
+        drop_database(BENCH_DB)
         shutil.rmtree(ARTIFACTS, ignore_errors=True)
     print(json.dumps(result))
 

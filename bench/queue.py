@@ -47,20 +47,11 @@ import django  # noqa: E402
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
+from bench.support import drop_database, recreate_database, stop_process_groups  # noqa: E402
+
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-def recreate_database() -> None:
-    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-
-
-def drop_database() -> None:
-    with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
 
 
 def seed(labelers: int, tasks: int) -> list[str]:
@@ -139,14 +130,6 @@ def start_server() -> subprocess.Popen:
             time.sleep(0.3)
     os.killpg(server.pid, signal.SIGTERM)
     raise SystemExit("gunicorn did not come up")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
 
 
 async def send(client: httpx.AsyncClient, method: str, url: str, **kwargs) -> httpx.Response:
@@ -339,7 +322,7 @@ def main() -> None:
     args = parser.parse_args()
 
     subprocess.run([str(ROOT / "bin" / "services")], check=True)
-    recreate_database()
+    recreate_database(BENCH_DB)
     django.setup()
     log(f"seeding {args.labelers} labelers and {args.tasks} tasks ...")
     args.session_keys = seed(args.labelers, args.tasks)
@@ -351,8 +334,8 @@ def main() -> None:
     try:
         figures = asyncio.run(run(args))
     finally:
-        stop_server(server)
-        drop_database()
+        stop_process_groups([server], timeout_s=20)
+        drop_database(BENCH_DB)
     print(json.dumps(figures))
 
 
