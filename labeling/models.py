@@ -273,11 +273,6 @@ class Task(models.Model):
             ),
         ]
         indexes = [
-            models.Index(
-                fields=["kind", "-priority", "created_at", "id"],
-                condition=Q(status="open"),
-                name="task_open_queue_order",
-            ),
             # The queue's scans (labeling_lease_next): open tasks that may have a free slot, best first, without
             # walking past the tasks whose slots are all leased; and the busy ones by the time they may free up.
             models.Index(

@@ -279,6 +279,8 @@ class Migration(migrations.Migration):
     dependencies = [("labeling", "0010_import_jobs")]
 
     operations = [
+        # Replaced by task_open_free_queue_order: no query reads it any more, and every task write kept it up to date.
+        migrations.RemoveIndex(model_name="task", name="task_open_queue_order"),
         migrations.AddIndex(
             model_name="assignment",
             index=models.Index(
