@@ -113,6 +113,7 @@ def start_server() -> subprocess.Popen:
         WEB_BIND=f"127.0.0.1:{PORT}",
         LOG_LEVEL="WARNING",
     )
+    (ROOT / "var").mkdir(exist_ok=True)  # absent in a fresh checkout
     server = subprocess.Popen(
         [str(ROOT / "bin" / "web")],
         cwd=ROOT,
@@ -330,11 +331,12 @@ def main() -> None:
     from django.db import connections
 
     connections.close_all()
-    server = start_server()
+    servers = []
     try:
+        servers.append(start_server())
         figures = asyncio.run(run(args))
     finally:
-        stop_process_groups([server], timeout_s=20)
+        stop_process_groups(servers, timeout_s=20)
         drop_database(BENCH_DB)
     print(json.dumps(figures))
 
