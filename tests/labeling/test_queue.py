@@ -4,6 +4,7 @@ import datetime as dt
 import random
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from labeling import services
@@ -303,3 +304,25 @@ def test_a_busy_tasks_cached_free_time_follows_its_leases(alice, bob):
     services.reply_submit(assignment=task_lease_next(user=bob), text="Done.")
     task.refresh_from_db()
     assert task.status == Task.Status.DONE and task.free_slots_from is None
+
+
+def _sequential_scans(tables) -> dict[str, int]:
+    """Sequential scans of each table so far in this transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE relname = ANY (%s)", [tables])
+        return dict(cursor.fetchall())
+
+
+def test_the_lease_walks_indexes_even_when_the_statistics_say_the_tables_are_empty(alice, bob):
+    """Right after an import the statistics say no assignment exists. The lease function keeps one plan per
+    query for the life of a connection; made from such statistics, those plans read the whole assignment table
+    at every call, however many leases it held by then (migration 0012)."""
+    for _ in range(3):
+        make_reply_task()
+    tables = ["labeling_assignment", "labeling_task", "labeling_message", "labeling_taskcandidate"]
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE labeling_assignment, labeling_taskcandidate")  # both empty
+    before = _sequential_scans(tables)
+    leases = [services.task_lease_next_id(user=labeler) for labeler in (alice, bob, alice)]
+    assert None not in leases and leases[0] == leases[2] != leases[1]
+    assert _sequential_scans(tables) == before
