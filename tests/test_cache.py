@@ -18,7 +18,7 @@ def test_threads_share_the_client_safely():
             for round_ in range(50):
                 cache.set(f"test-cache-{index}", (index, round_), 30)
                 assert cache.get(f"test-cache-{index}") == (index, round_)
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
