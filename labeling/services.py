@@ -5,6 +5,7 @@ race: two labelers, two browser tabs or a retried request can call any of these 
 """
 
 import datetime as dt
+import functools
 import hashlib
 import random
 import uuid
@@ -17,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
+from psycopg import sql as psycopg_sql
 
 from labeling.models import (
     ALLOWED_CHILD_ROLES,
@@ -230,30 +232,49 @@ def task_lease_next(*, user, now: dt.datetime | None = None, rng: random.Random 
 
 
 def task_lease_next_id(*, user, now: dt.datetime | None = None, rng: random.Random | None = None) -> int | None:
-    """task_lease_next in one database round trip, returning only the assignment's id (the queue's hot path)."""
+    """task_lease_next in one database round trip, returning only the assignment's id (the queue's hot path).
+
+    `rng` seeds the draw of the task kind (for tests); without it PostgreSQL's random() draws.
+    """
     now = now or timezone.now()
-    rng = rng or random.Random()
-    settings = QueueSettings.load()
-    kinds = TaskKind.values
-    weights = settings.kind_weights
+    draws = [rng.random() for _ in TaskKind.values] if rng is not None else None
     with connection.cursor() as cursor:
         # Outside an explicit transaction the call is its own transaction: one round trip.
-        cursor.execute(
-            "SELECT labeling_lease_next(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                user.pk,
-                now,
-                kinds,
-                [float(weights.get(kind, 0)) for kind in kinds],
-                [rng.random() for _ in kinds],
-                settings.lease_minutes,
-                float(settings.language_bonus_minutes),
-                float(settings.topic_bonus_minutes),
-                float(settings.max_age_minutes),
-            ],
-        )
+        cursor.execute(_lease_next_statement(QueueSettings.load()), [user.pk, now, draws])
         (assignment_id,) = cursor.fetchone()
     return assignment_id
+
+
+def _lease_next_statement(settings: QueueSettings) -> str:
+    """The call of labeling_lease_next() with the admin's settings written in as SQL literals.
+
+    They change rarely, and turning them into SQL at every call (three arrays among them) was a tenth of the web
+    process's CPU on the queue's hot path; the statement is kept per settings.
+    """
+    weights = settings.kind_weights
+    return _lease_next_statement_for(
+        tuple(TaskKind.values),
+        tuple(float(weights.get(kind, 0)) for kind in TaskKind.values),
+        int(settings.lease_minutes),
+        float(settings.language_bonus_minutes),
+        float(settings.topic_bonus_minutes),
+        float(settings.max_age_minutes),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _lease_next_statement_for(kinds, weights, lease_minutes, language_bonus, topic_bonus, max_age) -> str:
+    # psycopg writes the float array with its cast ('{...}'::float8[]); the other literals get theirs here.
+    statement = psycopg_sql.SQL(
+        "SELECT labeling_lease_next(%s, %s, {}::text[], {}, %s::float8[], {}::integer, {}::float8, {}::float8,"
+        " {}::float8)"
+    ).format(
+        *(
+            psycopg_sql.Literal(value)
+            for value in (list(kinds), list(weights), lease_minutes, language_bonus, topic_bonus, max_age)
+        )
+    )
+    return statement.as_string()
 
 
 def _refresh_free_slots(task_id: int, now: dt.datetime) -> None:
@@ -268,6 +289,32 @@ def leases_expire(*, now: dt.datetime | None = None) -> int:
     return Assignment.objects.filter(status=Assignment.Status.LEASED, lease_expires_at__lte=now).update(
         status=Assignment.Status.EXPIRED
     )
+
+
+# The tables every next-task call reads and writes.
+QUEUE_TABLES = ("labeling_task", "labeling_assignment")
+
+
+def queue_tables_vacuum(*, min_dead_rows: int = 1000) -> list[str]:
+    """VACUUM (ANALYZE) each queue table holding at least `min_dead_rows` dead rows; returns the tables vacuumed.
+
+    A lease that takes a task's last slot leaves the task's entry in the queue's index dead until a vacuum, at
+    the front of the index, where every next-task call starts reading: with labelers leasing hundreds of tasks
+    a second, thousands pile up between autovacuum runs (and on a server with autovacuum off, for good), and
+    each call walks past them all. ANALYZE keeps the planner's row counts current too. Vacuuming these tables
+    takes a few milliseconds, so beat runs this every few seconds (QUEUE_VACUUM_SCHEDULE_S).
+    """
+    if connection.in_atomic_block:
+        raise RuntimeError("VACUUM cannot run inside a transaction: call queue_tables_vacuum() outside atomic()")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY (%s) AND n_dead_tup >= %s ORDER BY relname",
+            [list(QUEUE_TABLES), min_dead_rows],
+        )
+        tables = [name for (name,) in cursor.fetchall()]
+        for table in tables:
+            cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(table)}")
+    return tables
 
 
 def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetime | None = None) -> Assignment:
