@@ -67,6 +67,11 @@ def _beat_schedule() -> dict:
             "options": {"expires": settings.SAMPLING_POOL_SCHEDULE_S},
         },
         "expire-leases": {"task": "labeling.tasks.expire_leases", "schedule": 60.0, "options": {"expires": 60}},
+        "vacuum-queue-tables": {
+            "task": "labeling.tasks.vacuum_queue_tables",
+            "schedule": float(settings.QUEUE_VACUUM_SCHEDULE_S),
+            "options": {"expires": settings.QUEUE_VACUUM_SCHEDULE_S},
+        },
         "replenish-prompt-tasks": {
             "task": "labeling.tasks.replenish_prompt_tasks",
             "schedule": 60.0,

@@ -10,6 +10,11 @@ def expire_leases() -> int:
     return services.leases_expire()
 
 
+@shared_task(name="labeling.tasks.vacuum_queue_tables", ignore_result=True, soft_time_limit=60, time_limit=90)
+def vacuum_queue_tables() -> list[str]:
+    return services.queue_tables_vacuum()
+
+
 @shared_task(name="labeling.tasks.replenish_prompt_tasks", ignore_result=True, soft_time_limit=60, time_limit=90)
 def replenish_prompt_tasks() -> int:
     return services.prompt_tasks_replenish()

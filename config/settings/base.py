@@ -184,6 +184,9 @@ TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20
 LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)
 EVAL_COMPARISON_PRIORITY = env_int("EVAL_COMPARISON_PRIORITY", 5)
 
+# How often beat vacuums the queue's tables (labeling.services.queue_tables_vacuum: only once they hold dead rows).
+QUEUE_VACUUM_SCHEDULE_S = env_int("QUEUE_VACUUM_SCHEDULE_S", 10, min_value=1)
+
 # Data splits, drawn per conversation when it is created (labeling/splits.py).
 DATA_VALIDATION_FRACTION = env_float("DATA_VALIDATION_FRACTION", 0.1, min_value=0.0, max_value=0.5)
 DATA_HOLDOUT_FRACTION = env_float("DATA_HOLDOUT_FRACTION", 0.05, min_value=0.0, max_value=0.5)
