@@ -327,8 +327,12 @@ class Assignment(models.Model):
         PERSONAL_DATA = "personal_data", "Personal data"
         OTHER = "other", "Other"
 
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments")
-    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    # No index of their own: the unique (task, labeler) and the (labeler, status) indexes lead with them, and every
+    # lease wrote the two extra indexes for nothing.
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments", db_index=False)
+    labeler = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments", db_index=False
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.LEASED)
     leased_at = models.DateTimeField(auto_now_add=True)
     lease_expires_at = models.DateTimeField()
