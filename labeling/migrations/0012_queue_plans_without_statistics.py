@@ -65,6 +65,7 @@ DECLARE
     v_kinds text[] := '{}';
     v_weights float8[] := '{}';
     v_total float8;
+    v_weight float8;
     v_pick float8;
     v_kind text;
     v_index integer;
@@ -119,7 +120,10 @@ BEGIN
     -- repeated among the rest, which gives the same mix as drawing only among the kinds with work for them.
     WHILE coalesce(array_length(v_kinds, 1), 0) > 0 LOOP
         v_draw := v_draw + 1;
-        SELECT sum(w) INTO v_total FROM unnest(v_weights) AS w;
+        v_total := 0;
+        FOREACH v_weight IN ARRAY v_weights LOOP  -- plpgsql arithmetic: no query to start
+            v_total := v_total + v_weight;
+        END LOOP;
         v_pick := coalesce(p_draws[1 + (v_draw - 1) % greatest(array_length(p_draws, 1), 1)], random()) * v_total;
         v_index := 1;
         WHILE v_index < array_length(v_kinds, 1) AND v_pick >= v_weights[v_index] LOOP
