@@ -16,7 +16,7 @@ from django.db import connections, router
 
 class UserLookupBackend(ModelBackend):
     @cached_property
-    def _user_query(self) -> tuple[str, str, list[str]]:
+    def _user_query(self) -> tuple[type, str, str, list[str]]:
         model = get_user_model()
         database = router.db_for_read(model)
         quote = connections[database].ops.quote_name
@@ -26,11 +26,10 @@ class UserLookupBackend(ModelBackend):
             quote(model._meta.db_table),
             quote(model._meta.pk.column),
         )
-        return database, sql, [field.attname for field in fields]
+        return model, database, sql, [field.attname for field in fields]
 
     def get_user(self, user_id):
-        model = get_user_model()
-        database, sql, attnames = self._user_query
+        model, database, sql, attnames = self._user_query
         # user_id comes from django.contrib.auth.get_user(), already converted with the primary key's to_python().
         with connections[database].cursor() as cursor:
             cursor.execute(sql, [user_id])

@@ -249,8 +249,16 @@ def _lease_next_statement(settings: QueueSettings) -> str:
     """The call of labeling_lease_next() with the admin's settings written in as SQL literals.
 
     They change rarely, and turning them into SQL at every call (three arrays among them) was a tenth of the web
-    process's CPU on the queue's hot path; the statement is kept per settings.
+    process's CPU on the queue's hot path; the statement is kept on the settings object (QueueSettings.load()
+    hands out the same one for several seconds) and per distinct settings.
     """
+    statement = settings.__dict__.get("_lease_next_statement")
+    if statement is None:
+        statement = settings.__dict__["_lease_next_statement"] = _lease_next_statement_from_fields(settings)
+    return statement
+
+
+def _lease_next_statement_from_fields(settings: QueueSettings) -> str:
     weights = settings.kind_weights
     return _lease_next_statement_for(
         tuple(TaskKind.values),
