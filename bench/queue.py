@@ -9,7 +9,8 @@ bounded asyncio client:
    start at random moments within one think time); p50/p99 of next-task and submit;
 2. throughput, the same number of clients with no think time: next-task alone (each request from a labeler
    holding no lease, so each grants a new one), whole next-task + submit cycles, and the trivial endpoint
-   (/healthz: one SELECT 1), in this run, on this server.
+   (/healthz: one SELECT 1), in this run, on this server; for next-task alone and the trivial endpoint, the CPU
+   time per request of the web server, of PostgreSQL and of this client (all on the same cores).
 Beat's queue upkeep runs as in the product: labeling.services.queue_tables_vacuum() every QUEUE_VACUUM_SCHEDULE_S
 seconds, from a thread of this script (standing in for beat and a worker). Stops everything and drops its
 database at the end. The last line is JSON with every figure.
@@ -271,6 +272,40 @@ def percentile(values, q) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] * 1000
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU time used so far by each process of the web server (gunicorn on PORT), of PostgreSQL serving the bench
+    database, and by this client, read from /proc (Linux). The client shares the cores with the server, so where
+    the time goes says more than the throughput alone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    processes = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(pid) == os.getpid():
+            part = "client"
+        elif "gunicorn" in command and f"127.0.0.1:{PORT}" in command:
+            part = "web"
+        elif command.startswith("postgres:") and BENCH_DB in command:
+            part = "postgres"
+        else:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        processes[int(pid)] = (part, (int(fields[11]) + int(fields[12])) / ticks)
+    return processes
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int, prefix: str) -> dict:
+    """Per process, the CPU time between the two readings (all of it for a process started in between; a process
+    that ended in between, such as a database connection past its CONN_MAX_AGE, is missed from its last reading)."""
+    totals = {"web": 0.0, "postgres": 0.0, "client": 0.0}
+    for pid, (part, seconds) in after.items():
+        totals[part] += seconds - (before[pid][1] if pid in before else 0.0)
+    return {f"{prefix}_{part}_cpu_ms": round(total * 1000 / max(requests, 1), 3) for part, total in totals.items()}
+
+
 def round_trips() -> dict:
     """What one database and one Redis round trip cost on this machine (they bound every request)."""
     import redis
@@ -314,9 +349,13 @@ async def run(args) -> dict:
     )
 
     log(f"throughput phase: {len(labelers)} clients, no think time, {args.seconds} s each")
+    before = cpu_seconds()
     alone = await next_task_phase(args.fresh_keys, len(labelers), args.seconds)
+    figures.update(cpu_ms_per_request(before, cpu_seconds(), len(alone["timings"]), "next_task"))
     cycles = await labeling_phase(labelers, args.seconds, 0)
+    before = cpu_seconds()
     trivial = await trivial_phase(labelers, args.seconds)
+    figures.update(cpu_ms_per_request(before, cpu_seconds(), len(trivial["timings"]), "trivial"))
     figures.update(
         next_task_rps=round(len(alone["timings"]) / alone["elapsed"], 1),
         saturated_next_task_p50_ms=round(percentile(alone["timings"], 50), 1),
@@ -328,6 +367,12 @@ async def run(args) -> dict:
     )
     figures["next_task_vs_trivial"] = round(figures["next_task_rps"] / figures["trivial_rps"], 3)
     figures["cycle_vs_trivial"] = round(figures["cycle_rps"] / figures["trivial_rps"], 3)
+    log(
+        "  CPU per request, web / PostgreSQL / this client: next-task "
+        + " / ".join(f"{figures[f'next_task_{part}_cpu_ms']} ms" for part in ("web", "postgres", "client"))
+        + "; trivial "
+        + " / ".join(f"{figures[f'trivial_{part}_cpu_ms']} ms" for part in ("web", "postgres", "client"))
+    )
     if alone["exhausted"]:
         log("  (the fresh labelers ran out before the time was up; raise --fresh-labelers)")
     log(
@@ -348,7 +393,9 @@ def main() -> None:
         "--think-ms", type=int, default=2000, help="time on a task page between next-task and submit (people: 10 s+)"
     )
     parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--fresh-labelers", type=int, default=6000, help="labelers for the next-task-alone phase")
+    parser.add_argument(
+        "--fresh-labelers", type=int, default=16000, help="labelers for the next-task-alone phase (one request each)"
+    )
     args = parser.parse_args()
 
     subprocess.run([str(ROOT / "bin" / "services")], check=True)
