@@ -3,38 +3,62 @@
 Every signed-in request loads its user. ModelBackend does it with `User.objects.get(pk=...)`, and building and
 compiling that query took about a quarter of the web process's CPU on the queue's hot path (bench/queue.py),
 more than the query itself. Here the SQL is written once per process and the row becomes a user with
-`Model.from_db`, as the ORM would make it. The rules are ModelBackend's: an unknown id or an inactive user
-gives None (the visitor is signed out).
+`Model.from_db`, after the fields' own conversions from the database, as the ORM would make it. The rules are
+ModelBackend's: an unknown id or an inactive user gives None (the visitor is signed out).
+
+settings.AUTHENTICATION_BACKENDS lists ModelBackend after this backend only so that sessions signed in before it
+(which name ModelBackend) stay signed in; a wrong password is refused here, so that it is not checked twice.
 """
 
-from functools import cached_property
+import functools
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
+from django.core.exceptions import PermissionDenied
 from django.db import connections, router
 
 
+@functools.cache
+def _user_query() -> tuple[type, str, str, list[str], list[tuple[int, list, object]]]:
+    # Django makes a new backend object at every request (auth.load_backend), hence a module-level cache.
+    model = get_user_model()
+    database = router.db_for_read(model)
+    connection = connections[database]
+    quote = connection.ops.quote_name
+    fields = model._meta.concrete_fields
+    sql = "SELECT {} FROM {} WHERE {} = %s".format(
+        ", ".join(quote(field.column) for field in fields),
+        quote(model._meta.db_table),
+        quote(model._meta.pk.column),
+    )
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(model._meta.db_table)
+        functions = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        if functions:
+            converters.append((index, functions, column))
+    return model, database, sql, [field.attname for field in fields], converters
+
+
 class UserLookupBackend(ModelBackend):
-    @cached_property
-    def _user_query(self) -> tuple[type, str, str, list[str]]:
-        model = get_user_model()
-        database = router.db_for_read(model)
-        quote = connections[database].ops.quote_name
-        fields = model._meta.concrete_fields
-        sql = "SELECT {} FROM {} WHERE {} = %s".format(
-            ", ".join(quote(field.column) for field in fields),
-            quote(model._meta.db_table),
-            quote(model._meta.pk.column),
-        )
-        return model, database, sql, [field.attname for field in fields]
+    def authenticate(self, request, username=None, password=None, **kwargs):
+        user = super().authenticate(request, username=username, password=password, **kwargs)
+        if user is None and password is not None:
+            raise PermissionDenied  # stops here: ModelBackend, listed next for old sessions, would check it again
+        return user
 
     def get_user(self, user_id):
-        model, database, sql, attnames = self._user_query
+        model, database, sql, attnames, converters = _user_query()
         # user_id comes from django.contrib.auth.get_user(), already converted with the primary key's to_python().
         with connections[database].cursor() as cursor:
             cursor.execute(sql, [user_id])
             row = cursor.fetchone()
         if row is None:
             return None
+        if converters:
+            row = list(row)
+            for index, functions, column in converters:
+                for function in functions:
+                    row[index] = function(row[index], column, connections[database])
         user = model.from_db(database, attnames, row)
         return user if self.user_can_authenticate(user) else None

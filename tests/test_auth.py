@@ -1,6 +1,9 @@
 """The authentication backend: ModelBackend's rules, with the signed-in user read by one precompiled query."""
 
+from unittest import mock
+
 import pytest
+from django.contrib.auth import BACKEND_SESSION_KEY, authenticate
 from django.contrib.auth.backends import ModelBackend
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -40,3 +43,21 @@ def test_a_signed_in_labeler_reaches_the_queue_and_a_password_change_signs_them_
     user.save()
     response = client.get(reverse("labeling:home"))
     assert response.status_code == 302 and reverse("login") in response["Location"]
+
+
+def test_a_session_signed_in_through_model_backend_stays_signed_in(client):
+    """Sessions made before config.auth name ModelBackend; they must not be signed out by the switch."""
+    user = UserFactory()
+    client.force_login(user, backend="django.contrib.auth.backends.ModelBackend")
+    assert client.session[BACKEND_SESSION_KEY] == "django.contrib.auth.backends.ModelBackend"
+    assert client.get(reverse("labeling:home")).status_code == 200
+
+
+def test_a_wrong_password_is_checked_once():
+    user = UserFactory()
+    user.set_password("right")
+    user.save()
+    with mock.patch.object(ModelBackend, "authenticate", autospec=True, side_effect=ModelBackend.authenticate) as spy:
+        assert authenticate(username=user.username, password="wrong") is None
+    assert spy.call_count == 1  # not again by ModelBackend, listed after UserLookupBackend for old sessions
+    assert authenticate(username=user.username, password="right") == user

@@ -90,8 +90,9 @@ CACHES = {
 # Sessions are read from Redis and written through to PostgreSQL: no session query on most requests.
 SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 
-# ModelBackend, with a cheaper lookup of the signed-in user on every request.
-AUTHENTICATION_BACKENDS = ["config.auth.UserLookupBackend"]
+# ModelBackend, with a cheaper lookup of the signed-in user on every request. ModelBackend itself only keeps
+# sessions signed in before config.auth existed (see there).
+AUTHENTICATION_BACKENDS = ["config.auth.UserLookupBackend", "django.contrib.auth.backends.ModelBackend"]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
