@@ -321,7 +321,8 @@ def queue_tables_vacuum(*, min_dead_rows: int = 1000) -> list[str]:
         )
         tables = [name for (name,) in cursor.fetchall()]
         for table in tables:
-            cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(table)}")
+            # SKIP_LOCKED: a vacuum still running from the last time is left to finish rather than waited for.
+            cursor.execute(f"VACUUM (ANALYZE, SKIP_LOCKED) {connection.ops.quote_name(table)}")
     return tables
 
 

@@ -198,8 +198,9 @@ BEGIN
 
             FOREACH v_task IN ARRAY v_ids LOOP
                 -- A block with an exception handler is a subtransaction: raising 'full' rolls it back, which
-                -- releases the row lock at once. A caller thus holds no task lock while it waits for another,
-                -- and two callers cannot deadlock.
+                -- releases the row lock at once. A caller thus holds no lock on a free task while it waits for
+                -- another (only on the busy tasks it put back above, which other callers do not wait for), and
+                -- two callers cannot deadlock.
                 BEGIN
                     IF v_waiting THEN
                         SELECT t.overlap INTO v_overlap FROM labeling_task t
