@@ -13,8 +13,8 @@ Measured on the same data after this change: 0.3 ms.
   then for the next, and only then read the next window; with 16 callers at once on the same best tasks, most
   calls did so. Now a locked row is passed over and the next window read (four windows at most); only when no
   unlocked candidate is left does it wait for the rows it passed over, best first.
-- The kinds are no longer probed one by one for open tasks before the draw: a kind drawn with nothing for the
-  labeler is dropped and the draw repeated, which gives the same mix (0011 did that too, after the probes).
+- The kinds are probed for open tasks (before the draw, as in 0011) from the far end of the queue's index, where
+  no dead entries of just-leased tasks lie.
 - The count under the row lock also reads the earliest live lease expiry, so marking a task busy is an update by
   primary key (the separate query used the index of all live leases, which the statistics said held 2 rows).
 - Taking a slot back after an expired lease of one's own and taking a new one are one INSERT ... ON CONFLICT.
@@ -109,15 +109,25 @@ BEGIN
       FROM auth_user u LEFT JOIN labeling_labelerprofile p ON p.user_id = u.id
      WHERE u.id = p_user;
 
+    -- Kinds with open tasks that may have a free slot (as in 0011). The probe reads the queue's index from its far
+    -- end (the newest tasks of the lowest priority): the near end holds the entries of the tasks just leased, dead
+    -- until the next vacuum, which every scan from there walks past.
     FOR v_index IN 1 .. coalesce(array_length(p_kinds, 1), 0) LOOP
         CONTINUE WHEN p_weights[v_index] <= 0;
         CONTINUE WHEN p_kinds[v_index] = 'review_demonstration' AND NOT v_reviewer;
-        v_kinds := v_kinds || p_kinds[v_index];
-        v_weights := v_weights || p_weights[v_index];
+        v_kind := p_kinds[v_index];  -- a plain variable, so that a cached generic plan still uses the index
+        PERFORM 1 FROM labeling_task t
+         WHERE {free} AND (t.reserved_for_id IS NULL OR t.reserved_for_id = p_user)
+         ORDER BY t.priority, t.created_at DESC, t.id DESC LIMIT 1;
+        IF FOUND THEN
+            v_kinds := v_kinds || v_kind;
+            v_weights := v_weights || p_weights[v_index];
+        END IF;
     END LOOP;
 
-    -- A kind is drawn by weight. One that turns out to have nothing for this labeler is dropped and the draw
-    -- repeated among the rest, which gives the same mix as drawing only among the kinds with work for them.
+    -- A kind is drawn by weight among those. One whose tasks all turn out unavailable to this labeler is dropped
+    -- and the draw repeated among the rest, which gives the same mix as drawing only among the kinds with work
+    -- for them.
     WHILE coalesce(array_length(v_kinds, 1), 0) > 0 LOOP
         v_draw := v_draw + 1;
         v_total := 0;
@@ -130,19 +140,7 @@ BEGIN
             v_pick := v_pick - v_weights[v_index];
             v_index := v_index + 1;
         END LOOP;
-        v_kind := v_kinds[v_index];  -- a plain variable, so that a cached generic plan still uses the index
-
-        -- A cheap look at the queue's index first: starting the window query costs more than this probe. It
-        -- reads the index from its far end (the newest tasks of the lowest priority): the near end holds the
-        -- entries of the tasks just leased, dead until the next vacuum, which every scan from there walks past.
-        PERFORM 1 FROM labeling_task t
-         WHERE {free} AND (t.reserved_for_id IS NULL OR t.reserved_for_id = p_user)
-         ORDER BY t.priority, t.created_at DESC, t.id DESC LIMIT 1;
-        IF NOT FOUND THEN
-            v_kinds := v_kinds[1:v_index - 1] || v_kinds[v_index + 1:];
-            v_weights := v_weights[1:v_index - 1] || v_weights[v_index + 1:];
-            CONTINUE;
-        END IF;
+        v_kind := v_kinds[v_index];
 
         -- Up to four windows are read, each after the rows of the last; a row that another caller is locking is
         -- passed over, so concurrent callers spread over different tasks instead of queueing for the best one.
