@@ -5,7 +5,6 @@ race: two labelers, two browser tabs or a retried request can call any of these 
 """
 
 import datetime as dt
-import functools
 import hashlib
 import random
 import uuid
@@ -249,40 +248,31 @@ def _lease_next_statement(settings: QueueSettings) -> str:
     """The call of labeling_lease_next() with the admin's settings written in as SQL literals.
 
     They change rarely, and turning them into SQL at every call (three arrays among them) was a tenth of the web
-    process's CPU on the queue's hot path; the statement is kept on the settings object (QueueSettings.load()
-    hands out the same one for several seconds) and per distinct settings.
+    process's CPU on the queue's hot path; the statement is kept on the settings object, which
+    QueueSettings.load() hands out again for several seconds (a change loads a new object).
     """
     statement = settings.__dict__.get("_lease_next_statement")
     if statement is None:
-        statement = settings.__dict__["_lease_next_statement"] = _lease_next_statement_from_fields(settings)
-    return statement
-
-
-def _lease_next_statement_from_fields(settings: QueueSettings) -> str:
-    weights = settings.kind_weights
-    return _lease_next_statement_for(
-        tuple(TaskKind.values),
-        tuple(float(weights.get(kind, 0)) for kind in TaskKind.values),
-        int(settings.lease_minutes),
-        float(settings.language_bonus_minutes),
-        float(settings.topic_bonus_minutes),
-        float(settings.max_age_minutes),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _lease_next_statement_for(kinds, weights, lease_minutes, language_bonus, topic_bonus, max_age) -> str:
-    # psycopg writes the float array with its cast ('{...}'::float8[]); the other literals get theirs here.
-    statement = psycopg_sql.SQL(
-        "SELECT labeling_lease_next(%s, %s, {}::text[], {}, %s::float8[], {}::integer, {}::float8, {}::float8,"
-        " {}::float8)"
-    ).format(
-        *(
-            psycopg_sql.Literal(value)
-            for value in (list(kinds), list(weights), lease_minutes, language_bonus, topic_bonus, max_age)
+        weights = settings.kind_weights
+        literals = (
+            TaskKind.values,
+            [float(weights.get(kind, 0)) for kind in TaskKind.values],
+            int(settings.lease_minutes),
+            float(settings.language_bonus_minutes),
+            float(settings.topic_bonus_minutes),
+            float(settings.max_age_minutes),
         )
-    )
-    return statement.as_string()
+        # psycopg writes the float array with its cast ('{...}'::float8[]); the other literals get theirs here.
+        statement = (
+            psycopg_sql.SQL(
+                "SELECT labeling_lease_next(%s, %s, {}::text[], {}, %s::float8[], {}::integer, {}::float8,"
+                " {}::float8, {}::float8)"
+            )
+            .format(*(psycopg_sql.Literal(value) for value in literals))
+            .as_string()
+        )
+        settings.__dict__["_lease_next_statement"] = statement
+    return statement
 
 
 def _refresh_free_slots(task_id: int, now: dt.datetime) -> None:
