@@ -7,27 +7,20 @@ A `redis.Redis` object is safe to share between threads (each command takes a co
 the pool itself reconnects after a fork.
 """
 
-import threading
-
 from django.core.cache.backends import redis as django_redis
 
 
 class RedisCacheClient(django_redis.RedisCacheClient):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._clients = {}
-        self._lock = threading.Lock()
+        self._clients = {}  # pool -> its client
 
     def get_client(self, key=None, *, write=False):
-        index = self._get_connection_pool_index(write)
-        client = self._clients.get(index)
+        pool = self._get_connection_pool(write)
+        client = self._clients.get(pool)
         if client is None:
-            with self._lock:
-                client = self._clients.get(index)
-                if client is None:
-                    if index not in self._pools:
-                        self._pools[index] = self._pool_class.from_url(self._servers[index], **self._pool_options)
-                    client = self._clients[index] = self._client(connection_pool=self._pools[index])
+            # setdefault is atomic: two threads racing here end up sharing one client.
+            client = self._clients.setdefault(pool, self._client(connection_pool=pool))
         return client
 
 
