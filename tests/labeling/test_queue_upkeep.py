@@ -38,6 +38,33 @@ def test_tables_with_dead_rows_are_vacuumed_and_the_others_left_alone():
     assert services.queue_tables_vacuum(min_dead_rows=500) == []
 
 
+def maintenance_counts(table: str) -> tuple[int, int]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT vacuum_count, analyze_count FROM pg_stat_user_tables WHERE relname = %s", [table])
+        return cursor.fetchone()
+
+
+def test_statistics_are_renewed_only_once_a_tenth_of_the_table_changed():
+    for _ in range(40):
+        make_reply_task()
+    services.queue_tables_vacuum(min_dead_rows=0)  # both tables analysed: a clean start
+    vacuums, analyses = maintenance_counts("labeling_task")
+
+    for _ in range(3):  # 3 updates of 40 rows: 120 dead rows, 120 changes, three times the table
+        Task.objects.update(priority=F("priority") + 1)
+    flush_statistics()
+    assert services.queue_tables_vacuum(min_dead_rows=100, analyze_fraction=10.0) == ["labeling_task"]
+    assert maintenance_counts("labeling_task") == (vacuums + 1, analyses)  # vacuumed, statistics left alone
+
+    Task.objects.filter(pk__in=Task.objects.values("pk")[:20]).update(priority=F("priority") + 1)
+    flush_statistics()
+    assert services.queue_tables_vacuum(min_dead_rows=100, analyze_fraction=1.0) == ["labeling_task"]
+    # 140 changes since the last analysis >= the 40 rows; 20 dead rows < 100: analysed, not vacuumed
+    assert maintenance_counts("labeling_task") == (vacuums + 1, analyses + 1)
+    assert services.queue_tables_vacuum(min_dead_rows=100, analyze_fraction=1.0) == []
+
+
 def test_it_refuses_to_run_inside_a_transaction():
     with transaction.atomic(), pytest.raises(RuntimeError, match="outside atomic"):
         services.queue_tables_vacuum()
