@@ -116,7 +116,8 @@ def make_labelers(prefix: str, count: int) -> list[str]:
 
 class QueueUpkeep(threading.Thread):
     """What beat does for the queue while the product runs: vacuum its tables on schedule (they are vacuumed
-    only once they hold dead rows). Counts the vacuums it ran."""
+    only once they hold dead rows, analysed only once a tenth of them changed). Counts the tables it vacuumed or
+    analysed (queue_vacuums)."""
 
     def __init__(self):
         super().__init__(daemon=True)
