@@ -184,6 +184,10 @@ class TaskKind(models.TextChoices):
     REVIEW_DEMONSTRATION = "review_demonstration", "Review a demonstration"
 
 
+# Task's foreign keys that are usually NULL, indexed only where set (see Task.Meta.indexes).
+PARTIALLY_INDEXED_TASK_KEYS = ("target_message", "model_version", "reserved_for", "created_by")
+
+
 class Task(models.Model):
     """A unit of work handed to labelers. `overlap` labelers each submit it once."""
 
@@ -218,6 +222,7 @@ class Task(models.Model):
     target_message = models.ForeignKey(
         Message,
         null=True,
+        db_index=False,  # a partial index below
         blank=True,
         on_delete=models.CASCADE,
         related_name="tasks_as_target",
@@ -227,6 +232,7 @@ class Task(models.Model):
     model_version = models.ForeignKey(
         "models_service.ModelVersion",
         null=True,
+        db_index=False,  # a partial index below
         blank=True,
         on_delete=models.PROTECT,
         related_name="tasks",
@@ -237,6 +243,7 @@ class Task(models.Model):
     reserved_for = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
+        db_index=False,  # a partial index below
         blank=True,
         on_delete=models.CASCADE,
         related_name="reserved_tasks",
@@ -244,7 +251,12 @@ class Task(models.Model):
     )
     payload = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        db_index=False,  # a partial index below
+        on_delete=models.SET_NULL,
+        related_name="+",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -286,6 +298,13 @@ class Task(models.Model):
                 name="task_open_busy_until",
             ),
             models.Index(fields=["kind", "status"]),
+            # Foreign keys that most tasks leave empty: only the rows that have one are indexed (what deleting the
+            # row they point to looks up). Every lease that takes a task's last slot updates the task, and a full
+            # index of each of them took a duplicate NULL entry at each such update.
+            *(
+                models.Index(fields=[name], condition=Q(**{f"{name}__isnull": False}), name=f"task_{name}")
+                for name in PARTIALLY_INDEXED_TASK_KEYS
+            ),
         ]
 
     def __str__(self):
