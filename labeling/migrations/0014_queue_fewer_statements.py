@@ -20,20 +20,16 @@ from django.db import migrations
 
 previous = importlib.import_module("labeling.migrations.0012_queue_plans_without_statistics")
 
+# 0012's function text -> this migration's, each part found exactly once.
+COMMIT_SWITCH_0012 = "    PERFORM set_config('synchronous_commit', 'off', true);\n"
+COMMIT_SWITCH = "    v_ignored := set_config('synchronous_commit', 'off', true);\n"
+
+# From after the labeler's own lease is looked up to the draw of a kind.
 OPENING_0012 = previous.LEASE_NEXT[
-    previous.LEASE_NEXT.index("    PERFORM set_config(") : previous.LEASE_NEXT.index("    -- A kind is drawn by weight")
+    previous.LEASE_NEXT.index("    -- Tasks marked busy until") : previous.LEASE_NEXT.index("    -- A kind is drawn by weight")
 ]
 
-OPENING = r"""    v_ignored := set_config('synchronous_commit', 'off', true);
-
-    SELECT a.id INTO v_assignment FROM labeling_assignment a
-    WHERE a.labeler_id = p_user AND a.status = 'leased' AND a.lease_expires_at > p_now
-    ORDER BY a.leased_at DESC LIMIT 1;
-    IF FOUND THEN
-        RETURN v_assignment;
-    END IF;
-
-    -- The labeler's routing profile; reviewing is for reviewers and staff. And whether any task marked busy until
+OPENING = r"""    -- The labeler's routing profile; reviewing is for reviewers and staff. And whether any task marked busy until
     -- a lease ends (free_slots_from) has seen that time come.
     SELECT coalesce(p.languages::text[], '{}'), coalesce(p.topics::text[], '{}'), coalesce(p.is_reviewer, false) OR u.is_staff,
            EXISTS (SELECT 1 FROM labeling_task t
@@ -72,8 +68,10 @@ DECLARE = DECLARE_0012 + "    v_due boolean;\n    v_ignored text;\n"
 
 
 def lease_next_sql() -> str:
-    assert previous.LEASE_NEXT.count(OPENING_0012) == 1 and previous.LEASE_NEXT.count(DECLARE_0012) == 1
-    template = previous.LEASE_NEXT.replace(OPENING_0012, OPENING).replace(DECLARE_0012, DECLARE)
+    template = previous.LEASE_NEXT
+    for old, new in ((DECLARE_0012, DECLARE), (COMMIT_SWITCH_0012, COMMIT_SWITCH), (OPENING_0012, OPENING)):
+        assert template.count(old) == 1, old
+        template = template.replace(old, new)
     return (
         template.replace("{free}", previous.previous.FREE)
         .replace("{available}", previous.previous.AVAILABLE)

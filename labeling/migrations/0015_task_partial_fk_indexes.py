@@ -12,10 +12,10 @@ The new indexes are built concurrently before the old ones are dropped, concurre
 table is locked against writes meanwhile.
 """
 
-import django.db.models.deletion
 from django.conf import settings
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
+from django.db.models.deletion import CASCADE, PROTECT, SET_NULL
 
 # field -> its full index until now
 OLD_INDEXES = {
@@ -24,6 +24,17 @@ OLD_INDEXES = {
     "reserved_for": "labeling_task_reserved_for_id_9be7b2cd",
     "created_by": "labeling_task_created_by_id_1428b930",
 }
+
+
+def without_index(name, to, on_delete, related_name, **options):
+    """The state of a nullable foreign key of Task whose own index is gone."""
+    return migrations.AlterField(
+        model_name="task",
+        name=name,
+        field=models.ForeignKey(
+            blank=True, db_index=False, null=True, on_delete=on_delete, related_name=related_name, to=to, **options
+        ),
+    )
 
 
 class Migration(migrations.Migration):
@@ -52,56 +63,27 @@ class Migration(migrations.Migration):
                 for name, index in OLD_INDEXES.items()
             ],
             state_operations=[
-                migrations.AlterField(
-                    model_name="task",
-                    name="created_by",
-                    field=models.ForeignKey(
-                        blank=True,
-                        db_index=False,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
+                without_index("created_by", settings.AUTH_USER_MODEL, SET_NULL, "+"),
+                without_index(
+                    "model_version",
+                    "models_service.modelversion",
+                    PROTECT,
+                    "tasks",
+                    help_text="The policy that sampled the candidates.",
                 ),
-                migrations.AlterField(
-                    model_name="task",
-                    name="model_version",
-                    field=models.ForeignKey(
-                        blank=True,
-                        db_index=False,
-                        help_text="The policy that sampled the candidates.",
-                        null=True,
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="tasks",
-                        to="models_service.modelversion",
-                    ),
+                without_index(
+                    "reserved_for",
+                    settings.AUTH_USER_MODEL,
+                    CASCADE,
+                    "reserved_tasks",
+                    help_text="Only this labeler is offered the task (e.g. alternatives they asked for in chat).",
                 ),
-                migrations.AlterField(
-                    model_name="task",
-                    name="reserved_for",
-                    field=models.ForeignKey(
-                        blank=True,
-                        db_index=False,
-                        help_text="Only this labeler is offered the task (e.g. alternatives they asked for in chat).",
-                        null=True,
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="reserved_tasks",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                migrations.AlterField(
-                    model_name="task",
-                    name="target_message",
-                    field=models.ForeignKey(
-                        blank=True,
-                        db_index=False,
-                        help_text="The demonstration under review.",
-                        null=True,
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="tasks_as_target",
-                        to="labeling.message",
-                    ),
+                without_index(
+                    "target_message",
+                    "labeling.message",
+                    CASCADE,
+                    "tasks_as_target",
+                    help_text="The demonstration under review.",
                 ),
             ],
         ),
