@@ -13,7 +13,8 @@ bounded asyncio client:
    holding no lease, so each grants a new one), whole next-task + submit cycles, and the trivial endpoint
    (/healthz: one SELECT 1), in this run, on this server; for next-task alone and the trivial endpoint, the CPU
    time per request of the web server, of PostgreSQL and of this client (all on the same cores). Next-task alone
-   and the trivial endpoint are asked by the same clients, each request carrying a session cookie in its header.
+   and the trivial endpoint are asked by the same clients, in alternating turns, each request carrying a session
+   cookie in its header.
 Beat's queue upkeep runs as in the product: labeling.services.queue_tables_vacuum() every QUEUE_VACUUM_SCHEDULE_S
 seconds, from a thread of this script (standing in for beat and a worker). Stops everything and drops its
 database at the end. The last line is JSON with every figure.
@@ -43,6 +44,7 @@ BENCH_DB = "feedback_loop_bench_queue"
 PORT = 8011
 BASE_URL = f"http://127.0.0.1:{PORT}"
 WARM_UP_REQUESTS = 400
+THROUGHPUT_TURNS = 4
 DATABASE_URL = f"postgres://postgres@127.0.0.1:5432/{BENCH_DB}"
 
 os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.local"
@@ -235,6 +237,7 @@ async def labeling_phase(labelers, seconds: float, think_s: float) -> dict:
 
 async def next_task_phase(clients: list[httpx.AsyncClient], fresh_keys: list[str], seconds: float) -> dict:
     """Next-task alone: each request comes from a labeler who holds no lease, so each one grants a new lease.
+    `fresh_keys` are their session keys, taken from the end of the list as they are used.
 
     The clients are made beforehand: making an httpx client costs ~40 ms of CPU here (it loads the TLS
     certificates), which is not a request's cost but would be counted in this phase's CPU time. Each request
@@ -242,7 +245,7 @@ async def next_task_phase(clients: list[httpx.AsyncClient], fresh_keys: list[str
     putting it into the client's cookie jar instead cost this client 0.2 ms of CPU per request here (a jar update
     per request), CPU that the server then lacked."""
     timings = []
-    keys = list(fresh_keys)
+    keys = fresh_keys
     deadline = time.monotonic() + seconds
 
     async def client(http: httpx.AsyncClient):
@@ -310,13 +313,37 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return processes
 
 
-def cpu_ms_per_request(before: dict, after: dict, requests: int, prefix: str) -> dict:
-    """Per process, the CPU time between the two readings (all of it for a process started in between; a process
-    that ended in between, such as a database connection past its CONN_MAX_AGE, is missed from its last reading)."""
-    totals = {"web": 0.0, "postgres": 0.0, "client": 0.0}
+def cpu_spent(before: dict, after: dict, totals: dict[str, float]) -> None:
+    """Adds to `totals`, per part, the CPU time between the two readings (all of it for a process started in
+    between; a process that ended in between, such as a database connection past its CONN_MAX_AGE, is missed
+    from its last reading)."""
     for pid, (part, seconds) in after.items():
         totals[part] += seconds - (before[pid][1] if pid in before else 0.0)
-    return {f"{prefix}_{part}_cpu_ms": round(total * 1000 / max(requests, 1), 3) for part, total in totals.items()}
+
+
+async def alternating_phases(
+    clients: list[httpx.AsyncClient], fresh_keys: list[str], session_keys: list[str], seconds: float
+) -> dict[str, dict]:
+    """Next-task alone and the trivial endpoint, `seconds` each, in THROUGHPUT_TURNS alternating turns (next-task
+    first). This machine's speed drifts: the same endpoint gave 10-40% more or fewer requests a second in runs
+    minutes apart. Taking turns makes a drift during the run weigh on both endpoints alike. Each result adds up its
+    turns: the timings, the time taken and the CPU time of each part."""
+    results = {
+        name: {"timings": [], "elapsed": 0.0, "cpu": {"web": 0.0, "postgres": 0.0, "client": 0.0}}
+        for name in ("next_task", "trivial")
+    }
+    for _ in range(THROUGHPUT_TURNS):
+        for name in results:
+            before = cpu_seconds()
+            if name == "next_task":
+                turn = await next_task_phase(clients, fresh_keys, seconds / THROUGHPUT_TURNS)
+            else:
+                turn = await trivial_phase(clients, session_keys, seconds / THROUGHPUT_TURNS)
+            cpu_spent(before, cpu_seconds(), results[name]["cpu"])
+            results[name]["timings"] += turn["timings"]
+            results[name]["elapsed"] += turn["elapsed"]
+    results["next_task"]["exhausted"] = not fresh_keys
+    return results
 
 
 def round_trips() -> dict:
@@ -370,15 +397,21 @@ async def run(args) -> dict:
         f"{len(latency['submit'])} tasks done"
     )
 
-    log(f"throughput phase: {len(labelers)} clients, no think time, {args.seconds} s each")
-    before = cpu_seconds()
-    alone = await next_task_phase(fresh_clients, args.fresh_keys, args.seconds)
-    figures.update(cpu_ms_per_request(before, cpu_seconds(), len(alone["timings"]), "next_task"))
-    cycles = await labeling_phase(labelers, args.seconds, 0)
-    before = cpu_seconds()
-    trivial = await trivial_phase(fresh_clients, args.session_keys, args.seconds)
-    figures.update(cpu_ms_per_request(before, cpu_seconds(), len(trivial["timings"]), "trivial"))
+    log(
+        f"throughput phase: {len(labelers)} clients, no think time, {args.seconds} s each "
+        f"(next-task alone and the trivial endpoint in {THROUGHPUT_TURNS} turns each, alternating)"
+    )
+    alternating = await alternating_phases(fresh_clients, args.fresh_keys, args.session_keys, args.seconds)
     await asyncio.gather(*(http.aclose() for http in fresh_clients))
+    alone, trivial = alternating["next_task"], alternating["trivial"]
+    for name, result in alternating.items():
+        figures.update(
+            {
+                f"{name}_{part}_cpu_ms": round(seconds * 1000 / max(len(result["timings"]), 1), 3)
+                for part, seconds in result["cpu"].items()
+            }
+        )
+    cycles = await labeling_phase(labelers, args.seconds, 0)
     figures.update(
         next_task_rps=round(len(alone["timings"]) / alone["elapsed"], 1),
         saturated_next_task_p50_ms=round(percentile(alone["timings"], 50), 1),
