@@ -2,7 +2,7 @@
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.selectors import message_thread
@@ -153,6 +153,25 @@ def test_task_constraints(tree):
         Task.objects.create(kind=TaskKind.WRITE_PROMPT, overlap=2, submitted_count=1, status=Task.Status.DONE)
     task = Task.objects.create(kind=TaskKind.WRITE_ASSISTANT_REPLY, conversation=conversation, parent_message=prompt)
     assert task.remaining == 1
+
+
+def test_deleting_what_a_task_points_to_finds_the_tasks_through_an_index(tree, alice):
+    """Four foreign keys of tasks are indexed only where set (migration 0015); deleting a user, message or model
+    version looks its tasks up by value, which those partial indexes must serve. A table scan instead would read
+    every task at each such deletion."""
+    conversation, prompt, *_ = tree
+    Task.objects.create(kind=TaskKind.WRITE_ASSISTANT_REPLY, conversation=conversation, parent_message=prompt)
+    lookups = {
+        "task_reserved_for": Task.objects.filter(reserved_for__in=[alice]),
+        "task_created_by": Task.objects.filter(created_by__in=[alice]),
+        "task_target_message": Task.objects.filter(target_message__in=[prompt]),
+        "task_model_version": Task.objects.filter(model_version__in=[ModelVersionFactory()]),
+    }
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # a table this small would otherwise be read whole
+        for index, lookup in lookups.items():
+            plan = lookup.explain()
+            assert f"Index Scan using {index} " in plan or f"Bitmap Index Scan on {index}" in plan, plan
 
 
 def test_pseudonym_is_stable_and_hides_the_name(alice):
