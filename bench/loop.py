@@ -82,7 +82,12 @@ os.environ.update(
 
 import django  # noqa: E402
 
-from bench.support import drop_database, recreate_database, stop_process_groups  # noqa: E402
+from bench.support import (  # noqa: E402
+    drop_database,
+    empty_redis_database,
+    recreate_database,
+    stop_process_groups,
+)
 
 
 def log(message: str) -> None:
@@ -252,6 +257,7 @@ def main() -> None:
     ARTIFACTS.mkdir(parents=True)
     LOGS.mkdir(parents=True, exist_ok=True)
     recreate_database(BENCH_DB)
+    empty_redis_database(REDIS_URL)
     django.setup()
     from django.utils import timezone
 
@@ -288,6 +294,7 @@ def main() -> None:
 
         connections.close_all()
         drop_database(BENCH_DB)
+        empty_redis_database(REDIS_URL)
         shutil.rmtree(ARTIFACTS, ignore_errors=True)
     print(json.dumps(result))
 

@@ -57,7 +57,12 @@ import django  # noqa: E402
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from bench.support import drop_database, recreate_database, stop_process_groups  # noqa: E402
+from bench.support import (  # noqa: E402
+    drop_database,
+    empty_redis_database,
+    recreate_database,
+    stop_process_groups,
+)
 
 
 def log(message: str) -> None:
@@ -463,6 +468,7 @@ def main() -> None:
 
     subprocess.run([str(ROOT / "bin" / "services")], check=True)
     recreate_database(BENCH_DB)
+    empty_redis_database(os.environ["REDIS_URL"])
     django.setup()
     log(f"seeding {args.labelers} labelers and {args.tasks} tasks ...")
     args.session_keys = seed(args.labelers, args.tasks)
@@ -481,6 +487,7 @@ def main() -> None:
         upkeep.stop()
         stop_process_groups(servers, timeout_s=20)
         drop_database(BENCH_DB)
+        empty_redis_database(os.environ["REDIS_URL"])
     print(json.dumps(figures))
 
 

@@ -1,4 +1,5 @@
-"""What the benchmarks that start their own services share: a scratch database, and stopping process groups."""
+"""What the benchmarks that start their own services share: a scratch database, a scratch Redis database, and
+stopping process groups."""
 
 import os
 import signal
@@ -18,6 +19,18 @@ def recreate_database(name: str) -> None:
 def drop_database(name: str) -> None:
     with psycopg.connect(MAINTENANCE_URL, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def empty_redis_database(url: str) -> None:
+    """Empty the benchmark's own Redis database (its sessions, cache and broker queues), which outlive the run
+    otherwise: bench/queue.py left 16,000 sessions there at each run."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 def stop_process_groups(processes: list[subprocess.Popen], timeout_s: float) -> None:
