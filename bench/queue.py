@@ -342,12 +342,12 @@ async def alternating_phases(
             before = cpu_seconds()
             if name == "next_task":
                 turn = await next_task_phase(clients, fresh_keys, seconds / THROUGHPUT_TURNS)
+                results[name]["exhausted"] = turn["exhausted"]
             else:
                 turn = await trivial_phase(clients, session_keys, seconds / THROUGHPUT_TURNS)
             cpu_spent(before, cpu_seconds(), results[name]["cpu"])
             results[name]["timings"] += turn["timings"]
             results[name]["elapsed"] += turn["elapsed"]
-    results["next_task"]["exhausted"] = not fresh_keys
     return results
 
 
