@@ -17,6 +17,11 @@ class ModelVersion(models.Model):
         SFT = "sft", "Supervised fine-tuning"
         RM = "rm", "Reward model"
         PPO = "ppo", "PPO"
+        DPO = "dpo", "DPO"
+        RLOO = "rloo", "RLOO"
+
+    # The stages a policy-optimisation run (the loop's third step, on any of its paths) produces.
+    OPTIMISED_STAGES = (Stage.PPO, Stage.DPO, Stage.RLOO)
 
     class Status(models.TextChoices):
         PENDING = "pending", "Being written"

@@ -86,11 +86,19 @@ def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int
 
 
 def build_rankings(
-    *, minimum_train: int = 1, minimum_validation: int = 1, dataset_prefix: str | None = None, exclude_dataset: str = ""
+    *,
+    minimum_train: int = 1,
+    minimum_validation: int = 1,
+    dataset_prefix: str | None = None,
+    exclude_dataset: str = "",
+    sampled_by: list[int] | None = None,
+    exclude_ids: set[int] | frozenset = frozenset(),
 ) -> DataSplit:
     """One element per (context, labeler) ranking with its K candidates and their ranks; ties stay ties.
 
-    Rankings whose candidates are all tied carry no preference and are left out.
+    Rankings whose candidates are all tied carry no preference and are left out. `sampled_by` keeps the
+    rankings of candidates sampled by those policy versions only (imports have none); `exclude_ids` leaves out
+    rankings by id (e.g. those an earlier round already trained on).
     """
     rankings = (
         Ranking.objects.select_related("task__parent_message", "task__conversation")
@@ -101,6 +109,10 @@ def build_rankings(
         rankings = rankings.filter(task__conversation__dataset__startswith=dataset_prefix)
     if exclude_dataset:
         rankings = rankings.exclude(task__conversation__dataset__startswith=exclude_dataset)
+    if sampled_by is not None:
+        rankings = rankings.filter(task__model_version__in=sampled_by)
+    if exclude_ids:
+        rankings = rankings.exclude(pk__in=exclude_ids)
     data = {}
     for name in (splits.TRAIN, splits.VALIDATION):
         chosen = list(rankings.filter(task__conversation__split=name).order_by("pk"))

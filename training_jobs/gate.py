@@ -74,6 +74,9 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
             return Evaluation.Decision.WAITING_FOR_ADMIN, f"{bootstrap} Automatic promotion is off."
         return Evaluation.Decision.PROMOTED, bootstrap
     problems = []
+    chance = reward_model_at_chance(evaluation.reward_model, settings)
+    if chance:
+        problems.append(chance)
     if gain is None:
         problems.append("there is no reward model to score the replies")
     elif gain < settings.min_rm_gain:
@@ -101,6 +104,30 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
     if not settings.auto_promote:
         return Evaluation.Decision.WAITING_FOR_ADMIN, f"The rules hold ({facts}); automatic promotion is off."
     return Evaluation.Decision.PROMOTED, f"The rules hold: {facts}."
+
+
+def reward_model_accuracy(reward_model) -> tuple[float | None, int, str]:
+    """(pairwise accuracy, pairs, on what) of a reward model: its labelers' validation rankings when it had 20
+    pairs or more, else the held-out imported pairs."""
+    if reward_model is None:
+        return None, 0, ""
+    metrics = reward_model.metrics or {}
+    if metrics.get("val_accuracy") is not None and (metrics.get("val_pairs") or 0) >= 20:
+        return metrics["val_accuracy"], metrics["val_pairs"], "validation rankings"
+    if metrics.get("holdout_accuracy") is not None:
+        return metrics["holdout_accuracy"], metrics.get("holdout_pairs") or 0, "held-out pairs"
+    return metrics.get("val_accuracy"), metrics.get("val_pairs") or 0, "validation rankings"
+
+
+def reward_model_at_chance(reward_model, settings: LoopSettings) -> str:
+    """A sentence when the reward model's accuracy is below `min_rm_accuracy` (its scores then mean nothing)."""
+    accuracy, pairs, source = reward_model_accuracy(reward_model)
+    if accuracy is None or accuracy >= settings.min_rm_accuracy:
+        return ""
+    return (
+        f"the reward model {reward_model.name} is at chance ({accuracy:.0%} pairwise accuracy on {pairs} {source}, "
+        f"below {settings.min_rm_accuracy:.0%}), so its score gain cannot tell whether the candidate is better"
+    )
 
 
 def _bootstrap(evaluation: Evaluation) -> str:

@@ -4,9 +4,11 @@ At each tick, one thing at a time:
 1. if a run or an evaluation is under way, wait;
 2. if the last stage the loop started failed, pause with its reason until an admin resumes;
 3. a new SFT or PPO policy without an evaluation is evaluated (SFT only when no PPO will follow it);
-4. thresholds are checked (every `check_every_minutes`, and right after a run finished, so a chain goes on):
-   new accepted demonstrations >= N_sft -> SFT; new rankings >= N_rm -> a reward model on the newest SFT;
-5. a newest SFT and newest reward model that have not been through PPO together -> PPO.
+4. the chain finishes before anything new starts: a newest SFT and newest reward model that have not been
+   through the policy step together -> the policy step of the loop's path (PPO, DPO or RLOO);
+5. thresholds are checked (every `check_every_minutes`, and right after a run finished):
+   new accepted demonstrations >= N_sft -> SFT; new rankings that give a pair >= N_rm -> a reward model on the
+   newest SFT. A ranking whose candidates are all tied trains nothing, so it never counts as new data.
 Evaluations waiting for the human A/B result are decided again at every tick.
 """
 
@@ -15,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from labeling import splits
@@ -38,10 +41,30 @@ def new_demonstrations() -> int:
     ).count()
 
 
+def trainable_rankings():
+    """Rankings that give at least one (better, worse) pair: not every candidate tied."""
+    return Ranking.objects.annotate(distinct_ranks=Count("entries__rank", distinct=True)).filter(distinct_ranks__gte=2)
+
+
 def new_rankings() -> int:
-    return Ranking.objects.filter(
-        used_in_training_at__isnull=True, task__conversation__split__in=TRAINING_SPLITS
-    ).count()
+    """Rankings that give a pair and that no run has trained on yet."""
+    return (
+        trainable_rankings()
+        .filter(used_in_training_at__isnull=True, task__conversation__split__in=TRAINING_SPLITS)
+        .count()
+    )
+
+
+def tied_rankings(*, newest: int = 200) -> dict:
+    """Of the newest labeler rankings (imports left out), how many tied every candidate and so gave no pair."""
+    recent = list(
+        Ranking.objects.filter(task__conversation__split__in=TRAINING_SPLITS, task__model_version__isnull=False)
+        .annotate(distinct_ranks=Count("entries__rank", distinct=True))
+        .order_by("-created_at")
+        .values_list("distinct_ranks", flat=True)[:newest]
+    )
+    tied = sum(1 for ranks in recent if ranks < 2)
+    return {"rankings": len(recent), "all_tied": tied, "share": tied / len(recent) if recent else None}
 
 
 def newest(kind: str, stage: str) -> ModelVersion | None:
@@ -90,7 +113,7 @@ def _failure() -> tuple[str, str] | None:
 
 def _unevaluated_policy(settings: LoopSettings) -> ModelVersion | None:
     reward_exists = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM) is not None
-    stages = [ModelVersion.Stage.PPO]
+    stages = list(ModelVersion.OPTIMISED_STAGES)
     if not (reward_exists and settings.ppo_after_new_models):
         stages.append(ModelVersion.Stage.SFT)
     return (
@@ -113,19 +136,45 @@ def plan(settings: LoopSettings, *, now: dt.datetime, check_thresholds: bool) ->
     candidate = _unevaluated_policy(settings)
     if candidate is not None:
         return Plan("evaluate", f"{candidate.name} is new and not evaluated yet.", candidate)
+    chain = _policy_step(settings)
+    if chain is not None:
+        return chain
     if check_thresholds:
         demos, rankings = new_demonstrations(), new_rankings()
         if demos >= settings.sft_threshold:
             return Plan("sft", f"{demos} new accepted demonstrations (threshold {settings.sft_threshold}).")
         if rankings >= settings.rm_threshold:
-            return Plan("rm", f"{rankings} new rankings (threshold {settings.rm_threshold}).")
+            return Plan("rm", f"{rankings} new rankings that give pairs (threshold {settings.rm_threshold}).")
+    return Plan("nothing", "No threshold reached.")
+
+
+def descends_from(version: ModelVersion, ancestor: ModelVersion) -> bool:
+    return any(v.pk == ancestor.pk for v in version.lineage)
+
+
+def policy_start(path: str, sft: ModelVersion) -> ModelVersion:
+    """The policy a run of `path` starts from. PPO and RLOO start from the newest SFT policy each round (their KL
+    penalty is to it); DPO continues from the serving policy when that descends from the newest SFT (iterative
+    DPO on the rankings of its own samples), else from the SFT policy."""
+    if path == TrainingRun.Kind.DPO:
+        serving = active_version(ModelVersion.Kind.POLICY)
+        if serving is not None and descends_from(serving, sft):
+            return serving
+    return sft
+
+
+def _policy_step(settings: LoopSettings) -> Plan | None:
+    """The chain's last step, when the newest SFT and newest reward model have not been through it together."""
     sft = newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)
     rm = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
-    if settings.ppo_after_new_models and sft and rm:
-        done = TrainingRun.objects.filter(kind=TrainingRun.Kind.PPO, base_model=sft, reward_model=rm).exists()
-        if not done:
-            return Plan("ppo", f"{sft.name} and {rm.name} have not been through PPO together.")
-    return Plan("nothing", "No threshold reached.")
+    if not (settings.ppo_after_new_models and sft and rm):
+        return None
+    path = settings.policy_path
+    runs = TrainingRun.objects.filter(kind=path, reward_model=rm).select_related("base_model")
+    if any(run.base_model is not None and descends_from(run.base_model, sft) for run in runs):
+        return None
+    label = TrainingRun.Kind(path).label
+    return Plan(path, f"{sft.name} and {rm.name} have not been through {label} together.")
 
 
 def loop_tick(*, now: dt.datetime | None = None, force_check: bool = False) -> Plan:
@@ -164,12 +213,12 @@ def _act(decision: Plan) -> None:
     previous = TrainingRun.objects.filter(status=TrainingRun.Status.SUCCEEDED).order_by("-finished_at").first()
     if decision.action in ("sft", "rm"):
         services.training_run_create(kind=decision.action, trigger=TrainingRun.Trigger.SCHEDULE)
-    elif decision.action == "ppo":
+    elif decision.action in TrainingRun.POLICY_KINDS:
         services.training_run_create(
-            kind="ppo",
+            kind=decision.action,
             trigger=TrainingRun.Trigger.CHAIN,
             previous_run=previous,
-            base_model=newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT),
+            base_model=policy_start(decision.action, newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)),
             reward_model=newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
         )
     elif decision.action == "evaluate":

@@ -10,6 +10,12 @@ class TrainingRun(models.Model):
         SFT = "sft", "Supervised fine-tuning"
         RM = "rm", "Reward model"
         PPO = "ppo", "PPO"
+        DPO = "dpo", "DPO"
+        RLOO = "rloo", "RLOO"
+
+    # The third step of the loop, by path: each optimises the policy from the rankings (through a reward model
+    # for PPO and RLOO, directly for DPO) and is evaluated by the same gate.
+    POLICY_KINDS = (Kind.PPO, Kind.DPO, Kind.RLOO)
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -118,13 +124,27 @@ class LoopSettings(models.Model):
         default=100, help_text="New rankings (not yet trained on) that start a reward-model run."
     )
     ppo_after_new_models = models.BooleanField(
-        default=True, help_text="Start PPO when a new SFT policy or a new reward model is ready."
+        default=True,
+        help_text="Start the policy step (the path below) when a new SFT policy or a new reward model is ready.",
+    )
+    policy_path = models.CharField(
+        max_length=8,
+        choices=[(TrainingRun.Kind.PPO, "PPO"), (TrainingRun.Kind.DPO, "DPO"), (TrainingRun.Kind.RLOO, "RLOO")],
+        default=TrainingRun.Kind.PPO,
+        help_text="How rankings improve the policy: PPO (reward model, then PPO with a value model and KL to SFT), "
+        "DPO (directly from the ranked pairs of the current policy's samples, each round) or RLOO (K samples per "
+        "prompt scored by the reward model, leave-one-out baseline). The gate judges all three alike.",
     )
     eval_prompts = models.PositiveSmallIntegerField(default=32, help_text="Held-out prompts per evaluation.")
     eval_max_new_tokens = models.PositiveSmallIntegerField(default=96)
     auto_promote = models.BooleanField(default=True, help_text="Promote without an admin when the rules hold.")
     min_rm_gain = models.FloatField(default=0.0, help_text="Mean reward-model score gain over the active policy.")
     max_kl = models.FloatField(default=20.0, help_text="Largest KL (nats per reply) from the SFT policy allowed.")
+    min_rm_accuracy = models.FloatField(
+        default=0.6,
+        help_text="A reward model below this pairwise accuracy on validation rankings is at chance: its score gain "
+        "cannot promote a policy, and the gate says so.",
+    )
     human_comparisons = models.PositiveSmallIntegerField(
         default=20, help_text="Blind A/B comparison tasks created per evaluation (0: none)."
     )

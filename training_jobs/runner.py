@@ -19,7 +19,7 @@ from django.conf import settings
 from labeling.services import mark_used_in_training
 from models_service.models import ModelVersion
 from models_service.services import active_version, model_version_activate, model_version_register
-from training_jobs import datasets, services
+from training_jobs import datasets, loop, services
 from training_jobs.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from training_jobs.models import TrainingRun
 
@@ -39,6 +39,10 @@ def resolve_inputs(run: TrainingRun) -> TrainingRun:
     """Fill in the models a run starts from when it was queued without them: SFT from the newest base policy,
     the reward model on the newest SFT (or base), PPO from the newest SFT against the newest reward model."""
     policy = ModelVersion.Kind.POLICY
+    optimised = run.kind in TrainingRun.POLICY_KINDS
+    if run.base_model is None and optimised:
+        sft = latest_ready(policy, ModelVersion.Stage.SFT, ModelVersion.Stage.BASE)
+        run.base_model = loop.policy_start(run.kind, sft) if sft is not None else None
     if run.base_model is None:
         stages = (
             (ModelVersion.Stage.BASE,)
@@ -49,12 +53,12 @@ def resolve_inputs(run: TrainingRun) -> TrainingRun:
             )
         )
         run.base_model = latest_ready(policy, *stages)
-    if run.kind == TrainingRun.Kind.PPO and run.reward_model is None:
+    if optimised and run.reward_model is None:
         run.reward_model = latest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
     if run.base_model is None:
         raise TrainingFailed("There is no policy to start from: run `manage.py prepare_default_model` first.")
-    if run.kind == TrainingRun.Kind.PPO and run.reward_model is None:
-        raise TrainingFailed("PPO needs a reward model: train one first.")
+    if run.kind in (TrainingRun.Kind.PPO, TrainingRun.Kind.RLOO) and run.reward_model is None:
+        raise TrainingFailed(f"{run.get_kind_display()} needs a reward model: train one first.")
     TrainingRun.objects.filter(pk=run.pk).update(base_model=run.base_model, reward_model=run.reward_model)
     return run
 
@@ -240,4 +244,82 @@ def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
     return result, ModelVersion.Stage.PPO, ModelVersion.Kind.POLICY, reporter.snapshot
 
 
-TRAINERS = {TrainingRun.Kind.SFT: _sft, TrainingRun.Kind.RM: _rm, TrainingRun.Kind.PPO: _ppo}
+def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    """Iterative DPO: the rankings of candidates sampled by the starting policy (or its ancestors) that no earlier
+    DPO round trained on; the reference is the starting policy."""
+    from training_jobs.dpo import DPOConfig, train_dpo
+    from training_jobs.reward import Ranked
+
+    config = config_from(DPOConfig, {**settings.TRAINING_DPO_DEFAULTS, **run.config})
+    earlier = set()
+    for snapshot in TrainingRun.objects.filter(
+        kind=TrainingRun.Kind.DPO, status=TrainingRun.Status.SUCCEEDED
+    ).values_list("data_snapshot", flat=True):
+        earlier.update(snapshot.get("rankings", {}).get("train_ids", []))
+    lineage = [v.pk for v in run.base_model.lineage]
+    data = datasets.build_rankings(
+        minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0, sampled_by=lineage, exclude_ids=earlier
+    )
+    holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
+    holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+    reporter.snapshot = {
+        "rankings": data.snapshot("ranking_id"),
+        "sampled_by": lineage,
+        "left_out_trained_before": len(earlier),
+        "holdout_ranking_ids": [e.ranking_id for e in holdout],
+        "reward_model": run.reward_model.name if run.reward_model else None,
+        "config": config.__dict__,
+    }
+    progress.flush(force=True)
+    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+
+    def ranked(examples):
+        return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
+
+    result = train_dpo(
+        config,
+        ranked(data.train),
+        ranked(data.validation),
+        policy_dir=run.base_model.artifact_dir,
+        output_dir=staging,
+        holdout=ranked(holdout),
+        progress=progress,
+    )
+    return result, ModelVersion.Stage.DPO, ModelVersion.Kind.POLICY, reporter.snapshot
+
+
+def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    from training_jobs.rloo import RLOOConfig, train_rloo
+
+    overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
+    serving = {"temperature": settings.SAMPLING_TEMPERATURE} if settings.SAMPLING_TEMPERATURE > 0 else {}
+    config = config_from(RLOOConfig, {**serving, **settings.TRAINING_RLOO_DEFAULTS, **overrides})
+    prompts = datasets.build_prompts(
+        minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
+    )
+    reporter.snapshot = {
+        "prompt_message_ids": [p.message_id for p in prompts],
+        "prompts": len(prompts),
+        "reward_model": run.reward_model.name,
+        "config": config.__dict__,
+    }
+    progress.flush(force=True)
+    mark_used_in_training(message_ids=[p.message_id for p in prompts])
+    result = train_rloo(
+        config,
+        prompts=[p.chat for p in prompts],
+        policy_dir=run.base_model.artifact_dir,
+        reward_dir=run.reward_model.artifact_dir,
+        output_dir=staging,
+        progress=progress,
+    )
+    return result, ModelVersion.Stage.RLOO, ModelVersion.Kind.POLICY, reporter.snapshot
+
+
+TRAINERS = {
+    TrainingRun.Kind.SFT: _sft,
+    TrainingRun.Kind.RM: _rm,
+    TrainingRun.Kind.PPO: _ppo,
+    TrainingRun.Kind.DPO: _dpo,
+    TrainingRun.Kind.RLOO: _rloo,
+}

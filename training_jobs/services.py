@@ -34,8 +34,13 @@ def training_run_create(
     database refuses a second one (a partial unique index), and the refusal says which run is in the way."""
     if kind not in TrainingRun.Kind.values:
         raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(TrainingRun.Kind.values)}."})
-    if kind == TrainingRun.Kind.PPO and reward_model is None:
-        raise ValidationError({"reward_model": "PPO needs a reward model."})
+    if kind in TrainingRun.POLICY_KINDS and reward_model is None:
+        # The newest reward model: what PPO and RLOO optimise against, and what the gate scores a DPO policy with.
+        reward_model = ModelVersion.objects.filter(
+            kind=ModelVersion.Kind.REWARD, stage=ModelVersion.Stage.RM, status=ModelVersion.Status.READY
+        ).first()
+        if reward_model is None and kind != TrainingRun.Kind.DPO:
+            raise ValidationError({"reward_model": f"{TrainingRun.Kind(kind).label} needs a reward model."})
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(

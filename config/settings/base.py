@@ -178,10 +178,12 @@ TRAINING_MIN_PROMPTS = env_int("TRAINING_MIN_PROMPTS", 8, min_value=1)
 TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=0)
 TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
 TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
-# Each stage's config (training_jobs/{sft,reward,ppo}.py) as a JSON object; a run's own config overrides it.
+# Each stage's config (training_jobs/{sft,reward,ppo,dpo,rloo}.py) as a JSON object; a run's own config overrides it.
 TRAINING_SFT_DEFAULTS = env_json_object("TRAINING_SFT_CONFIG", {"epochs": 2})
 TRAINING_RM_DEFAULTS = env_json_object("TRAINING_RM_CONFIG", {"epochs": 1})
 TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
+TRAINING_DPO_DEFAULTS = env_json_object("TRAINING_DPO_CONFIG", {})
+TRAINING_RLOO_DEFAULTS = env_json_object("TRAINING_RLOO_CONFIG", {})
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
 LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)

@@ -303,3 +303,98 @@ def test_before_any_reward_model_a_better_sft_policy_replaces_the_base(tiny_poli
     sft.refresh_from_db()
     evaluation = Evaluation.objects.create(candidate=worse, baseline=sft, status="done", metrics={"rm_gain": None})
     assert gate.evaluation_decide(evaluation=evaluation) == "not_promoted"
+
+
+def rank(labeler, task, order_of):
+    """Submit `labeler`'s ranking of `task`: order_of(candidate ids in display order) -> groups, best first."""
+    assignment = labeling_services.task_lease_next(user=labeler)
+    assert assignment.task_id == task.pk
+    labeling_services.ranking_submit(
+        assignment=assignment,
+        ranking=labeling_services.RankingInput(
+            order=order_of(labeling_services.display_order(task, labeler.pk)), flags={}, confirm_untouched=True
+        ),
+    )
+
+
+def test_rankings_whose_candidates_all_tie_never_count_as_new_data(tiny_policy):
+    set_loop(sft_threshold=1000, rm_threshold=2)
+    labeler = UserFactory(username="ranker")
+    for _ in range(3):
+        rank(labeler, make_rank_task(k=3), lambda ids: [ids])  # one group: every candidate tied
+    rank(labeler, make_rank_task(k=3), lambda ids: [[ids[0]], ids[1:]])
+    Conversation.objects.update(split="train")
+    assert loop.new_rankings() == 1
+    assert loop.loop_tick(force_check=True).action == "nothing", "three all-tied rankings train nothing"
+    assert loop.tied_rankings() == {"rankings": 4, "all_tied": 3, "share": 0.75}
+    rank(labeler, make_rank_task(k=3), lambda ids: [ids[:2], [ids[2]]])
+    Conversation.objects.update(split="train")
+    assert loop.loop_tick(force_check=True).action == "rm"
+
+
+def test_the_chain_finishes_before_the_reward_model_threshold_is_checked_again(tiny_policy):
+    """Seen in issue 14: rankings that kept counting as new started a second reward model right after the first,
+    and PPO never ran. The chain's policy step now comes first."""
+    set_loop(sft_threshold=1000, rm_threshold=1)
+    labeler = UserFactory(username="ranker")
+    rank(labeler, make_rank_task(k=2), lambda ids: [[ids[0]], [ids[1]]])
+    Conversation.objects.update(split="train")
+    sft = ready("policy-sft-v0", "sft")
+    rm = ready("reward-rm-v0", "rm", kind="reward")
+    assert loop.new_rankings() >= 1, "a new ranking is waiting"
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == "ppo", decision.reason
+    run = TrainingRun.objects.get(kind="ppo")
+    assert (run.base_model, run.reward_model) == (sft, rm)
+
+
+@pytest.mark.parametrize("path", ["dpo", "rloo"])
+def test_the_loop_takes_the_path_the_admin_picked(tiny_policy, path):
+    set_loop(sft_threshold=1000, rm_threshold=1000, policy_path=path)
+    sft = ready("policy-sft-v0", "sft", parent=tiny_policy)
+    rm = ready("reward-rm-v0", "rm", kind="reward")
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == path and "have not been through" in decision.reason
+    run = TrainingRun.objects.get(kind=path)
+    assert (run.base_model, run.reward_model, run.trigger) == (sft, rm, "chain")
+    TrainingRun.objects.filter(pk=run.pk).update(status="succeeded", finished_at=timezone.now())
+    assert loop.loop_tick(force_check=True).action == "nothing", "that pair has been through the path"
+    candidate = ready(f"policy-{path}-v0", path, parent=sft)
+    decision = loop.loop_tick(force_check=True)
+    assert decision.action == "evaluate" and decision.candidate == candidate, "every path's policy meets the gate"
+
+
+def test_iterative_dpo_continues_from_the_serving_policy_with_each_new_reward_model(tiny_policy):
+    from models_service.services import model_version_activate
+
+    set_loop(sft_threshold=1000, rm_threshold=1000, policy_path="dpo")
+    sft = ready("policy-sft-v0", "sft", parent=tiny_policy)
+    first_rm = ready("reward-rm-v0", "rm", kind="reward")
+    from tests.conftest import TINY_MODEL_DIRS
+
+    dpo = register_tiny_policy(TINY_MODEL_DIRS[1], name="policy-dpo-v0", stage="dpo")
+    ModelVersion.objects.filter(pk=dpo.pk).update(parent=sft)
+    dpo.refresh_from_db()
+    TrainingRunFactory(
+        kind="dpo", status="succeeded", finished_at=timezone.now(), base_model=sft, reward_model=first_rm
+    )
+    model_version_activate(version=dpo, reason="promoted")
+    Evaluation.objects.create(candidate=dpo, status="done", decision="promoted")
+    assert loop.loop_tick(force_check=True).action == "nothing"
+    second_rm = ready("reward-rm-v1", "rm", kind="reward")
+    assert loop.loop_tick(force_check=True).action == "dpo"
+    run = TrainingRun.objects.filter(kind="dpo").order_by("-created_at").first()
+    assert (run.base_model, run.reward_model) == (dpo, second_rm), "the next round starts from the serving policy"
+
+
+def test_the_gate_says_when_the_reward_model_is_at_chance(tiny_policy):
+    set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True, min_rm_accuracy=0.6)
+    evaluation = evaluation_with(0.4, 3.0)
+    evaluation.reward_model = ready(
+        "reward-rm-chance", "rm", kind="reward", metrics={"val_accuracy": 0.52, "val_pairs": 300}
+    )
+    evaluation.save()
+    assert gate.evaluation_decide(evaluation=evaluation) == "not_promoted"
+    evaluation.refresh_from_db()
+    assert "is at chance (52% pairwise accuracy on 300 validation rankings" in evaluation.decision_reason
+    assert not ModelVersion.objects.get(pk=evaluation.candidate_id).is_active
