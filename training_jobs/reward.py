@@ -10,6 +10,7 @@ After training, the scores are shifted so that labeler demonstrations average 0 
 config as `reward_offset`, which models_service.scoring adds).
 """
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models_service.generation import left_pad
-from models_service.scoring import REWARD_OFFSET, pair_input_ids, sequence_scores
+from models_service.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 from training_jobs.common import (
     Progress,
     TrainResult,
@@ -42,6 +43,10 @@ class RewardConfig:
     max_grad_norm: float = 1.0
     lora: bool = False
     train_top_layers: int = 0  # 0: all; n: only the top n transformer blocks (and the heads) learn, for CPUs
+    # With train_top_layers: run the frozen blocks once per reply and keep what enters the lowest trained block,
+    # so that every later epoch and every validation pass costs only the trained blocks.
+    cache_frozen_blocks: bool = True
+    head_learning_rate: float | None = None  # the scalar head's own rate (None: learning_rate)
     lora_rank: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -77,8 +82,117 @@ def ranking_loss(scores: torch.Tensor, ranks: list[int]) -> torch.Tensor | None:
     return -F.logsigmoid(scores[winners] - scores[losers]).mean()
 
 
-def _score_candidates(model, tokenizer, rankings: list[Ranked], max_length: int, device) -> list[torch.Tensor]:
+def _blocks(model) -> torch.nn.ModuleList:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix).layers
+
+
+class FrozenBlocks:
+    """What enters the lowest trained block, for each reply, computed once with no gradient.
+
+    With only the top n of L blocks training, the lower L - n blocks compute the same states at every epoch. They
+    run once per reply here (one no-grad pass), and training then runs the top n blocks alone on the kept states
+    (the backbone called with `inputs_embeds` and only its top blocks; Llama-style backbones add nothing to
+    `inputs_embeds`, and positions come from the attention mask as before). Scores equal the full model's.
+    """
+
+    def __init__(self, model, tokenizer, *, trained_blocks: int, max_length: int, batch_size: int = 16):
+        self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
+        self.below = len(_blocks(model)) - trained_blocks
+        self.states: dict[tuple, torch.Tensor] = {}
+
+    def key(self, chat: list[dict], reply: str) -> tuple:
+        return (json_key(chat), reply)
+
+    @torch.no_grad()
+    def add(self, pairs: list[tuple[list[dict], str]]) -> None:
+        """Compute and keep the states of the (chat, reply) pairs not kept yet."""
+        device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        missing = {self.key(c, r): (c, r) for c, r in pairs if self.key(c, r) not in self.states}
+        rows = {k: pair_input_ids(self.tokenizer, c, r, max_tokens=self.max_length) for k, (c, r) in missing.items()}
+        keys = sorted(rows, key=lambda k: len(rows[k]))
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(inner, inner.base_model_prefix)
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            ids, mask = left_pad([rows[k] for k in chunk], pad_id, device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with _only_blocks(backbone, 0, self.below):
+                hidden = backbone(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+                ).last_hidden_state
+            for i, k in enumerate(chunk):
+                self.states[k] = hidden[i, -len(rows[k]) :].detach().clone()
+
+    @torch.no_grad()
+    def matches_full_model(self, pairs: list[tuple[list[dict], str]], tolerance: float = 1e-3) -> bool:
+        device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids, mask = left_pad(
+            [pair_input_ids(self.tokenizer, c, r, max_tokens=self.max_length) for c, r in pairs], pad_id, device
+        )
+        return bool(
+            torch.allclose(self.scores(pairs), sequence_scores(self.model, ids, mask), atol=tolerance, rtol=1e-3)
+        )
+
+    def scores(self, pairs: list[tuple[list[dict], str]]) -> torch.Tensor:
+        """Scores of the pairs (differentiable in the trained blocks and the head)."""
+        self.add(pairs)
+        states = [self.states[self.key(c, r)] for c, r in pairs]
+        width = max(len(s) for s in states)
+        first = states[0]
+        embeds = first.new_zeros((len(states), width, first.shape[-1]))
+        mask = torch.zeros((len(states), width), dtype=torch.long, device=first.device)
+        for i, state in enumerate(states):
+            embeds[i, width - len(state) :] = state
+            mask[i, width - len(state) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(inner, inner.base_model_prefix)
+        with _only_blocks(backbone, self.below, None):
+            hidden = backbone(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
+        offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
+        return score_head(self.model)(hidden[:, -1, :]).squeeze(-1).float() + offset
+
+
+def json_key(chat: list[dict]) -> str:
+    import json
+
+    return json.dumps(chat, sort_keys=True)
+
+
+class _only_blocks:
+    """Run the backbone over blocks [start:stop] only (the final norm applies only when stop is None)."""
+
+    def __init__(self, backbone, start: int, stop: int | None):
+        self.backbone, self.start, self.stop = backbone, start, stop
+
+    def __enter__(self):
+        self.layers, self.count = self.backbone.layers, self.backbone.config.num_hidden_layers
+        self.norm = self.backbone.norm
+        picked = list(self.layers)[self.start : self.stop]
+        self.backbone.layers = torch.nn.ModuleList(picked)
+        self.backbone.config.num_hidden_layers = len(picked)
+        if self.stop is not None:
+            self.backbone.norm = torch.nn.Identity()
+        return self
+
+    def __exit__(self, *exc):
+        self.backbone.layers, self.backbone.config.num_hidden_layers = self.layers, self.count
+        self.backbone.norm = self.norm
+        return False
+
+
+def _score_candidates(
+    model, tokenizer, rankings: list[Ranked], max_length: int, device, frozen: FrozenBlocks | None = None
+) -> list[torch.Tensor]:
     """One forward pass over all candidates of the given rankings (K rows each); scores split per ranking."""
+    if frozen is not None:
+        scores = frozen.scores([(r.context, candidate) for r in rankings for candidate in r.candidates])
+        return list(torch.split(scores, [len(r.candidates) for r in rankings]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [
         pair_input_ids(tokenizer, r.context, candidate, max_tokens=max_length)
@@ -91,14 +205,23 @@ def _score_candidates(model, tokenizer, rankings: list[Ranked], max_length: int,
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, tokenizer, rankings: list[Ranked], *, max_length: int, batch_size: int = 8) -> dict:
+def pairwise_accuracy(
+    model,
+    tokenizer,
+    rankings: list[Ranked],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    frozen: FrozenBlocks | None = None,
+) -> dict:
     """Share of ordered (non-tied) pairs the model scores in the labelers' order."""
     model.eval()
     correct = total = 0
     device = next(model.parameters()).device
     for start in range(0, len(rankings), batch_size):
         chunk = rankings[start : start + batch_size]
-        for scores, ranking in zip(_score_candidates(model, tokenizer, chunk, max_length, device), chunk, strict=True):
+        scored = _score_candidates(model, tokenizer, chunk, max_length, device, frozen)
+        for scores, ranking in zip(scored, chunk, strict=True):
             winners, losers = ranking_pairs(ranking.ranks)
             correct += int((scores[winners] > scores[losers]).sum()) if winners else 0
             total += len(winners)
@@ -162,7 +285,25 @@ def train_reward(
     steps_per_epoch = (len(train) + config.rankings_per_batch - 1) // config.rankings_per_batch
     total_steps = steps_per_epoch * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    head = {id(p) for p in score_head(model).parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in head]}]
+    groups.append(
+        {"params": [p for p in trainable if id(p) in head], "lr": config.head_learning_rate or config.learning_rate}
+    )
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    frozen = None
+    if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(_blocks(model)):
+        started = time.monotonic()
+        frozen = FrozenBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
+        frozen.add([(r.context, c) for r in [*train, *validation] for c in r.candidates])
+        if not frozen.matches_full_model([(r.context, c) for r in train[:2] for c in r.candidates]):
+            frozen = None  # a backbone that transforms inputs_embeds (e.g. Gemma scales them): run the full model
+            progress.message("kept states do not reproduce the full model's scores here: every epoch runs all blocks")
+    if frozen is not None:
+        progress.message(
+            f"the {len(_blocks(model)) - config.train_top_layers} frozen blocks ran once over {len(frozen.states)} "
+            f"replies in {time.monotonic() - started:.0f} s; epochs run the top {config.train_top_layers} only"
+        )
     schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
     progress.start(total_steps)
     progress.message(
@@ -174,7 +315,7 @@ def train_reward(
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in range(0, len(order), config.rankings_per_batch):
             chunk = [train[i] for i in order[start : start + config.rankings_per_batch]]
-            scores = _score_candidates(model, tokenizer, chunk, config.max_length, device)
+            scores = _score_candidates(model, tokenizer, chunk, config.max_length, device, frozen)
             losses = [ranking_loss(s, r.ranks) for s, r in zip(scores, chunk, strict=True)]
             loss = torch.stack([x for x in losses if x is not None]).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -184,7 +325,7 @@ def train_reward(
             schedule.step()
             progress.metric("rm/train_loss", loss.item())
             progress.advance()
-        measured = pairwise_accuracy(model, tokenizer, validation, max_length=config.max_length)
+        measured = pairwise_accuracy(model, tokenizer, validation, max_length=config.max_length, frozen=frozen)
         if measured["accuracy"] is not None:
             progress.metric("rm/val_accuracy", measured["accuracy"])
         progress.message(f"epoch {epoch}/{config.epochs}: validation pairwise accuracy {measured['accuracy']}")

@@ -111,3 +111,41 @@ def test_the_reward_model_trains_with_lora(tiny_model_dirs, tmp_path):
     assert result.metrics["val_accuracy"] >= 0.9, result.metrics
     files = {p.name for p in (tmp_path / "rm").iterdir()}
     assert "model.safetensors" in files and "adapter_config.json" not in files
+
+
+def test_kept_frozen_block_states_give_the_full_models_scores(tiny_model_dirs):
+    from training_jobs.common import train_top_layers_only
+    from training_jobs.reward import FrozenBlocks, load_reward_model
+
+    model, tokenizer = load_reward_model(tiny_model_dirs[0], dtype=torch.float32, device=torch.device("cpu"))
+    train_top_layers_only(model, 1)
+    pairs = [(r.context, c) for r in synthetic_rankings(3, seed=6) for c in r.candidates]
+    frozen = FrozenBlocks(model, tokenizer, trained_blocks=1, max_length=64)
+    assert frozen.below == model.config.num_hidden_layers - 1
+    assert frozen.matches_full_model(pairs, tolerance=1e-5)
+    assert model.config.num_hidden_layers == len(model.model.layers), "the backbone is whole again afterwards"
+    scores = frozen.scores(pairs[:2])
+    scores.sum().backward()
+    lowest_trained = model.model.layers[-1].self_attn.q_proj.weight
+    assert lowest_trained.grad is not None and lowest_trained.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is None
+
+
+def test_top_layer_training_on_kept_states_trains_like_the_full_pass(tiny_model_dirs, tmp_path):
+    config = RewardConfig(
+        epochs=6, learning_rate=2e-3, rankings_per_batch=8, max_length=64, seed=0, train_top_layers=1,
+        head_learning_rate=5e-3,
+    )  # fmt: skip
+    cached = train_reward(
+        config, synthetic_rankings(160, seed=1), synthetic_rankings(30, seed=2),
+        base_dir=tiny_model_dirs[0], output_dir=tmp_path / "cached",
+    )  # fmt: skip
+    full = train_reward(
+        RewardConfig(**{**config.__dict__, "cache_frozen_blocks": False}), synthetic_rankings(160, seed=1),
+        synthetic_rankings(30, seed=2), base_dir=tiny_model_dirs[0], output_dir=tmp_path / "full",
+    )  # fmt: skip
+    losses_cached = [v for _, v in cached.series["rm/train_loss"]]
+    losses_full = [v for _, v in full.series["rm/train_loss"]]
+    assert losses_cached == pytest.approx(losses_full, abs=2e-3), "the same losses step by step"
+    assert losses_cached[-1] < losses_cached[0]
+    assert cached.metrics["val_accuracy"] == pytest.approx(full.metrics["val_accuracy"], abs=0.05)
