@@ -131,6 +131,10 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
         }
     if "baseline" in metrics and metrics["candidate"]["rm_score"] is not None:
         metrics["rm_gain"] = metrics["candidate"]["rm_score"] - metrics["baseline"]["rm_score"]
+        lengths = {name: [len(c.token_ids) for c in sampled[name][0]] for name in ("candidate", "baseline")}
+        metrics.update(
+            paired_figures(scores["candidate"], scores["baseline"], lengths["candidate"], lengths["baseline"])
+        )
     elif "baseline" not in metrics:
         metrics["rm_gain"] = None
     samples = [
@@ -153,6 +157,28 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
         if "baseline" in sampled and settings.human_comparisons:
             _comparison_tasks(evaluation, prompts, sampled, settings.human_comparisons)
     evaluation.refresh_from_db()
+
+
+def paired_figures(candidate: list[float], baseline: list[float], candidate_len: list[int], baseline_len: list[int]):
+    """Per held-out prompt, the candidate's reply against the baseline's: the reward model's win rate (ties count
+    half), and the score gain left once length is accounted for (both arms' scores regressed on reply length
+    together; the gain of the residuals). A gain that vanishes then came from length alone."""
+    n = len(candidate)
+    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True))
+    scores, lengths = [*candidate, *baseline], [float(x) for x in [*candidate_len, *baseline_len]]
+    mean_length, mean_score = sum(lengths) / len(lengths), sum(scores) / len(scores)
+    spread = sum((x - mean_length) ** 2 for x in lengths)
+    slope = (
+        sum((x - mean_length) * (y - mean_score) for x, y in zip(lengths, scores, strict=True)) / spread
+        if spread
+        else 0.0
+    )
+    residuals = [y - slope * (x - mean_length) for x, y in zip(lengths, scores, strict=True)]
+    return {
+        "rm_win_rate": wins / n if n else None,
+        "rm_gain_length_controlled": (sum(residuals[:n]) - sum(residuals[n:])) / n if n else None,
+        "rm_score_per_token": slope,
+    }
 
 
 def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:

@@ -398,3 +398,20 @@ def test_the_gate_says_when_the_reward_model_is_at_chance(tiny_policy):
     evaluation.refresh_from_db()
     assert "is at chance (52% pairwise accuracy on 300 validation rankings" in evaluation.decision_reason
     assert not ModelVersion.objects.get(pk=evaluation.candidate_id).is_active
+
+
+def test_paired_figures_by_hand():
+    from training_jobs.evaluate import paired_figures
+
+    # The candidate wins two prompts of three, ties none; its replies are longer, and score rises with length.
+    figures = paired_figures([2.0, 1.0, 0.0], [1.0, 0.0, 1.0], [20, 20, 10], [10, 10, 10])
+    assert figures["rm_win_rate"] == pytest.approx(2 / 3)
+    lengths, scores = [20, 20, 10, 10, 10, 10], [2.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    mean_x, mean_y = sum(lengths) / 6, sum(scores) / 6
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(lengths, scores)) / sum((x - mean_x) ** 2 for x in lengths)
+    residuals = [y - slope * (x - mean_x) for x, y in zip(lengths, scores)]
+    assert figures["rm_score_per_token"] == pytest.approx(slope)
+    assert figures["rm_gain_length_controlled"] == pytest.approx((sum(residuals[:3]) - sum(residuals[3:])) / 3)
+    assert figures["rm_gain_length_controlled"] < (3.0 - 2.0) / 3, "part of the gain was length"
+    same_length = paired_figures([1.0, 1.0], [0.0, 1.0], [5, 5], [5, 5])
+    assert same_length["rm_win_rate"] == pytest.approx(0.75) and same_length["rm_gain_length_controlled"] == 0.5
