@@ -1,0 +1,307 @@
+"""Direct Preference Optimisation from K-way rankings: `train_dpo(config, train, validation, ...) -> TrainResult`.
+
+DPO (Rafailov et al. 2023) trains the policy on the labelers' rankings directly, without a reward model or RL:
+the implicit reward of a reply is `r = beta * (log pi(y|x) - log pi_ref(y|x))`, the sum of the log-probs of the
+reply's tokens (its text and the end-of-turn token, after the prompt rendered as the sampler renders it, which is
+what `training_jobs.sft.encode` trains on) under the policy and under the frozen reference. As in the reward model
+(training_jobs/reward.py), all C(K,2) ordered pairs of one ranking form ONE batch element: the K candidates go
+through the policy once each, and the ranking's loss is the mean over its non-tied pairs of
+`-log sigma(r_w - r_l)` (with cDPO's label smoothing `ls`: `-(1 - ls) log sigma(d) - ls log sigma(-d)`). Rankings
+whose candidates are all tied give no pair and are dropped.
+
+The reference is the policy as loaded from `policy_dir` (the SFT policy). Its log-probs never change, so they are
+computed once, before the first update, for every train, validation and holdout ranking. That is what the policy
+with its LoRA adapters disabled, or a frozen copy, would give later, without a second copy of the weights in
+memory and without a reference forward pass at each step.
+
+A batch of `rankings_per_batch` rankings is one optimizer step, but each ranking's K candidates go forward and
+backward on their own (gradients accumulate): activations for one ranking at a time keep the default model
+within a few GB on the CPU.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models_service.generation import left_pad
+from training_jobs.common import (
+    Progress,
+    TrainResult,
+    apply_lora,
+    cosine_schedule,
+    limit_allocator_caching,
+    release_freed_memory,
+    save_model,
+    seed_everything,
+    train_top_layers_only,
+    training_device,
+)
+from training_jobs.ppo import _disable_dropout
+from training_jobs.reward import Ranked, ranking_pairs
+from training_jobs.sft import IGNORE, encode
+
+
+@dataclass
+class DPOConfig:
+    epochs: int = 2
+    learning_rate: float = 5e-6
+    beta: float = 0.1
+    warmup_ratio: float = 0.1
+    rankings_per_batch: int = 4
+    max_length: int = 384
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    train_top_layers: int = 0  # 0: all; n: only the top n transformer blocks (and the heads) learn, for CPUs
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): the share of labels assumed flipped; 0 = plain DPO
+    sft_coef: float = 0.0  # NLL on each ranking's best candidate(s), an RPO-style regulariser; 0 = off
+
+
+# --- log-probs, losses and accuracy ---
+
+
+def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int):
+    """One forward pass over all candidates of `rankings`: per candidate, the sum of its reply tokens' log-probs
+    and the number of those tokens, split per ranking. Differentiable unless the caller disables gradients."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, lengths = [], []
+    for ranking in rankings:
+        for candidate in ranking.candidates:
+            encoded = encode(tokenizer, [*ranking.context, {"role": "assistant", "content": candidate}], max_length)
+            if encoded is None:
+                raise ValueError(f"max_length {max_length} leaves no room for a reply")
+            ids, labels = encoded
+            rows.append(ids)
+            lengths.append(sum(label != IGNORE for label in labels))
+    ids, mask = left_pad(rows, pad_id, device)
+    lengths = torch.tensor(lengths, device=device)
+    width = int(lengths.max())
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    targets = ids[:, -width:]
+    token_logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    reply = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
+    sums = torch.where(reply, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+    sizes = [len(r.candidates) for r in rankings]
+    return list(torch.split(sums, sizes)), list(torch.split(lengths, sizes))
+
+
+def sequence_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int) -> list[torch.Tensor]:
+    """For each ranking, a [K] tensor: the sum of the log-probs of each candidate's reply tokens (its text and the
+    end-of-turn token) after the prompt the sampler renders (`chat_prompt_ids`). One forward pass over all the
+    candidates given; differentiable unless the caller disables gradients."""
+    return _candidate_logprobs(model, tokenizer, rankings, max_length)[0]
+
+
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's implicit reward of each candidate: beta * (log pi - log pi_ref)."""
+    return beta * (policy_logps - ref_logps)
+
+
+def dpo_ranking_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float, label_smoothing: float = 0.0
+) -> torch.Tensor | None:
+    """DPO's loss for ONE ranking: the mean over its ordered non-tied pairs (w, l) of
+    `-(1 - ls) log sigma(d) - ls log sigma(-d)`, d = r_w - r_l. None when every candidate is tied (no pair)."""
+    winners, losers = ranking_pairs(ranks)
+    if not winners:
+        return None
+    rewards = implicit_rewards(policy_logps, ref_logps, beta)
+    margin = rewards[winners] - rewards[losers]
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return loss.mean()
+
+
+def implicit_reward_accuracy(
+    policy_logps: list[torch.Tensor], ref_logps: list[torch.Tensor], ranks: list[list[int]]
+) -> dict:
+    """Share of the ordered (non-tied) pairs whose implicit rewards are in the labelers' order, over rankings.
+    An exact tie of implicit rewards counts half (so the policy equal to its reference scores 0.5, chance).
+    Returns {"accuracy": share or None without pairs, "pairs": count}; beta > 0 does not change the order."""
+    score = 0.0
+    total = 0
+    for policy, reference, ranking_ranks in zip(policy_logps, ref_logps, ranks, strict=True):
+        winners, losers = ranking_pairs(ranking_ranks)
+        if not winners:
+            continue
+        rewards = (policy - reference).detach()
+        margin = rewards[winners] - rewards[losers]
+        score += float((margin > 0).sum()) + 0.5 * float((margin == 0).sum())
+        total += len(winners)
+    return {"accuracy": score / total if total else None, "pairs": total}
+
+
+@torch.no_grad()
+def _all_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int, progress: Progress) -> list[torch.Tensor]:
+    """Log-prob sums of every candidate, in eval mode, without gradients; stops when the run is cancelled.
+
+    One ranking per forward pass, as in training: the rows are padded exactly as when the policy sees them, so the
+    policy's first log-probs match the reference's (exactly on the CPU: every implicit reward is 0 at step 0), and
+    the [K, tokens, vocab] logits of one ranking bound the memory."""
+    was_training = model.training
+    model.eval()
+    logps = []
+    for ranking in rankings:
+        logps.append(sequence_logprobs(model, tokenizer, [ranking], max_length)[0].cpu())
+        progress.advance(0)  # raises Cancelled (a long pass over the data with the default model)
+    model.train(was_training)
+    return logps
+
+
+def _accuracy(model, tokenizer, rankings, reference, config: DPOConfig, progress: Progress) -> dict:
+    logps = _all_logprobs(model, tokenizer, rankings, config.max_length, progress)
+    return implicit_reward_accuracy(logps, reference, [r.ranks for r in rankings])
+
+
+# --- the run ---
+
+
+def train_dpo(
+    config: DPOConfig,
+    train: list[Ranked],
+    validation: list[Ranked],
+    *,
+    policy_dir: Path,
+    output_dir: Path,
+    holdout: list[Ranked] = (),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train the policy at `policy_dir` with DPO on rankings and save it (LoRA merged, safetensors) to `output_dir`.
+
+    Reports the implicit-reward pairwise accuracy on `validation` before training (0.5: the policy is its own
+    reference) and after each epoch, and on `holdout` at the end. Raises Cancelled (from `progress.advance`)
+    when the run is cancelled, and then writes nothing to `output_dir`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.beta <= 0:
+        raise ValueError("DPO's beta must be positive")
+    if not 0 <= config.label_smoothing < 0.5:
+        raise ValueError("label_smoothing must be in [0, 0.5)")
+    if min(config.epochs, config.rankings_per_batch) < 1:
+        raise ValueError("epochs and rankings_per_batch must be at least 1")
+    train = [r for r in train if ranking_pairs(r.ranks)[0]]
+    validation = [r for r in validation if ranking_pairs(r.ranks)[0]]
+    holdout = [r for r in holdout if ranking_pairs(r.ranks)[0]]
+    if not train:
+        raise ValueError("DPO needs at least one ranking with a preference (not all candidates tied)")
+    progress = progress or Progress()
+    started = time.monotonic()
+    seed_everything(config.seed)
+    limit_allocator_caching()
+    device, dtype = training_device()
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
+    _disable_dropout(model)  # dropout would make the policy differ from its reference before any update
+
+    steps_per_epoch = (len(train) + config.rankings_per_batch - 1) // config.rankings_per_batch
+    total_steps = steps_per_epoch * config.epochs
+    progress.start(total_steps)
+    train_pairs = sum(len(ranking_pairs(r.ranks)[0]) for r in train)
+    progress.message(
+        f"DPO on {len(train)} rankings ({train_pairs} pairs), {len(validation)} for validation, "
+        f"{len(holdout)} held out; reference log-probs first"
+    )
+    # The reference: the policy before any update. Its log-probs never change, so they are computed once.
+    reference = {
+        name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress)
+        for name, rankings in (("train", train), ("validation", validation), ("holdout", holdout))
+    }
+    release_freed_memory()
+    initial = implicit_reward_accuracy(reference["validation"], reference["validation"], [r.ranks for r in validation])
+    if initial["accuracy"] is not None:
+        progress.metric("dpo/val_accuracy", initial["accuracy"], step=0)
+
+    if config.lora:
+        model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    else:
+        train_top_layers_only(model, config.train_top_layers)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
+
+    generator = torch.Generator().manual_seed(config.seed)
+    last: dict = {}
+    measured = initial
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in range(0, len(order), config.rankings_per_batch):
+            picked = order[start : start + config.rankings_per_batch]
+            optimizer.zero_grad(set_to_none=True)
+            figures = {"loss": 0.0, "sft_loss": 0.0, "chosen": 0.0, "rejected": 0.0, "pairs": 0}
+            policy_logps, ref_logps = [], []
+            for index in picked:
+                ranking = train[index]
+                sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], config.max_length)
+                logps, reference_logps = sums[0], reference["train"][index].to(device)
+                loss = dpo_ranking_loss(logps, reference_logps, ranking.ranks, config.beta, config.label_smoothing)
+                figures["loss"] += loss.item() / len(picked)
+                if config.sft_coef > 0:
+                    best = [i for i, rank in enumerate(ranking.ranks) if rank == min(ranking.ranks)]
+                    nll = -logps[best].sum() / lengths[0][best].sum()
+                    figures["sft_loss"] += nll.item() / len(picked)
+                    loss = loss + config.sft_coef * nll
+                (loss / len(picked)).backward()
+                rewards = implicit_rewards(logps.detach(), reference_logps, config.beta)
+                winners, losers = ranking_pairs(ranking.ranks)
+                figures["chosen"] += float(rewards[winners].sum())
+                figures["rejected"] += float(rewards[losers].sum())
+                figures["pairs"] += len(winners)
+                policy_logps.append(logps.detach())
+                ref_logps.append(reference_logps)
+                del sums, lengths, logps, loss
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            accuracy = implicit_reward_accuracy(policy_logps, ref_logps, [train[i].ranks for i in picked])
+            last = {
+                "chosen_reward": figures["chosen"] / figures["pairs"],
+                "rejected_reward": figures["rejected"] / figures["pairs"],
+            }
+            last["reward_margin"] = last["chosen_reward"] - last["rejected_reward"]
+            progress.metric("dpo/train_loss", figures["loss"])
+            if config.sft_coef > 0:
+                progress.metric("dpo/sft_loss", figures["sft_loss"])
+            progress.metric("dpo/reward_margin", last["reward_margin"])
+            progress.metric("dpo/chosen_reward", last["chosen_reward"])
+            progress.metric("dpo/rejected_reward", last["rejected_reward"])
+            progress.metric("dpo/reward_accuracy", accuracy["accuracy"])
+            progress.metric("dpo/learning_rate", schedule.get_last_lr()[0])
+            progress.advance()
+        release_freed_memory()
+        measured = _accuracy(model, tokenizer, validation, reference["validation"], config, progress)
+        if measured["accuracy"] is not None:
+            progress.metric("dpo/val_accuracy", measured["accuracy"])
+        progress.message(
+            f"epoch {epoch}/{config.epochs}: validation implicit-reward accuracy {measured['accuracy']}, "
+            f"last margin {last['reward_margin']:.4f}"
+        )
+
+    held = {"accuracy": None, "pairs": 0}
+    if holdout:
+        held = _accuracy(model, tokenizer, holdout, reference["holdout"], config, progress)
+        progress.message(f"held-out implicit-reward accuracy {held['accuracy']} over {held['pairs']} pairs")
+    metrics = {
+        "val_accuracy_initial": initial["accuracy"],
+        "val_accuracy": measured["accuracy"],
+        "val_pairs": measured["pairs"],
+        "holdout_accuracy": held["accuracy"],
+        "holdout_pairs": held["pairs"],
+        "train_rankings": len(train),
+        "train_pairs": train_pairs,
+        "validation_rankings": len(validation),
+        "reward_margin_last": round(last["reward_margin"], 6),
+        "chosen_reward_last": round(last["chosen_reward"], 6),
+        "rejected_reward_last": round(last["rejected_reward"], 6),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    save_model(model, tokenizer, Path(output_dir))
+    progress.flush(force=True)
+    return TrainResult(Path(output_dir), metrics=metrics, series=progress.series)
