@@ -243,3 +243,88 @@ def train_top_layers_only(model, layers: int) -> int:
             for parameter in module.parameters():
                 parameter.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix).layers
+
+
+class _only_blocks:
+    """Run a backbone over its blocks [start:stop] only; the final norm applies only when stop is None."""
+
+    def __init__(self, backbone, start: int, stop: int | None):
+        self.backbone, self.start, self.stop = backbone, start, stop
+
+    def __enter__(self):
+        self.layers, self.count, self.norm = self.backbone.layers, self.backbone.config.num_hidden_layers, None
+        picked = list(self.layers)[self.start : self.stop]
+        self.backbone.layers = torch.nn.ModuleList(picked)
+        self.backbone.config.num_hidden_layers = len(picked)
+        if self.stop is not None:
+            self.norm, self.backbone.norm = self.backbone.norm, torch.nn.Identity()
+        return self
+
+    def __exit__(self, *exc):
+        self.backbone.layers, self.backbone.config.num_hidden_layers = self.layers, self.count
+        if self.norm is not None:
+            self.backbone.norm = self.norm
+        return False
+
+
+class FrozenBlocks:
+    """What enters the lowest trained block, for each token row, computed once with no gradient.
+
+    With only the top n of L blocks training (`train_top_layers_only`), the lower L - n blocks compute the same
+    states at every epoch. They run once per row here (one no-grad pass), and training then runs the top n blocks
+    alone on the kept states: the backbone is called with `inputs_embeds` and only its top blocks (Llama-style
+    backbones add nothing to `inputs_embeds`; a subclass checks that its outputs equal the whole model's, and the
+    trainers fall back to full passes when they do not). Positions come from the attention mask, as in a full pass.
+    """
+
+    def __init__(self, model, tokenizer, *, trained_blocks: int, max_length: int, batch_size: int = 16):
+        self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
+        self.below = len(transformer_blocks(model)) - trained_blocks
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.states: dict[tuple, torch.Tensor] = {}
+
+    def _backbone(self):
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(inner, inner.base_model_prefix)
+
+    @torch.no_grad()
+    def add(self, rows: list[list[int]]) -> None:
+        """Compute and keep the states of the rows not kept yet (similar lengths batched together)."""
+        from models_service.generation import left_pad
+
+        device = next(self.model.parameters()).device
+        missing = sorted({tuple(r) for r in rows if tuple(r) not in self.states}, key=len)
+        backbone = self._backbone()
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            ids, mask = left_pad([list(r) for r in chunk], self.pad_id, device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with _only_blocks(backbone, 0, self.below):
+                hidden = backbone(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+                ).last_hidden_state
+            for i, row in enumerate(chunk):
+                self.states[row] = hidden[i, -len(row) :].detach().clone()
+
+    def hidden(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top blocks' output (after the final norm) for left-padded rows, and their attention mask."""
+        self.add(rows)
+        states = [self.states[tuple(r)] for r in rows]
+        width = max(len(s) for s in states)
+        embeds = states[0].new_zeros((len(states), width, states[0].shape[-1]))
+        mask = torch.zeros((len(states), width), dtype=torch.long, device=states[0].device)
+        for i, state in enumerate(states):
+            embeds[i, width - len(state) :] = state
+            mask[i, width - len(state) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        backbone = self._backbone()
+        with _only_blocks(backbone, self.below, None):
+            hidden = backbone(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
+        return hidden, mask

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from models_service.generation import left_pad
 from training_jobs.common import (
+    FrozenBlocks,
     Progress,
     TrainResult,
     apply_lora,
@@ -38,6 +39,7 @@ from training_jobs.common import (
     seed_everything,
     train_top_layers_only,
     training_device,
+    transformer_blocks,
 )
 from training_jobs.ppo import _disable_dropout
 from training_jobs.reward import Ranked, ranking_pairs
@@ -55,6 +57,7 @@ class DPOConfig:
     max_grad_norm: float = 1.0
     lora: bool = False
     train_top_layers: int = 0  # 0: all; n: only the top n transformer blocks (and the heads) learn, for CPUs
+    cache_frozen_blocks: bool = True  # with train_top_layers: the frozen blocks run once per reply (FrozenBlocks)
     lora_rank: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -65,11 +68,8 @@ class DPOConfig:
 # --- log-probs, losses and accuracy ---
 
 
-def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int):
-    """One forward pass over all candidates of `rankings`: per candidate, the sum of its reply tokens' log-probs
-    and the number of those tokens, split per ranking. Differentiable unless the caller disables gradients."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def _rows(tokenizer, rankings: list[Ranked], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token rows (prompt, reply, end-of-turn) of every candidate, and how many reply tokens each has."""
     rows, lengths = [], []
     for ranking in rankings:
         for candidate in ranking.candidates:
@@ -79,11 +79,25 @@ def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: in
             ids, labels = encoded
             rows.append(ids)
             lengths.append(sum(label != IGNORE for label in labels))
+    return rows, lengths
+
+
+def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int, frozen: FrozenBlocks | None = None):
+    """One forward pass over all candidates of `rankings`: per candidate, the sum of its reply tokens' log-probs
+    and the number of those tokens, split per ranking. Differentiable unless the caller disables gradients.
+    With `frozen`, only the trained top blocks run, on the kept states of the frozen ones."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, lengths = _rows(tokenizer, rankings, max_length)
     ids, mask = left_pad(rows, pad_id, device)
     lengths = torch.tensor(lengths, device=device)
     width = int(lengths.max())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    if frozen is not None:
+        hidden, _ = frozen.hidden(rows)
+        logits = model.get_output_embeddings()(hidden[:, -(width + 1) :, :])
+    else:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
     targets = ids[:, -width:]
     token_logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     reply = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
@@ -92,11 +106,13 @@ def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: in
     return list(torch.split(sums, sizes)), list(torch.split(lengths, sizes))
 
 
-def sequence_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int) -> list[torch.Tensor]:
+def sequence_logprobs(
+    model, tokenizer, rankings: list[Ranked], max_length: int, frozen: FrozenBlocks | None = None
+) -> list[torch.Tensor]:
     """For each ranking, a [K] tensor: the sum of the log-probs of each candidate's reply tokens (its text and the
     end-of-turn token) after the prompt the sampler renders (`chat_prompt_ids`). One forward pass over all the
     candidates given; differentiable unless the caller disables gradients."""
-    return _candidate_logprobs(model, tokenizer, rankings, max_length)[0]
+    return _candidate_logprobs(model, tokenizer, rankings, max_length, frozen)[0]
 
 
 def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -138,7 +154,9 @@ def implicit_reward_accuracy(
 
 
 @torch.no_grad()
-def _all_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int, progress: Progress) -> list[torch.Tensor]:
+def _all_logprobs(
+    model, tokenizer, rankings: list[Ranked], max_length: int, progress: Progress, frozen: FrozenBlocks | None = None
+) -> list[torch.Tensor]:
     """Log-prob sums of every candidate, in eval mode, without gradients; stops when the run is cancelled.
 
     One ranking per forward pass, as in training: the rows are padded exactly as when the policy sees them, so the
@@ -147,16 +165,25 @@ def _all_logprobs(model, tokenizer, rankings: list[Ranked], max_length: int, pro
     was_training = model.training
     model.eval()
     logps = []
+    if frozen is not None:
+        frozen.add(_rows(tokenizer, rankings, max_length)[0])  # the frozen blocks, batched by length, once
     for ranking in rankings:
-        logps.append(sequence_logprobs(model, tokenizer, [ranking], max_length)[0].cpu())
+        logps.append(sequence_logprobs(model, tokenizer, [ranking], max_length, frozen)[0].cpu())
         progress.advance(0)  # raises Cancelled (a long pass over the data with the default model)
     model.train(was_training)
     return logps
 
 
-def _accuracy(model, tokenizer, rankings, reference, config: DPOConfig, progress: Progress) -> dict:
-    logps = _all_logprobs(model, tokenizer, rankings, config.max_length, progress)
+def _accuracy(model, tokenizer, rankings, reference, config: DPOConfig, progress: Progress, frozen=None) -> dict:
+    logps = _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen)
     return implicit_reward_accuracy(logps, reference, [r.ranks for r in rankings])
+
+
+@torch.no_grad()
+def _frozen_matches(model, tokenizer, ranking: Ranked, max_length: int, frozen: FrozenBlocks) -> bool:
+    full = sequence_logprobs(model, tokenizer, [ranking], max_length)[0]
+    kept = sequence_logprobs(model, tokenizer, [ranking], max_length, frozen)[0]
+    return bool(torch.allclose(full, kept, atol=1e-2, rtol=1e-4))
 
 
 # --- the run ---
@@ -208,9 +235,15 @@ def train_dpo(
         f"DPO on {len(train)} rankings ({train_pairs} pairs), {len(validation)} for validation, "
         f"{len(holdout)} held out; reference log-probs first"
     )
+    frozen = None
+    if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(transformer_blocks(model)):
+        frozen = FrozenBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
+        if not _frozen_matches(model, tokenizer, train[0], config.max_length, frozen):
+            frozen = None
+            progress.message("kept states do not reproduce the full model here: every step runs all blocks")
     # The reference: the policy before any update. Its log-probs never change, so they are computed once.
     reference = {
-        name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress)
+        name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen)
         for name, rankings in (("train", train), ("validation", validation), ("holdout", holdout))
     }
     release_freed_memory()
@@ -239,7 +272,7 @@ def train_dpo(
             policy_logps, ref_logps = [], []
             for index in picked:
                 ranking = train[index]
-                sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], config.max_length)
+                sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], config.max_length, frozen)
                 logps, reference_logps = sums[0], reference["train"][index].to(device)
                 loss = dpo_ranking_loss(logps, reference_logps, ranking.ranks, config.beta, config.label_smoothing)
                 figures["loss"] += loss.item() / len(picked)
@@ -276,7 +309,7 @@ def train_dpo(
             progress.metric("dpo/learning_rate", schedule.get_last_lr()[0])
             progress.advance()
         release_freed_memory()
-        measured = _accuracy(model, tokenizer, validation, reference["validation"], config, progress)
+        measured = _accuracy(model, tokenizer, validation, reference["validation"], config, progress, frozen)
         if measured["accuracy"] is not None:
             progress.metric("dpo/val_accuracy", measured["accuracy"])
         progress.message(
@@ -286,7 +319,7 @@ def train_dpo(
 
     held = {"accuracy": None, "pairs": 0}
     if holdout:
-        held = _accuracy(model, tokenizer, holdout, reference["holdout"], config, progress)
+        held = _accuracy(model, tokenizer, holdout, reference["holdout"], config, progress, frozen)
         progress.message(f"held-out implicit-reward accuracy {held['accuracy']} over {held['pairs']} pairs")
     metrics = {
         "val_accuracy_initial": initial["accuracy"],

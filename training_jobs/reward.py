@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from models_service.generation import left_pad
 from models_service.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 from training_jobs.common import (
+    FrozenBlocks,
     Progress,
     TrainResult,
     apply_lora,
@@ -29,6 +30,7 @@ from training_jobs.common import (
     seed_everything,
     train_top_layers_only,
     training_device,
+    transformer_blocks,
 )
 
 
@@ -82,112 +84,33 @@ def ranking_loss(scores: torch.Tensor, ranks: list[int]) -> torch.Tensor | None:
     return -F.logsigmoid(scores[winners] - scores[losers]).mean()
 
 
-def _blocks(model) -> torch.nn.ModuleList:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix).layers
+class RewardBlocks(FrozenBlocks):
+    """FrozenBlocks for a reward model: rows are (chat, reply) pairs as the reward model reads them, and the score
+    is the scalar head on the last position (what `sequence_scores` computes on the whole model)."""
 
+    def row(self, chat: list[dict], reply: str) -> list[int]:
+        return pair_input_ids(self.tokenizer, chat, reply, max_tokens=self.max_length)
 
-class FrozenBlocks:
-    """What enters the lowest trained block, for each reply, computed once with no gradient.
-
-    With only the top n of L blocks training, the lower L - n blocks compute the same states at every epoch. They
-    run once per reply here (one no-grad pass), and training then runs the top n blocks alone on the kept states
-    (the backbone called with `inputs_embeds` and only its top blocks; Llama-style backbones add nothing to
-    `inputs_embeds`, and positions come from the attention mask as before). Scores equal the full model's.
-    """
-
-    def __init__(self, model, tokenizer, *, trained_blocks: int, max_length: int, batch_size: int = 16):
-        self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
-        self.below = len(_blocks(model)) - trained_blocks
-        self.states: dict[tuple, torch.Tensor] = {}
-
-    def key(self, chat: list[dict], reply: str) -> tuple:
-        return (json_key(chat), reply)
-
-    @torch.no_grad()
-    def add(self, pairs: list[tuple[list[dict], str]]) -> None:
-        """Compute and keep the states of the (chat, reply) pairs not kept yet."""
-        device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        missing = {self.key(c, r): (c, r) for c, r in pairs if self.key(c, r) not in self.states}
-        rows = {k: pair_input_ids(self.tokenizer, c, r, max_tokens=self.max_length) for k, (c, r) in missing.items()}
-        keys = sorted(rows, key=lambda k: len(rows[k]))
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(inner, inner.base_model_prefix)
-        for start in range(0, len(keys), self.batch_size):
-            chunk = keys[start : start + self.batch_size]
-            ids, mask = left_pad([rows[k] for k in chunk], pad_id, device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with _only_blocks(backbone, 0, self.below):
-                hidden = backbone(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-                ).last_hidden_state
-            for i, k in enumerate(chunk):
-                self.states[k] = hidden[i, -len(rows[k]) :].detach().clone()
-
-    @torch.no_grad()
-    def matches_full_model(self, pairs: list[tuple[list[dict], str]], tolerance: float = 1e-3) -> bool:
-        device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids, mask = left_pad(
-            [pair_input_ids(self.tokenizer, c, r, max_tokens=self.max_length) for c, r in pairs], pad_id, device
-        )
-        return bool(
-            torch.allclose(self.scores(pairs), sequence_scores(self.model, ids, mask), atol=tolerance, rtol=1e-3)
-        )
+    def add_pairs(self, pairs: list[tuple[list[dict], str]]) -> None:
+        self.add([self.row(c, r) for c, r in pairs])
 
     def scores(self, pairs: list[tuple[list[dict], str]]) -> torch.Tensor:
         """Scores of the pairs (differentiable in the trained blocks and the head)."""
-        self.add(pairs)
-        states = [self.states[self.key(c, r)] for c, r in pairs]
-        width = max(len(s) for s in states)
-        first = states[0]
-        embeds = first.new_zeros((len(states), width, first.shape[-1]))
-        mask = torch.zeros((len(states), width), dtype=torch.long, device=first.device)
-        for i, state in enumerate(states):
-            embeds[i, width - len(state) :] = state
-            mask[i, width - len(state) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden, _ = self.hidden([self.row(c, r) for c, r in pairs])
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(inner, inner.base_model_prefix)
-        with _only_blocks(backbone, self.below, None):
-            hidden = backbone(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
-            ).last_hidden_state
         offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
         return score_head(self.model)(hidden[:, -1, :]).squeeze(-1).float() + offset
 
-
-def json_key(chat: list[dict]) -> str:
-    import json
-
-    return json.dumps(chat, sort_keys=True)
-
-
-class _only_blocks:
-    """Run the backbone over blocks [start:stop] only (the final norm applies only when stop is None)."""
-
-    def __init__(self, backbone, start: int, stop: int | None):
-        self.backbone, self.start, self.stop = backbone, start, stop
-
-    def __enter__(self):
-        self.layers, self.count = self.backbone.layers, self.backbone.config.num_hidden_layers
-        self.norm = self.backbone.norm
-        picked = list(self.layers)[self.start : self.stop]
-        self.backbone.layers = torch.nn.ModuleList(picked)
-        self.backbone.config.num_hidden_layers = len(picked)
-        if self.stop is not None:
-            self.backbone.norm = torch.nn.Identity()
-        return self
-
-    def __exit__(self, *exc):
-        self.backbone.layers, self.backbone.config.num_hidden_layers = self.layers, self.count
-        self.backbone.norm = self.norm
-        return False
+    @torch.no_grad()
+    def matches_full_model(self, pairs: list[tuple[list[dict], str]], tolerance: float = 1e-3) -> bool:
+        rows = [self.row(c, r) for c, r in pairs]
+        ids, mask = left_pad(rows, self.pad_id, next(self.model.parameters()).device)
+        full = sequence_scores(self.model, ids, mask)
+        return bool(torch.allclose(self.scores(pairs), full, atol=tolerance, rtol=1e-3))
 
 
 def _score_candidates(
-    model, tokenizer, rankings: list[Ranked], max_length: int, device, frozen: FrozenBlocks | None = None
+    model, tokenizer, rankings: list[Ranked], max_length: int, device, frozen: RewardBlocks | None = None
 ) -> list[torch.Tensor]:
     """One forward pass over all candidates of the given rankings (K rows each); scores split per ranking."""
     if frozen is not None:
@@ -212,7 +135,7 @@ def pairwise_accuracy(
     *,
     max_length: int,
     batch_size: int = 8,
-    frozen: FrozenBlocks | None = None,
+    frozen: RewardBlocks | None = None,
 ) -> dict:
     """Share of ordered (non-tied) pairs the model scores in the labelers' order."""
     model.eval()
@@ -292,16 +215,16 @@ def train_reward(
     )
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     frozen = None
-    if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(_blocks(model)):
+    if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(transformer_blocks(model)):
         started = time.monotonic()
-        frozen = FrozenBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
-        frozen.add([(r.context, c) for r in [*train, *validation] for c in r.candidates])
+        frozen = RewardBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
+        frozen.add_pairs([(r.context, c) for r in [*train, *validation] for c in r.candidates])
         if not frozen.matches_full_model([(r.context, c) for r in train[:2] for c in r.candidates]):
             frozen = None  # a backbone that transforms inputs_embeds (e.g. Gemma scales them): run the full model
             progress.message("kept states do not reproduce the full model's scores here: every epoch runs all blocks")
     if frozen is not None:
         progress.message(
-            f"the {len(_blocks(model)) - config.train_top_layers} frozen blocks ran once over {len(frozen.states)} "
+            f"the {frozen.below} frozen blocks ran once over {len(frozen.states)} "
             f"replies in {time.monotonic() - started:.0f} s; epochs run the top {config.train_top_layers} only"
         )
     schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))

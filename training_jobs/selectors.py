@@ -1,4 +1,4 @@
-"""Reads for the ops pages: the loop's state, the data over time, runs, the model lineage."""
+"""Reads for the ops pages: the loop's state, the data over time, runs, the model lineage, the learning rounds."""
 
 import datetime as dt
 
@@ -7,6 +7,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from labeling.models import Message, Ranking, Review, Role
+from labeling.quality import agreement, agreement_at
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import open_pool_size
 from training_jobs import gate, loop
@@ -82,6 +83,7 @@ def loop_overview() -> dict:
             "-created_at"
         )[:3],
         "over_time": data_over_time(),
+        "learning": learning_rounds(),
     }
 
 
@@ -138,3 +140,162 @@ def lineage() -> list[dict]:
 
 def evaluation_detail(evaluation: Evaluation) -> dict:
     return {"evaluation": evaluation, "human": gate.human_result(evaluation)}
+
+
+MOST_TIED = 0.5  # above this share of tied rankings, most of the labelers' work trains nothing
+
+
+def _tie_warning(ties: dict) -> dict | None:
+    if not ties["all_tied"]:
+        return None
+    sentence = (
+        f"{ties['all_tied']} of the newest {ties['rankings']} rankings tied every candidate, so they train nothing; "
+        f"that is {ties['share']:.0%} of the labelers' recent rankings giving the reward model no pair to learn from."
+    )
+    if ties["share"] > MOST_TIED:
+        sentence += " Ask the labelers to put the better reply first whenever one is better, even slightly."
+    return {"key": "ties", "label": "most rankings are ties", "sentence": sentence, "warn": ties["share"] > MOST_TIED}
+
+
+def _round_warnings(round_: dict, chance: str) -> list[dict]:
+    warnings = []
+    gain, controlled = round_["rm_gain"], round_["rm_gain_length_controlled"]
+    if gain is not None and controlled is not None and gain > 0 and controlled <= 0:
+        warnings.append(
+            {
+                "key": "length_only",
+                "label": "gain from length only",
+                "sentence": f"The score gain of {gain:+.3f} came from reply length alone: once both arms' scores are "
+                f"regressed on length it is {controlled:+.3f}. The candidate's replies average "
+                f"{_tokens(round_['candidate_length'])} tokens against {_tokens(round_['baseline_length'])}; "
+                "the reward model pays for length, not quality.",
+            }
+        )
+    if chance:
+        warnings.append(
+            {"key": "at_chance", "label": "reward model at chance", "sentence": chance[0].upper() + chance[1:] + "."}
+        )
+    if round_["rm_win_rate"] is not None and round_["rm_win_rate"] <= 0.5:
+        warnings.append(
+            {
+                "key": "no_gain",
+                "label": "no gain",
+                "sentence": f"The reward model preferred the candidate's reply on {round_['rm_win_rate']:.0%} of the "
+                "held-out prompts, no better than a coin toss: this round did not improve on the serving policy.",
+            }
+        )
+    return warnings
+
+
+def _tokens(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def learning_rounds(version: ModelVersion | None = None) -> dict:
+    """Whether the loop kept its promise, round by round: one round is one evaluation of an SFT or optimised
+    (PPO, DPO, RLOO) policy, oldest first. Per round, the reward model's accuracy against the labelers' own
+    agreement (its ceiling), how often the candidate beat the serving policy by the reward model's score and by
+    the labelers' blind A/B, whether the score gain survives a length control, KL and the decision. With
+    `version`, only the rounds of that version and its ancestors (and, for a reward model, the rounds it scored).
+    Rounds keep their loop-wide numbers."""
+    settings = LoopSettings.load()
+    stages = [*ModelVersion.OPTIMISED_STAGES, ModelVersion.Stage.SFT]
+    evaluations = (
+        Evaluation.objects.filter(candidate__kind=ModelVersion.Kind.POLICY, candidate__stage__in=stages)
+        .select_related("candidate__training_run", "baseline", "reward_model")
+        .order_by("created_at", "pk")
+    )
+    numbered = list(enumerate(evaluations, start=1))
+    if version is not None:
+        lineage_ids = {v.pk for v in version.lineage}
+        scored_by = version.pk if version.kind == ModelVersion.Kind.REWARD else None
+        numbered = [
+            (number, e)
+            for number, e in numbered
+            if e.candidate_id in lineage_ids or (scored_by is not None and e.reward_model_id == scored_by)
+        ]
+    ceilings = agreement_at([e.created_at for _, e in numbered])
+    rounds = [
+        _round(number, evaluation, ceiling, settings)
+        for (number, evaluation), ceiling in zip(numbered, ceilings, strict=True)
+    ]
+    ties = loop.tied_rankings()
+    tie_warning = _tie_warning(ties)
+    current = agreement()["overall"]
+    return {
+        "rounds": rounds,
+        "warnings": [tie_warning] if tie_warning and tie_warning["warn"] else [],
+        "ties": ties,
+        "tie_warning": tie_warning,
+        "agreement": current["agreement"],
+        "agreement_pairs": current["pairs"],
+        "path": settings.policy_path,
+        "path_label": TrainingRun.Kind(settings.policy_path).label,
+        "chart": {
+            "labels": [f"{r['number']}. {r['candidate']}" for r in rounds],
+            "series": {
+                "Reward model, validation accuracy": [r["rm_val_accuracy"] for r in rounds],
+                "Reward model, held-out accuracy": [r["rm_holdout_accuracy"] for r in rounds],
+                "Labelers' agreement (ceiling)": [r["agreement"] for r in rounds],
+                "Reward-model win rate": [r["rm_win_rate"] for r in rounds],
+                "Human A/B win rate": [r["human_win_rate"] for r in rounds],
+            },
+        },
+    }
+
+
+def _round(number: int, evaluation: Evaluation, ceiling: dict, settings: LoopSettings) -> dict:
+    candidate, baseline, rm = evaluation.candidate, evaluation.baseline, evaluation.reward_model
+    metrics = evaluation.metrics or {}
+    rm_metrics = (rm.metrics or {}) if rm is not None else {}
+    ours, theirs = metrics.get("candidate") or {}, metrics.get("baseline") or {}
+    human = gate.human_result(evaluation)
+    run = candidate.training_run
+    round_ = {
+        "number": number,
+        "evaluation_id": evaluation.pk,
+        "created_at": evaluation.created_at,
+        "status": evaluation.status,
+        "candidate": candidate.name,
+        "candidate_id": candidate.pk,
+        "stage": candidate.stage,
+        "path": run.kind if run is not None else candidate.stage,
+        "baseline": baseline.name if baseline is not None else None,
+        "baseline_id": baseline.pk if baseline is not None else None,
+        "reward_model": rm.name if rm is not None else None,
+        "reward_model_id": rm.pk if rm is not None else None,
+        "rm_val_accuracy": rm_metrics.get("val_accuracy"),
+        "rm_val_pairs": rm_metrics.get("val_pairs"),
+        "rm_holdout_accuracy": rm_metrics.get("holdout_accuracy"),
+        "rm_holdout_pairs": rm_metrics.get("holdout_pairs"),
+        "agreement": ceiling["agreement"],
+        "agreement_pairs": ceiling["pairs"],
+        "rm_win_rate": metrics.get("rm_win_rate"),
+        "rm_gain": metrics.get("rm_gain"),
+        "rm_gain_length_controlled": metrics.get("rm_gain_length_controlled"),
+        "human_win_rate": human["win_rate"] if human["comparisons"] else None,
+        "human_comparisons": human["comparisons"] or None,
+        "human_ci_low": human["ci_low"] if human["comparisons"] else None,
+        "human_ci_high": human["ci_high"] if human["comparisons"] else None,
+        "kl": ours.get("kl"),
+        "candidate_length": ours.get("length"),
+        "baseline_length": theirs.get("length"),
+        "decision": evaluation.decision,
+        "decision_label": evaluation.get_decision_display(),
+        "decision_reason": evaluation.decision_reason,
+    }
+    round_["warnings"] = _round_warnings(round_, gate.reward_model_at_chance(rm, settings) if rm else "")
+    return round_
+
+
+def model_detail(version: ModelVersion) -> dict:
+    """One model version: its facts, its place in the lineage, its evaluations and its learning rounds."""
+    return {
+        "version": version,
+        "lineage": version.lineage,
+        "children": list(version.children.order_by("created_at", "pk")),
+        "metrics": sorted((version.metrics or {}).items()),
+        "evaluations": Evaluation.objects.filter(candidate=version).select_related("baseline", "reward_model"),
+        "activations": version.activations.select_related("actor", "previous")[:10],
+        "learning": learning_rounds(version),
+    }

@@ -208,3 +208,21 @@ def test_cancellation_stops_the_run_and_writes_nothing(tiny_model_dirs, tmp_path
     assert progress.step == (0 if when == "reference-pass" else 2)
     assert "dpo/train_loss" in progress.series or when == "reference-pass"
     assert not output_dir.exists()
+
+
+def test_top_layer_dpo_on_kept_frozen_states_trains_like_the_full_pass(tiny_model_dirs, tmp_path):
+    config = DPOConfig(epochs=2, rankings_per_batch=4, max_length=64, beta=0.5, train_top_layers=1, learning_rate=1e-3)
+    runs = {}
+    for cached in (True, False):
+        runs[cached] = train_dpo(
+            DPOConfig(**{**config.__dict__, "cache_frozen_blocks": cached}),
+            synthetic_rankings(24, seed=1),
+            synthetic_rankings(10, seed=2),
+            policy_dir=tiny_model_dirs[0],
+            output_dir=tmp_path / f"out-{cached}",
+        )
+    cached, full = ([v for _, v in runs[flag].series["dpo/train_loss"]] for flag in (True, False))
+    assert cached[0] == pytest.approx(math.log(2), abs=1e-6), "the kept states reproduce the reference exactly"
+    assert cached == pytest.approx(full, abs=2e-3), "the same losses step by step"
+    assert cached[-1] < cached[0]
+    assert runs[True].metrics["val_accuracy"] == pytest.approx(runs[False].metrics["val_accuracy"], abs=0.05)

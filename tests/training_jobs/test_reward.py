@@ -115,12 +115,12 @@ def test_the_reward_model_trains_with_lora(tiny_model_dirs, tmp_path):
 
 def test_kept_frozen_block_states_give_the_full_models_scores(tiny_model_dirs):
     from training_jobs.common import train_top_layers_only
-    from training_jobs.reward import FrozenBlocks, load_reward_model
+    from training_jobs.reward import RewardBlocks, load_reward_model
 
     model, tokenizer = load_reward_model(tiny_model_dirs[0], dtype=torch.float32, device=torch.device("cpu"))
     train_top_layers_only(model, 1)
     pairs = [(r.context, c) for r in synthetic_rankings(3, seed=6) for c in r.candidates]
-    frozen = FrozenBlocks(model, tokenizer, trained_blocks=1, max_length=64)
+    frozen = RewardBlocks(model, tokenizer, trained_blocks=1, max_length=64)
     assert frozen.below == model.config.num_hidden_layers - 1
     assert frozen.matches_full_model(pairs, tolerance=1e-5)
     assert model.config.num_hidden_layers == len(model.model.layers), "the backbone is whole again afterwards"
