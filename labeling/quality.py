@@ -4,6 +4,7 @@ entries by a worker task, models_service.tasks.score_rankings)."""
 
 import datetime as dt
 import math
+from bisect import bisect_left
 from collections import defaultdict
 from itertools import combinations
 
@@ -82,6 +83,35 @@ def agreement() -> dict:
         }
 
     return {"overall": summary(overall), "per_labeler": {k: summary(v) for k, v in per_labeler.items()}}
+
+
+def agreement_at(times: list) -> list[dict]:
+    """The overall pairwise agreement as it stood at each of `times` (on the rankings made before it), from one
+    read of the rankings: a pair of rankings of a task counts from the moment the later of the two was made."""
+    entries = RankingEntry.objects.filter(ranking__task__overlap__gte=2).values_list(
+        "ranking__task_id", "ranking__labeler_id", "ranking__created_at", "message_id", "rank"
+    )
+    by_task: dict[int, dict[int, tuple]] = defaultdict(dict)
+    for task_id, labeler_id, created_at, message_id, rank in entries:
+        made, ranks = by_task[task_id].get(labeler_id, (created_at, {}))
+        ranks[message_id] = rank
+        by_task[task_id][labeler_id] = (max(made, created_at), ranks)
+    events = []
+    for by_labeler in by_task.values():
+        for (first_made, first), (second_made, second) in combinations(by_labeler.values(), 2):
+            a, b = pair_preferences(first), pair_preferences(second)
+            strict = [pair for pair in a if pair in b and a[pair] != 0 and b[pair] != 0]
+            events.append((max(first_made, second_made), sum(a[pair] == b[pair] for pair in strict), len(strict)))
+    events.sort(key=lambda event: event[0])
+    moments, agree, pairs = [e[0] for e in events], [0], [0]
+    for _, agreed, compared in events:
+        agree.append(agree[-1] + agreed)
+        pairs.append(pairs[-1] + compared)
+    out = []
+    for moment in times:
+        i = bisect_left(moments, moment)  # the events strictly before `moment`
+        out.append({"agreement": agree[i] / pairs[i] if pairs[i] else None, "pairs": pairs[i]})
+    return out
 
 
 def reward_model_agreement() -> dict[int, dict]:

@@ -84,6 +84,7 @@ def loop_overview() -> dict:
         )[:3],
         "over_time": data_over_time(),
         "learning": learning_rounds(),
+        "policy_paths": [(kind, TrainingRun.Kind(kind).label) for kind in TrainingRun.POLICY_KINDS],
     }
 
 
@@ -173,7 +174,12 @@ def _round_warnings(round_: dict, chance: str) -> list[dict]:
         )
     if chance:
         warnings.append(
-            {"key": "at_chance", "label": "reward model at chance", "sentence": chance[0].upper() + chance[1:] + "."}
+            {
+                "key": "at_chance",
+                "label": "reward model at chance",
+                "sentence": chance[0].upper() + chance[1:] + ".",
+                "in_reason": chance in round_["decision_reason"],  # the gate said so already: not said twice
+            }
         )
     if round_["rm_win_rate"] is not None and round_["rm_win_rate"] <= 0.5:
         warnings.append(
@@ -195,8 +201,8 @@ def learning_rounds(version: ModelVersion | None = None) -> dict:
     """Whether the loop kept its promise, round by round: one round is one evaluation of an SFT or optimised
     (PPO, DPO, RLOO) policy, oldest first. Per round, the reward model's accuracy against the labelers' own
     agreement (its ceiling), how often the candidate beat the serving policy by the reward model's score and by
-    the labelers' blind A/B, whether the score gain survives a length control, KL and the decision. With
-    `version`, only the rounds of that version and its ancestors (and, for a reward model, the rounds it scored).
+    the labelers' blind A/B, whether the score gain survives a length control, KL and the decision. With a policy
+    `version`, only the rounds of that version and its ancestors; with a reward model, the rounds it scored.
     Rounds keep their loop-wide numbers."""
     settings = LoopSettings.load()
     stages = [*ModelVersion.OPTIMISED_STAGES, ModelVersion.Stage.SFT]
@@ -206,14 +212,11 @@ def learning_rounds(version: ModelVersion | None = None) -> dict:
         .order_by("created_at", "pk")
     )
     numbered = list(enumerate(evaluations, start=1))
-    if version is not None:
+    if version is not None and version.kind == ModelVersion.Kind.REWARD:
+        numbered = [(number, e) for number, e in numbered if e.reward_model_id == version.pk]
+    elif version is not None:
         lineage_ids = {v.pk for v in version.lineage}
-        scored_by = version.pk if version.kind == ModelVersion.Kind.REWARD else None
-        numbered = [
-            (number, e)
-            for number, e in numbered
-            if e.candidate_id in lineage_ids or (scored_by is not None and e.reward_model_id == scored_by)
-        ]
+        numbered = [(number, e) for number, e in numbered if e.candidate_id in lineage_ids]
     ceilings = agreement_at([e.created_at for _, e in numbered])
     rounds = [
         _round(number, evaluation, ceiling, settings)
@@ -295,7 +298,9 @@ def model_detail(version: ModelVersion) -> dict:
         "lineage": version.lineage,
         "children": list(version.children.order_by("created_at", "pk")),
         "metrics": sorted((version.metrics or {}).items()),
-        "evaluations": Evaluation.objects.filter(candidate=version).select_related("baseline", "reward_model"),
+        "evaluations": Evaluation.objects.filter(
+            **({"reward_model": version} if version.kind == ModelVersion.Kind.REWARD else {"candidate": version})
+        ).select_related("candidate", "baseline"),
         "activations": version.activations.select_related("actor", "previous")[:10],
         "learning": learning_rounds(version),
     }

@@ -13,6 +13,7 @@ urlpatterns = [
     path("runs/<int:run_id>/data/", views.run_data, name="run_data"),
     path("runs/<int:run_id>/cancel/", views.cancel_run, name="cancel_run"),
     path("models/", views.models, name="models"),
+    path("models/<int:version_id>/", views.model_detail, name="model"),
     path("models/<int:version_id>/activate/", views.activate_model, name="activate_model"),
     path("models/rollback/<str:kind>/", views.rollback, name="rollback"),
     path("evaluations/<int:evaluation_id>/", views.evaluation_detail, name="evaluation"),

@@ -109,6 +109,12 @@ def models(request):
 
 
 @staff_only
+def model_detail(request, version_id: int):
+    version = get_object_or_404(ModelVersion.objects.select_related("parent", "training_run"), pk=version_id)
+    return render(request, "ops/model.html", selectors.model_detail(version))
+
+
+@staff_only
 @require_POST
 def activate_model(request, version_id: int):
     version = get_object_or_404(ModelVersion, pk=version_id)

@@ -40,6 +40,37 @@
     });
   }
 
+  function learning() {
+    const canvas = document.querySelector("[data-chart=learning]");
+    const source = document.getElementById("learning-data");
+    if (!canvas || !source) return;
+    const data = JSON.parse(source.textContent);
+    const names = Object.keys(data.series);
+    const pct = (v) => `${Math.round(v * 100)}%`;
+    const datasets = names.map((name) => ({
+      label: name, data: data.series[name], spanGaps: true, pointRadius: 4, clip: false,
+    }));
+    datasets.push({
+      label: "coin toss (50%)",
+      data: data.labels.map(() => 0.5),
+      borderColor: "#868e96",
+      backgroundColor: "#868e96",
+      borderDash: [5, 4],
+      borderWidth: 1,
+      pointRadius: 0,
+    });
+    lineChart(canvas, data.labels, datasets, {
+      plugins: {
+        legend: { position: "bottom", labels: { boxWidth: 12 } },
+        tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${c.parsed.y === null ? "–" : pct(c.parsed.y)}` } },
+      },
+      scales: {
+        x: { ticks: { maxTicksLimit: 12 }, title: { display: true, text: "round" } },
+        y: { min: 0, max: 1, ticks: { callback: pct }, title: { display: true, text: "share" } },
+      },
+    });
+  }
+
   function seriesToXY(points) {
     return points.map((p) => ({ x: p[0], y: p[1] }));
   }
@@ -102,6 +133,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     if (!window.Chart) return;
     overTime();
+    learning();
     liveRun();
   });
 })();

@@ -34,3 +34,18 @@ def fixed(value, digits=2) -> str:
     """3.14159 -> '3.14'."""
     number = _number(value)
     return MISSING if number is None else f"{number:.{int(digits)}f}".replace("-", "−")
+
+
+@register.filter
+def metric(value) -> str:
+    """A model metric as read: floats to four significant digits, integers with thousands separators."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (list, dict)):
+        text = str(value)
+        return text if len(text) <= 80 else text[:79] + "…"
+    return str(value)
