@@ -10,6 +10,10 @@ import pytest
 
 from tests.factories import UserFactory
 
+# Training tests compare numbers to the bit (a reference pass against a training pass, kept frozen-block states
+# against the full model): they run in fp32. tests/training_jobs/test_precision.py turns bf16 on where it tests it.
+os.environ.setdefault("TRAINING_CPU_BF16", "false")
+
 
 @pytest.fixture
 def alice(db):

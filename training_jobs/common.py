@@ -5,10 +5,12 @@ report through a `Progress` object and stop when it says the run was cancelled. 
 datasets) stay inside the trainer modules.
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -88,6 +90,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def cpu_bf16() -> bool:
+    """Mixed precision on the CPU: matmuls in bf16 under autocast, weights and optimizer state in fp32.
+
+    `TRAINING_CPU_BF16`: auto (the default: on where the processor has AMX tiles, whose bf16 matmuls ran the
+    default model's forward pass 2.4x as fast as fp32 on these machines), true or false. Never on CUDA, where
+    the weights themselves are bf16 already."""
+    if torch.cuda.is_available():
+        return False
+    choice = os.environ.get("TRAINING_CPU_BF16", "auto").strip().lower()
+    if choice == "auto":
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return choice in ("true", "1", "yes", "on")
+
+
+def autocast():
+    """The forward passes' precision context: bf16 autocast on the CPU when `cpu_bf16()`, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16() else contextlib.nullcontext()
 
 
 def training_device() -> tuple[torch.device, torch.dtype]:
@@ -304,7 +325,7 @@ class FrozenBlocks:
             chunk = missing[start : start + self.batch_size]
             ids, mask = left_pad([list(r) for r in chunk], self.pad_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with _only_blocks(backbone, 0, self.below):
+            with _only_blocks(backbone, 0, self.below), autocast():
                 hidden = backbone(
                     input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
                 ).last_hidden_state
@@ -323,7 +344,7 @@ class FrozenBlocks:
             mask[i, width - len(state) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         backbone = self._backbone()
-        with _only_blocks(backbone, self.below, None):
+        with _only_blocks(backbone, self.below, None), autocast():
             hidden = backbone(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
             ).last_hidden_state

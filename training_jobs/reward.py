@@ -24,7 +24,9 @@ from training_jobs.common import (
     Progress,
     TrainResult,
     apply_lora,
+    autocast,
     cosine_schedule,
+    cpu_bf16,
     limit_allocator_caching,
     save_model,
     seed_everything,
@@ -99,13 +101,17 @@ class RewardBlocks(FrozenBlocks):
         hidden, _ = self.hidden([self.row(c, r) for c, r in pairs])
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
-        return score_head(self.model)(hidden[:, -1, :]).squeeze(-1).float() + offset
+        with autocast():
+            return score_head(self.model)(hidden[:, -1, :]).squeeze(-1).float() + offset
 
     @torch.no_grad()
     def matches_full_model(self, pairs: list[tuple[list[dict], str]], tolerance: float = 1e-3) -> bool:
         rows = [self.row(c, r) for c, r in pairs]
         ids, mask = left_pad(rows, self.pad_id, next(self.model.parameters()).device)
-        full = sequence_scores(self.model, ids, mask)
+        with autocast():
+            full = sequence_scores(self.model, ids, mask)
+        if cpu_bf16():  # bf16 matmuls round at the third significant digit, in either path
+            tolerance = max(tolerance, 0.05 * float(full.abs().max()) + 0.05)
         return bool(torch.allclose(self.scores(pairs), full, atol=tolerance, rtol=1e-3))
 
 
@@ -123,7 +129,8 @@ def _score_candidates(
         for candidate in r.candidates
     ]
     ids, mask = left_pad(rows, pad_id, device)
-    scores = sequence_scores(model, ids, mask)
+    with autocast():
+        scores = sequence_scores(model, ids, mask)
     return list(torch.split(scores, [len(r.candidates) for r in rankings]))
 
 
@@ -166,7 +173,8 @@ def mean_score(
             for chat, reply in pairs[start : start + batch_size]
         ]
         ids, mask = left_pad(rows, pad_id, device)
-        total += float(sequence_scores(model, ids, mask).sum())
+        with autocast():
+            total += float(sequence_scores(model, ids, mask).sum())
     model.train()
     return total / max(len(pairs), 1)
 

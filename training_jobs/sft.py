@@ -16,6 +16,7 @@ from training_jobs.common import (
     Progress,
     TrainResult,
     apply_lora,
+    autocast,
     cosine_schedule,
     limit_allocator_caching,
     save_model,
@@ -76,7 +77,8 @@ def batches(examples: list[tuple[list[int], list[int]]], size: int, pad_id: int,
 
 def token_loss(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the labelled tokens of the batch, and how many there were."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
     targets = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"

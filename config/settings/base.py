@@ -183,6 +183,8 @@ TRAINING_SFT_DEFAULTS = env_json_object("TRAINING_SFT_CONFIG", {"epochs": 2})
 TRAINING_RM_DEFAULTS = env_json_object("TRAINING_RM_CONFIG", {"epochs": 1})
 TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
 TRAINING_DPO_DEFAULTS = env_json_object("TRAINING_DPO_CONFIG", {})
+# Mixed precision for training on the CPU (training_jobs.common.cpu_bf16): auto = where the CPU has AMX tiles.
+TRAINING_CPU_BF16 = env_str("TRAINING_CPU_BF16", "auto", choices=["auto", "true", "false"])
 TRAINING_RLOO_DEFAULTS = env_json_object("TRAINING_RLOO_CONFIG", {})
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
