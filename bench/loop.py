@@ -8,8 +8,8 @@ and `--rankings` HH-RLHF preference pairs (rankings of two replies) from ../shar
 to those counts, and starts a real training worker and a real sampling worker (bin/worker). Then, as beat
 would, it ticks the loop (every `--tick-s`) and asks for the ranking pool to be filled, and waits. The loop
 does the rest on its own: SFT; the gate evaluates the SFT policy and promotes it (no reward model yet); the
-reward model on the newest SFT; PPO (chained); the gate evaluates the PPO policy against the SFT policy with
-the new reward model; promotion; ranking tasks sampled from the new policy.
+reward model on the newest SFT; the loop's policy step (`--path`, PPO by default: chained); the gate evaluates
+the new policy against the SFT policy with the new reward model; promotion; ranking tasks sampled from it.
 
 The stage configs are the ones the README recommends for a CPU (top layers only, one epoch, LoRA PPO), given
 to the worker as TRAINING_*_CONFIG like any deployment would. Per-stage seconds are wall time from the row's
@@ -164,8 +164,8 @@ def seconds(start, end) -> float | None:
     return round((end - start).total_seconds(), 1) if start and end else None
 
 
-def run_loop(tick_s: float, timeout_s: float):
-    """Tick the loop and ask for ranking tasks as beat would, until the PPO policy serves (or the loop stops)."""
+def run_loop(tick_s: float, timeout_s: float, path: str):
+    """Tick the loop and ask for ranking tasks as beat would, until the path's policy serves (or the loop stops)."""
     from django.db import connection
 
     from labeling.models import Task, TaskKind
@@ -189,10 +189,10 @@ def run_loop(tick_s: float, timeout_s: float):
             last_line = line
         if decision.action == "paused":
             return f"paused: {decision.reason}"
-        ppo = next((r for r in runs if r.kind == "ppo" and r.status == "succeeded"), None)
-        evaluation = Evaluation.objects.filter(candidate__training_run=ppo).first() if ppo else None
+        optimised = next((r for r in runs if r.kind == path and r.status == "succeeded"), None)
+        evaluation = Evaluation.objects.filter(candidate__training_run=optimised).first() if optimised else None
         if evaluation and evaluation.decision in ("not_promoted", "waiting"):
-            return f"the gate did not promote the PPO policy: {evaluation.decision_reason}"
+            return f"the gate did not promote the {path} policy: {evaluation.decision_reason}"
         serving = evaluation and evaluation.decision == "promoted"
         if serving and Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=evaluation.candidate).exists():
             return "serving"
@@ -201,7 +201,7 @@ def run_loop(tick_s: float, timeout_s: float):
     return f"timed out after {timeout_s:.0f} s"
 
 
-def figures(outcome: str, counts: dict, loop_started) -> dict:
+def figures(outcome: str, counts: dict, loop_started, path: str) -> dict:
     from labeling.models import Task, TaskKind
     from models_service.models import ModelActivation
     from training_jobs.models import Evaluation, TrainingRun
@@ -233,11 +233,12 @@ def figures(outcome: str, counts: dict, loop_started) -> dict:
         if first_task:
             stages[f"{stage}_first_ranking_task_at_s"] = seconds(loop_started, first_task.created_at)
     result.update(stages)
-    ppo_activation = ModelActivation.objects.filter(model_version__stage="ppo").first()
-    end = ppo_activation.created_at if ppo_activation else None
-    result["loop_total_s"] = seconds(loop_started, end)  # to the PPO policy serving; None if it was not promoted
-    ppo_evaluation = Evaluation.objects.filter(candidate__stage="ppo").first()
-    result["loop_to_ppo_decision_s"] = seconds(loop_started, ppo_evaluation and ppo_evaluation.finished_at)
+    activation = ModelActivation.objects.filter(model_version__stage=path).first()
+    end = activation.created_at if activation else None
+    result["loop_total_s"] = seconds(loop_started, end)  # to the path's policy serving; None if not promoted
+    evaluation = Evaluation.objects.filter(candidate__stage=path).first()
+    result["loop_to_policy_decision_s"] = seconds(loop_started, evaluation and evaluation.finished_at)
+    result["path"] = path
     result["loop_total_min"] = round(result["loop_total_s"] / 60, 1) if result["loop_total_s"] else None
     result["target_min"] = 30
     return result
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--demonstrations", type=int, default=200)
     parser.add_argument("--rankings", type=int, default=300)
     parser.add_argument("--ppo-iterations", type=int, default=8)
+    parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], default=None, help="the loop's default if absent")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--tick-s", type=float, default=5.0)
     parser.add_argument("--timeout-min", type=float, default=60.0)
@@ -270,7 +272,9 @@ def main() -> None:
         settings.sft_threshold, settings.rm_threshold = counts["demonstrations"], counts["rankings"]
         settings.eval_prompts, settings.eval_max_new_tokens, settings.human_comparisons = args.eval_prompts, 48, 0
         settings.auto_promote = True
+        settings.policy_path = args.path or settings.policy_path
         settings.save()
+        path = settings.policy_path
         configs = dict(CPU_CONFIGS)
         configs["TRAINING_PPO_CONFIG"] = configs["TRAINING_PPO_CONFIG"] | {"iterations": args.ppo_iterations}
         env = {name: json.dumps(value) for name, value in configs.items()} | {
@@ -282,9 +286,9 @@ def main() -> None:
         processes = start_workers(env)
         log("workers up; thresholds reached: ticking the loop")
         loop_started = timezone.now()
-        outcome = run_loop(args.tick_s, args.timeout_min * 60)
+        outcome = run_loop(args.tick_s, args.timeout_min * 60, path)
         log(f"outcome: {outcome}")
-        result = figures(outcome, counts, loop_started)
+        result = figures(outcome, counts, loop_started, path)
         result["configs"] = configs
         result["eval_prompts"] = args.eval_prompts
         result["threads"] = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))

@@ -1,14 +1,15 @@
 """Training speed and memory with the default model (SmolLM2-135M-Instruct) on this machine.
 
-    .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 2]
+    .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 3]
 
 Measured in this run:
 - SFT tokens/s of our loop (training_jobs/sft.py) and of TRL's SFTTrainer on the same demonstrations and
   settings;
 - reward-model training time per ranking with K = 9: grouped (the K candidates through the model once, all
   C(K,2) pairs in one loss) against flattened pairs (C(K,2) chosen/rejected rows, as a pairwise trainer does);
-- PPO seconds per iteration and the peak RSS of the process that runs it (a fresh process, so the figure is
-  PPO's own), with LoRA on the policy and the value model.
+- the policy step of each path, each in a fresh process (so the peak RSS is its own): PPO seconds per iteration
+  (LoRA on the policy and the value model), RLOO seconds per iteration (LoRA, K samples per prompt, no value
+  model), DPO seconds per optimizer step (top blocks on kept frozen states) and the peak RSS of each.
 The last line is JSON with every figure.
 """
 
@@ -177,42 +178,83 @@ def own_peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _ppo_child(model_dir: str, reward_dir: str, iterations: int, queue) -> None:
-    from training_jobs.common import Progress
-    from training_jobs.ppo import PPOConfig, train_ppo
-
-    prompts = [chat[:1] for chat in demonstrations(32)]
+def _timed(progress):
+    """Wrap progress.advance to note the time of each step."""
     times = []
-    progress = Progress()
     original = progress.advance
 
     def timed_advance(steps=1):
-        times.append(time.perf_counter())
+        if steps:
+            times.append(time.perf_counter())
         original(steps)
 
     progress.advance = timed_advance
+    return times
+
+
+def _rankings(n: int, k: int = 4):
+    """K-way rankings over the seed tasks: the expert answer ranked above shortened and reordered versions."""
+    from training_jobs.reward import Ranked
+
+    rankings = []
+    for chat in demonstrations(n):
+        answer = chat[1]["content"]
+        words = answer.split()
+        candidates = [answer, " ".join(words[: max(len(words) // 2, 1)]), " ".join(reversed(words)), answer.upper()]
+        rankings.append(Ranked(chat[:1], candidates[:k], list(range(1, k + 1))))
+    return rankings
+
+
+def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, queue) -> None:
+    """One policy-step trainer in a fresh process: seconds per step (PPO and RLOO: per iteration; DPO: per
+    optimizer step of 4 rankings of K = 4) and the process's peak RSS."""
+    from training_jobs.common import Progress
+
+    progress = Progress()
+    times = _timed(progress)
+    prompts = [chat[:1] for chat in demonstrations(32)]
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        result = train_ppo(
-            PPOConfig(iterations=iterations, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=48),
-            prompts=prompts,
-            policy_dir=Path(model_dir),
-            reward_dir=Path(reward_dir),
-            output_dir=Path(out) / "ppo",
-            progress=progress,
-        )
+        if kind == "ppo":
+            from training_jobs.ppo import PPOConfig, train_ppo
+
+            config = PPOConfig(
+                iterations=iterations, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=48
+            )
+            result = train_ppo(
+                config, prompts=prompts, policy_dir=Path(model_dir), reward_dir=Path(reward_dir),
+                output_dir=Path(out) / "ppo", progress=progress,
+            )  # fmt: skip
+        elif kind == "rloo":
+            from training_jobs.rloo import RLOOConfig, train_rloo
+
+            config = RLOOConfig(
+                iterations=iterations, prompts_per_iteration=2, k=4, minibatch_size=8, max_new_tokens=48
+            )
+            result = train_rloo(
+                config, prompts=prompts, policy_dir=Path(model_dir), reward_dir=Path(reward_dir),
+                output_dir=Path(out) / "rloo", progress=progress,
+            )  # fmt: skip
+        else:
+            from training_jobs.dpo import DPOConfig, train_dpo
+
+            config = DPOConfig(epochs=1, rankings_per_batch=4, max_length=256, train_top_layers=8)
+            result = train_dpo(
+                config, _rankings(4 * iterations), _rankings(4)[:2], policy_dir=Path(model_dir),
+                output_dir=Path(out) / "dpo", progress=progress,
+            )  # fmt: skip
     marks = [started, *times]
-    per_iteration = [b - a for a, b in zip(marks, marks[1:])]
+    per_step = [b - a for a, b in zip(marks, marks[1:])]
     queue.put(
         {
-            "per_iteration_s": per_iteration,
+            "per_step_s": per_step,
             "peak_rss_mb": own_peak_rss_mb(),
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         }
     )
 
 
-def ppo_timing(model_dir: Path, iterations: int) -> dict:
+def policy_timing(kind: str, model_dir: Path, iterations: int) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as reward_dir:
@@ -224,7 +266,7 @@ def ppo_timing(model_dir: Path, iterations: int) -> dict:
         del reward
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
-        child = context.Process(target=_ppo_child, args=(str(model_dir), reward_dir, iterations, queue))
+        child = context.Process(target=_policy_child, args=(kind, str(model_dir), reward_dir, iterations, queue))
         child.start()
         result = queue.get(timeout=3600)
         child.join()
@@ -263,16 +305,24 @@ def main() -> None:
         rm_grouped_speedup=round(rm["flattened"] / rm["grouped"], 2),
     )
 
-    log(f"PPO: {args.ppo_iterations} iterations, 8 rollouts x 48 tokens, LoRA, in a fresh process")
-    ppo = ppo_timing(model_dir, args.ppo_iterations)
-    steady = ppo["per_iteration_s"][1:] or ppo["per_iteration_s"]
-    per_iteration = ", ".join(f"{t:.1f}" for t in ppo["per_iteration_s"])
-    log(f"  {per_iteration} s per iteration; peak RSS {ppo['peak_rss_mb']:.0f} MB")
-    figures.update(
-        ppo_iter_s=round(sum(steady) / len(steady), 2),
-        ppo_first_iter_s=round(ppo["per_iteration_s"][0], 2),
-        ppo_peak_rss_mb=round(ppo["peak_rss_mb"], 1),
-    )
+    for kind, what in (
+        ("ppo", "iterations of 8 rollouts x 48 tokens, LoRA"),
+        ("rloo", "iterations of 2 prompts x K = 4 rollouts x 48 tokens, LoRA"),
+        ("dpo", "optimizer steps of 4 rankings of K = 4, top 8 blocks on kept frozen states (reference pass first)"),
+    ):
+        log(f"{kind.upper()}: {args.ppo_iterations} {what}, in a fresh process")
+        timing = policy_timing(kind, model_dir, args.ppo_iterations)
+        # The first step carries the model's load (and DPO's reference pass); later ones are the steady state.
+        steady = timing["per_step_s"][1:] or timing["per_step_s"]
+        steps = ", ".join(f"{t:.1f}" for t in timing["per_step_s"])
+        log(f"  {steps} s per step; peak RSS {timing['peak_rss_mb']:.0f} MB")
+        figures.update(
+            {
+                f"{kind}_step_s": round(sum(steady) / len(steady), 2),
+                f"{kind}_first_step_s": round(timing["per_step_s"][0], 2),
+                f"{kind}_peak_rss_mb": round(timing["peak_rss_mb"], 1),
+            }
+        )
     print(json.dumps(figures))
 
 

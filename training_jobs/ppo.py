@@ -37,6 +37,7 @@ from training_jobs.common import (
     TrainingFailed,
     TrainResult,
     apply_lora,
+    autocast,
     limit_allocator_caching,
     release_freed_memory,
     save_model,
@@ -125,7 +126,8 @@ def sample_responses(
     ids, query_mask = left_pad(queries, pad_id, device)
     mask = query_mask
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    with autocast():
+        out = policy(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
     position = position[:, -1:]
     stop = torch.tensor(stop_ids, device=device)
     finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
@@ -141,7 +143,10 @@ def sample_responses(
             break
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         position = position + 1
-        out = policy(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values)
+        with autocast():
+            out = policy(
+                input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values
+            )
     responses = torch.cat(tokens, dim=1)
     response_mask = (torch.arange(responses.shape[1], device=device)[None, :] < lengths[:, None]).long()
     return Rollout(ids, query_mask, responses, response_mask), lengths.tolist(), finished.tolist()
@@ -153,7 +158,9 @@ def response_logprobs(model, batch: Rollout, temperature: float, *, with_entropy
     Only the logits that predict response tokens are computed (`logits_to_keep`), which keeps memory modest.
     """
     width = batch.responses.shape[1]
-    logits = model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1, :].float() / temperature
+    with autocast():
+        logits = model(**batch.model_inputs(), logits_to_keep=width + 1).logits
+    logits = logits[:, :-1, :].float() / temperature
     all_logprobs = logits.log_softmax(-1)
     logprobs = all_logprobs.gather(-1, batch.responses[..., None]).squeeze(-1)
     if not with_entropy:
@@ -194,9 +201,11 @@ def token_values(value_model, batch: Rollout) -> torch.Tensor:
     inner = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     backbone = getattr(inner, inner.base_model_prefix)
     width = batch.responses.shape[1]
-    hidden = backbone(**batch.model_inputs()).last_hidden_state[:, -width - 1 : -1, :]
+    with autocast():
+        hidden = backbone(**batch.model_inputs()).last_hidden_state[:, -width - 1 : -1, :]
+        values = score_head(inner)(hidden).squeeze(-1).float()
     offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
-    return score_head(inner)(hidden).squeeze(-1).float() + offset
+    return values + offset
 
 
 # --- advantages and losses ---
@@ -298,7 +307,8 @@ def demonstration_loss(policy, ids: torch.Tensor, mask: torch.Tensor, reply_leng
     """Mean LM loss on the reply tokens of left-padded (prompt + reply + EOS) rows: the PPO-ptx term."""
     width = int(reply_lengths.max())
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    with autocast():
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
     targets = ids[:, -width:]
     logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     reply_mask = torch.arange(width, device=ids.device)[None, :] >= (width - reply_lengths)[:, None]
