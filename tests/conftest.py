@@ -122,8 +122,9 @@ def tiny_model_dirs(tmp_path_factory):
 TINY_MODEL_DIRS: dict = {}  # filled by the tiny_model_dirs fixture
 
 
-def register_tiny_policy(source_dir, *, name: str, stage: str = "base", activate: bool = False):
-    """Copy a tiny policy into ARTIFACTS_DIR and register it (optionally as the active policy)."""
+def register_tiny_policy(source_dir, *, name: str, stage: str = "base", activate: bool = False, kind: str = "policy"):
+    """Copy a tiny policy (or, with kind="reward", reward model) into ARTIFACTS_DIR and register it (optionally as
+    the active one)."""
     import shutil
     import uuid
 
@@ -135,7 +136,7 @@ def register_tiny_policy(source_dir, *, name: str, stage: str = "base", activate
     destination = Path(settings.ARTIFACTS_DIR) / "models" / f"{name}-{uuid.uuid4().hex[:8]}"
     shutil.copytree(source_dir, destination)
     version = model_version_register(
-        kind=ModelVersion.Kind.POLICY, stage=stage, artifact_dir=destination, name=name, source=str(source_dir)
+        kind=ModelVersion.Kind(kind), stage=stage, artifact_dir=destination, name=name, source=str(source_dir)
     )
     if activate:
         model_version_activate(version=version, reason="test")

@@ -93,6 +93,7 @@ def build_rankings(
     exclude_dataset: str = "",
     sampled_by: list[int] | None = None,
     exclude_ids: set[int] | frozenset = frozenset(),
+    stage: str = "reward model",
 ) -> DataSplit:
     """One element per (context, labeler) ranking with its K candidates and their ranks; ties stay ties.
 
@@ -135,7 +136,7 @@ def build_rankings(
             for r in chosen
         ]
     result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
-    _require("reward model", "rankings", result, minimum_train, minimum_validation)
+    _require(stage, "rankings", result, minimum_train, minimum_validation)
     return result
 
 

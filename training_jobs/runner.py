@@ -255,10 +255,15 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
     for snapshot in TrainingRun.objects.filter(
         kind=TrainingRun.Kind.DPO, status=TrainingRun.Status.SUCCEEDED
     ).values_list("data_snapshot", flat=True):
-        earlier.update(snapshot.get("rankings", {}).get("train_ids", []))
+        used = snapshot.get("rankings", {})
+        earlier.update(used.get("train_ids", []) + used.get("validation_ids", []))
     lineage = [v.pk for v in run.base_model.lineage]
     data = datasets.build_rankings(
-        minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0, sampled_by=lineage, exclude_ids=earlier
+        minimum_train=settings.TRAINING_MIN_RANKINGS,
+        minimum_validation=0,
+        sampled_by=lineage,
+        exclude_ids=earlier,
+        stage="DPO (rankings of this policy's samples or its ancestors' that no earlier round trained on)",
     )
     holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
     holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
