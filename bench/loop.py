@@ -148,14 +148,14 @@ def start_workers(env: dict) -> list[subprocess.Popen]:
             stderr=open(LOGS / f"worker-{queue}.log", "w"),  # noqa: SIM115 (closed with the process)
             start_new_session=True,
         )
-        for queue in ("training", "sampling")
+        for queue in ("training", "sampling", "control")
     ]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
             raise SystemExit(f"a worker exited; see {LOGS}/worker-*.log")
         names = {name for reply in app.control.ping(timeout=1.0) or [] for name in reply}
-        if {n.split("@")[0] for n in names} >= {"training", "sampling"}:
+        if {n.split("@")[0] for n in names} >= {"training", "sampling", "control"}:
             return processes
     raise SystemExit("the workers did not answer a ping within 120 s")
 

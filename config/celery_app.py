@@ -1,8 +1,11 @@
-"""The Celery app: three queues, each served by its own worker process (see bin/worker and README).
+"""The Celery app: four queues, each served by its own worker process (see bin/worker and README).
 
 - interactive: chat replies for the labeling page. Short, latency-bound; the worker keeps the policy loaded.
 - sampling: fills the pool of ranking tasks with K candidates per context. Batched and throughput-bound.
-- training: SFT, reward model and PPO runs, evaluation. Long, one at a time per worker, prefetch 1.
+- training: SFT, reward model, PPO, DPO and RLOO runs, evaluation. Long, one at a time per worker, prefetch 1.
+- control: beat's short periodic checks (the retraining loop's tick, lease expiry, reaping, queue upkeep). They
+  never wait behind a sampling batch: on the sampling queue a tick expired unread while a pool fill held the
+  worker for minutes, so a reached threshold never started its run (seen with bench/oracle.py). No torch.
 
 Redelivery policy. Short tasks (interactive, sampling) are acknowledged late and re-queued when a worker dies:
 their services are idempotent, so running one twice is harmless. Training tasks are acknowledged early, when a
@@ -23,7 +26,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 app = Celery("feedback_loop")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 
-QUEUES = ("interactive", "sampling", "training")
+QUEUES = ("interactive", "sampling", "training", "control")
 
 app.conf.update(
     task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
@@ -32,10 +35,12 @@ app.conf.update(
     task_default_routing_key="sampling",
     task_routes={
         "models_service.tasks.chat_*": {"queue": "interactive"},
+        "models_service.tasks.reap_sampling_requests": {"queue": "control"},
         "models_service.tasks.*": {"queue": "sampling"},
-        "labeling.tasks.*": {"queue": "sampling"},
-        "training_jobs.tasks.loop_tick": {"queue": "sampling"},
-        "training_jobs.tasks.reap_lost_runs": {"queue": "sampling"},
+        "labeling.tasks.run_import": {"queue": "sampling"},
+        "labeling.tasks.*": {"queue": "control"},
+        "training_jobs.tasks.loop_tick": {"queue": "control"},
+        "training_jobs.tasks.reap_lost_runs": {"queue": "control"},
         "training_jobs.tasks.*": {"queue": "training"},
         "config.celery_app.ping_*": {"queue": "interactive"},
     },

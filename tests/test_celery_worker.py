@@ -27,6 +27,16 @@ def test_each_queue_has_a_worker_that_runs_its_tasks():
         ("models_service.tasks.chat_reply", "interactive"),
         ("models_service.tasks.fill_ranking_pool", "sampling"),
         ("training_jobs.tasks.run_training", "training"),
+        ("training_jobs.tasks.evaluate_candidate", "training"),
+        ("labeling.tasks.run_import", "sampling"),
+        ("models_service.tasks.score_rankings", "sampling"),
+        # beat's short checks never queue behind a sampling batch (issue 14: the loop's tick starved there)
+        ("training_jobs.tasks.loop_tick", "control"),
+        ("training_jobs.tasks.reap_lost_runs", "control"),
+        ("labeling.tasks.expire_leases", "control"),
+        ("labeling.tasks.vacuum_queue_tables", "control"),
+        ("labeling.tasks.replenish_prompt_tasks", "control"),
+        ("models_service.tasks.reap_sampling_requests", "control"),
     ],
 )
 def test_tasks_route_to_their_queue_and_queues_do_not_share_a_binding(task_name, queue):

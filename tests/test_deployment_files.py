@@ -7,7 +7,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_SCRIPTS = {"bin/web", "bin/worker", "bin/beat", "bin/setup"}
-PROCESSES = {"web", "worker-interactive", "worker-sampling", "worker-training", "beat"}
+PROCESSES = {"web", "worker-interactive", "worker-sampling", "worker-training", "worker-control", "beat"}
 
 
 def compose_services() -> dict:

@@ -179,7 +179,7 @@ def test_labels_in_a_better_policy_out(tiny_policy):
         for i in range(3)
     ]
 
-    with running_workers("training", "sampling", env=WORKER_ENV):
+    with running_workers("training", "sampling", "control", env=WORKER_ENV):
         sft_run = wait_until(
             lambda: TrainingRun.objects.filter(kind="sft", status="succeeded").first(),
             timeout=240,
