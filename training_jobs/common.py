@@ -314,8 +314,10 @@ class FrozenBlocks:
         return getattr(inner, inner.base_model_prefix)
 
     @torch.no_grad()
-    def add(self, rows: list[list[int]]) -> None:
-        """Compute and keep the states of the rows not kept yet (similar lengths batched together)."""
+    def add(self, rows: list[list[int]], *, progress: "Progress | None" = None) -> None:
+        """Compute and keep the states of the rows not kept yet (similar lengths batched together). With
+        `progress`, each batch reports (the run's heartbeat: this pass takes minutes with the default model) and
+        stops the pass when the run was cancelled."""
         from models_service.generation import left_pad
 
         device = next(self.model.parameters()).device
@@ -331,6 +333,8 @@ class FrozenBlocks:
                 ).last_hidden_state
             for i, row in enumerate(chunk):
                 self.states[row] = hidden[i, -len(row) :].detach().clone()
+            if progress is not None:
+                progress.advance(0)
 
     def hidden(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The top blocks' output (after the final norm) for left-padded rows, and their attention mask."""

@@ -171,7 +171,7 @@ def _all_logprobs(
     model.eval()
     logps = []
     if frozen is not None:
-        frozen.add(_rows(tokenizer, rankings, max_length)[0])  # the frozen blocks, batched by length, once
+        frozen.add(_rows(tokenizer, rankings, max_length)[0], progress=progress)  # batched by length, once
     for ranking in rankings:
         logps.append(sequence_logprobs(model, tokenizer, [ranking], max_length, frozen)[0].cpu())
         progress.advance(0)  # raises Cancelled (a long pass over the data with the default model)

@@ -93,8 +93,8 @@ class RewardBlocks(FrozenBlocks):
     def row(self, chat: list[dict], reply: str) -> list[int]:
         return pair_input_ids(self.tokenizer, chat, reply, max_tokens=self.max_length)
 
-    def add_pairs(self, pairs: list[tuple[list[dict], str]]) -> None:
-        self.add([self.row(c, r) for c, r in pairs])
+    def add_pairs(self, pairs: list[tuple[list[dict], str]], *, progress: Progress | None = None) -> None:
+        self.add([self.row(c, r) for c, r in pairs], progress=progress)
 
     def scores(self, pairs: list[tuple[list[dict], str]]) -> torch.Tensor:
         """Scores of the pairs (differentiable in the trained blocks and the head)."""
@@ -222,11 +222,12 @@ def train_reward(
         {"params": [p for p in trainable if id(p) in head], "lr": config.head_learning_rate or config.learning_rate}
     )
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    progress.start(total_steps)
     frozen = None
     if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(transformer_blocks(model)):
         started = time.monotonic()
         frozen = RewardBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
-        frozen.add_pairs([(r.context, c) for r in [*train, *validation] for c in r.candidates])
+        frozen.add_pairs([(r.context, c) for r in [*train, *validation] for c in r.candidates], progress=progress)
         if not frozen.matches_full_model([(r.context, c) for r in train[:2] for c in r.candidates]):
             frozen = None  # a backbone that transforms inputs_embeds (e.g. Gemma scales them): run the full model
             progress.message("kept states do not reproduce the full model's scores here: every epoch runs all blocks")
@@ -236,7 +237,6 @@ def train_reward(
             f"replies in {time.monotonic() - started:.0f} s; epochs run the top {config.train_top_layers} only"
         )
     schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
-    progress.start(total_steps)
     progress.message(
         f"reward model on {len(train)} rankings ({sum(len(ranking_pairs(r.ranks)[0]) for r in train)} pairs), "
         f"{len(validation)} for validation"

@@ -149,3 +149,18 @@ def test_top_layer_training_on_kept_states_trains_like_the_full_pass(tiny_model_
     assert losses_cached == pytest.approx(losses_full, abs=2e-3), "the same losses step by step"
     assert losses_cached[-1] < losses_cached[0]
     assert cached.metrics["val_accuracy"] == pytest.approx(full.metrics["val_accuracy"], abs=0.05)
+
+
+def test_the_frozen_block_pass_reports_progress_and_stops_when_cancelled(tiny_model_dirs, tmp_path):
+    """The pass over every reply takes minutes with the default model: it must keep the run's heartbeat (a run
+    silent for TRAINING_HEARTBEAT_TIMEOUT_S is reaped as lost) and honour a cancel."""
+    from training_jobs.common import Cancelled, Progress
+
+    flushes = []
+    progress = Progress(sink=lambda p: flushes.append(p.step), should_stop=lambda: len(flushes) > 3, interval_s=0)
+    config = RewardConfig(epochs=1, max_length=64, train_top_layers=1)
+    rankings = synthetic_rankings(40, seed=1)
+    with pytest.raises(Cancelled):
+        train_reward(config, rankings, [], base_dir=tiny_model_dirs[0], output_dir=tmp_path / "rm", progress=progress)
+    assert len(flushes) == 4 and flushes[-1] == 0, "stopped during the frozen pass, before the first step"
+    assert not (tmp_path / "rm").exists()
