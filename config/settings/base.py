@@ -179,12 +179,29 @@ TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=
 TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
 TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
 # Each stage's config (training_jobs/{sft,reward,ppo,dpo,rloo}.py) as a JSON object; a run's own config overrides it.
-TRAINING_SFT_DEFAULTS = env_json_object("TRAINING_SFT_CONFIG", {"epochs": 2})
-TRAINING_RM_DEFAULTS = env_json_object("TRAINING_RM_CONFIG", {"epochs": 1})
+# The defaults fit the default model (SmolLM2-135M-Instruct) on a CPU: the top blocks train, the frozen ones run
+# once per reply (reward model, DPO), LoRA for the RL paths (README, "On a CPU"). On a GPU with a bigger model, set
+# full fine-tuning here instead (e.g. TRAINING_RM_CONFIG='{"epochs": 1, "learning_rate": 1e-5}').
+TRAINING_SFT_DEFAULTS = env_json_object(
+    "TRAINING_SFT_CONFIG",
+    {"epochs": 2, "learning_rate": 1e-4, "batch_size": 8, "max_length": 384, "train_top_layers": 8},
+)
+TRAINING_RM_DEFAULTS = env_json_object(
+    "TRAINING_RM_CONFIG",
+    {
+        "epochs": 3,
+        "learning_rate": 1e-4,
+        "head_learning_rate": 1e-3,
+        "rankings_per_batch": 8,
+        "max_length": 256,
+        "train_top_layers": 4,
+    },
+)
 TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
-TRAINING_DPO_DEFAULTS = env_json_object("TRAINING_DPO_CONFIG", {})
-# Mixed precision for training on the CPU (training_jobs.common.cpu_bf16): auto = where the CPU has AMX tiles.
-TRAINING_CPU_BF16 = env_str("TRAINING_CPU_BF16", "auto", choices=["auto", "true", "false"])
+TRAINING_DPO_DEFAULTS = env_json_object(
+    "TRAINING_DPO_CONFIG",
+    {"epochs": 2, "learning_rate": 2e-5, "beta": 0.1, "rankings_per_batch": 4, "max_length": 256, "train_top_layers": 8},
+)
 TRAINING_RLOO_DEFAULTS = env_json_object("TRAINING_RLOO_CONFIG", {})
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
