@@ -200,7 +200,14 @@ TRAINING_RM_DEFAULTS = env_json_object(
 TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
 TRAINING_DPO_DEFAULTS = env_json_object(
     "TRAINING_DPO_CONFIG",
-    {"epochs": 2, "learning_rate": 2e-5, "beta": 0.1, "rankings_per_batch": 4, "max_length": 256, "train_top_layers": 8},
+    {
+        "epochs": 2,
+        "learning_rate": 2e-5,
+        "beta": 0.1,
+        "rankings_per_batch": 4,
+        "max_length": 256,
+        "train_top_layers": 8,
+    },
 )
 TRAINING_RLOO_DEFAULTS = env_json_object("TRAINING_RLOO_CONFIG", {})
 
