@@ -73,11 +73,11 @@ class TrainingRunAdmin(admin.ModelAdmin):
 class LoopSettingsAdmin(admin.ModelAdmin):
     """The retraining policy and the promotion rules (one row)."""
 
-    list_display = ["__str__", "enabled", "sft_threshold", "rm_threshold", "auto_promote", "updated_at"]
+    list_display = ["__str__", "enabled", "sft_threshold", "rm_threshold", "policy_path", "auto_promote", "updated_at"]
     readonly_fields = ["last_checked_at", "updated_at"]
     fieldsets = [
         (None, {"fields": ["enabled", "check_every_minutes", "last_checked_at"]}),
-        ("When to retrain", {"fields": ["sft_threshold", "rm_threshold", "ppo_after_new_models"]}),
+        ("When to retrain", {"fields": ["sft_threshold", "rm_threshold", "ppo_after_new_models", "policy_path"]}),
         ("Evaluation", {"fields": ["eval_prompts", "eval_max_new_tokens", "human_comparisons"]}),
         (
             "Promotion rules",
@@ -85,6 +85,7 @@ class LoopSettingsAdmin(admin.ModelAdmin):
                 "fields": [
                     "auto_promote",
                     "min_rm_gain",
+                    "min_rm_accuracy",
                     "max_kl",
                     "require_human_win_rate",
                     "min_human_comparisons",

@@ -332,3 +332,16 @@ def test_retrain_now_offers_dpo_and_rloo_and_shows_a_refusal(client, admin_user)
     reward_model()
     client.post(reverse("ops:start_run"), {"kind": "rloo"})
     assert TrainingRun.objects.get(kind="rloo").reward_model.name == "reward-rm-v0"
+
+
+def test_the_admin_edits_the_policy_path_and_the_reward_models_least_accuracy(client, admin_user):
+    from django.urls import reverse
+
+    from training_jobs.models import LoopSettings
+
+    LoopSettings.load()
+    client.force_login(admin_user)
+    url = reverse("admin:training_jobs_loopsettings_change", args=[1])
+    page = client.get(url).content.decode()
+    assert 'name="policy_path"' in page and 'name="min_rm_accuracy"' in page
+    assert '<option value="dpo"' in page and '<option value="rloo"' in page
