@@ -209,17 +209,24 @@ def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReport
     return result, ModelVersion.Stage.RM, ModelVersion.Kind.REWARD, reporter.snapshot
 
 
-def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from training_jobs.ppo import PPOConfig, train_ppo
+def _rollout_config_and_prompts(run: TrainingRun, config_class, defaults: dict):
+    """The config of a path that samples rollouts (PPO, RLOO) and the training prompts it samples for.
 
+    Rollouts run at the temperature the policy will serve at (and the gate samples at), unless a config says
+    otherwise: a policy tuned for T = 1 can fall apart at a lower serving temperature."""
     overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
-    # Rollouts at the temperature the policy will serve at (and the gate samples at), unless a config says
-    # otherwise: a policy tuned for T = 1 can fall apart at a lower serving temperature.
     serving = {"temperature": settings.SAMPLING_TEMPERATURE} if settings.SAMPLING_TEMPERATURE > 0 else {}
-    config = config_from(PPOConfig, {**serving, **settings.TRAINING_PPO_DEFAULTS, **overrides})
+    config = config_from(config_class, {**serving, **defaults, **overrides})
     prompts = datasets.build_prompts(
         minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
     )
+    return config, prompts
+
+
+def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    from training_jobs.ppo import PPOConfig, train_ppo
+
+    config, prompts = _rollout_config_and_prompts(run, PPOConfig, settings.TRAINING_PPO_DEFAULTS)
     ptx = []
     if config.ptx_coef:
         ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
@@ -296,12 +303,7 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
     from training_jobs.rloo import RLOOConfig, train_rloo
 
-    overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
-    serving = {"temperature": settings.SAMPLING_TEMPERATURE} if settings.SAMPLING_TEMPERATURE > 0 else {}
-    config = config_from(RLOOConfig, {**serving, **settings.TRAINING_RLOO_DEFAULTS, **overrides})
-    prompts = datasets.build_prompts(
-        minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
-    )
+    config, prompts = _rollout_config_and_prompts(run, RLOOConfig, settings.TRAINING_RLOO_DEFAULTS)
     reporter.snapshot = {
         "prompt_message_ids": [p.message_id for p in prompts],
         "prompts": len(prompts),
