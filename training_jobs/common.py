@@ -85,6 +85,22 @@ class Progress:
             self.sink(self)
 
 
+def rollout_summary(history: list[dict], *, episodes_per_iteration: int, started: float) -> dict:
+    """The final figures of an RL run (PPO, RLOO) from its per-iteration figures: the mean reward over the first
+    and the last iterations (up to 3 each, never overlapping), the last KL and reply length."""
+    head = history[: max(1, min(3, len(history) // 2))]
+    tail = history[-len(head) :]
+    return {
+        "iterations": len(history),
+        "episodes": len(history) * episodes_per_iteration,
+        "mean_reward_first": sum(h["mean_reward"] for h in head) / len(head),
+        "mean_reward_last": sum(h["mean_reward"] for h in tail) / len(tail),
+        "kl_last": history[-1]["kl"],
+        "response_length_last": history[-1]["response_length"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

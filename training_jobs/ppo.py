@@ -40,6 +40,7 @@ from training_jobs.common import (
     autocast,
     limit_allocator_caching,
     release_freed_memory,
+    rollout_summary,
     save_model,
     seed_everything,
     training_device,
@@ -538,18 +539,8 @@ def train_ppo(
 
     save_model(policy, tokenizer, Path(output_dir))
     progress.flush(force=True)
-    head = history[: max(1, min(3, len(history) // 2))]
-    tail = history[-len(head) :]
-    metrics = {
-        "iterations": len(history),
-        "episodes": len(history) * config.rollout_batch_size,
-        "mean_reward_first": sum(h["mean_reward"] for h in head) / len(head),
-        "mean_reward_last": sum(h["mean_reward"] for h in tail) / len(tail),
-        "kl_last": history[-1]["kl"],
-        "kl_coef_last": kl_control.beta,
-        "response_length_last": history[-1]["response_length"],
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    metrics = rollout_summary(history, episodes_per_iteration=config.rollout_batch_size, started=started)
+    metrics["kl_coef_last"] = kl_control.beta
     return TrainResult(Path(output_dir), metrics=metrics, series=progress.series)
 
 

@@ -33,6 +33,7 @@ from training_jobs.common import (
     apply_lora,
     limit_allocator_caching,
     release_freed_memory,
+    rollout_summary,
     save_model,
     seed_everything,
     training_device,
@@ -261,15 +262,5 @@ def train_rloo(
 
     save_model(policy, tokenizer, Path(output_dir))
     progress.flush(force=True)
-    head = history[: max(1, min(3, len(history) // 2))]
-    tail = history[-len(head) :]
-    metrics = {
-        "iterations": len(history),
-        "episodes": len(history) * episodes,
-        "mean_reward_first": sum(h["mean_reward"] for h in head) / len(head),
-        "mean_reward_last": sum(h["mean_reward"] for h in tail) / len(tail),
-        "kl_last": history[-1]["kl"],
-        "response_length_last": history[-1]["response_length"],
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    metrics = rollout_summary(history, episodes_per_iteration=episodes, started=started)
     return TrainResult(Path(output_dir), metrics=metrics, series=progress.series)
