@@ -282,9 +282,19 @@ def train_top_layers_only(model, layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def unwrapped(model):
+    """The model itself, without a peft (LoRA) wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(model):
+    """The transformer under a task head (LlamaModel under LlamaForCausalLM or ...ForSequenceClassification)."""
+    inner = unwrapped(model)
+    return getattr(inner, inner.base_model_prefix)
+
+
 def transformer_blocks(model) -> torch.nn.ModuleList:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix).layers
+    return backbone_of(model).layers
 
 
 class _only_blocks:
@@ -326,8 +336,7 @@ class FrozenBlocks:
         self.states: dict[tuple, torch.Tensor] = {}
 
     def _backbone(self):
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return getattr(inner, inner.base_model_prefix)
+        return backbone_of(self.model)
 
     @torch.no_grad()
     def add(self, rows: list[list[int]], *, progress: "Progress | None" = None) -> None:

@@ -33,6 +33,7 @@ from training_jobs.common import (
     train_top_layers_only,
     training_device,
     transformer_blocks,
+    unwrapped,
 )
 
 
@@ -99,8 +100,7 @@ class RewardBlocks(FrozenBlocks):
     def scores(self, pairs: list[tuple[list[dict], str]]) -> torch.Tensor:
         """Scores of the pairs (differentiable in the trained blocks and the head)."""
         hidden, _ = self.hidden([self.row(c, r) for c, r in pairs])
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        offset = float(getattr(inner.config, REWARD_OFFSET, 0.0) or 0.0)
+        offset = float(getattr(unwrapped(self.model).config, REWARD_OFFSET, 0.0) or 0.0)
         with autocast():
             return score_head(self.model)(hidden[:, -1, :]).squeeze(-1).float() + offset
 
