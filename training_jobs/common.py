@@ -222,11 +222,18 @@ def library_versions() -> dict:
     return versions
 
 
-def apply_lora(model, *, rank: int, alpha: int, dropout: float = 0.0, task_type: str = "CAUSAL_LM"):
-    """Wrap a model with LoRA adapters on its attention and MLP projections (peft)."""
+def apply_lora(
+    model, *, rank: int, alpha: int, dropout: float = 0.0, task_type: str = "CAUSAL_LM", top_layers: int = 0
+):
+    """Wrap a model with LoRA adapters on its attention and MLP projections (peft).
+
+    `top_layers` > 0 puts adapters on the top blocks only: the backward pass then stops at the lowest adapted
+    block, which on a CPU is most of a step's cost (0: every block)."""
     from peft import LoraConfig, get_peft_model
 
+    layers = model.config.num_hidden_layers
     config = LoraConfig(
+        layers_to_transform=list(range(max(layers - top_layers, 0), layers)) if top_layers > 0 else None,
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,

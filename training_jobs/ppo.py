@@ -76,6 +76,7 @@ class PPOConfig:
     lora: bool = True  # policy and value model get LoRA adapters; reference = policy with adapters disabled
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_top_layers: int = 0  # adapters on the top blocks only (0: every block); the backward pass stops there
     seed: int = 0
     max_grad_norm: float = 1.0
 
@@ -356,12 +357,18 @@ def _load(config: PPOConfig, policy_dir: Path, reward_dir: Path, *, need_reward_
 
     policy, reference = causal_lm(), None
     if config.lora:
-        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha)
+        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha, top_layers=config.lora_top_layers)
     else:
         reference = frozen(causal_lm())
     value_model, reward_model = sequence_classifier(), None
     if config.lora:
-        value_model = apply_lora(value_model, rank=config.lora_rank, alpha=config.lora_alpha, task_type="SEQ_CLS")
+        value_model = apply_lora(
+            value_model,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            task_type="SEQ_CLS",
+            top_layers=config.lora_top_layers,
+        )
     elif need_reward_model:
         reward_model = frozen(sequence_classifier())
     for model in (policy, value_model):

@@ -71,6 +71,7 @@ class RLOOConfig:
     lora: bool = True  # the policy gets LoRA adapters; reference = the policy with adapters disabled
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_top_layers: int = 0  # adapters on the top blocks only (0: every block); the backward pass stops there
     seed: int = 0
     max_grad_norm: float = 1.0
 
@@ -137,7 +138,7 @@ def _load(config: RLOOConfig, policy_dir: Path, reward_dir: Path, *, need_reward
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
     reference = None
     if config.lora:
-        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha)
+        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha, top_layers=config.lora_top_layers)
     else:
         reference = frozen(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device))
     _disable_dropout(policy)  # dropout would make the ratio differ from 1 before any update

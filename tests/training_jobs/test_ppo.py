@@ -2,6 +2,7 @@
 the LoRA reference, the saved folder, cancellation, the missing-EOS penalty and PPO-ptx."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +257,32 @@ def test_lora_reference_is_the_sft_policy(tiny_model_dirs):
     assert torch.allclose(reference[mask], sft_logprobs[mask], atol=1e-5)
     assert (policy_logprobs - sft_logprobs)[mask].abs().max() > 0.1  # the adapters are on outside the context
     assert reference_logprobs(policy, sft, batch, 1.0).equal(sft_logprobs)  # the lora=False path: a frozen copy
+
+
+def test_lora_on_the_top_blocks_leaves_the_lower_blocks_as_they_were(tiny_model_dirs, reward_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from training_jobs.common import apply_lora
+
+    policy = load_policy(tiny_model_dirs[0])[0]
+    top = policy.config.num_hidden_layers - 1
+    adapted = apply_lora(policy, rank=8, alpha=16, top_layers=1)
+    lora_blocks = {name.split(".layers.")[1].split(".")[0] for name, _ in adapted.named_parameters() if "lora_" in name}
+    assert lora_blocks == {str(top)}
+
+    config = fast_config(iterations=2, lora_top_layers=1, learning_rate=3e-2)
+    train_ppo(
+        config,
+        prompts=PROMPTS,
+        policy_dir=tiny_model_dirs[0],
+        reward_dir=reward_dirs["neutral"],
+        output_dir=tmp_path / "out",
+        reward_fn=low_byte_fraction,
+    )
+    before = load_file(next(Path(tiny_model_dirs[0]).glob("*.safetensors")))
+    after = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(f"layers.{top}." in name for name in changed), changed
 
 
 def test_lora_reward_model_is_the_value_model_with_adapters_disabled(reward_dirs):
