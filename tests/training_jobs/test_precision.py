@@ -19,12 +19,14 @@ def test_the_setting_switches_bf16_autocast(monkeypatch, value, expected):
     assert product.dtype == (torch.bfloat16 if expected else torch.float32)
 
 
-def test_auto_follows_the_processors_amx_tiles(monkeypatch):
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"), [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_auto_follows_the_processors_native_bf16(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setenv("TRAINING_CPU_BF16", "auto")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert common.cpu_bf16()
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not common.cpu_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert common.cpu_bf16() is expected
 
 
 def test_the_reward_model_and_dpo_learn_under_bf16_autocast_with_fp32_weights(monkeypatch, tiny_model_dirs, tmp_path):
