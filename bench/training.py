@@ -9,7 +9,8 @@ Measured in this run:
   C(K,2) pairs in one loss) against flattened pairs (C(K,2) chosen/rejected rows, as a pairwise trainer does);
 - the policy step of each path, each in a fresh process (so the peak RSS is its own): PPO seconds per iteration
   (LoRA on the policy and the value model), RLOO seconds per iteration (LoRA, K samples per prompt, no value
-  model), DPO seconds per optimizer step (top blocks on kept frozen states) and the peak RSS of each.
+  model), each with LoRA on every block and on the top 8 only (the speed-up of the latter is reported), DPO
+  seconds per optimizer step (top blocks on kept frozen states) and the peak RSS of each.
 The last line is JSON with every figure.
 """
 
@@ -205,9 +206,10 @@ def _rankings(n: int, k: int = 4):
     return rankings
 
 
-def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, queue) -> None:
+def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, lora_top: int, queue) -> None:
     """One policy-step trainer in a fresh process: seconds per step (PPO and RLOO: per iteration; DPO: per
-    optimizer step of 4 rankings of K = 4) and the process's peak RSS."""
+    optimizer step of 4 rankings of K = 4) and the process's peak RSS. `lora_top`: PPO's and RLOO's
+    lora_top_layers (0: adapters on every block)."""
     from training_jobs.common import Progress
 
     progress = Progress()
@@ -219,7 +221,12 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, q
             from training_jobs.ppo import PPOConfig, train_ppo
 
             config = PPOConfig(
-                iterations=iterations, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=48
+                iterations=iterations,
+                rollout_batch_size=8,
+                minibatch_size=4,
+                ppo_epochs=1,
+                max_new_tokens=48,
+                lora_top_layers=lora_top,
             )
             result = train_ppo(
                 config, prompts=prompts, policy_dir=Path(model_dir), reward_dir=Path(reward_dir),
@@ -229,7 +236,12 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, q
             from training_jobs.rloo import RLOOConfig, train_rloo
 
             config = RLOOConfig(
-                iterations=iterations, prompts_per_iteration=2, k=4, minibatch_size=8, max_new_tokens=48
+                iterations=iterations,
+                prompts_per_iteration=2,
+                k=4,
+                minibatch_size=8,
+                max_new_tokens=48,
+                lora_top_layers=lora_top,
             )
             result = train_rloo(
                 config, prompts=prompts, policy_dir=Path(model_dir), reward_dir=Path(reward_dir),
@@ -254,7 +266,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, q
     )
 
 
-def policy_timing(kind: str, model_dir: Path, iterations: int) -> dict:
+def policy_timing(kind: str, model_dir: Path, iterations: int, lora_top: int = 0) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as reward_dir:
@@ -266,7 +278,9 @@ def policy_timing(kind: str, model_dir: Path, iterations: int) -> dict:
         del reward
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
-        child = context.Process(target=_policy_child, args=(kind, str(model_dir), reward_dir, iterations, queue))
+        child = context.Process(
+            target=_policy_child, args=(kind, str(model_dir), reward_dir, iterations, lora_top, queue)
+        )
         child.start()
         result = queue.get(timeout=3600)
         child.join()
@@ -305,24 +319,29 @@ def main() -> None:
         rm_grouped_speedup=round(rm["flattened"] / rm["grouped"], 2),
     )
 
-    for kind, what in (
-        ("ppo", "iterations of 8 rollouts x 48 tokens, LoRA"),
-        ("rloo", "iterations of 2 prompts x K = 4 rollouts x 48 tokens, LoRA"),
-        ("dpo", "optimizer steps of 4 rankings of K = 4, top 8 blocks on kept frozen states (reference pass first)"),
+    for kind, lora_top, what in (
+        ("ppo", 0, "iterations of 8 rollouts x 48 tokens, LoRA on every block"),
+        ("ppo", 8, "iterations of 8 rollouts x 48 tokens, LoRA on the top 8 blocks"),
+        ("rloo", 0, "iterations of 2 prompts x K = 4 rollouts x 48 tokens, LoRA on every block"),
+        ("rloo", 8, "iterations of 2 prompts x K = 4 rollouts x 48 tokens, LoRA on the top 8 blocks"),
+        ("dpo", 0, "optimizer steps of 4 rankings of K = 4, top 8 blocks on kept frozen states (reference pass first)"),
     ):
-        log(f"{kind.upper()}: {args.ppo_iterations} {what}, in a fresh process")
-        timing = policy_timing(kind, model_dir, args.ppo_iterations)
+        name = f"{kind}_lora_top{lora_top}" if lora_top else kind
+        log(f"{name.upper()}: {args.ppo_iterations} {what}, in a fresh process")
+        timing = policy_timing(kind, model_dir, args.ppo_iterations, lora_top)
         # The first step carries the model's load (and DPO's reference pass); later ones are the steady state.
         steady = timing["per_step_s"][1:] or timing["per_step_s"]
         steps = ", ".join(f"{t:.1f}" for t in timing["per_step_s"])
         log(f"  {steps} s per step; peak RSS {timing['peak_rss_mb']:.0f} MB")
         figures.update(
             {
-                f"{kind}_step_s": round(sum(steady) / len(steady), 2),
-                f"{kind}_first_step_s": round(timing["per_step_s"][0], 2),
-                f"{kind}_peak_rss_mb": round(timing["peak_rss_mb"], 1),
+                f"{name}_step_s": round(sum(steady) / len(steady), 2),
+                f"{name}_first_step_s": round(timing["per_step_s"][0], 2),
+                f"{name}_peak_rss_mb": round(timing["peak_rss_mb"], 1),
             }
         )
+    for kind in ("ppo", "rloo"):
+        figures[f"{kind}_lora_top8_speedup"] = round(figures[f"{kind}_step_s"] / figures[f"{kind}_lora_top8_step_s"], 2)
     print(json.dumps(figures))
 
 
