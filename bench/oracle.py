@@ -55,20 +55,22 @@ LOGS = ROOT / "var" / "bench-oracle-logs"
 PORT = 8767
 BASE_URL = f"http://127.0.0.1:{PORT}"
 
-# The stage configs for a CPU: the top layers only, LoRA for the RL paths (README, "On a CPU").
-CPU_CONFIGS = {
-    "TRAINING_SFT_CONFIG": {
-        "epochs": 2,
-        "learning_rate": 1e-4,
-        "batch_size": 8,
-        "max_length": 384,
-        "train_top_layers": 8,
-    },
-    "TRAINING_RM_CONFIG": {},
-    "TRAINING_PPO_CONFIG": {},
-    "TRAINING_DPO_CONFIG": {},
-    "TRAINING_RLOO_CONFIG": {},
-}
+# Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with
+# what --config overrides on top. The bench passes every stage's full config to the workers and reports it: an
+# empty object would not mean "the defaults" to the workers but "the trainer's bare dataclass defaults".
+STAGES = ("sft", "rm", "ppo", "dpo", "rloo")
+OVERRIDES: dict[str, dict] = {stage: {} for stage in STAGES}
+
+
+def stage_configs() -> dict[str, dict]:
+    """{"TRAINING_<STAGE>_CONFIG": the product's default for the stage, updated with --config}."""
+    from django.conf import settings
+
+    return {
+        f"TRAINING_{stage.upper()}_CONFIG": getattr(settings, f"TRAINING_{stage.upper()}_DEFAULTS") | OVERRIDES[stage]
+        for stage in STAGES
+    }
+
 
 os.environ.update(
     DJANGO_SETTINGS_MODULE="config.settings.local",
@@ -376,7 +378,7 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
     from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
     tokens, _ = seed(args, rule, data)
-    configs = {name: dict(value) for name, value in CPU_CONFIGS.items()}
+    configs = stage_configs()
     env = {name: json.dumps(value) for name, value in configs.items()} | {
         "WEB_BIND": f"127.0.0.1:{PORT}",
         "WEB_WORKERS": "2",
@@ -613,10 +615,14 @@ def main() -> None:
     args = parser.parse_args()
     for item in args.config:
         stage, _, value = item.partition("=")
-        CPU_CONFIGS[f"TRAINING_{stage.upper()}_CONFIG"].update(json.loads(value))
+        if stage not in OVERRIDES:
+            parser.error(f"--config {item!r}: the stage must be one of {', '.join(STAGES)}")
+        OVERRIDES[stage].update(json.loads(value))
 
     LOGS.mkdir(parents=True, exist_ok=True)
     django.setup()
+    for name, config in stage_configs().items():
+        log(f"{name}={json.dumps(config)}")
     data = self_instruct()
     heldout, data = data[: args.heldout], data[args.heldout :]
     results = {}
@@ -645,7 +651,7 @@ def main() -> None:
     summary = {
         "rules": results,
         "path": args.path,
-        "configs": CPU_CONFIGS,
+        "configs": stage_configs(),
         "all_targets_met": all(r.get("targets_met") for r in results.values()),
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }
