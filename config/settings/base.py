@@ -197,7 +197,18 @@ TRAINING_RM_DEFAULTS = env_json_object(
         "train_top_layers": 4,
     },
 )
-TRAINING_PPO_DEFAULTS = env_json_object("TRAINING_PPO_CONFIG", {"iterations": 20, "kl_coef": 0.02})
+TRAINING_PPO_DEFAULTS = env_json_object(
+    "TRAINING_PPO_CONFIG",
+    {
+        "iterations": 12,
+        "rollout_batch_size": 16,
+        "minibatch_size": 8,
+        "learning_rate": 3e-4,
+        "value_learning_rate": 3e-4,
+        "lora_top_layers": 8,
+        "kl_coef": 0.02,
+    },
+)
 TRAINING_DPO_DEFAULTS = env_json_object(
     "TRAINING_DPO_CONFIG",
     {
@@ -209,7 +220,9 @@ TRAINING_DPO_DEFAULTS = env_json_object(
         "train_top_layers": 8,
     },
 )
-TRAINING_RLOO_DEFAULTS = env_json_object("TRAINING_RLOO_CONFIG", {})
+TRAINING_RLOO_DEFAULTS = env_json_object(
+    "TRAINING_RLOO_CONFIG", {"iterations": 12, "learning_rate": 3e-4, "lora_top_layers": 8}
+)
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
 LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)
