@@ -39,16 +39,39 @@ def env_str(name: str, default=_MISSING, *, choices=None) -> str:
     return value
 
 
-def env_bool(name: str, default=_MISSING) -> bool:
-    value = _raw(name, default)
-    if value is None:
-        return default
+def parse_bool(name: str, value: str) -> bool:
+    """true/false, yes/no, on/off or 1/0 (any case); anything else is an ImproperlyConfigured naming `name`."""
     lowered = value.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected true/false, yes/no, on/off or 1/0.")
+
+
+def parse_bool_or_auto(name: str, value: str) -> bool | None:
+    """As parse_bool, or None for "auto" (the caller decides)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return parse_bool(name, value)
+    except ImproperlyConfigured:
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is invalid: expected auto, true/false, yes/no, on/off or 1/0."
+        ) from None
+
+
+def env_bool(name: str, default=_MISSING) -> bool:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    return parse_bool(name, value)
+
+
+def env_bool_or_auto(name: str, default=_MISSING) -> bool | None:
+    """A boolean, or None for "auto"; checked at start-up like the others."""
+    value = _raw(name, default)
+    return parse_bool_or_auto(name, default if value is None else value)
 
 
 def _number(name, default, parse, kind, min_value, max_value):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from config.env import parse_bool_or_auto
+
 logger = logging.getLogger(__name__)
 
 
@@ -116,13 +118,13 @@ def cpu_bf16() -> bool:
     with AVX512-BF16 on another), true or false. Never on CUDA, where the weights themselves are bf16 already."""
     if torch.cuda.is_available():
         return False
-    choice = os.environ.get("TRAINING_CPU_BF16", "auto").strip().lower()
-    if choice == "auto":
+    choice = parse_bool_or_auto("TRAINING_CPU_BF16", os.environ.get("TRAINING_CPU_BF16") or "auto")
+    if choice is None:
         return any(
             bool(getattr(torch.cpu, probe, lambda: False)())
             for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         )
-    return choice in ("true", "1", "yes", "on")
+    return choice
 
 
 def autocast():

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from config.env import (
     env_bool,
+    env_bool_or_auto,
     env_db,
     env_float,
     env_int,
@@ -220,6 +221,9 @@ TRAINING_DPO_DEFAULTS = env_json_object(
         "train_top_layers": 8,
     },
 )
+# Mixed precision for training on the CPU (training_jobs.common.cpu_bf16, which reads the variable itself): checked
+# here so that a bad value stops the deployment at start-up. None = auto (where the CPU multiplies bf16 natively).
+TRAINING_CPU_BF16 = env_bool_or_auto("TRAINING_CPU_BF16", "auto")
 TRAINING_RLOO_DEFAULTS = env_json_object(
     "TRAINING_RLOO_CONFIG", {"iterations": 12, "learning_rate": 3e-4, "lora_top_layers": 8}
 )

@@ -19,6 +19,19 @@ def test_the_setting_switches_bf16_autocast(monkeypatch, value, expected):
     assert product.dtype == (torch.bfloat16 if expected else torch.float32)
 
 
+@pytest.mark.parametrize("value", ["maybe", "bf16", "2"])
+def test_a_bad_value_is_refused_with_its_name(monkeypatch, value):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from config.env import env_bool_or_auto
+
+    monkeypatch.setenv("TRAINING_CPU_BF16", value)
+    with pytest.raises(ImproperlyConfigured, match="TRAINING_CPU_BF16"):
+        common.cpu_bf16()
+    with pytest.raises(ImproperlyConfigured, match="TRAINING_CPU_BF16"):
+        env_bool_or_auto("TRAINING_CPU_BF16", "auto")  # the settings' start-up check
+
+
 @pytest.mark.parametrize(
     ("amx", "avx512_bf16", "expected"), [(True, False, True), (False, True, True), (False, False, False)]
 )
