@@ -87,6 +87,7 @@ class LoopSettingsAdmin(admin.ModelAdmin):
                     "min_rm_gain",
                     "min_rm_accuracy",
                     "max_kl",
+                    "refuse_length_only_gain",
                     "require_human_win_rate",
                     "min_human_comparisons",
                     "min_human_win_rate",

@@ -1,7 +1,8 @@
 """The evaluation gate's decisions: human win rates and the promotion rules. No torch (the web process uses it).
 
 Promotion rules (LoopSettings): the candidate must beat the serving policy's mean reward-model score by at least
-`min_rm_gain` on held-out prompts, stay within `max_kl` of its SFT policy, and, if `require_human_win_rate`, win
+`min_rm_gain` on held-out prompts (a gain that comes from reply length alone is refused while
+`refuse_length_only_gain`), stay within `max_kl` of its SFT policy, and, if `require_human_win_rate`, win
 the blind A/B comparisons at least `min_human_win_rate` of the time over `min_human_comparisons`. When the rules
 hold and `auto_promote` is on, the loop promotes; otherwise an admin decides on the ops page.
 """
@@ -81,6 +82,9 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
         problems.append("there is no reward model to score the replies")
     elif gain < settings.min_rm_gain:
         problems.append(f"the reward-model score gain {gain:+.3f} is below the required {settings.min_rm_gain:+.3f}")
+    length_only = gain_from_length_only(metrics)
+    if length_only and settings.refuse_length_only_gain:
+        problems.append(length_only)
     if kl is not None and kl > settings.max_kl:
         problems.append(f"the KL from the SFT policy, {kl:.2f}, exceeds the bound {settings.max_kl:.2f}")
     if problems:
@@ -104,6 +108,19 @@ def decide(evaluation: Evaluation, settings: LoopSettings) -> tuple[str, str]:
     if not settings.auto_promote:
         return Evaluation.Decision.WAITING_FOR_ADMIN, f"The rules hold ({facts}); automatic promotion is off."
     return Evaluation.Decision.PROMOTED, f"The rules hold: {facts}."
+
+
+def gain_from_length_only(metrics: dict) -> str:
+    """A sentence when a positive score gain vanishes once length is accounted for and the candidate's replies
+    are longer: the gain then came from length alone (a reward model that pays for length)."""
+    gain, controlled = metrics.get("rm_gain"), metrics.get("rm_gain_length_controlled")
+    candidate, baseline = metrics.get("candidate", {}).get("length"), metrics.get("baseline", {}).get("length")
+    if None in (gain, controlled, candidate, baseline) or gain <= 0 or controlled > 0 or candidate <= baseline:
+        return ""
+    return (
+        f"the score gain {gain:+.3f} came from reply length alone ({controlled:+.3f} once scores are regressed on "
+        f"length; replies average {candidate:.0f} tokens against {baseline:.0f})"
+    )
 
 
 def reward_model_accuracy(reward_model) -> tuple[float | None, int, str]:

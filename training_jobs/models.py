@@ -140,6 +140,11 @@ class LoopSettings(models.Model):
     auto_promote = models.BooleanField(default=True, help_text="Promote without an admin when the rules hold.")
     min_rm_gain = models.FloatField(default=0.0, help_text="Mean reward-model score gain over the active policy.")
     max_kl = models.FloatField(default=20.0, help_text="Largest KL (nats per reply) from the SFT policy allowed.")
+    refuse_length_only_gain = models.BooleanField(
+        default=True,
+        help_text="Refuse a candidate with longer replies whose score gain vanishes once both arms' scores are "
+        "regressed on reply length: the reward model then pays for length, not quality.",
+    )
     min_rm_accuracy = models.FloatField(
         default=0.6,
         help_text="A reward model below this pairwise accuracy on validation rankings is at chance: its score gain "

@@ -158,18 +158,15 @@ def _tie_warning(ties: dict) -> dict | None:
     return {"key": "ties", "label": "most rankings are ties", "sentence": sentence, "warn": ties["share"] > MOST_TIED}
 
 
-def _round_warnings(round_: dict, chance: str) -> list[dict]:
+def _round_warnings(round_: dict, chance: str, length_only: str) -> list[dict]:
     warnings = []
-    gain, controlled = round_["rm_gain"], round_["rm_gain_length_controlled"]
-    if gain is not None and controlled is not None and gain > 0 and controlled <= 0:
+    if length_only:
         warnings.append(
             {
                 "key": "length_only",
                 "label": "gain from length only",
-                "sentence": f"The score gain of {gain:+.3f} came from reply length alone: once both arms' scores are "
-                f"regressed on length it is {controlled:+.3f}. The candidate's replies average "
-                f"{_tokens(round_['candidate_length'])} tokens against {_tokens(round_['baseline_length'])}; "
-                "the reward model pays for length, not quality.",
+                "sentence": length_only[0].upper() + length_only[1:] + ": the reward model pays for length, not quality.",
+                "in_reason": length_only in round_["decision_reason"],
             }
         )
     if chance:
@@ -287,7 +284,8 @@ def _round(number: int, evaluation: Evaluation, ceiling: dict, settings: LoopSet
         "decision_label": evaluation.get_decision_display(),
         "decision_reason": evaluation.decision_reason,
     }
-    round_["warnings"] = _round_warnings(round_, gate.reward_model_at_chance(rm, settings) if rm else "")
+    chance = gate.reward_model_at_chance(rm, settings) if rm else ""
+    round_["warnings"] = _round_warnings(round_, chance, gate.gain_from_length_only(metrics))
     return round_
 
 

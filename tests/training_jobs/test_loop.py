@@ -141,6 +141,43 @@ def test_promotion_rules(tiny_policy, gain, kl, expected, phrase):
         assert activation.action == "promote" and activation.automatic
 
 
+def length_round(gain, controlled, lengths):
+    from tests.conftest import TINY_MODEL_DIRS
+
+    return Evaluation.objects.create(
+        candidate=register_tiny_policy(TINY_MODEL_DIRS[1], name=f"policy-dpo-{controlled}-{lengths[0]}", stage="dpo"),
+        baseline=ModelVersion.objects.get(is_active=True, kind="policy"),
+        status="done",
+        metrics={
+            "rm_gain": gain,
+            "rm_gain_length_controlled": controlled,
+            "candidate": {"kl": 1.1, "length": lengths[0]},
+            "baseline": {"kl": 0.0, "length": lengths[1]},
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("controlled", "lengths", "refuse", "expected"),
+    [
+        (-0.01, (64.0, 49.0), True, "not_promoted"),  # longer, and nothing left once length is accounted for
+        (0.0, (64.0, 49.0), True, "not_promoted"),
+        (0.12, (64.0, 49.0), True, "promoted"),  # longer, but the gain survives the length control
+        (-0.01, (40.0, 49.0), True, "promoted"),  # shorter replies: the gain did not come from length
+        (-0.01, (64.0, 49.0), False, "promoted"),  # the admin switched the rule off
+    ],
+)
+def test_a_gain_from_length_alone_is_refused(tiny_policy, controlled, lengths, refuse, expected):
+    set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True, refuse_length_only_gain=refuse)
+    evaluation = length_round(0.186, controlled, lengths)
+    assert gate.evaluation_decide(evaluation=evaluation) == expected
+    evaluation.refresh_from_db()
+    length_sentence = "+0.186 came from reply length alone"
+    assert (length_sentence in evaluation.decision_reason) == (expected == "not_promoted")
+    if expected == "not_promoted":
+        assert f"replies average {lengths[0]:.0f} tokens against {lengths[1]:.0f}" in evaluation.decision_reason
+
+
 def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
     set_loop(auto_promote=False)
     evaluation = evaluation_with(0.5, 1.0)
