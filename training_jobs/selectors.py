@@ -161,11 +161,12 @@ def _tie_warning(ties: dict) -> dict | None:
 def _round_warnings(round_: dict, chance: str, length_only: str) -> list[dict]:
     warnings = []
     if length_only:
+        sentence = f"{length_only[0].upper()}{length_only[1:]}: the reward model pays for length, not quality."
         warnings.append(
             {
                 "key": "length_only",
                 "label": "gain from length only",
-                "sentence": length_only[0].upper() + length_only[1:] + ": the reward model pays for length, not quality.",
+                "sentence": sentence,
                 "in_reason": length_only in round_["decision_reason"],
             }
         )
