@@ -9,6 +9,12 @@ through the policy once each, and the ranking's loss is the mean over its non-ti
 `-log sigma(r_w - r_l)` (with cDPO's label smoothing `ls`: `-(1 - ls) log sigma(d) - ls log sigma(-d)`). Rankings
 whose candidates are all tied give no pair and are dropped.
 
+Length (R-DPO, Park et al. 2024, "Disentangling Length from Quality in DPO"): when labelers' preferred replies are
+longer on average, plain DPO learns "longer" along with whatever they preferred, and the served replies grow. With
+`length_penalty` alpha > 0 each pair's margin becomes `r_w - r_l + alpha (|y_w| - |y_l|)` (|y| in reply tokens):
+the length share of a preference is explained by the alpha term, so the policy's implicit reward does not have to
+grow with length. 0 is plain DPO.
+
 The reference is the policy as loaded from `policy_dir` (the SFT policy). Its log-probs never change, so they are
 computed once, before the first update, for every train, validation and holdout ranking. That is what the policy
 with its LoRA adapters disabled, or a frozen copy, would give later, without a second copy of the weights in
@@ -65,6 +71,7 @@ class DPOConfig:
     seed: int = 0
     label_smoothing: float = 0.0  # conservative DPO (cDPO): the share of labels assumed flipped; 0 = plain DPO
     sft_coef: float = 0.0  # NLL on each ranking's best candidate(s), an RPO-style regulariser; 0 = off
+    length_penalty: float = 0.0  # R-DPO's alpha, per reply token: + alpha (|y_w| - |y_l|) in each margin; 0 = off
 
 
 # --- log-probs, losses and accuracy ---
@@ -126,15 +133,28 @@ def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: 
 
 
 def dpo_ranking_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, ranks: list[int], beta: float, label_smoothing: float = 0.0
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    ranks: list[int],
+    beta: float,
+    label_smoothing: float = 0.0,
+    *,
+    lengths: torch.Tensor | None = None,
+    length_penalty: float = 0.0,
 ) -> torch.Tensor | None:
     """DPO's loss for ONE ranking: the mean over its ordered non-tied pairs (w, l) of
-    `-(1 - ls) log sigma(d) - ls log sigma(-d)`, d = r_w - r_l. None when every candidate is tied (no pair)."""
+    `-(1 - ls) log sigma(d) - ls log sigma(-d)`, d = r_w - r_l, plus R-DPO's `length_penalty * (|y_w| - |y_l|)`
+    with the candidates' reply `lengths` in tokens. None when every candidate is tied (no pair)."""
     winners, losers = ranking_pairs(ranks)
     if not winners:
         return None
     rewards = implicit_rewards(policy_logps, ref_logps, beta)
     margin = rewards[winners] - rewards[losers]
+    if length_penalty:
+        if lengths is None:
+            raise ValueError("length_penalty needs the candidates' reply lengths")
+        sizes = lengths.to(margin.dtype)
+        margin = margin + length_penalty * (sizes[winners] - sizes[losers])
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss.mean()
 
@@ -217,6 +237,8 @@ def train_dpo(
         raise ValueError("DPO's beta must be positive")
     if not 0 <= config.label_smoothing < 0.5:
         raise ValueError("label_smoothing must be in [0, 0.5)")
+    if config.length_penalty < 0:
+        raise ValueError("length_penalty must be 0 (plain DPO) or positive (R-DPO)")
     if min(config.epochs, config.rankings_per_batch) < 1:
         raise ValueError("epochs and rankings_per_batch must be at least 1")
     train = [r for r in train if ranking_pairs(r.ranks)[0]]
@@ -280,7 +302,15 @@ def train_dpo(
                 ranking = train[index]
                 sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], config.max_length, frozen)
                 logps, reference_logps = sums[0], reference["train"][index].to(device)
-                loss = dpo_ranking_loss(logps, reference_logps, ranking.ranks, config.beta, config.label_smoothing)
+                loss = dpo_ranking_loss(
+                    logps,
+                    reference_logps,
+                    ranking.ranks,
+                    config.beta,
+                    config.label_smoothing,
+                    lengths=lengths[0],
+                    length_penalty=config.length_penalty,
+                )
                 figures["loss"] += loss.item() / len(picked)
                 if config.sft_coef > 0:
                     best = [i for i, rank in enumerate(ranking.ranks) if rank == min(ranking.ranks)]

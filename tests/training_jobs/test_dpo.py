@@ -42,6 +42,26 @@ def test_the_loss_of_one_ranking_by_hand():
     assert loss.item() == pytest.approx(smoothed, rel=1e-6)
 
 
+def test_r_dpo_explains_the_length_share_of_a_preference_by_its_length_term():
+    policy = torch.tensor([-10.0, -12.0, -9.0])
+    reference = torch.tensor([-11.0, -11.0, -11.0])
+    lengths = torch.tensor([40, 10, 25])
+    r, n, alpha = [0.5, -0.5, 1.0], [40, 10, 25], 0.02
+    pairs = [(0, 1), (0, 2), (2, 1)]
+    expected = -sum(log_sigmoid(r[w] - r[lo] + alpha * (n[w] - n[lo])) for w, lo in pairs) / 3
+    loss = dpo_ranking_loss(policy, reference, [1, 3, 2], beta=0.5, lengths=lengths, length_penalty=alpha)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # The longer winners already explain part of the preference: less loss, so less push on the policy to prefer
+    # them (the gradient on their log-probs is smaller) than plain DPO gives.
+    plain_policy, penalised_policy = policy.clone().requires_grad_(), policy.clone().requires_grad_()
+    dpo_ranking_loss(plain_policy, reference, [1, 3, 2], beta=0.5).backward()
+    dpo_ranking_loss(penalised_policy, reference, [1, 3, 2], 0.5, lengths=lengths, length_penalty=alpha).backward()
+    assert loss.item() < dpo_ranking_loss(policy, reference, [1, 3, 2], beta=0.5).item()
+    assert 0 < -penalised_policy.grad[0] < -plain_policy.grad[0]
+    with pytest.raises(ValueError, match="reply lengths"):
+        dpo_ranking_loss(policy, reference, [1, 3, 2], beta=0.5, length_penalty=alpha)
+
+
 def test_implicit_reward_accuracy_counts_ordered_pairs_and_ties_as_half():
     policy = [torch.tensor([-1.0, -3.0, -2.0]), torch.tensor([-5.0, -4.0]), torch.tensor([0.0, 0.0])]
     reference = [torch.tensor([-2.0, -2.0, -2.0]), torch.tensor([-5.0, -5.0]), torch.tensor([-1.0, -1.0])]
