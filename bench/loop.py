@@ -1,6 +1,6 @@
 """The whole loop with the default model on this machine: from "thresholds reached" to "new policy serving".
 
-    .venv/bin/python bench/loop.py [--demonstrations 200] [--rankings 300] [--ppo-iterations 8]
+    .venv/bin/python bench/loop.py [--demonstrations 200] [--rankings 300] [--path dpo] [--config ppo='{...}']
 
 Starts its own database (and Redis database), converts the default model (SmolLM2-135M-Instruct) into its own
 artifact store as base v0, imports `--demonstrations` Self-Instruct demonstrations (expert answers, accepted)
@@ -11,9 +11,10 @@ does the rest on its own: SFT; the gate evaluates the SFT policy and promotes it
 reward model on the newest SFT; the loop's policy step (`--path`, PPO by default: chained); the gate evaluates
 the new policy against the SFT policy with the new reward model; promotion; ranking tasks sampled from it.
 
-The stage configs are the ones the README recommends for a CPU (top layers only, one epoch, LoRA PPO), given
-to the worker as TRAINING_*_CONFIG like any deployment would. Per-stage seconds are wall time from the row's
-creation (queued) to its end, so they include loading models and waiting for the worker.
+The stage configs are the product's defaults for the default model on a CPU (config/settings/base.py), with
+`--config STAGE=JSON` on top, given to the worker as TRAINING_*_CONFIG like any deployment would, and reported.
+Per-stage seconds are wall time from the row's creation (queued) to its end, so they include loading models and
+waiting for the worker.
 Stops everything and drops its database and artifacts at the end (the workers' logs stay in
 var/bench-loop-logs). The last line is JSON with every figure.
 """
@@ -42,34 +43,6 @@ REDIS_URL = "redis://127.0.0.1:6379/12"
 ARTIFACTS = ROOT / "var" / "bench-loop"
 LOGS = ROOT / "var" / "bench-loop-logs"  # the workers' logs, kept after the run
 
-CPU_CONFIGS = {
-    "TRAINING_SFT_CONFIG": {
-        "epochs": 1,
-        "learning_rate": 5e-5,
-        "batch_size": 8,
-        "max_length": 256,
-        "train_top_layers": 8,
-    },
-    "TRAINING_RM_CONFIG": {
-        "epochs": 1,
-        "learning_rate": 5e-5,
-        "rankings_per_batch": 8,
-        "max_length": 256,
-        "train_top_layers": 8,
-    },
-    "TRAINING_PPO_CONFIG": {
-        "rollout_batch_size": 8,
-        "minibatch_size": 4,
-        "max_new_tokens": 48,
-        "learning_rate": 5e-5,
-        "value_learning_rate": 5e-5,
-        "kl_coef": 0.02,
-        # At 48 new tokens most of the default model's replies are cut short: score them as they are rather
-        # than give almost every episode the same fixed penalty.
-        "missing_eos_penalty": None,
-    },
-}
-
 os.environ.update(
     DJANGO_SETTINGS_MODULE="config.settings.local",
     DATABASE_URL=DATABASE_URL,
@@ -83,9 +56,11 @@ os.environ.update(
 import django  # noqa: E402
 
 from bench.support import (  # noqa: E402
+    config_overrides,
     drop_database,
     empty_redis_database,
     recreate_database,
+    stage_configs,
     stop_process_groups,
 )
 
@@ -248,12 +223,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demonstrations", type=int, default=200)
     parser.add_argument("--rankings", type=int, default=300)
-    parser.add_argument("--ppo-iterations", type=int, default=8)
+    parser.add_argument("--ppo-iterations", type=int, default=None, help="the product's default if absent")
     parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], default=None, help="the loop's default if absent")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--tick-s", type=float, default=5.0)
     parser.add_argument("--timeout-min", type=float, default=60.0)
+    parser.add_argument("--config", action="append", default=[], help="STAGE=JSON, e.g. ppo='{\"kl_coef\": 0.05}'")
     args = parser.parse_args()
+    overrides = config_overrides(args.config, parser.error)
+    if args.ppo_iterations is not None:
+        overrides["ppo"]["iterations"] = args.ppo_iterations
 
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
@@ -275,8 +254,9 @@ def main() -> None:
         settings.policy_path = args.path or settings.policy_path
         settings.save()
         path = settings.policy_path
-        configs = dict(CPU_CONFIGS)
-        configs["TRAINING_PPO_CONFIG"] = configs["TRAINING_PPO_CONFIG"] | {"iterations": args.ppo_iterations}
+        configs = stage_configs(overrides)
+        for name, config in configs.items():
+            log(f"{name}={json.dumps(config)}")
         env = {name: json.dumps(value) for name, value in configs.items()} | {
             "SAMPLING_POOL_TARGET": "4",
             "SAMPLING_MAX_NEW_TOKENS": "64",

@@ -55,22 +55,7 @@ LOGS = ROOT / "var" / "bench-oracle-logs"
 PORT = 8767
 BASE_URL = f"http://127.0.0.1:{PORT}"
 
-# Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with
-# what --config overrides on top. The bench passes every stage's full config to the workers and reports it: an
-# empty object would not mean "the defaults" to the workers but "the trainer's bare dataclass defaults".
-STAGES = ("sft", "rm", "ppo", "dpo", "rloo")
-OVERRIDES: dict[str, dict] = {stage: {} for stage in STAGES}
-
-
-def stage_configs() -> dict[str, dict]:
-    """{"TRAINING_<STAGE>_CONFIG": the product's default for the stage, updated with --config}."""
-    from django.conf import settings
-
-    return {
-        f"TRAINING_{stage.upper()}_CONFIG": getattr(settings, f"TRAINING_{stage.upper()}_DEFAULTS") | OVERRIDES[stage]
-        for stage in STAGES
-    }
-
+OVERRIDES: dict[str, dict] = {}  # --config, per stage
 
 os.environ.update(
     DJANGO_SETTINGS_MODULE="config.settings.local",
@@ -84,7 +69,14 @@ os.environ.update(
 
 import django  # noqa: E402
 
-from bench.support import drop_database, empty_redis_database, recreate_database, stop_process_groups  # noqa: E402
+from bench.support import (  # noqa: E402
+    config_overrides,
+    drop_database,
+    empty_redis_database,
+    recreate_database,
+    stage_configs,
+    stop_process_groups,
+)
 
 
 def log(message: str) -> None:
@@ -378,7 +370,7 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
     from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
     tokens, _ = seed(args, rule, data)
-    configs = stage_configs()
+    configs = stage_configs(OVERRIDES)
     env = {name: json.dumps(value) for name, value in configs.items()} | {
         "WEB_BIND": f"127.0.0.1:{PORT}",
         "WEB_WORKERS": "2",
@@ -613,15 +605,11 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=60.0, help="per stage")
     parser.add_argument("--config", action="append", default=[], help="STAGE=JSON, e.g. dpo='{\"beta\": 0.1}'")
     args = parser.parse_args()
-    for item in args.config:
-        stage, _, value = item.partition("=")
-        if stage not in OVERRIDES:
-            parser.error(f"--config {item!r}: the stage must be one of {', '.join(STAGES)}")
-        OVERRIDES[stage].update(json.loads(value))
+    OVERRIDES.update(config_overrides(args.config, parser.error))
 
     LOGS.mkdir(parents=True, exist_ok=True)
     django.setup()
-    for name, config in stage_configs().items():
+    for name, config in stage_configs(OVERRIDES).items():
         log(f"{name}={json.dumps(config)}")
     data = self_instruct()
     heldout, data = data[: args.heldout], data[args.heldout :]
@@ -651,7 +639,7 @@ def main() -> None:
     summary = {
         "rules": results,
         "path": args.path,
-        "configs": stage_configs(),
+        "configs": stage_configs(OVERRIDES),
         "all_targets_met": all(r.get("targets_met") for r in results.values()),
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }

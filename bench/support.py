@@ -1,6 +1,7 @@
-"""What the benchmarks that start their own services share: a scratch database, a scratch Redis database, and
-stopping process groups."""
+"""What the benchmarks that start their own services share: a scratch database, a scratch Redis database,
+stopping process groups, and the training stages' configs (the product's defaults with --config on top)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -44,3 +45,38 @@ def stop_process_groups(processes: list[subprocess.Popen], timeout_s: float) -> 
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with
+# what --config overrides on top. A bench passes every stage's full config to the workers and reports it: an empty
+# object would not mean "the defaults" to the workers but "the trainer's bare dataclass defaults".
+STAGES = ("sft", "rm", "ppo", "dpo", "rloo")
+
+
+def config_overrides(items: list[str], error) -> dict[str, dict]:
+    """{stage: overrides} from --config STAGE=JSON items (repeatable; later keys win); `error(message)` refuses."""
+    overrides: dict[str, dict] = {stage: {} for stage in STAGES}
+    for item in items:
+        stage, _, value = item.partition("=")
+        if stage not in overrides:
+            error(f"--config {item!r}: the stage must be one of {', '.join(STAGES)}")
+        try:
+            update = json.loads(value)
+        except json.JSONDecodeError as exc:
+            error(f"--config {item!r}: not JSON ({exc})")
+        if not isinstance(update, dict):
+            error(f"--config {item!r}: give a JSON object")
+        overrides[stage].update(update)
+    return overrides
+
+
+def stage_configs(overrides: dict[str, dict]) -> dict[str, dict]:
+    """{"TRAINING_<STAGE>_CONFIG": the product's default for the stage, updated with `overrides`} (after
+    django.setup())."""
+    from django.conf import settings
+
+    return {
+        f"TRAINING_{stage.upper()}_CONFIG": getattr(settings, f"TRAINING_{stage.upper()}_DEFAULTS")
+        | overrides.get(stage, {})
+        for stage in STAGES
+    }
