@@ -73,6 +73,7 @@ from bench.support import (  # noqa: E402
     config_overrides,
     drop_database,
     empty_redis_database,
+    machine_figures,
     recreate_database,
     stage_configs,
     stop_process_groups,
@@ -529,6 +530,9 @@ def measure(args, rule: Rule, heldout: list[dict], versions: dict) -> dict:
         if name == "final" and versions["final"].pk == versions["sft"].pk:
             replies["final"] = replies["sft"]
             continue
+        if name == "sft":  # as the trainers load it (not packed for inference)
+            machine = machine_figures(load_version(versions[name]).model)
+            log(f"machine: {json.dumps(machine)}")
         loaded = load_version(versions[name], for_inference=True)
         groups = []
         for start in range(0, len(chats), 8):
@@ -538,7 +542,7 @@ def measure(args, rule: Rule, heldout: list[dict], versions: dict) -> dict:
             groups.extend([[c.text for c in group] for group in batch])
         replies[name] = groups
         del loaded
-    result = {"heldout_prompts": len(chats), "samples_per_prompt": args.samples}
+    result = {"heldout_prompts": len(chats), "samples_per_prompt": args.samples, "machine": machine}
     for name in ("sft", "final"):
         flat = [(r["prompt"], text) for r, group in zip(heldout, replies[name]) for text in group]
         result[f"rule_rate_{name}"] = round(sum(rule.satisfied(p, t) for p, t in flat) / len(flat), 3)

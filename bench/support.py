@@ -1,6 +1,7 @@
 """What the benchmarks that start their own services share: a scratch database, a scratch Redis database,
 stopping process groups, and the training stages' configs (the product's defaults with --config on top)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -79,4 +80,44 @@ def stage_configs(overrides: dict[str, dict]) -> dict[str, dict]:
         f"TRAINING_{stage.upper()}_CONFIG": getattr(settings, f"TRAINING_{stage.upper()}_DEFAULTS")
         | overrides.get(stage, {})
         for stage in STAGES
+    }
+
+
+def machine_figures(model) -> dict:
+    """How fast this machine is, for reading a run's wall times against another machine's: the processor, and
+    the forward pass of `model` (a causal LM) over 16 x 128 tokens, in tokens per second, in fp32 and in the
+    training's precision (bf16 autocast where training_jobs.common.cpu_bf16 turns it on). Best of 3 runs each,
+    after one warm-up; run it with nothing else busy."""
+    import platform
+    import time
+
+    import torch
+
+    from training_jobs.common import autocast, cpu_bf16
+
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            processor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        pass
+    ids = torch.randint(0, model.config.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
+
+    def tokens_per_s(context) -> float:
+        best = float("inf")
+        with torch.inference_mode():
+            for attempt in range(4):
+                started = time.perf_counter()
+                with context():
+                    model(input_ids=ids.to(model.device), logits_to_keep=1)
+                if attempt:
+                    best = min(best, time.perf_counter() - started)
+        return round(ids.numel() / best, 1)
+
+    return {
+        "processor": processor,
+        "cores": os.cpu_count(),
+        "forward_tokens_s_fp32": tokens_per_s(contextlib.nullcontext),
+        "forward_tokens_s_training": tokens_per_s(autocast),
+        "training_bf16": cpu_bf16(),
     }
