@@ -4,17 +4,24 @@ The trainer writes into a staging folder; only a complete checkpoint is moved in
 ModelVersion, so a failed, cancelled or killed run never leaves a registered half-written artifact. A
 successful run's model is registered but not activated: the loop (evaluation gate) decides that.
 
+Liveness: a heartbeat thread stamps the run every TRAINING_HEARTBEAT_TIMEOUT_S / 6 seconds for as long as the
+worker process lives, whatever the trainer is doing (a long validation pass or save reports no step), so only a
+dead worker goes silent long enough to be reaped. Registration and the run's end are one transaction on the run's
+locked row: a run that was reaped (or cancelled) meanwhile registers nothing and leaves nothing behind.
+
 Worker processes only (imports torch through the trainers).
 """
 
 import logging
 import shutil
+import threading
 import traceback
 import uuid
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import close_old_connections, connection, transaction
 
 from labeling.services import mark_used_in_training
 from models_service.models import ModelVersion
@@ -86,12 +93,85 @@ class RunReporter:
         return self.gone or services.training_run_cancel_requested(run_id=self.run_id)
 
 
+class Heartbeat:
+    """Stamps the run's heartbeat from a thread of its own every `interval_s` while the block runs (the worker
+    process is alive), on its own database connection, closed when it stops."""
+
+    def __init__(self, run_id: int, interval_s: float):
+        self.run_id, self.interval_s = run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-run-{run_id}", daemon=True)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    close_old_connections()
+                    services.training_run_heartbeat(run_id=self.run_id)
+                except Exception:  # a database blip: the next beat tries again; the reaper allows several
+                    logger.warning("heartbeat of run %s failed", self.run_id, exc_info=True)
+        finally:
+            connection.close()
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def heartbeat_interval_s() -> float:
+    return max(settings.TRAINING_HEARTBEAT_TIMEOUT_S / 6, 0.1)
+
+
 def execute(run_id: int, *, worker: str = "") -> str | None:
     """Run one training run to its end. Returns its final status, or None if another worker had it."""
     run = services.training_run_claim(run_id=run_id, worker=worker)
     if run is None:
         logger.info("run %s is not queued; nothing to do", run_id)
         return None
+    with Heartbeat(run.pk, heartbeat_interval_s()):
+        return _execute(run, worker)
+
+
+def _register(run: TrainingRun, staging: Path, result, stage: str, kind: str, progress: Progress) -> str:
+    """Move the complete checkpoint into place, register it and end the run, in one transaction on the run's
+    locked row: a run that is no longer running (reaped as lost, or cancelled) registers nothing."""
+    with transaction.atomic():
+        current = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if current.status != TrainingRun.Status.RUNNING:
+            logger.warning("run %s ended as %s while it was training: nothing registered", run.pk, current.status)
+            return current.status
+        final = Path(settings.ARTIFACTS_DIR) / "models" / f"{kind}-{stage}-run{run.pk}-{uuid.uuid4().hex[:6]}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)  # the checkpoint appears complete or not at all
+        try:
+            version = model_version_register(
+                kind=kind,
+                stage=stage,
+                artifact_dir=final,
+                parent=run.base_model,
+                training_run=run,
+                source=f"training run #{run.pk}",
+                metrics=result.metrics,
+            )
+            if kind == ModelVersion.Kind.REWARD and active_version(ModelVersion.Kind.REWARD) is None:
+                model_version_activate(version=version, reason="the first reward model", automatic=True)
+                progress.message(f"registered {version.name}, the first reward model: it scores from now on")
+            else:
+                progress.message(f"registered {version.name} (not serving: the loop decides)")
+            progress.flush(force=True)
+            summary = {**result.metrics, "model_version": version.pk, "model_version_name": version.name}
+            services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.SUCCEEDED, summary=summary)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # the transaction rolls back: no folder without its row
+            raise
+    return TrainingRun.Status.SUCCEEDED
+
+
+def _execute(run: TrainingRun, worker: str) -> str:
     reporter = RunReporter(run)
     progress = Progress(
         sink=reporter.sink, should_stop=reporter.should_stop, interval_s=settings.TRAINING_REPORT_INTERVAL_S
@@ -103,28 +183,7 @@ def execute(run_id: int, *, worker: str = "") -> str | None:
         run = resolve_inputs(run)
         progress.message(f"{run.get_kind_display()} run #{run.pk} on {worker or 'a worker'}, from {run.base_model}")
         result, stage, kind, snapshot = TRAINERS[run.kind](run, staging, progress, reporter)
-        final = Path(settings.ARTIFACTS_DIR) / "models" / f"{kind}-{stage}-run{run.pk}-{uuid.uuid4().hex[:6]}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)  # the checkpoint appears complete or not at all
-        version = model_version_register(
-            kind=kind,
-            stage=stage,
-            artifact_dir=final,
-            parent=run.base_model,
-            training_run=run,
-            source=f"training run #{run.pk}",
-            metrics=result.metrics,
-        )
-        if kind == ModelVersion.Kind.REWARD and active_version(ModelVersion.Kind.REWARD) is None:
-            model_version_activate(version=version, reason="the first reward model", automatic=True)
-            progress.message(f"registered {version.name}, the first reward model: it scores from now on")
-        else:
-            progress.message(f"registered {version.name} (not serving: the loop decides)")
-        progress.flush(force=True)
-        summary = {**result.metrics, "model_version": version.pk, "model_version_name": version.name}
-        if not services.training_run_finish(run_id=run.pk, status=TrainingRun.Status.SUCCEEDED, summary=summary):
-            logger.warning("run %s finished after it was reaped; %s stays registered but unused", run.pk, version)
-        return TrainingRun.Status.SUCCEEDED
+        return _register(run, staging, result, stage, kind, progress)
     except Cancelled:
         progress.message("cancelled")
         progress.flush(force=True)

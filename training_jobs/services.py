@@ -94,6 +94,14 @@ def training_run_report(
     return bool(TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(**fields))
 
 
+def training_run_heartbeat(*, run_id: int) -> bool:
+    """The worker is alive: its heartbeat thread calls this between the trainer's own reports. False if the run
+    is no longer running (reaped or finished)."""
+    return bool(
+        TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(heartbeat_at=timezone.now())
+    )
+
+
 def training_run_cancel_requested(*, run_id: int) -> bool:
     return TrainingRun.objects.filter(pk=run_id, cancel_requested_at__isnull=False).exists()
 
@@ -141,8 +149,9 @@ def training_runs_reap(*, now: dt.datetime | None = None) -> list[int]:
     reaped = []
     for run in TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff):
         message = (
-            f"The worker {run.worker or '(unknown)'} stopped reporting at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC: "
-            "it was killed or crashed. Nothing it was writing was registered."
+            f"The worker {run.worker or '(unknown)'} stopped reporting at {run.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC "
+            "(its heartbeat thread beats while the process lives, whatever the trainer is doing): it was killed or "
+            "crashed. Nothing it was writing was registered."
         )
         if training_run_finish(run_id=run.pk, status=TrainingRun.Status.FAILED, error=message):
             shutil.rmtree(staging_dir(run), ignore_errors=True)

@@ -160,8 +160,9 @@ CELERY_RESULT_BACKEND = env_redis_url("CELERY_RESULT_BACKEND", CELERY_BROKER_URL
 CELERY_TASK_ALWAYS_EAGER = False
 TRAINING_SOFT_TIME_LIMIT_S = env_int("TRAINING_SOFT_TIME_LIMIT_S", 6 * 3600, min_value=60)
 TRAINING_HARD_TIME_LIMIT_S = env_int("TRAINING_HARD_TIME_LIMIT_S", 6 * 3600 + 600, min_value=60)
-# A running run reports at least every TRAINING_REPORT_INTERVAL_S; after TRAINING_HEARTBEAT_TIMEOUT_S of silence
-# its worker is taken for dead and the run is marked failed.
+# A running run reports its progress at most every TRAINING_REPORT_INTERVAL_S; its worker's heartbeat thread stamps
+# it every TRAINING_HEARTBEAT_TIMEOUT_S / 6 while the process lives (training_jobs.runner.Heartbeat). After
+# TRAINING_HEARTBEAT_TIMEOUT_S without a beat its worker is taken for dead and the run is marked failed.
 TRAINING_REPORT_INTERVAL_S = env_float("TRAINING_REPORT_INTERVAL_S", 2.0, min_value=0.1, max_value=60)
 TRAINING_HEARTBEAT_TIMEOUT_S = env_int("TRAINING_HEARTBEAT_TIMEOUT_S", 180, min_value=10)
 SAMPLING_SOFT_TIME_LIMIT_S = env_int("SAMPLING_SOFT_TIME_LIMIT_S", 900, min_value=10)
