@@ -329,7 +329,9 @@ def queue_tables_vacuum(*, min_dead_rows: int = 1000, analyze_fraction: float = 
 
 
 def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetime | None = None) -> Assignment:
-    """Keep what the labeler typed, and extend their lease while they are still working (if the slot is free)."""
+    """Keep what the labeler typed, and extend their lease while it still holds. An expired lease stays expired
+    (the draft is kept all the same): saving does not take a slot back that the queue may have given to someone
+    else; a late submission is still accepted while the slot is free (see `_submit`)."""
     now = now or timezone.now()
     validate_text(draft, field="draft", allow_empty=True)
     with transaction.atomic():
@@ -337,12 +339,10 @@ def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetim
         current = Assignment.objects.select_for_update().get(pk=assignment.pk)
         current.draft = draft
         fields = ["draft"]
-        if current.status in (Assignment.Status.LEASED, Assignment.Status.EXPIRED) and task.status == Task.Status.OPEN:
-            holds = current.status == Assignment.Status.LEASED and current.lease_expires_at > now
-            if holds or live_slot_count(task.pk, now=now, excluding=current.pk) < task.overlap:
-                current.status = Assignment.Status.LEASED
-                current.lease_expires_at = now + dt.timedelta(minutes=QueueSettings.load().lease_minutes)
-                fields += ["status", "lease_expires_at"]
+        holds = current.status == Assignment.Status.LEASED and current.lease_expires_at > now
+        if holds and task.status == Task.Status.OPEN:
+            current.lease_expires_at = now + dt.timedelta(minutes=QueueSettings.load().lease_minutes)
+            fields += ["lease_expires_at"]
         current.save(update_fields=fields)
         _refresh_free_slots(task.pk, now)
     return current

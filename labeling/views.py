@@ -282,6 +282,11 @@ def save_draft(request, assignment_id: int):
     except ValidationError as error:
         return HttpResponse(_first_message(error), status=400)
     saved_at = timezone.localtime().strftime("%H:%M:%S")
+    if assignment.status != assignment.Status.LEASED or assignment.lease_expires_at <= timezone.now():
+        return HttpResponse(
+            f'<span class="badge warn small">Draft saved at {saved_at}, but your time on this task ran out: '
+            "submit now; if others have filled it meanwhile, your text stays here to copy.</span>"
+        )
     return HttpResponse(f'<span class="muted small">Draft saved at {saved_at}</span>')
 
 

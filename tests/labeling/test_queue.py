@@ -5,6 +5,7 @@ import random
 
 import pytest
 from django.db import connection
+from django.urls import reverse
 from django.utils import timezone
 
 from labeling import services
@@ -160,6 +161,28 @@ def test_saving_a_draft_keeps_the_text_and_extends_the_lease(alice):
     later = timezone.now() + dt.timedelta(minutes=5)
     saved = services.assignment_save_draft(assignment=lease, draft="half a reply", now=later)
     assert saved.draft == "half a reply" and saved.lease_expires_at > before
+
+
+def test_saving_a_draft_does_not_revive_an_expired_lease(alice, bob):
+    task = make_reply_task()
+    lease = task_lease_next(user=alice)
+    expire_lease(lease)
+    lease.refresh_from_db()
+    saved = services.assignment_save_draft(assignment=lease, draft="still typing")
+    assert saved.draft == "still typing", "the text is kept"
+    assert saved.lease_expires_at == lease.lease_expires_at < timezone.now(), "the lease is not extended"
+    assert task_lease_next(user=bob).task == task, "the slot is free for someone else"
+
+
+def test_the_draft_page_says_when_the_time_on_a_task_ran_out(client, alice):
+    make_reply_task()
+    lease = task_lease_next(user=alice)
+    client.force_login(alice)
+    url = reverse("labeling:draft", args=[lease.pk])
+    assert "ran out" not in client.post(url, {"text": "first"}).content.decode()
+    expire_lease(lease)
+    page = client.post(url, {"text": "second"}).content.decode()
+    assert "Draft saved" in page and "ran out" in page
 
 
 def test_a_skip_needs_a_reason(alice):
