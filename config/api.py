@@ -1,9 +1,12 @@
 """What every API view shares: errors as 400/409 with the field named, and role permissions."""
 
+import codecs
+import json
 import logging
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from rest_framework import exceptions, permissions, serializers, status
+from rest_framework import exceptions, parsers, permissions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -20,6 +23,35 @@ def exception_handler(exc, context):
     elif isinstance(exc, SubmissionRefused):
         return Response({"detail": str(exc), "code": "refused"}, status=status.HTTP_409_CONFLICT)
     return drf_exception_handler(exc, context)
+
+
+class BodyTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "too_large"
+
+
+class BoundedJSONParser(parsers.JSONParser):
+    """DRF's JSON parser reads the request stream itself, past Django's DATA_UPLOAD_MAX_MEMORY_SIZE: this one reads
+    at most API_MAX_JSON_BYTES (a 413 beyond), and answers JSON nested too deeply for Python's parser with a 400
+    instead of a RecursionError."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        limit = settings.API_MAX_JSON_BYTES
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise BodyTooLarge(f"The request body is larger than {limit} bytes.")
+        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        try:
+            text = codecs.decode(raw, encoding)
+            return json.loads(text, parse_constant=_no_constant) if text.strip() else {}
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
+        except ValueError as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class IsAdmin(permissions.BasePermission):

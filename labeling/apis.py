@@ -20,6 +20,8 @@ from labeling.models import Assignment, CandidateFlag, Conversation, ImportJob, 
 from labeling.selectors import message_thread
 from labeling.services import MAX_MESSAGE_CHARS
 
+MAX_CANDIDATES = 9  # a ranking has at most 9 candidates (RankingEntry's rank range)
+
 # --- output ---
 
 
@@ -149,12 +151,15 @@ class SubmitApi(APIView):
 
     class RankInput(serializers.Serializer):
         order = serializers.ListField(
-            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False),
+            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False, max_length=MAX_CANDIDATES),
             allow_empty=False,
+            max_length=MAX_CANDIDATES,
             help_text="Groups of candidate ids, best group first; a group of several is a tie.",
         )
         flags = serializers.DictField(
-            child=serializers.ListField(child=serializers.ChoiceField(choices=CandidateFlag.values)),
+            child=serializers.ListField(
+                child=serializers.ChoiceField(choices=CandidateFlag.values), max_length=len(CandidateFlag.values)
+            ),
             required=False,
             help_text="Candidate id -> flags.",
         )
@@ -164,6 +169,8 @@ class SubmitApi(APIView):
         time_spent_ms = serializers.IntegerField(required=False, min_value=0, max_value=86_400_000)
 
         def validate_flags(self, flags):
+            if len(flags) > MAX_CANDIDATES:
+                raise serializers.ValidationError(f"At most {MAX_CANDIDATES} candidates can be flagged.")
             try:
                 return {int(key): value for key, value in flags.items()}
             except ValueError:

@@ -62,6 +62,9 @@ class PromptForm(WriteForm):
         return [t.strip() for t in self.cleaned_data["tags"].split(",") if t.strip()]
 
 
+MAX_ORDER_CHARS = 2000  # nine candidates' ids as groups need well under 200
+
+
 class RankingForm(TimedForm):
     order = forms.CharField(widget=forms.HiddenInput, error_messages={"required": "Put the candidates in order."})
     quality_rating = forms.TypedChoiceField(
@@ -78,10 +81,20 @@ class RankingForm(TimedForm):
         self.candidate_ids = list(candidate_ids)
 
     def clean_order(self):
+        text = self.cleaned_data["order"]
+        unreadable = forms.ValidationError("The order could not be read; reload the page.")
+        if len(text) > MAX_ORDER_CHARS:
+            raise unreadable
         try:
-            order = json.loads(self.cleaned_data["order"])
-        except json.JSONDecodeError:
-            raise forms.ValidationError("The order could not be read; reload the page.") from None
+            order = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise unreadable from None
+        if not (
+            isinstance(order, list)
+            and all(isinstance(group, list) and group for group in order)
+            and all(type(i) is int for group in order for i in group)
+        ):
+            raise unreadable
         return order
 
     def ranking_input(self) -> RankingInput:

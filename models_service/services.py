@@ -10,7 +10,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from labeling.models import Conversation, Message, Role, Task, TaskKind
@@ -270,19 +270,34 @@ def alternatives_request_create(
         raise ValidationError({"message": "Alternatives are sampled for a turn the model wrote."})
     if not 2 <= k <= 9:
         raise ValidationError({"k": "Ask for 2 to 9 replies in the ranking."})
-    with transaction.atomic():
-        request = SamplingRequest.objects.create(
-            purpose=SamplingRequest.Purpose.ALTERNATIVES,
-            context=model_message.parent,
-            keep_message=model_message,
-            k=k - 1,
-            requested_by=user,
-            reserve_for_requester=reserve_for_requester,
-        )
-        from models_service.tasks import chat_alternatives
+    already = SamplingRequest.objects.filter(
+        purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message=model_message
+    ).exclude(status=SamplingRequest.Status.FAILED)
+    if already.exists():
+        raise ValidationError({"message": ALTERNATIVES_ALREADY})
+    try:
+        with transaction.atomic():
+            request = SamplingRequest.objects.create(
+                purpose=SamplingRequest.Purpose.ALTERNATIVES,
+                context=model_message.parent,
+                keep_message=model_message,
+                k=k - 1,
+                requested_by=user,
+                reserve_for_requester=reserve_for_requester,
+            )
+            from models_service.tasks import chat_alternatives
 
-        chat_alternatives.delay_on_commit(request.pk)
+            chat_alternatives.delay_on_commit(request.pk)
+    except IntegrityError as exc:  # a second click raced the first past the check above
+        if "sampling_request_one_in_flight_per_context" not in str(exc):
+            raise
+        raise ValidationError({"message": ALTERNATIVES_ALREADY}) from None
     return request
+
+
+ALTERNATIVES_ALREADY = (
+    "Alternatives to this reply were already asked for: they are being sampled or are waiting in their ranking task."
+)
 
 
 def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:

@@ -298,3 +298,49 @@ def test_no_submission_body_causes_a_server_error(ranking_assignment, body):
 def test_no_query_causes_a_server_error(admin_user, path, params):
     response = api(admin_user).get(path, params)
     assert response.status_code in (200, 400, 404), (path, params, response.status_code, response.content[:300])
+
+
+# --- bounded bodies (issue 15, item 8) ---
+
+
+def test_json_nested_too_deeply_is_a_400(ranking_assignment):
+    client, assignment = ranking_assignment
+    body = '{"order": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = client.post(f"/api/v1/assignments/{assignment['id']}/submit/", body, content_type="application/json")
+    assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
+
+
+def test_a_json_body_over_the_limit_is_a_413(ranking_assignment, settings):
+    settings.API_MAX_JSON_BYTES = 10_000
+    client, assignment = ranking_assignment
+    body = json.dumps({"order": [[1]], "reason": "x" * 20_000})
+    response = client.post(f"/api/v1/assignments/{assignment['id']}/submit/", body, content_type="application/json")
+    assert response.status_code == 413 and "larger than 10000 bytes" in response.json()["detail"]
+    assert Ranking.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"order": [[i] for i in range(10)]}, "order"),
+        ({"order": [list(range(10))]}, "order"),
+        ({"order": [[1]], "flags": {str(i): ["hallucination"] for i in range(10)}}, "flags"),
+        ({"order": [[1]], "flags": {"1": ["hallucination"] * 50}}, "flags"),
+        ({"order": [[1]], "quality_rating": float("nan")}, None),
+    ],
+)
+def test_order_and_flags_are_bounded(ranking_assignment, body, field):
+    client, assignment = ranking_assignment
+    text = json.dumps(body)  # NaN is written as the bare word NaN, which is not JSON
+    response = client.post(f"/api/v1/assignments/{assignment['id']}/submit/", text, content_type="application/json")
+    assert response.status_code == 400, response.content
+    if field:
+        assert field in response.json()
+
+
+def test_ownership_is_checked_before_the_body_is_read(ranking_assignment, charlie):
+    _, assignment = ranking_assignment
+    response = api(charlie).post(
+        f"/api/v1/assignments/{assignment['id']}/submit/", "[" * 100_000, content_type="application/json"
+    )
+    assert response.status_code == 404

@@ -142,7 +142,15 @@ REST_FRAMEWORK = {
         "anon": env_str("API_RATE_ANON", "60/hour"),
     },
     "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "config.api.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
+# JSON request bodies of the API (file uploads are multipart and have their own limits). A reply is at most
+# 20,000 characters, a few hundred kB escaped.
+API_MAX_JSON_BYTES = env_int("API_MAX_JSON_BYTES", 1_000_000, min_value=10_000)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Feedback Loop API",
     "DESCRIPTION": "Labeling, model registry and training runs for the RLHF loop.",

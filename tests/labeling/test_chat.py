@@ -60,6 +60,44 @@ def test_ask_for_alternatives_from_a_model_turn(client, alice, tiny_policy):
     assert "sampling alternatives" in page
 
 
+def test_asking_twice_for_alternatives_is_refused_with_a_message(client, alice, tiny_policy):
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    answer(SamplingRequest.objects.get(purpose="chat").pk)
+    reply = Message.objects.get(role="assistant")
+    url = reverse("labeling:chat_alternatives", args=[reply.pk])
+    client.post(url, {"k": "3"})
+    again = client.post(url, {"k": "3"}, follow=True)  # a double click, while the first is being sampled
+    assert again.status_code == 200 and "were already asked for" in again.content.decode()
+    answer(SamplingRequest.objects.get(purpose="alternatives").pk)
+    later = client.post(url, {"k": "4"}, follow=True)  # and once its ranking task exists
+    assert later.status_code == 200 and "were already asked for" in later.content.decode()
+    assert SamplingRequest.objects.filter(purpose="alternatives").count() == 1
+
+
+def test_a_second_request_racing_the_first_gets_the_same_message(alice, tiny_policy, client):
+    """Two clicks that both pass the check: the partial unique index refuses the second, with words, not a 500."""
+    from unittest import mock
+
+    from django.core.exceptions import ValidationError
+
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    answer(SamplingRequest.objects.get(purpose="chat").pk)
+    reply = Message.objects.get(role="assistant")
+    services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
+    lookup = services.SamplingRequest.objects.filter
+    with (
+        mock.patch.object(
+            services.SamplingRequest.objects,
+            "filter",
+            side_effect=lambda *a, **k: lookup(*a, **k).none() if "keep_message" in k else lookup(*a, **k),
+        ),
+        pytest.raises(ValidationError, match="already asked for"),
+    ):
+        services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
+
+
 def test_an_empty_message_is_refused_and_kept_out(client, alice):
     client.force_login(alice)
     response = client.post(reverse("labeling:chat_index"), {"text": "   "})

@@ -241,3 +241,33 @@ def test_admin_pages_open_for_admins_only(client, alice, admin_user):
     client.force_login(admin_user)
     for path in ["/admin/labeling/task/", "/admin/labeling/ranking/", "/admin/labeling/queuesettings/add/"]:
         assert client.get(path).status_code == 200, path
+
+
+MALFORMED_ORDERS = [
+    "not json",
+    "null",
+    "7",
+    '"text"',
+    '{"a": 1}',
+    "[1, 2, 3]",
+    '[["x"], ["y"]]',
+    "[[true], [false]]",
+    "[[1.5], [2.5]]",
+    "[[1e400]]",
+    "[[]]",
+    "[[-1], [99999999999999999999999]]",
+    "[[[1]], [[2]]]",
+    "[" * 5000 + "]" * 5000,
+]
+
+
+@pytest.mark.parametrize("order", MALFORMED_ORDERS, ids=range(len(MALFORMED_ORDERS)))
+def test_a_malformed_ranking_form_gets_a_clear_error_and_no_500(client, alice, order):
+    make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    response = client.post(work_url, {"order": order, "quality_rating": "4", "time_spent_ms": "12"})
+    assert response.status_code == 422, response.content.decode()[:400]
+    assert 'data-testid="order-error"' in response.content.decode()
+    assert not Ranking.objects.exists()
+    assert response.content.decode().count('data-testid="candidate-') == 3, "the candidates are shown again"
