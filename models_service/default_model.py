@@ -53,7 +53,13 @@ def convert_to(destination: Path) -> dict:
     if settings.POLICY_BASE_MODEL:
         source = settings.POLICY_BASE_MODEL
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        try:  # safetensors only: pickle-based weights (.bin, .pt) can run code when loaded
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+        except OSError as exc:
+            raise DefaultModelError(
+                f"POLICY_BASE_MODEL {source} has no safetensors weights ({exc}); pickle-based weights are not "
+                "loaded. Convert them with safetensors first."
+            ) from None
     else:
         gguf = wheel_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import SuspiciousFileOperation
 from django.db import models
 from django.db.models import Q
 
@@ -66,6 +67,12 @@ class ModelVersion(models.Model):
             models.CheckConstraint(
                 condition=Q(is_active=False) | Q(status="ready"), name="model_version_only_ready_is_active"
             ),
+            models.CheckConstraint(  # a folder under ARTIFACTS_DIR: relative, and no ".." step out of it
+                condition=~Q(artifact_path="")
+                & ~Q(artifact_path__startswith="/")
+                & ~Q(artifact_path__regex=r"(^|/)\.\.(/|$)"),
+                name="model_version_artifact_path_inside",
+            ),
         ]
         ordering = ["-created_at"]
 
@@ -74,7 +81,15 @@ class ModelVersion(models.Model):
 
     @property
     def artifact_dir(self) -> Path:
-        return Path(settings.ARTIFACTS_DIR) / self.artifact_path
+        """The version's folder, which must lie inside ARTIFACTS_DIR once links are followed: an artifact path
+        edited to point elsewhere (a symlink out, say) is refused rather than loaded."""
+        root = Path(settings.ARTIFACTS_DIR).resolve()
+        path = (root / self.artifact_path).resolve()
+        if path == root or not path.is_relative_to(root):
+            raise SuspiciousFileOperation(
+                f"{self.name}: its artifact path {self.artifact_path!r} leaves ARTIFACTS_DIR."
+            )
+        return path
 
     @property
     def lineage(self) -> list["ModelVersion"]:
