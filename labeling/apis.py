@@ -408,6 +408,12 @@ class ExportFiltersInput(serializers.Serializer):
     min_agreement = serializers.FloatField(required=False, min_value=0, max_value=1)
     include_unreviewed = serializers.BooleanField(required=False, default=False)
     include_imported = serializers.BooleanField(required=False, default=True)
+    include_heldout = serializers.BooleanField(
+        required=False, default=False, help_text="Conversations held out for evaluation too."
+    )
+    include_ab = serializers.BooleanField(
+        required=False, default=False, help_text="Rankings of the promotion gate's blind A/B comparisons too."
+    )
 
     def to_filters(self) -> exporting.ExportFilters:
         data = self.validated_data
@@ -418,6 +424,8 @@ class ExportFiltersInput(serializers.Serializer):
             min_agreement=data.get("min_agreement"),
             accepted_only=not data["include_unreviewed"],
             include_imported=data["include_imported"],
+            include_heldout=data["include_heldout"],
+            include_ab=data["include_ab"],
         )
 
 

@@ -5,8 +5,10 @@
   plus "ranking_id", "labeler" (a pseudonym), "model_version" and "created_at": one row per ordered pair of
   each ranking, ties skipped.
 - Rankings as K-way lists: {"prompt": [...], "completions": [...], "ranks": [...]} (1 is best; ties share a rank).
-Filters: a date range, a model version (the policy that sampled the candidates), a minimum agreement with the
-other labelers of the same task, and accepted demonstrations only (the default).
+Every row carries its conversation's split. Filters: a date range, a model version (the policy that sampled the
+candidates), a minimum agreement with the other labelers of the same task, and accepted demonstrations only (the
+default). Held-out conversations (kept for evaluation) and the blind A/B comparisons behind the promotion gate
+are left out unless asked for: data trained on elsewhere would no longer measure anything here.
 """
 
 import datetime as dt
@@ -20,6 +22,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import Q
 
+from labeling import splits
 from labeling.importing import IMPORT_USERNAME
 from labeling.models import LabelerProfile, Message, Ranking, RankingEntry, Role
 from labeling.quality import pair_preferences
@@ -36,6 +39,8 @@ class ExportFilters:
     min_agreement: float | None = None  # 0..1; only rankings on tasks other labelers also ranked
     accepted_only: bool = True
     include_imported: bool = True
+    include_heldout: bool = False  # conversations held out for evaluation
+    include_ab: bool = False  # rankings of the gate's blind A/B comparison tasks
 
     def describe(self) -> list[str]:
         lines = []
@@ -50,6 +55,8 @@ class ExportFilters:
         lines.append("accepted demonstrations only" if self.accepted_only else "demonstrations in any review state")
         if not self.include_imported:
             lines.append("imported data left out")
+        lines.append("held-out conversations included" if self.include_heldout else "held-out conversations left out")
+        lines.append("blind A/B comparisons included" if self.include_ab else "blind A/B comparisons left out")
         return lines
 
 
@@ -74,16 +81,24 @@ def sft_rows(filters: ExportFilters, *, chunk: int = 500) -> Iterator[dict]:
         demonstrations = demonstrations.exclude(review_status=Message.ReviewStatus.REJECTED)
     if not filters.include_imported:
         demonstrations = demonstrations.exclude(origin=Message.Origin.IMPORT)
+    if not filters.include_heldout:
+        demonstrations = demonstrations.exclude(conversation__split=splits.HOLDOUT)
     ids = list(_dated(demonstrations, filters).order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(ids), chunk):
-        messages = list(Message.objects.filter(pk__in=ids[start : start + chunk]).order_by("pk"))
+        messages = list(
+            Message.objects.filter(pk__in=ids[start : start + chunk]).select_related("conversation").order_by("pk")
+        )
         threads = threads_of(messages)
         for message in messages:
-            yield {"messages": thread_as_chat(threads[message.pk])}
+            yield {"messages": thread_as_chat(threads[message.pk]), "split": message.conversation.split}
 
 
 def _rankings(filters: ExportFilters):
-    rankings = _dated(Ranking.objects.all(), filters).select_related("task__parent_message", "labeler")
+    rankings = _dated(Ranking.objects.all(), filters).select_related("task__parent_message__conversation", "labeler")
+    if not filters.include_heldout:
+        rankings = rankings.exclude(task__parent_message__conversation__split=splits.HOLDOUT)
+    if not filters.include_ab:
+        rankings = rankings.exclude(task__payload__has_key="evaluation")
     if filters.model_version:
         rankings = rankings.filter(
             Q(task__model_version__name=filters.model_version)
@@ -150,6 +165,7 @@ def preference_rows(filters: ExportFilters) -> Iterator[dict]:
                 "labeler": names[ranking.labeler_id],
                 "model_version": version.name if version else None,
                 "created_at": ranking.created_at.isoformat(),
+                "split": ranking.task.parent_message.conversation.split,
             }
 
 
@@ -164,6 +180,7 @@ def ranking_rows(filters: ExportFilters) -> Iterator[dict]:
             "ranking_id": ranking.pk,
             "labeler": names[ranking.labeler_id],
             "created_at": ranking.created_at.isoformat(),
+            "split": ranking.task.parent_message.conversation.split,
         }
 
 
@@ -207,7 +224,8 @@ preferences = load_dataset("json", data_files="preferences.jsonl", split="train"
 ```
 Labelers are pseudonymous; texts may include content the labelers flagged as harmful.
 Settings at export: {settings.DATA_VALIDATION_FRACTION:.0%} of conversations are in the validation split and
-{settings.DATA_HOLDOUT_FRACTION:.0%} held out for evaluation; all splits are exported.
+{settings.DATA_HOLDOUT_FRACTION:.0%} held out for evaluation. Every row has its `split` (train, validation or
+holdout); held-out conversations and blind A/B comparisons are exported only when asked for (see Filters).
 """
 
 

@@ -32,7 +32,7 @@ def exported(tmp_path):
         messages = [{"role": t.role, "content": t.content} for t in record.context]
         demos.append(json.dumps({"messages": [*messages, {"role": "assistant", "content": record.reply}]}).encode())
     import_jsonl(lambda: iter(demos), format="demonstrations")
-    counts = write_export(tmp_path / "export", ExportFilters())
+    counts = write_export(tmp_path / "export", ExportFilters(include_heldout=True))
     assert counts["sft"] == 24 and counts["preferences"] == 24
     return tmp_path / "export"
 

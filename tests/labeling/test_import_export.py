@@ -37,7 +37,7 @@ def test_hh_round_trip_gives_back_the_same_pairs():
     assert (report.added, report.existing, report.skipped) == (1000, 0, 0)
     exported = {
         (json.dumps(row["prompt"]), row["chosen"][0]["content"], row["rejected"][0]["content"])
-        for row in preference_rows(ExportFilters())
+        for row in preference_rows(ExportFilters(include_heldout=True))
     }
     original = set()
     for line in raw:
@@ -47,6 +47,40 @@ def test_hh_round_trip_gives_back_the_same_pairs():
     assert exported == original
     again = import_jsonl(lambda: iter(raw), format="hh")
     assert (again.added, again.existing) == (0, 1000), "a re-import adds nothing"
+
+
+def test_exports_carry_the_split_and_leave_out_held_out_and_a_b_data():
+    """Issue 15, item 16."""
+    from labeling.exporting import ranking_rows, sft_rows
+    from labeling.models import Conversation, Ranking, Task
+
+    with gzip.open(HH, "rb") as source:
+        raw = source.readlines()[:200]
+    import_jsonl(lambda: iter(raw), format="hh", dataset="hh")
+    by_split = {s: Conversation.objects.filter(split=s).count() for s in ("train", "validation", "holdout")}
+    assert by_split["holdout"] > 0 and by_split["train"] > 0
+    everything = list(ranking_rows(ExportFilters(include_heldout=True)))
+    assert {row["split"] for row in everything} == {"train", "validation", "holdout"}
+    default = list(ranking_rows(ExportFilters()))
+    assert len(default) == len(everything) - by_split["holdout"]
+    assert "holdout" not in {row["split"] for row in default}
+    assert all(row["split"] in ("train", "validation") for row in preference_rows(ExportFilters()))
+
+    ab = Ranking.objects.filter(task__parent_message__conversation__split="train").first()
+    Task.objects.filter(pk=ab.task_id).update(payload={"evaluation": 1, "arms": {}})
+    assert ab.pk not in {row["ranking_id"] for row in ranking_rows(ExportFilters())}
+    assert ab.pk in {row["ranking_id"] for row in ranking_rows(ExportFilters(include_ab=True))}
+
+    demos = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+        ).encode()
+        for i in range(60)
+    ]
+    import_jsonl(lambda: iter(demos), format="demonstrations")
+    rows = list(sft_rows(ExportFilters(include_heldout=True)))
+    assert {row["split"] for row in rows} == {"train", "validation", "holdout"}
+    assert "holdout" not in {row["split"] for row in sft_rows(ExportFilters())}
 
 
 def test_malformed_lines_are_reported_with_their_line_numbers():

@@ -1,7 +1,8 @@
 """Export the labeled data for training: sft.jsonl, preferences.jsonl, rankings.jsonl and a README.md card.
 
 manage.py export_data OUT_DIR [--kind sft|preferences|rankings ...] [--since DATE] [--until DATE]
-    [--model-version NAME] [--min-agreement 0.7] [--include-unreviewed] [--no-imported]
+    [--model-version NAME] [--min-agreement 0.7] [--include-unreviewed] [--no-imported] [--include-heldout]
+    [--include-ab]
 """
 
 import datetime as dt
@@ -32,6 +33,8 @@ class Command(BaseCommand):
         parser.add_argument("--min-agreement", type=float)
         parser.add_argument("--include-unreviewed", action="store_true", help="Demonstrations not yet accepted too.")
         parser.add_argument("--no-imported", action="store_true", help="Leave out imported data.")
+        parser.add_argument("--include-heldout", action="store_true", help="Held-out (evaluation) conversations too.")
+        parser.add_argument("--include-ab", action="store_true", help="The gate's blind A/B comparisons too.")
 
     def handle(self, *args, out: Path, kind=None, **options):
         if options["min_agreement"] is not None and not 0 <= options["min_agreement"] <= 1:
@@ -43,6 +46,8 @@ class Command(BaseCommand):
             min_agreement=options["min_agreement"],
             accepted_only=not options["include_unreviewed"],
             include_imported=not options["no_imported"],
+            include_heldout=options["include_heldout"],
+            include_ab=options["include_ab"],
         )
         started = time.monotonic()
         counts = write_export(out, filters, kinds=kind or KINDS)
