@@ -1,3 +1,4 @@
+from django.contrib.auth.decorators import login_required
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -7,7 +8,7 @@ from training_jobs import apis as training
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("docs/", login_required(SpectacularSwaggerView.as_view(url_name="api-schema")), name="api-docs"),
     path("v1/tasks/next/", labeling.NextTaskApi.as_view(), name="api-next-task"),
     path("v1/assignments/", labeling.AssignmentListApi.as_view(), name="api-assignments"),
     path("v1/assignments/<int:assignment_id>/", labeling.AssignmentDetailApi.as_view(), name="api-assignment"),

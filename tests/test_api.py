@@ -243,6 +243,32 @@ def test_only_reviewers_get_review_tasks_through_the_api(alice, bob):
     assert Review.objects.count() == 0 and Task.objects.filter(kind="review_demonstration").count() == 1
 
 
+def test_labelers_see_a_runs_progress_not_its_data_or_settings(alice, admin_user, objects):
+    """Issue 15, item 14."""
+    from training_jobs.models import TrainingRun
+
+    TrainingRun.objects.filter(pk=objects["run"]).update(
+        data_snapshot={"rankings": [1, 2, 3]}, config={"epochs": 3}, summary={"val_accuracy": 0.7}
+    )
+    secret = {"config", "data_snapshot", "summary", "error"}
+    for path in ("/api/v1/training-runs/", f"/api/v1/training-runs/{objects['run']}/"):
+        mine = api(alice).get(path).json()
+        row = mine["results"][0] if "results" in mine else mine
+        assert row["id"] == objects["run"] and "status" in row and not secret & set(row), path
+        full = api(admin_user).get(path).json()
+        row = full["results"][0] if "results" in full else full
+        assert row["data_snapshot"] == {"rankings": [1, 2, 3]} and row["config"] == {"epochs": 3}, path
+
+
+def test_the_schema_and_docs_need_a_login(client, alice):
+    assert api().get("/api/schema/?format=json").status_code in (401, 403)
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 302 and docs.url.startswith("/login/")
+    assert api(alice).get("/api/schema/?format=json").status_code == 200
+    client.force_login(alice)
+    assert client.get("/api/docs/").status_code == 200
+
+
 # --- schema ---
 
 

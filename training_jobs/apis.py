@@ -1,4 +1,5 @@
-"""Training runs: read for any signed-in user; start and cancel for admins."""
+"""Training runs: their progress for any signed-in user, their data snapshots, configs, summaries and errors for
+admins only; start and cancel for admins."""
 
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
@@ -38,13 +39,26 @@ class TrainingRunOut(serializers.ModelSerializer):
         ]
 
 
-class TrainingRunListApi(ListAPIView):
+class TrainingRunPublicOut(TrainingRunOut):
+    """What labelers may see of a run: what it is and how far it got, not its data or settings."""
+
+    class Meta(TrainingRunOut.Meta):
+        fields = [f for f in TrainingRunOut.Meta.fields if f not in ("config", "summary", "error", "data_snapshot")]
+
+
+class _RunSerializerByRole:
     serializer_class = TrainingRunOut
+
+    def get_serializer_class(self):
+        user = getattr(self.request, "user", None)
+        return TrainingRunOut if user is not None and user.is_staff else TrainingRunPublicOut
+
+
+class TrainingRunListApi(_RunSerializerByRole, ListAPIView):
     queryset = TrainingRun.objects.select_related("base_model", "reward_model").order_by("-created_at", "-pk")
 
 
-class TrainingRunDetailApi(RetrieveAPIView):
-    serializer_class = TrainingRunOut
+class TrainingRunDetailApi(_RunSerializerByRole, RetrieveAPIView):
     queryset = TrainingRun.objects.select_related("base_model", "reward_model")
     lookup_url_kwarg = "run_id"
 
