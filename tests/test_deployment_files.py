@@ -49,3 +49,82 @@ def test_each_queue_has_a_worker():
 def test_entry_scripts_are_executable():
     for script in ENTRY_SCRIPTS | {"bin/services", ".ci/run"}:
         assert (ROOT / script).stat().st_mode & 0o111, script
+
+
+# --- safe by default when deployed (issue 15, item 13) ---
+
+
+def test_the_image_and_the_entry_points_default_to_the_production_settings():
+    assert "ENV DJANGO_SETTINGS_MODULE=config.settings.production" in (ROOT / "Dockerfile").read_text()
+    for name in ("manage.py", "config/wsgi.py", "config/celery_app.py"):
+        text = (ROOT / name).read_text()
+        assert 'setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")' in text, name
+    assert "${DJANGO_SETTINGS_MODULE:-config.settings.production}" in (ROOT / "bin/_common").read_text()
+    assert "export DJANGO_SETTINGS_MODULE ?= config.settings.local" in (ROOT / "Makefile").read_text()
+
+
+def test_compose_is_local_development_on_127_0_0_1_and_the_production_file_is_not():
+    local = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in PROCESSES | {"setup"}:
+        environment = local["services"][name]["environment"]
+        assert environment["DJANGO_SETTINGS_MODULE"] == "config.settings.local", name
+    published = [port for service in local["services"].values() for port in service.get("ports", [])]
+    assert published and all(port.startswith("127.0.0.1:") for port in published)
+    production = yaml.safe_load((ROOT / "docker-compose.prod.yml").read_text())["services"]
+    for name in PROCESSES | {"setup"}:
+        environment = production[name]["environment"]
+        assert environment["DJANGO_SETTINGS_MODULE"] == "config.settings.production", name
+        assert environment["LOAD_DEMO_DATA"] == "false" and ":?" in environment["DJANGO_SECRET_KEY"], name
+
+
+PROBE = """
+import django, json
+django.setup()
+from django.conf import settings
+print(json.dumps({k: getattr(settings, k, None) for k in (
+    "DEBUG", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE", "SECURE_HSTS_SECONDS", "SECURE_PROXY_SSL_HEADER")}))
+"""
+
+
+def run_probe(**environment):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_", "REDIS_"))}
+    base.pop("DJANGO_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        env=base | {"DJANGO_SETTINGS_MODULE": "config.settings.production"} | environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_settings_need_a_secret_and_are_secure_from_the_environment():
+    import json
+
+    missing = run_probe()
+    assert missing.returncode != 0 and "DJANGO_SECRET_KEY" in missing.stderr
+    services = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    secure = run_probe(DJANGO_SECRET_KEY="s" * 50, **services)
+    assert secure.returncode == 0, secure.stderr
+    assert json.loads(secure.stdout) == {
+        "DEBUG": False,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_HSTS_SECONDS": 31_536_000,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+    behind_a_proxy = run_probe(
+        DJANGO_SECRET_KEY="s" * 50,
+        DJANGO_SECURE_PROXY_SSL_HEADER="true",
+        DJANGO_HSTS_SECONDS="0",
+        DJANGO_SECURE_COOKIES="false",
+        **services,
+    )
+    figures = json.loads(behind_a_proxy.stdout)
+    assert figures["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
+    assert (figures["SECURE_HSTS_SECONDS"], figures["SESSION_COOKIE_SECURE"]) == (0, False)

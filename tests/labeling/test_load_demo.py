@@ -75,3 +75,17 @@ def test_load_demo_reports_a_missing_data_dir(tmp_path):
     with pytest.raises(CommandError, match="Demo data not found"):
         call_command("load_demo", data_dir=tmp_path, stdout=StringIO())
     assert Conversation.objects.count() == 0
+
+
+def test_demo_accounts_only_with_debug_on(settings):
+    """Issue 15, item 13: the production settings (DEBUG off) never create admin/admin."""
+    from django.contrib.auth import get_user_model
+
+    settings.DEBUG = False
+    out = StringIO()
+    call_command("load_demo", stdout=out)
+    assert not get_user_model().objects.filter(username__in=["admin", "alice", "bob"]).exists()
+    assert "demo accounts not created" in out.getvalue()
+    settings.DEBUG = True
+    call_command("load_demo", stdout=StringIO())
+    assert get_user_model().objects.filter(username="admin", is_superuser=True).exists()

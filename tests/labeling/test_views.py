@@ -271,3 +271,17 @@ def test_a_malformed_ranking_form_gets_a_clear_error_and_no_500(client, alice, o
     assert 'data-testid="order-error"' in response.content.decode()
     assert not Ranking.objects.exists()
     assert response.content.decode().count('data-testid="candidate-') == 3, "the candidates are shown again"
+
+
+def test_error_pages_are_the_products_own(client, alice, rf):
+    """Issue 15, item 13: no Django debug page listing every URL; the product's styled pages instead."""
+    from django.views.defaults import server_error
+
+    missing = client.get("/no/such/page/")
+    assert missing.status_code == 404 and 'data-testid="error-page"' in missing.content.decode()
+    assert "URLconf" not in missing.content.decode()
+    client.force_login(alice)
+    forbidden = client.get(reverse("ops:overview"))
+    assert forbidden.status_code in (302, 403)
+    crashed = server_error(rf.get("/"))
+    assert crashed.status_code == 500 and 'data-testid="error-page"' in crashed.content.decode()

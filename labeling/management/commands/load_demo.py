@@ -43,8 +43,15 @@ class Command(BaseCommand):
             raise CommandError(f"Demo data not found in {data_dir}: missing {', '.join(missing)}.")
         for name, dataset in DEMO_FILES:
             self._load_file(data_dir / name, dataset)
-        if not no_users:
-            self._create_users()
+        if no_users:
+            return
+        if not settings.DEBUG:  # a deployment: accounts whose passwords are in the README would be an open door
+            self.stdout.write(
+                "demo accounts not created: DEBUG is off (these are the production settings); "
+                "create an admin with `manage.py createsuperuser`"
+            )
+            return
+        self._create_users()
 
     def _load_file(self, path: Path, dataset: str) -> None:
         parse = hh_pair_record if dataset.startswith("hh-rlhf") else self_instruct_record
