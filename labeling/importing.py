@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
@@ -29,7 +30,7 @@ from labeling.models import (
     TaskCandidate,
     TaskKind,
 )
-from labeling.services import MAX_MESSAGE_CHARS
+from labeling.services import MAX_MESSAGE_CHARS, unstorable_text
 
 IMPORT_USERNAME = "import-bot"
 
@@ -242,9 +243,27 @@ def parse_row(row, *, format: str = "auto", dataset: str = "") -> ImportRecord:
     return record
 
 
+def _strings(value):
+    """Every string in a parsed JSON value, keys included (no recursion: json.loads bounds the depth already)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_jsonl(lines, *, format: str = "auto", dataset: str = ""):
     """Yield (line number, ImportRecord or RecordError) for each non-blank line of a JSONL byte stream."""
+    limit = settings.IMPORT_MAX_LINE_BYTES
     for number, raw in enumerate(lines, start=1):
+        if len(raw) > limit:
+            yield number, RecordError(f"the line is {len(raw):,} bytes long; the limit is {limit:,}")
+            continue
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError as exc:
@@ -256,6 +275,13 @@ def parse_jsonl(lines, *, format: str = "auto", dataset: str = ""):
             row = json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, RecordError(f"not valid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        except RecursionError:
+            yield number, RecordError("not valid JSON here: nested too deeply")
+            continue
+        problem = next(filter(None, map(unstorable_text, _strings(row))), "")  # any field, keys included
+        if problem:
+            yield number, RecordError(f"the line {problem}")
             continue
         try:
             yield number, parse_row(row, format=format, dataset=dataset)

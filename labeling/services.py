@@ -71,11 +71,23 @@ def conversation_create(
     )
 
 
+def unstorable_text(text: str) -> str:
+    """Why PostgreSQL cannot store `text` (a NUL character, or a lone surrogate that is not Unicode), or ""."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate (U+{ord(text[exc.start]):04X}), which is not valid Unicode"
+    return ""
+
+
 def validate_text(text, *, field: str = "text", allow_empty: bool = False) -> str:
     if not isinstance(text, str):
         raise ValidationError({field: "The text must be a string."})
-    if "\x00" in text:
-        raise ValidationError({field: "The text contains a NUL character."})
+    problem = unstorable_text(text)
+    if problem:
+        raise ValidationError({field: f"The text {problem}."})
     if not allow_empty and not text.strip():
         raise ValidationError({field: "The text is empty."})
     if len(text) > MAX_MESSAGE_CHARS:
@@ -733,11 +745,16 @@ def import_job_create(*, upload, format: str, on_error: str, dataset: str, user)
     folder = Path(django_settings.ARTIFACTS_DIR) / "imports"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.jsonl"
-    size = 0
+    size, limit = 0, django_settings.IMPORT_MAX_FILE_BYTES
     with path.open("wb") as out:
         for chunk in upload.chunks():
             out.write(chunk)
             size += len(chunk)
+            if size > limit:
+                break
+    if size > limit:
+        path.unlink()
+        raise ValidationError({"file": f"The file is larger than {limit:,} bytes (IMPORT_MAX_FILE_BYTES); split it."})
     if size == 0:
         path.unlink()
         raise ValidationError({"file": "The file is empty."})

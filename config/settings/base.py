@@ -151,6 +151,9 @@ REST_FRAMEWORK = {
 # JSON request bodies of the API (file uploads are multipart and have their own limits). A reply is at most
 # 20,000 characters, a few hundred kB escaped.
 API_MAX_JSON_BYTES = env_int("API_MAX_JSON_BYTES", 1_000_000, min_value=10_000)
+# Imports (the ops page, the API, manage.py import_data): the largest uploaded file and the longest line.
+IMPORT_MAX_FILE_BYTES = env_int("IMPORT_MAX_FILE_BYTES", 2_000_000_000, min_value=1_000)
+IMPORT_MAX_LINE_BYTES = env_int("IMPORT_MAX_LINE_BYTES", 1_000_000, min_value=1_000)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Feedback Loop API",
     "DESCRIPTION": "Labeling, model registry and training runs for the RLHF loop.",

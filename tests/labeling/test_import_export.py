@@ -200,3 +200,51 @@ def test_write_export_and_the_dataset_card(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "| `sft.jsonl` | 1 |" in card and "created on or after 2020-01-01" in card
     assert card == dataset_card(counts, filters)
+
+
+BAD_LINES = {
+    "an escaped NUL": b'{"prompt": "before\\u0000after"}\n',
+    "a lone surrogate": b'{"prompt": "before\\ud800after"}\n',
+    "a lone surrogate in a key": b'{"prompt": "fine", "\\udfff": 1}\n',
+    "JSON nested too deeply": b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n",
+    "a line over the limit": json.dumps({"prompt": "long " * 300_000}).encode() + b"\n",
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LINES), ids=list(BAD_LINES))
+def test_one_bad_line_is_reported_and_skipped_not_the_whole_import(bad):
+    """Issue 15, item 10."""
+    lines = [b'{"prompt": "The first good prompt?"}\n', BAD_LINES[bad], b'{"prompt": "The second good prompt?"}\n']
+    report = import_rows(lines, format="prompts", on_error="skip")
+    assert (report.added, [number for number, _ in report.errors]) == (2, [2]), report.errors
+    aborted = import_rows(lines, format="prompts", on_error="abort")
+    assert aborted.aborted and aborted.errors[0][0] == 2
+
+
+def test_the_api_refuses_lone_surrogates_and_nul_with_words(client, alice):
+    from tests.labeling.helpers import make_reply_task
+    from tests.test_api import api
+
+    make_reply_task()
+    labeler = api(alice)
+    assignment = labeler.post("/api/v1/tasks/next/").json()["assignment"]
+    for text in ("bad \ud800 text", "bad \x00 text"):
+        body = json.dumps({"text": text}, ensure_ascii=True)
+        response = labeler.post(
+            f"/api/v1/assignments/{assignment['id']}/submit/", body, content_type="application/json"
+        )
+        assert response.status_code == 400 and "text" in response.json(), response.content
+
+
+def test_an_upload_over_the_limit_is_refused(settings, tmp_path, admin_user):
+    from django.core.exceptions import ValidationError
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from labeling.services import import_job_create
+
+    settings.ARTIFACTS_DIR = tmp_path
+    settings.IMPORT_MAX_FILE_BYTES = 1_000
+    upload = SimpleUploadedFile("big.jsonl", b'{"prompt": "x"}\n' * 200)
+    with pytest.raises(ValidationError, match="larger than 1,000 bytes"):
+        import_job_create(upload=upload, format="prompts", on_error="skip", dataset="", user=admin_user)
+    assert not list((tmp_path / "imports").iterdir())
