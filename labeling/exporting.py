@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db.models import Q
 
 from labeling import splits
-from labeling.importing import IMPORT_USERNAME
+from labeling.importing import IMPORTED_LABELER_PREFIX, imported_labeler_q
 from labeling.models import LabelerProfile, Message, Ranking, RankingEntry, Role
 from labeling.quality import pair_preferences
 from labeling.selectors import thread_as_chat, threads_of
@@ -69,8 +69,22 @@ def _dated(queryset, filters: ExportFilters, field: str = "created_at"):
 
 
 def _pseudonyms(user_ids) -> dict[int, str]:
-    """A stable pseudonym per labeler (LabelerProfile.pseudonym derives it from the id, profile or not)."""
-    return {uid: LabelerProfile(user_id=uid).pseudonym for uid in set(user_ids)}
+    """A stable pseudonym per labeler (LabelerProfile.pseudonym derives it from the id, profile or not); the
+    account of an imported labeler gives back the pseudonym it was imported with."""
+    from django.contrib.auth import get_user_model
+
+    ids = set(user_ids)
+    imported = dict(
+        get_user_model()
+        .objects.filter(pk__in=ids, username__startswith=IMPORTED_LABELER_PREFIX)
+        .values_list("pk", "username")
+    )
+    return {
+        uid: imported[uid].removeprefix(IMPORTED_LABELER_PREFIX)
+        if uid in imported
+        else LabelerProfile(user_id=uid).pseudonym
+        for uid in ids
+    }
 
 
 def sft_rows(filters: ExportFilters, *, chunk: int = 500) -> Iterator[dict]:
@@ -105,7 +119,7 @@ def _rankings(filters: ExportFilters):
             | Q(entries__message__model_version__name=filters.model_version)
         ).distinct()
     if not filters.include_imported:
-        rankings = rankings.exclude(labeler__username=IMPORT_USERNAME)
+        rankings = rankings.exclude(imported_labeler_q("labeler__"))
     rankings = list(rankings.order_by("pk"))
     if filters.min_agreement is not None:
         agreement = ranking_agreement([r.task_id for r in rankings])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from labeling import splits
@@ -33,6 +34,13 @@ from labeling.models import (
 from labeling.services import MAX_MESSAGE_CHARS, unstorable_text
 
 IMPORT_USERNAME = "import-bot"
+IMPORTED_LABELER_PREFIX = "imported-"  # + an exported labeler pseudonym: the account of their imported rankings
+
+
+def imported_labeler_q(prefix: str = "") -> Q:
+    """Accounts of imported data (the import account, and one per imported labeler pseudonym), as a filter on
+    `<prefix>username`."""
+    return Q(**{f"{prefix}username": IMPORT_USERNAME}) | Q(**{f"{prefix}username__startswith": IMPORTED_LABELER_PREFIX})
 
 
 class RecordError(ValueError):
@@ -56,20 +64,22 @@ class ImportRecord:
     language: str = "en"
     tags: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    completions: list[str] | None = None  # a K-way ranking: the candidates,
+    ranks: list[int] | None = None  # their ranks (1 is best; equal ranks are ties),
+    labeler: str = ""  # and who ranked them (a pseudonym from an export), or the import account
 
     @property
     def content_hash(self) -> str:
-        canonical = json.dumps(
-            {
-                "kind": self.kind,
-                "context": [[t.role, t.content] for t in self.context],
-                "reply": self.reply,
-                "chosen": self.chosen,
-                "rejected": self.rejected,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        content = {
+            "kind": self.kind,
+            "context": [[t.role, t.content] for t in self.context],
+            "reply": self.reply,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+        }
+        if self.kind == "ranking":  # (the other kinds keep the hashes earlier imports stored)
+            content.update(completions=self.completions, ranks=self.ranks, labeler=self.labeler)
+        canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -202,6 +212,30 @@ def trl_preference_record(row: dict, *, dataset: str = "") -> ImportRecord:
     return record
 
 
+_PSEUDONYM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
+
+
+def ranking_record(row: dict, *, dataset: str = "") -> ImportRecord:
+    """A K-way ranking as rankings.jsonl exports it: {"prompt": [...messages] or "text", "completions": [...],
+    "ranks": [...], "labeler"?}; rank 1 is best and equal ranks are ties."""
+    prompt = row.get("prompt")
+    context = [Turn(Role.USER, prompt)] if isinstance(prompt, str) else _turns(prompt, "prompt")
+    completions, ranks = row.get("completions"), row.get("ranks")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise RecordError('"completions" must be a list of strings')
+    if not isinstance(ranks, list) or not all(type(r) is int for r in ranks):
+        raise RecordError('"ranks" must be a list of whole numbers')
+    labeler = row.get("labeler") or ""
+    if not isinstance(labeler, str) or (labeler and not _PSEUDONYM.fullmatch(labeler)):
+        raise RecordError('"labeler" must be a pseudonym of letters, digits, "-", "_" or "." (at most 48)')
+    record = ImportRecord(
+        kind="ranking", context=context, completions=completions, ranks=ranks, labeler=labeler, dataset=dataset
+    )
+    for name, value in _extras(row).items():
+        setattr(record, name, value)
+    return record
+
+
 def _extras(row: dict) -> dict:
     extras = {}
     if isinstance(row.get("language"), str) and 2 <= len(row["language"]) <= 16:
@@ -216,11 +250,14 @@ FORMATS = {
     "demonstrations": demonstration_record,
     "hh": hh_pair_record,
     "trl_preference": trl_preference_record,
+    "rankings": ranking_record,
 }
 
 
 def detect_format(row: dict) -> str:
     """Which of FORMATS a row is in, from its keys."""
+    if "completions" in row and "ranks" in row:
+        return "rankings"
     if "chosen" in row and "rejected" in row:
         return "hh" if isinstance(row["chosen"], str) and "prompt" not in row else "trl_preference"
     if "messages" in row:
@@ -400,7 +437,7 @@ def records_import(records: list[ImportRecord], *, importer=None) -> tuple[int, 
 
 def validate_record(record: ImportRecord) -> None:
     """Check a parsed record before anything is written: the turns alternate as a conversation tree needs."""
-    if record.kind not in {"prompt", "demonstration", "preference"}:
+    if record.kind not in {"prompt", "demonstration", "preference", "ranking"}:
         raise RecordError(f"unknown record kind {record.kind!r}")
     if not record.context:
         raise RecordError("the conversation has no turns")
@@ -414,8 +451,11 @@ def validate_record(record: ImportRecord) -> None:
         if len(turn.content) > MAX_MESSAGE_CHARS:
             raise RecordError(f"a turn is {len(turn.content)} characters long; the limit is {MAX_MESSAGE_CHARS}")
         parent_role = turn.role
-    if record.kind in {"demonstration", "preference"} and parent_role != Role.USER:
+    if record.kind in {"demonstration", "preference", "ranking"} and parent_role != Role.USER:
         raise RecordError("the conversation must end with a user turn before the reply")
+    if record.kind == "ranking":
+        _validate_ranking(record)
+        return
     replies = [record.reply] if record.kind == "demonstration" else [record.chosen, record.rejected]
     if record.kind == "prompt":
         replies = []
@@ -426,6 +466,23 @@ def validate_record(record: ImportRecord) -> None:
             raise RecordError(f"a reply is {len(reply)} characters long; the limit is {MAX_MESSAGE_CHARS}")
     if record.kind == "demonstration" and not record.reply.strip():
         raise RecordError("the demonstration reply is empty")
+
+
+def _validate_ranking(record: ImportRecord) -> None:
+    completions, ranks = record.completions or [], record.ranks or []
+    if not 2 <= len(completions) <= 9:
+        raise RecordError(f"a ranking has 2 to 9 completions, not {len(completions)}")
+    if len(ranks) != len(completions):
+        raise RecordError(f"{len(completions)} completions but {len(ranks)} ranks")
+    if not all(1 <= rank <= len(completions) for rank in ranks):
+        raise RecordError(f"ranks go from 1 (best) to {len(completions)}")
+    for text in completions:
+        if not text.strip():
+            raise RecordError("a completion is empty")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise RecordError(f"a completion is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}")
+    if len({text.strip() for text in completions}) < len(completions):
+        raise RecordError("two completions are the same text")
 
 
 def _bulk_create_trees(records: list[ImportRecord], importer) -> None:
@@ -477,16 +534,37 @@ def _bulk_create_trees(records: list[ImportRecord], importer) -> None:
         for i, record in enumerate(records)
         if record.kind == "demonstration"
     )
-    preferences = [i for i, record in enumerate(records) if record.kind == "preference"]
-    if preferences:
-        _bulk_create_imported_rankings(preferences, records, conversations, tips, reply, importer)
+    ranked = [i for i, record in enumerate(records) if record.kind in ("preference", "ranking")]
+    if ranked:
+        _bulk_create_imported_rankings(ranked, records, conversations, tips, reply, importer)
+
+
+def _candidates(record: ImportRecord) -> tuple[list[str], list[int]]:
+    if record.kind == "preference":
+        return [record.chosen, record.rejected], [1, 2]
+    return record.completions, record.ranks
+
+
+def imported_labelers(pseudonyms) -> dict[str, object]:
+    """{pseudonym: the inactive account its imported rankings belong to}, created as needed. The account is named
+    after the pseudonym, so that an export of the imported rankings gives the same pseudonym back."""
+    User = get_user_model()
+    accounts = {}
+    for pseudonym in sorted(set(pseudonyms)):
+        accounts[pseudonym], _ = User.objects.get_or_create(
+            username=f"{IMPORTED_LABELER_PREFIX}{pseudonym}",
+            defaults={"is_active": False, "first_name": "Imported labeler"},
+        )
+    return accounts
 
 
 def _bulk_create_imported_rankings(indices, records, conversations, tips, reply, importer) -> None:
-    """An imported preference becomes a finished ranking task with one ranking: chosen first, rejected second."""
-    pairs = Message.objects.bulk_create(
-        message for i in indices for message in (reply(i, records[i].chosen), reply(i, records[i].rejected))
-    )
+    """An imported preference or ranking becomes a finished ranking task with one ranking: the chosen reply first
+    and the rejected one second, or the completions with their ranks (ties kept), by the import account or, for
+    an exported ranking, by an inactive account per labeler pseudonym."""
+    labelers = imported_labelers(records[i].labeler for i in indices if records[i].labeler)
+    candidates = {i: _candidates(records[i]) for i in indices}
+    replies = Message.objects.bulk_create(reply(i, text) for i in indices for text in candidates[i][0])
     now = timezone.now()
     tasks = Task.objects.bulk_create(
         Task(
@@ -503,7 +581,11 @@ def _bulk_create_imported_rankings(indices, records, conversations, tips, reply,
         )
         for i in indices
     )
-    replies_of = [pairs[2 * n : 2 * n + 2] for n in range(len(indices))]
+    replies_of, start = [], 0
+    for i in indices:
+        replies_of.append(replies[start : start + len(candidates[i][0])])
+        start += len(candidates[i][0])
+    labeler_of = [labelers.get(records[i].labeler, importer) for i in indices]
     TaskCandidate.objects.bulk_create(
         TaskCandidate(task=task, message=message, position=position)
         for task, replies in zip(tasks, replies_of, strict=True)
@@ -511,16 +593,16 @@ def _bulk_create_imported_rankings(indices, records, conversations, tips, reply,
     )
     assignments = Assignment.objects.bulk_create(
         Assignment(
-            task=task, labeler=importer, status=Assignment.Status.SUBMITTED, lease_expires_at=now, submitted_at=now
+            task=task, labeler=labeler, status=Assignment.Status.SUBMITTED, lease_expires_at=now, submitted_at=now
         )
-        for task in tasks
+        for task, labeler in zip(tasks, labeler_of, strict=True)
     )
     rankings = Ranking.objects.bulk_create(
-        Ranking(assignment=assignment, task=task, labeler=importer)
-        for assignment, task in zip(assignments, tasks, strict=True)
+        Ranking(assignment=assignment, task=task, labeler=labeler)
+        for assignment, task, labeler in zip(assignments, tasks, labeler_of, strict=True)
     )
     RankingEntry.objects.bulk_create(
         RankingEntry(ranking=ranking, message=message, rank=rank)
-        for ranking, replies in zip(rankings, replies_of, strict=True)
-        for rank, message in enumerate(replies, start=1)
+        for ranking, i, messages in zip(rankings, indices, replies_of, strict=True)
+        for message, rank in zip(messages, candidates[i][1], strict=True)
     )

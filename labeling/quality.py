@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Avg, Count, Q
 from django.utils import timezone
 
-from labeling.importing import IMPORT_USERNAME
+from labeling.importing import imported_labeler_q
 from labeling.models import Assignment, Ranking, RankingEntry
 
 
@@ -136,7 +136,7 @@ def labeler_quality(days: int = 7) -> dict:
     """One row per labeler with throughput, agreement, reward-model agreement, skip and report rates."""
     since = timezone.now() - dt.timedelta(days=days)
     stats = (
-        Assignment.objects.exclude(labeler__username=IMPORT_USERNAME)
+        Assignment.objects.exclude(imported_labeler_q("labeler__"))
         .values("labeler_id", "labeler__username")
         .annotate(
             total=Count("pk"),

@@ -248,3 +248,57 @@ def test_an_upload_over_the_limit_is_refused(settings, tmp_path, admin_user):
     with pytest.raises(ValidationError, match="larger than 1,000 bytes"):
         import_job_create(upload=upload, format="prompts", on_error="skip", dataset="", user=admin_user)
     assert not list((tmp_path / "imports").iterdir())
+
+
+def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
+    """Issue 15, item 18: rankings.jsonl imports back as rankings with their order, ties and labelers, and a
+    second import adds nothing."""
+    from labeling import services
+    from labeling.exporting import ranking_rows
+    from labeling.models import Conversation, Ranking
+    from tests.labeling.helpers import make_rank_task
+
+    task = make_rank_task(k=4, overlap=2)
+    a, b, c, d = services.display_order(task, alice.pk)
+    for labeler, order in ((alice, [[c], [a, b], [d]]), (bob, [[a], [b], [c], [d]])):
+        services.ranking_submit(
+            assignment=services.task_lease_next(user=labeler),
+            ranking=services.RankingInput(order=order, flags={}, quality_rating=4),
+        )
+
+    def comparable(rows):
+        return sorted(
+            (json.dumps(r["prompt"]), tuple(r["completions"]), tuple(r["ranks"]), r["labeler"]) for r in rows
+        )
+
+    filters = ExportFilters(include_heldout=True)
+    exported = list(ranking_rows(filters))
+    assert sorted(r["ranks"] for r in exported) == [[1, 2, 2, 3], [1, 2, 3, 4]]
+    Conversation.objects.all().delete()
+    assert not Ranking.objects.exists()
+
+    report = import_rows(exported, format="auto", dataset="round-trip")
+    assert (report.added, report.skipped) == (2, 0), report.errors
+    assert comparable(ranking_rows(filters)) == comparable(exported)
+    again = import_rows(exported)
+    assert (again.added, again.existing) == (0, 2), "idempotent"
+    imported = Ranking.objects.select_related("labeler")
+    assert {r.labeler.username for r in imported} == {f"imported-{row['labeler']}" for row in exported}
+    assert not any(r.labeler.is_active for r in imported)
+    assert list(ranking_rows(ExportFilters(include_heldout=True, include_imported=False))) == []
+
+
+@pytest.mark.parametrize(
+    ("row", "phrase"),
+    [
+        ({"prompt": "Q?", "completions": ["a"], "ranks": [1]}, "2 to 9 completions"),
+        ({"prompt": "Q?", "completions": ["a", "b"], "ranks": [1]}, "2 completions but 1 ranks"),
+        ({"prompt": "Q?", "completions": ["a", "b"], "ranks": [1, 7]}, "ranks go from 1"),
+        ({"prompt": "Q?", "completions": ["a", "a"], "ranks": [1, 2]}, "same text"),
+        ({"prompt": "Q?", "completions": ["a", "b"], "ranks": [1, "2"]}, "whole numbers"),
+        ({"prompt": "Q?", "completions": ["a", "b"], "ranks": [1, 2], "labeler": "a b"}, "pseudonym"),
+    ],
+)
+def test_a_bad_ranking_row_is_reported(row, phrase):
+    report = import_rows([row], format="rankings")
+    assert report.added == 0 and phrase in report.errors[0][1], report.errors
