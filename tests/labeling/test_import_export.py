@@ -267,9 +267,7 @@ def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
         )
 
     def comparable(rows):
-        return sorted(
-            (json.dumps(r["prompt"]), tuple(r["completions"]), tuple(r["ranks"]), r["labeler"]) for r in rows
-        )
+        return sorted((json.dumps(r["prompt"]), tuple(r["completions"]), tuple(r["ranks"]), r["labeler"]) for r in rows)
 
     filters = ExportFilters(include_heldout=True)
     exported = list(ranking_rows(filters))
