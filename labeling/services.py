@@ -19,6 +19,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 from psycopg import sql as psycopg_sql
 
+from labeling import splits
 from labeling.models import (
     ALLOWED_CHILD_ROLES,
     Assignment,
@@ -60,6 +61,9 @@ def conversation_create(
     content_hash: str | None = None,
     metadata: dict | None = None,
 ) -> Conversation:
+    """A new conversation. Its split is drawn at random (train, validation or held out for evaluation), except a
+    chat's: a labeler's chat is always train data, never silently held out."""
+    fields = {"split": splits.TRAIN} if source == Conversation.Source.CHAT else {}
     return Conversation.objects.create(
         source=source,
         created_by=created_by,
@@ -68,6 +72,7 @@ def conversation_create(
         dataset=dataset,
         content_hash=content_hash,
         metadata=metadata or {},
+        **fields,
     )
 
 

@@ -30,6 +30,8 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
     Never ranked contexts come first, then those written in the product (fresh prompts) before imported ones,
     newest first. Validation conversations are sampled too (the reward model is validated on their rankings);
     held-out conversations never are: the evaluation gate needs prompts nothing was trained or validated on.
+    Chats never are either: a chat turn becomes a ranking task for others only when its labeler asks for
+    alternatives and chooses to share them.
     """
     ranked_by_policy = Task.objects.filter(
         kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), model_version=policy
@@ -48,6 +50,7 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
     )
     return (
         Message.objects.filter(role=Role.USER, conversation__split__in=[splits.TRAIN, splits.VALIDATION])
+        .exclude(conversation__source=Conversation.Source.CHAT)
         .exclude(Exists(ranked_by_policy))
         .exclude(Exists(open_ranking))
         .exclude(Exists(in_flight))

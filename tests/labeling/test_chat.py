@@ -129,3 +129,17 @@ def test_a_failed_reply_is_shown(client, alice):
     services.sampling_request_fail(request=request, error="No active policy model.")
     page = client.get(reverse("labeling:chat", args=[request.context.conversation_id])).content.decode()
     assert 'data-testid="chat-failed"' in page and "No active policy model." in page
+
+
+def test_chats_stay_with_their_labeler_unless_shared_and_are_never_held_out(client, alice, tiny_policy, settings):
+    """Issue 15, item 7: the ranking pool never samples chat turns (only alternatives the labeler chose to share
+    become tasks for others), and a chat is train data, never silently held out."""
+    from models_service.selectors import contexts_needing_candidates
+
+    settings.DATA_HOLDOUT_FRACTION = 1.0  # any conversation drawn at random would be held out
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    conversation = Conversation.objects.get(created_by=alice)
+    assert conversation.split == "train"
+    question = Message.objects.get(conversation=conversation, role="user")
+    assert question not in contexts_needing_candidates(tiny_policy)
