@@ -11,6 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
+from config.ratelimit import per_user_per_minute
 from labeling.models import Conversation, Message
 from labeling.selectors import chat_conversations, chat_view
 from labeling.services import MAX_MESSAGE_CHARS
@@ -38,6 +39,7 @@ def _own_chat(request, conversation_id: int) -> Conversation:
 
 
 @login_required
+@per_user_per_minute("chat", "PAGE_RATE_CHAT")
 def chat_index(request):
     form = ChatForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -53,6 +55,7 @@ def chat_index(request):
 
 
 @login_required
+@per_user_per_minute("chat", "PAGE_RATE_CHAT")
 def chat(request, conversation_id: int):
     conversation = _own_chat(request, conversation_id)
     view = chat_view(conversation)
@@ -99,6 +102,7 @@ def chat_poll(request, request_id: int):
 
 @login_required
 @require_POST
+@per_user_per_minute("alternatives", "PAGE_RATE_ALTERNATIVES")
 def chat_alternatives(request, message_id: int):
     message = get_object_or_404(
         Message, pk=message_id, conversation__created_by=request.user, conversation__source=Conversation.Source.CHAT

@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from config.ratelimit import per_user_per_minute
 from labeling import forms, services
 from labeling.markdown import render_markdown
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Message, Ranking, TaskKind
@@ -292,6 +293,7 @@ def save_draft(request, assignment_id: int):
 
 @login_required
 @require_POST
+@per_user_per_minute("preview", "PAGE_RATE_PREVIEW")
 def markdown_preview(request):
     text = request.POST.get("text", "")[: services.MAX_MESSAGE_CHARS + 1]
     html = render_markdown(text) if text.strip() else '<p class="muted">The preview appears here as you type.</p>'

@@ -53,11 +53,31 @@ def test_a_session_signed_in_through_model_backend_stays_signed_in(client):
     assert client.get(reverse("labeling:home")).status_code == 200
 
 
-def test_a_wrong_password_is_checked_once():
+def test_a_wrong_password_is_checked_once(rf):
     user = UserFactory()
     user.set_password("right")
     user.save()
+    request = rf.post(reverse("login"))
     with mock.patch.object(ModelBackend, "authenticate", autospec=True, side_effect=ModelBackend.authenticate) as spy:
-        assert authenticate(username=user.username, password="wrong") is None
+        assert authenticate(request, username=user.username, password="wrong") is None
     assert spy.call_count == 1  # not again by ModelBackend, listed after UserLookupBackend for old sessions
-    assert authenticate(username=user.username, password="right") == user
+    assert authenticate(request, username=user.username, password="right") == user
+
+
+def test_repeated_wrong_passwords_lock_the_account_out_from_that_address(client, settings):
+    """Issue 15, item 9: django-axes. After LOGIN_FAILURE_LIMIT failures, even the right password is refused
+    (without hashing it) with a page that says why; another address is not locked out."""
+    settings.AXES_FAILURE_LIMIT = 3
+    user = UserFactory(username="target")
+    user.set_password("right")
+    user.save()
+    url = reverse("login")
+    for _ in range(2):
+        assert client.post(url, {"username": "target", "password": "wrong"}).status_code == 200
+    locked = client.post(url, {"username": "target", "password": "wrong"})
+    assert locked.status_code == 429 and 'data-testid="locked-out"' in locked.content.decode()
+    with mock.patch.object(ModelBackend, "authenticate", autospec=True) as spy:
+        again = client.post(url, {"username": "target", "password": "right"})
+    assert again.status_code == 429 and spy.call_count == 0 and "_auth_user_id" not in client.session
+    elsewhere = client.post(url, {"username": "target", "password": "right"}, REMOTE_ADDR="10.1.2.3")
+    assert elsewhere.status_code == 302

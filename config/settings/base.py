@@ -1,5 +1,6 @@
 """Settings shared by every environment. Every value comes from the environment (see .env.example)."""
 
+import datetime as dt
 from pathlib import Path
 
 from config.env import (
@@ -39,6 +40,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "labeling",
     "models_service",
     "training_jobs",
@@ -54,6 +56,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: turns a lockout into its page
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -95,7 +98,25 @@ SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 
 # ModelBackend, with a cheaper lookup of the signed-in user on every request. ModelBackend itself only keeps
 # sessions signed in before config.auth existed (see there).
-AUTHENTICATION_BACKENDS = ["config.auth.UserLookupBackend", "django.contrib.auth.backends.ModelBackend"]
+# AxesStandaloneBackend first: it refuses a locked-out sign-in before any password hash is computed.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "config.auth.UserLookupBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Failed sign-ins (django-axes, kept in the database and shown in admin): after LOGIN_FAILURE_LIMIT failures of
+# one username from one address, that pair is locked out for LOGIN_LOCKOUT_MINUTES; a success resets the count.
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, min_value=1)
+AXES_COOLOFF_TIME = dt.timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, min_value=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+# Expensive pages, per signed-in user and minute (a 429 with a message beyond): the Markdown preview, starting or
+# continuing a chat (each costs a model reply) and asking for alternatives (each costs K samples).
+PAGE_RATE_PREVIEW = env_int("PAGE_RATE_PREVIEW", 120, min_value=1)
+PAGE_RATE_CHAT = env_int("PAGE_RATE_CHAT", 12, min_value=1)
+PAGE_RATE_ALTERNATIVES = env_int("PAGE_RATE_ALTERNATIVES", 6, min_value=1)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

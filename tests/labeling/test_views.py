@@ -285,3 +285,38 @@ def test_error_pages_are_the_products_own(client, alice, rf):
     assert forbidden.status_code in (302, 403)
     crashed = server_error(rf.get("/"))
     assert crashed.status_code == 500 and 'data-testid="error-page"' in crashed.content.decode()
+
+
+def test_expensive_pages_are_throttled_per_user(client, alice, bob, settings):
+    """Issue 15, item 9: the Markdown preview (and chat, alternatives) have a per-user, per-minute limit."""
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.PAGE_RATE_PREVIEW = 3
+    client.force_login(alice)
+    url = reverse("labeling:markdown_preview")
+    statuses = [client.post(url, {"text": "**hi**"}, HTTP_HX_REQUEST="true").status_code for _ in range(4)]
+    if statuses[-1] == 200:  # the minute turned between the calls: one more window
+        statuses = [client.post(url, {"text": "**hi**"}, HTTP_HX_REQUEST="true").status_code for _ in range(4)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+    refused = client.post(url, {"text": "x"}, HTTP_HX_REQUEST="true")
+    assert "Try again in" in refused.content.decode() and int(refused["Retry-After"]) <= 60
+    client.force_login(bob)
+    assert client.post(url, {"text": "**hi**"}, HTTP_HX_REQUEST="true").status_code == 200, "per user"
+
+
+def test_a_throttled_chat_says_so_and_creates_nothing(client, alice, settings):
+    from django.core.cache import cache
+
+    from labeling.models import Conversation
+
+    cache.clear()
+    settings.PAGE_RATE_CHAT = 1
+    client.force_login(alice)
+    client.post(reverse("labeling:chat_index"), {"text": "first"})
+    second = client.post(reverse("labeling:chat_index"), {"text": "second"})
+    if second.status_code != 429:  # the minute turned
+        second = client.post(reverse("labeling:chat_index"), {"text": "third"})
+    assert second.status_code == 429 and 'data-testid="error-page"' in second.content.decode()
+    assert Conversation.objects.filter(created_by=alice).count() <= 2
+    assert client.get(reverse("labeling:chat_index")).status_code == 200, "reading is not limited"
