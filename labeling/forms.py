@@ -5,7 +5,7 @@ import json
 from django import forms
 
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Review
-from labeling.services import MAX_MESSAGE_CHARS, RankingInput
+from labeling.services import CONTENT_SKIP_REASON, MAX_MESSAGE_CHARS, RankingInput
 
 LANGUAGES = [
     ("en", "English"),
@@ -29,7 +29,7 @@ SKIP_REASONS = [
     "I don't know enough about this topic",
     "The task is unclear",
     "It is not in a language I know well",
-    "I'd rather not work on this content",
+    CONTENT_SKIP_REASON,
 ]
 
 

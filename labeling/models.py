@@ -118,6 +118,9 @@ class Message(models.Model):
         help_text="The task assignment that produced this message, if any.",
     )
     review_status = models.CharField(max_length=16, choices=ReviewStatus.choices, blank=True, default="")
+    revision = models.PositiveIntegerField(
+        default=1, editable=False, help_text="Counts the text's edits; a review judges one revision."
+    )
     used_in_training_at = models.DateTimeField(
         null=True, blank=True, help_text="Set when a training run first used this message; it is frozen after."
     )
@@ -461,18 +464,39 @@ class Review(models.Model):
     assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="review")
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="reviews")
     reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="reviews")
+    revision = models.PositiveIntegerField(default=1, help_text="The revision of the message's text it judged.")
     decision = models.CharField(max_length=8, choices=Decision.choices)
     reason = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["message", "reviewer"], name="review_one_per_reviewer"),
+            models.UniqueConstraint(
+                fields=["message", "revision", "reviewer"], name="review_one_per_reviewer_and_revision"
+            ),
             models.CheckConstraint(condition=~Q(decision="reject") | ~Q(reason=""), name="review_reject_has_reason"),
         ]
 
     def __str__(self):
         return f"{self.decision} of message #{self.message_id}"
+
+
+class ConversationExclusion(models.Model):
+    """A conversation the queue no longer gives one labeler: they skipped it as content they would rather not work
+    on, or reported it. Every branch and every task on it, ranking tasks included."""
+
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="exclusions")
+    reason = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["labeler", "conversation"], name="conversation_exclusion_once"),
+        ]
+
+    def __str__(self):
+        return f"conversation #{self.conversation_id} kept from user #{self.labeler_id}"
 
 
 class QueueSettings(models.Model):

@@ -25,6 +25,7 @@ from labeling.models import (
     Assignment,
     CandidateFlag,
     Conversation,
+    ConversationExclusion,
     ImportJob,
     LabelerProfile,
     Message,
@@ -496,11 +497,13 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
 
 
 def _review_task_create(message: Message) -> Task:
+    """A review of the message's current text (its revision: reviews of earlier text do not count for it)."""
     return task_create(
         kind=TaskKind.REVIEW_DEMONSTRATION,
         conversation=message.conversation,
         target_message=message,
         overlap=QueueSettings.load().review_overlap,
+        payload={"revision": message.revision},
     )
 
 
@@ -600,10 +603,22 @@ def review_submit(*, assignment: Assignment, decision: str, reason: str = "", ti
     validate_text(reason, field="reason", allow_empty=True)
 
     def work(task, current):
-        if task.target_message.author_id == current.labeler_id:
+        target = task.target_message
+        if target.author_id == current.labeler_id:
             raise SubmissionRefused("You cannot review your own demonstration.")
+        if task.payload.get("revision", 1) != target.revision:
+            raise SubmissionRefused(
+                "The writer edited this demonstration while you reviewed it; the new text has a review of its own."
+            )
+        if Review.objects.filter(message=target, revision=target.revision, reviewer=current.labeler).exists():
+            raise SubmissionRefused("You already reviewed this text of the demonstration.")
         review = Review.objects.create(
-            assignment=current, message=task.target_message, reviewer=current.labeler, decision=decision, reason=reason
+            assignment=current,
+            message=target,
+            revision=target.revision,
+            reviewer=current.labeler,
+            decision=decision,
+            reason=reason,
         )
         if task.submitted_count + 1 >= task.overlap:
             _decide_demonstration(task.target_message)
@@ -613,7 +628,10 @@ def review_submit(*, assignment: Assignment, decision: str, reason: str = "", ti
 
 
 def _decide_demonstration(message: Message) -> None:
-    verdicts = list(Review.objects.filter(message=message).values_list("decision", flat=True))
+    """The majority of the reviews of the message's current text decides (earlier text's verdicts do not count)."""
+    verdicts = list(
+        Review.objects.filter(message=message, revision=message.revision).values_list("decision", flat=True)
+    )
     accepted = verdicts.count(Review.Decision.ACCEPT) > verdicts.count(Review.Decision.REJECT)
     status = Message.ReviewStatus.ACCEPTED if accepted else Message.ReviewStatus.REJECTED
     Message.objects.filter(pk=message.pk).update(review_status=status)
@@ -628,7 +646,9 @@ def _decide_demonstration(message: Message) -> None:
             review_status__in=[Message.ReviewStatus.PENDING, Message.ReviewStatus.ACCEPTED],
         ).exclude(pk=message.pk)
         if not has_other.exists() and not _open_task_exists(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent):
-            task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent)
+            # Written again by someone else, as the guidelines say: not offered to the rejected reply's writer.
+            not_for = [message.author_id] if message.author_id else []
+            task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent, payload={"not_for": not_for})
 
 
 def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
@@ -647,13 +667,30 @@ def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
     return current
 
 
+CONTENT_SKIP_REASON = "I'd rather not work on this content"
+
+
+def _exclude_conversation(assignment: Assignment, reason: str) -> None:
+    """Keep the task's whole conversation (every branch, every task kind) away from this labeler from now on."""
+    conversation_id = Task.objects.filter(pk=assignment.task_id).values_list("conversation_id", flat=True).first()
+    if conversation_id is not None:
+        ConversationExclusion.objects.get_or_create(
+            labeler_id=assignment.labeler_id, conversation_id=conversation_id, defaults={"reason": reason[:200]}
+        )
+
+
 def assignment_skip(*, assignment: Assignment, reason: str) -> Assignment:
-    """The labeler passes on the task; it stays open for others and never comes back to them."""
+    """The labeler passes on the task; it stays open for others and never comes back to them. Skipped as content
+    they would rather not work on, the whole conversation stays away from them."""
     reason = (reason or "").strip()
     if not reason:
         raise ValidationError({"reason": "Choose or write a reason for skipping."})
     validate_text(reason, field="reason")
-    return _leave(assignment, status=Assignment.Status.SKIPPED, skip_reason=reason[:500])
+    with transaction.atomic():
+        skipped = _leave(assignment, status=Assignment.Status.SKIPPED, skip_reason=reason[:500])
+        if reason == CONTENT_SKIP_REASON:
+            _exclude_conversation(assignment, f"skipped: {reason}")
+    return skipped
 
 
 def assignment_report(*, assignment: Assignment, reason: str, note: str = "") -> Assignment:
@@ -664,6 +701,7 @@ def assignment_report(*, assignment: Assignment, reason: str, note: str = "") ->
     validate_text(note, field="note", allow_empty=True)
     with transaction.atomic():
         reported = _leave(assignment, status=Assignment.Status.REPORTED, report_reason=reason, skip_reason=note[:500])
+        _exclude_conversation(assignment, f"reported: {reason}")
         task = Task.objects.select_for_update().get(pk=assignment.task_id)
         reports = task.assignments.filter(status=Assignment.Status.REPORTED)
         if task.status == Task.Status.OPEN and reports.count() >= QueueSettings.load().reports_to_cancel:
@@ -693,12 +731,23 @@ def message_edit(*, message: Message, user, text: str) -> Message:
         if current.text == text:
             return current
         current.text = text
-        fields = ["text", "updated_at"]
-        if current.review_status in (Message.ReviewStatus.ACCEPTED, Message.ReviewStatus.REJECTED):
+        current.revision += 1
+        fields = ["text", "revision", "updated_at"]
+        if current.review_status in (
+            Message.ReviewStatus.ACCEPTED,
+            Message.ReviewStatus.REJECTED,
+            Message.ReviewStatus.PENDING,
+        ):
+            # The new text is reviewed afresh: an open review of the old text is withdrawn (its reviewers are told
+            # when they submit), and verdicts on earlier text never count for this one.
+            Task.objects.filter(
+                kind=TaskKind.REVIEW_DEMONSTRATION, target_message=current, status=Task.Status.OPEN
+            ).update(status=Task.Status.CANCELLED, cancelled_reason="The demonstration was edited.")
             current.review_status = Message.ReviewStatus.PENDING
             fields.append("review_status")
-            if not _open_task_exists(kind=TaskKind.REVIEW_DEMONSTRATION, target_message=current):
-                _review_task_create(current)
+            current.save(update_fields=fields)
+            _review_task_create(current)
+            return current
         current.save(update_fields=fields)
     return current
 
@@ -706,8 +755,12 @@ def message_edit(*, message: Message, user, text: str) -> Message:
 def ranking_edit(*, ranking: Ranking, user, new: RankingInput) -> Ranking:
     validate_ranking(ranking.task, user.pk, RankingInput(**{**new.__dict__, "confirm_untouched": True}))
     with transaction.atomic():
-        current = Ranking.objects.select_for_update().get(pk=ranking.pk)
+        current = Ranking.objects.select_for_update().select_related("task").get(pk=ranking.pk)
         _ensure_editable(current, user, current.labeler_id)
+        if current.task.payload.get("decided"):
+            raise SubmissionRefused(
+                "The promotion gate has already counted this comparison, so it can no longer change."
+            )
         current.entries.all().delete()
         _write_entries(current, new)
         current.quality_rating = new.quality_rating

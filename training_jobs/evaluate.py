@@ -188,7 +188,9 @@ def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:
     for i, prompt in enumerate(prompts[:count]):
         context = Message.objects.get(pk=prompt.message_id)
         replies = {}
-        for arm in ("candidate", "baseline"):
+        arms = ["candidate", "baseline"]
+        rng.shuffle(arms)  # created in random order: message ids say nothing about which policy wrote which
+        for arm in arms:
             completion = sampled[arm][0][i]
             version = evaluation.candidate if arm == "candidate" else evaluation.baseline
             replies[arm] = message_create(
@@ -207,5 +209,9 @@ def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:
             parent_message=context,
             candidates=order,
             priority=django_settings.EVAL_COMPARISON_PRIORITY,
-            payload={"evaluation": evaluation.pk, "arms": {str(m.pk): arm for arm, m in replies.items()}},
+            payload={
+                "evaluation": evaluation.pk,
+                "arms": {str(m.pk): arm for arm, m in replies.items()},
+                "not_for": [context.author_id] if context.author_id else [],  # not judged by the prompt's author
+            },
         )

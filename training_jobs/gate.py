@@ -34,6 +34,18 @@ def comparison_tasks(evaluation: Evaluation):
     return Task.objects.filter(kind=TaskKind.RANK_REPLIES, payload__evaluation=evaluation.pk)
 
 
+def freeze_votes(evaluation: Evaluation) -> None:
+    """Once the gate decided, its blind A/B votes can no longer be edited (labeling.services.ranking_edit reads
+    the mark); open comparison tasks are withdrawn, since nothing reads their votes any more."""
+    for task in comparison_tasks(evaluation).select_for_update():
+        task.payload = {**task.payload, "decided": True}
+        fields = ["payload"]
+        if task.status == Task.Status.OPEN:
+            task.status, task.cancelled_reason = Task.Status.CANCELLED, "The promotion gate has decided."
+            fields += ["status", "cancelled_reason"]
+        task.save(update_fields=fields)
+
+
 def human_result(evaluation: Evaluation) -> dict:
     """The blind A/B result so far: how often labelers ranked the candidate's reply above the baseline's."""
     wins = 0.0
@@ -177,6 +189,8 @@ def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None =
         decision, reason = decide(current, settings)
         if decision == Evaluation.Decision.PROMOTED:
             _promote(current, actor=None, reason=reason, automatic=True)
+        if decision in (Evaluation.Decision.PROMOTED, Evaluation.Decision.NOT_PROMOTED):
+            freeze_votes(current)
         Evaluation.objects.filter(pk=current.pk).update(
             decision=decision,
             decision_reason=reason,
@@ -213,6 +227,7 @@ def evaluation_promote(*, evaluation: Evaluation, actor, reason: str = "") -> Mo
     reason = reason.strip() or f"promoted by {actor} after evaluation #{evaluation.pk}"
     with transaction.atomic():
         activation = _promote(evaluation, actor=actor, reason=reason, automatic=False)
+        freeze_votes(evaluation)
         Evaluation.objects.filter(pk=evaluation.pk).update(
             decision=Evaluation.Decision.PROMOTED, decision_reason=reason, decided_by=actor, decided_at=timezone.now()
         )

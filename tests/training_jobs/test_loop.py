@@ -178,6 +178,54 @@ def test_a_gain_from_length_alone_is_refused(tiny_policy, controlled, lengths, r
         assert f"replies average {lengths[0]:.0f} tokens against {lengths[1]:.0f}" in evaluation.decision_reason
 
 
+def test_a_b_votes_freeze_once_the_gate_decided(tiny_policy, alice):
+    """Issue 15, item 5: a held-out vote the gate read can no longer be edited; unlabeled comparisons close."""
+    set_loop(require_human_win_rate=True, min_human_comparisons=1, min_human_win_rate=0.5, auto_promote=True)
+    evaluation = evaluation_with(0.5, 1.0)
+    tasks = []
+    for _ in range(2):
+        task = make_rank_task(k=2)
+        first, second = task.candidates.all()
+        Task.objects.filter(pk=task.pk).update(
+            payload={"evaluation": evaluation.pk, "arms": {str(first.pk): "candidate", str(second.pk): "baseline"}}
+        )
+        tasks.append((task, first, second))
+    task, candidate, baseline = tasks[0]
+    ranking = labeling_services.ranking_submit(
+        assignment=labeling_services.task_lease_next(user=alice),
+        ranking=labeling_services.RankingInput(order=[[candidate.pk], [baseline.pk]], flags={}, confirm_untouched=True),
+    ).result
+    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    flipped = labeling_services.RankingInput(order=[[baseline.pk], [candidate.pk]], flags={}, quality_rating=3)
+    with pytest.raises(labeling_services.SubmissionRefused, match="already counted"):
+        labeling_services.ranking_edit(ranking=ranking, user=alice, new=flipped)
+    assert Task.objects.get(pk=tasks[1][0].pk).status == "cancelled", "the unlabeled comparison is withdrawn"
+
+
+def test_a_b_replies_are_created_in_random_order_and_not_for_the_prompts_author(tiny_policy, alice):
+    """Issue 15, item 5: message ids (creation order) say nothing about which policy wrote which reply, and the
+    prompt's author never judges its comparison."""
+    from types import SimpleNamespace
+
+    from tests.labeling.helpers import make_prompt
+    from training_jobs.evaluate import _comparison_tasks
+
+    evaluation = evaluation_with(0.5, 1.0)
+    prompts = [SimpleNamespace(message_id=make_prompt(author=alice).pk) for _ in range(12)]
+    sampled = {
+        arm: ([SimpleNamespace(text=f"{arm} reply {i}", row=i) for i in range(12)],)
+        for arm in ("candidate", "baseline")
+    }
+    _comparison_tasks(evaluation, prompts, sampled, count=12)
+    candidate_first = []
+    for task in gate.comparison_tasks(evaluation):
+        arms = {int(k): v for k, v in task.payload["arms"].items()}
+        candidate_first.append(arms[min(arms)] == "candidate")
+        assert task.payload["not_for"] == [alice.pk]
+    assert len(candidate_first) == 12 and 0 < sum(candidate_first) < 12
+    assert labeling_services.task_lease_next(user=alice) is None
+
+
 def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
     set_loop(auto_promote=False)
     evaluation = evaluation_with(0.5, 1.0)
