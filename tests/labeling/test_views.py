@@ -135,6 +135,26 @@ def test_a_ranking_without_a_rating_keeps_the_arranged_order(client, alice):
     assert positions == sorted(positions), "the labeler's order is shown again"
 
 
+def test_a_failed_ranking_keeps_the_labelers_ties_too(client, alice):
+    """Issue 15, item 4: the page comes back with the order and the ties the labeler had made, so adding the
+    missing rating saves the ranking they meant."""
+    import re
+
+    task = make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    a, b, c = display_order(task, alice.pk)
+    page = client.post(work_url, {"order": json.dumps([[c], [a, b]])}).content.decode()
+    rows = {
+        int(m.group(2)): "tied" in m.group(1)
+        for m in re.finditer(r'<li class="candidate([^"]*)" data-id="(\d+)"', page)
+    }
+    assert list(rows) == [c, a, b] and rows == {c: False, a: False, b: True}
+    response = client.post(work_url, {"order": json.dumps([[c], [a, b]]), "quality_rating": "5"})
+    assert response.status_code == 302
+    assert Ranking.objects.get(labeler=alice).ordered_message_ids == [[c], sorted([a, b])]
+
+
 def test_review_page_for_reviewers(client, alice, bob):
     make_reply_task()
     services.reply_submit(assignment=services.task_lease_next(user=alice), text="A demonstration.")
