@@ -481,6 +481,22 @@ class Review(models.Model):
         return f"{self.decision} of message #{self.message_id}"
 
 
+class MessageRevision(models.Model):
+    """An earlier text of a message, kept when its author edited it in place (nothing but reviews depended on
+    it): a review of revision n judged `text` here, or the message's own text when n is its current revision."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="revisions")
+    revision = models.PositiveIntegerField()
+    text = models.TextField()
+    replaced_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "revision"], name="message_revision_once")]
+
+    def __str__(self):
+        return f"message #{self.message_id}, revision {self.revision}"
+
+
 class ConversationExclusion(models.Model):
     """A conversation the queue no longer gives one labeler: they skipped it as content they would rather not work
     on, or reported it. Every branch and every task on it, ranking tasks included."""

@@ -29,6 +29,7 @@ from labeling.models import (
     ImportJob,
     LabelerProfile,
     Message,
+    MessageRevision,
     QueueSettings,
     Ranking,
     RankingEntry,
@@ -722,14 +723,35 @@ def _ensure_editable(obj, user, owner_id: int) -> None:
         raise SubmissionRefused("This was already used to train a model, so it can no longer be changed.")
 
 
+def depends_on(message: Message) -> bool:
+    """Whether something was built on this message's text: a reply to it, a ranking task over it, or a task on it
+    that someone took. Its text then never changes in place."""
+    return (
+        message.children.exists()
+        or TaskCandidate.objects.filter(message=message).exists()
+        or Task.objects.filter(parent_message=message, assignments__isnull=False).exists()
+    )
+
+
 def message_edit(*, message: Message, user, text: str) -> Message:
-    """Change the text of a prompt or reply one wrote. An edited demonstration goes back to review."""
+    """Change the text of a prompt or reply one wrote; returns the message that now holds the new text.
+
+    Nothing that depended on the old text changes with it. When replies, rankings or taken tasks were built on
+    the message, the edit is a new branch: a sibling turn with the new text (a new conversation, for a first
+    prompt), which takes over the labeler's submission, while the old turn keeps its text and everything built
+    on it. Otherwise the text changes in place as a new revision (the old text is kept in MessageRevision), and a
+    demonstration goes back to review: reviews judge one revision, so earlier verdicts never count for the new
+    text."""
     validate_text(text)
     with transaction.atomic():
+        _lock_against_snapshots()
         current = Message.objects.select_for_update().get(pk=message.pk)
         _ensure_editable(current, user, current.author_id)
         if current.text == text:
             return current
+        if depends_on(current):
+            return _branch(current, text)
+        MessageRevision.objects.create(message=current, revision=current.revision, text=current.text)
         current.text = text
         current.revision += 1
         fields = ["text", "revision", "updated_at"]
@@ -738,8 +760,7 @@ def message_edit(*, message: Message, user, text: str) -> Message:
             Message.ReviewStatus.REJECTED,
             Message.ReviewStatus.PENDING,
         ):
-            # The new text is reviewed afresh: an open review of the old text is withdrawn (its reviewers are told
-            # when they submit), and verdicts on earlier text never count for this one.
+            # An open review of the old text is withdrawn (its reviewers are told when they submit).
             Task.objects.filter(
                 kind=TaskKind.REVIEW_DEMONSTRATION, target_message=current, status=Task.Status.OPEN
             ).update(status=Task.Status.CANCELLED, cancelled_reason="The demonstration was edited.")
@@ -752,9 +773,40 @@ def message_edit(*, message: Message, user, text: str) -> Message:
     return current
 
 
+def _branch(old: Message, text: str) -> Message:
+    """A new turn beside `old` with `text`, by the same author, taking over old's submission (My work shows it)."""
+    conversation = old.conversation
+    if old.parent_id is None:
+        conversation = conversation_create(
+            source=conversation.source,
+            created_by=conversation.created_by,
+            language=conversation.language,
+            tags=conversation.tags,
+            dataset=conversation.dataset,
+        )
+    assignment = old.assignment
+    if assignment is not None:
+        Message.objects.filter(pk=old.pk).update(assignment=None)
+    new = message_create(
+        conversation=conversation,
+        parent=old.parent,
+        role=old.role,
+        text=text,
+        origin=old.origin,
+        author=old.author,
+        assignment=assignment,
+    )
+    if new.role == Role.ASSISTANT and new.review_status == Message.ReviewStatus.PENDING:
+        _review_task_create(new)
+    elif new.role == Role.USER:
+        task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=new)
+    return new
+
+
 def ranking_edit(*, ranking: Ranking, user, new: RankingInput) -> Ranking:
     validate_ranking(ranking.task, user.pk, RankingInput(**{**new.__dict__, "confirm_untouched": True}))
     with transaction.atomic():
+        _lock_against_snapshots()
         current = Ranking.objects.select_for_update().select_related("task").get(pk=ranking.pk)
         _ensure_editable(current, user, current.labeler_id)
         if current.task.payload.get("decided"):
@@ -767,6 +819,25 @@ def ranking_edit(*, ranking: Ranking, user, new: RankingInput) -> Ranking:
         current.all_unacceptable = new.all_unacceptable
         current.save(update_fields=["quality_rating", "all_unacceptable", "updated_at"])
     return current
+
+
+# Edits and training snapshots exclude each other: an edit holds this advisory lock shared until it commits, a
+# training run's read of its data set and its "used in training" mark hold it exclusively, in one transaction.
+# So no text can change between the read and the mark, and an edit that comes after sees the mark.
+_EDIT_LOCK_KEY = 0x464C_4544  # "FLED"
+
+
+def _lock_against_snapshots() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock_shared(%s)", [_EDIT_LOCK_KEY])
+
+
+def lock_for_training_snapshot() -> None:
+    """Call inside the transaction that reads a training data set and marks it used (mark_used_in_training)."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("lock_for_training_snapshot() needs the transaction the data set is read and marked in")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_EDIT_LOCK_KEY])
 
 
 def mark_used_in_training(*, message_ids: Sequence[int] = (), ranking_ids: Sequence[int] = ()) -> None:

@@ -313,8 +313,15 @@ def edit_message(request, message_id: int):
     if request.method == "POST":
         if form.is_valid():
             try:
-                services.message_edit(message=message, user=request.user, text=form.cleaned_data["text"])
-                messages.success(request, "Your change is saved.")
+                saved = services.message_edit(message=message, user=request.user, text=form.cleaned_data["text"])
+                if saved.pk == message.pk:
+                    messages.success(request, "Your change is saved.")
+                else:
+                    messages.success(
+                        request,
+                        "Your change is saved as a new version: the replies and rankings others built on your "
+                        "earlier text keep that text.",
+                    )
                 return redirect("labeling:mine")
             except ValidationError as error:
                 _add_errors(form, error)

@@ -24,6 +24,7 @@ class SFTExample:
     conversation_id: int
     message_id: int  # the demonstration
     chat: list[dict]  # the conversation up to and including the demonstration (the last, assistant, turn)
+    revision: int = 1  # of the demonstration's text
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PromptExample:
     conversation_id: int
     message_id: int  # the user turn the policy replies to
     chat: list[dict]
+    revision: int = 1  # of the user turn's text
 
 
 @dataclass
@@ -55,13 +57,16 @@ class DataSplit:
     validation: list
 
     def snapshot(self, id_attribute: str) -> dict:
-        return {
+        result = {
             "train_count": len(self.train),
             "validation_count": len(self.validation),
             "train_ids": [getattr(e, id_attribute) for e in self.train],
             "validation_ids": [getattr(e, id_attribute) for e in self.validation],
             "conversations": len({e.conversation_id for e in self.train + self.validation}),
         }
+        if all(hasattr(e, "revision") for e in self.train + self.validation):  # texts that can be edited in place
+            result["revisions"] = {str(getattr(e, id_attribute)): e.revision for e in self.train + self.validation}
+        return result
 
 
 def demonstrations(*, split: str):
@@ -79,7 +84,7 @@ def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int
     for name in (splits.TRAIN, splits.VALIDATION):
         messages = list(demonstrations(split=name)[:limit] if limit else demonstrations(split=name))
         threads = threads_of(messages)
-        data[name] = [SFTExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
+        data[name] = [SFTExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk]), m.revision) for m in messages]
     result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
     _require("SFT", "accepted demonstrations", result, minimum_train, minimum_validation)
     return result
@@ -150,7 +155,7 @@ def build_prompts(*, minimum: int = 1, limit: int | None = None, split: str = sp
         messages = messages[:limit]
     messages = list(messages)
     threads = threads_of(messages)
-    prompts = [PromptExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk])) for m in messages]
+    prompts = [PromptExample(m.conversation_id, m.pk, thread_as_chat(threads[m.pk]), m.revision) for m in messages]
     if len(prompts) < minimum:
         raise NotEnoughData(f"PPO needs at least {minimum} prompts in the training split; there are {len(prompts)}.")
     return prompts

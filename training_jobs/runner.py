@@ -12,6 +12,7 @@ locked row: a run that was reaped (or cancelled) meanwhile registers nothing and
 Worker processes only (imports torch through the trainers).
 """
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -23,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
-from labeling.services import mark_used_in_training
+from labeling.services import lock_for_training_snapshot, mark_used_in_training
 from models_service.models import ModelVersion
 from models_service.services import active_version, model_version_activate, model_version_register
 from training_jobs import datasets, loop, services
@@ -211,16 +212,27 @@ def _fail(run: TrainingRun, progress: Progress, error: str) -> str:
 # --- the three stages ---
 
 
+@contextlib.contextmanager
+def data_snapshot():
+    """A stage's read of its data set and its "used in training" mark, in one transaction that no edit of a text
+    or a ranking can interleave with (labeling.services.lock_for_training_snapshot): what trains is exactly what
+    the snapshot names, and frozen from then on."""
+    with transaction.atomic():
+        lock_for_training_snapshot()
+        yield
+
+
 def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
     from training_jobs.sft import SFTConfig, train_sft
 
     config = config_from(SFTConfig, {**settings.TRAINING_SFT_DEFAULTS, **run.config})
-    data = datasets.build_sft(
-        minimum_train=settings.TRAINING_MIN_DEMONSTRATIONS, minimum_validation=1, limit=run.config.get("limit")
-    )
-    reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
-    progress.flush(force=True)
-    mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
+    with data_snapshot():
+        data = datasets.build_sft(
+            minimum_train=settings.TRAINING_MIN_DEMONSTRATIONS, minimum_validation=1, limit=run.config.get("limit")
+        )
+        reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
+        progress.flush(force=True)
+        mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
     result = train_sft(
         config,
         [e.chat for e in data.train],
@@ -236,21 +248,22 @@ def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReport
     from training_jobs.reward import Ranked, RewardConfig, train_reward
 
     config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **run.config})
-    data = datasets.build_rankings(minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0)
-    imported = [e for e in data.validation if e.dataset.startswith("hh-rlhf")]
-    labeled = [e for e in data.validation if not e.dataset.startswith("hh-rlhf")]
-    holdout = imported[: settings.TRAINING_RM_HOLDOUT_PAIRS]
-    validation = labeled or holdout
-    demos = datasets.build_sft(minimum_train=0, minimum_validation=0, limit=settings.TRAINING_RM_NORMALISE_ON)
-    reporter.snapshot = {
-        "rankings": data.snapshot("ranking_id"),
-        "validation_source": "labelers" if labeled else "imported HH-RLHF (no labeler rankings in validation)",
-        "holdout_ranking_ids": [e.ranking_id for e in holdout],
-        "normalised_on_demonstration_ids": [e.message_id for e in demos.train],
-        "config": config.__dict__,
-    }
-    progress.flush(force=True)
-    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+    with data_snapshot():
+        data = datasets.build_rankings(minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0)
+        imported = [e for e in data.validation if e.dataset.startswith("hh-rlhf")]
+        labeled = [e for e in data.validation if not e.dataset.startswith("hh-rlhf")]
+        holdout = imported[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+        validation = labeled or holdout
+        demos = datasets.build_sft(minimum_train=0, minimum_validation=0, limit=settings.TRAINING_RM_NORMALISE_ON)
+        reporter.snapshot = {
+            "rankings": data.snapshot("ranking_id"),
+            "validation_source": "labelers" if labeled else "imported HH-RLHF (no labeler rankings in validation)",
+            "holdout_ranking_ids": [e.ranking_id for e in holdout],
+            "normalised_on_demonstration_ids": [e.message_id for e in demos.train],
+            "config": config.__dict__,
+        }
+        progress.flush(force=True)
+        mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
 
     def ranked(examples):
         return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
@@ -285,19 +298,21 @@ def _rollout_config_and_prompts(run: TrainingRun, config_class, defaults: dict):
 def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
     from training_jobs.ppo import PPOConfig, train_ppo
 
-    config, prompts = _rollout_config_and_prompts(run, PPOConfig, settings.TRAINING_PPO_DEFAULTS)
-    ptx = []
-    if config.ptx_coef:
-        ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
-    reporter.snapshot = {
-        "prompt_message_ids": [p.message_id for p in prompts],
-        "prompts": len(prompts),
-        "ptx_demonstration_ids": [e.message_id for e in ptx],
-        "reward_model": run.reward_model.name,
-        "config": config.__dict__,
-    }
-    progress.flush(force=True)
-    mark_used_in_training(message_ids=[p.message_id for p in prompts])
+    with data_snapshot():
+        config, prompts = _rollout_config_and_prompts(run, PPOConfig, settings.TRAINING_PPO_DEFAULTS)
+        ptx = []
+        if config.ptx_coef:
+            ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
+        reporter.snapshot = {
+            "prompt_message_ids": [p.message_id for p in prompts],
+            "prompt_revisions": {str(p.message_id): p.revision for p in prompts},
+            "prompts": len(prompts),
+            "ptx_demonstration_ids": [e.message_id for e in ptx],
+            "reward_model": run.reward_model.name,
+            "config": config.__dict__,
+        }
+        progress.flush(force=True)
+        mark_used_in_training(message_ids=[p.message_id for p in prompts] + [e.message_id for e in ptx])
     result = train_ppo(
         config,
         prompts=[p.chat for p in prompts],
@@ -324,25 +339,26 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
         used = snapshot.get("rankings", {})
         earlier.update(used.get("train_ids", []) + used.get("validation_ids", []))
     lineage = [v.pk for v in run.base_model.lineage]
-    data = datasets.build_rankings(
-        minimum_train=settings.TRAINING_MIN_RANKINGS,
-        minimum_validation=0,
-        sampled_by=lineage,
-        exclude_ids=earlier,
-        stage="DPO (rankings of this policy's samples or its ancestors' that no earlier round trained on)",
-    )
-    holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
-    holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
-    reporter.snapshot = {
-        "rankings": data.snapshot("ranking_id"),
-        "sampled_by": lineage,
-        "left_out_trained_before": len(earlier),
-        "holdout_ranking_ids": [e.ranking_id for e in holdout],
-        "reward_model": run.reward_model.name if run.reward_model else None,
-        "config": config.__dict__,
-    }
-    progress.flush(force=True)
-    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+    with data_snapshot():
+        data = datasets.build_rankings(
+            minimum_train=settings.TRAINING_MIN_RANKINGS,
+            minimum_validation=0,
+            sampled_by=lineage,
+            exclude_ids=earlier,
+            stage="DPO (rankings of this policy's samples or its ancestors' that no earlier round trained on)",
+        )
+        holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
+        holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+        reporter.snapshot = {
+            "rankings": data.snapshot("ranking_id"),
+            "sampled_by": lineage,
+            "left_out_trained_before": len(earlier),
+            "holdout_ranking_ids": [e.ranking_id for e in holdout],
+            "reward_model": run.reward_model.name if run.reward_model else None,
+            "config": config.__dict__,
+        }
+        progress.flush(force=True)
+        mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
 
     def ranked(examples):
         return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
@@ -362,15 +378,17 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
     from training_jobs.rloo import RLOOConfig, train_rloo
 
-    config, prompts = _rollout_config_and_prompts(run, RLOOConfig, settings.TRAINING_RLOO_DEFAULTS)
-    reporter.snapshot = {
-        "prompt_message_ids": [p.message_id for p in prompts],
-        "prompts": len(prompts),
-        "reward_model": run.reward_model.name,
-        "config": config.__dict__,
-    }
-    progress.flush(force=True)
-    mark_used_in_training(message_ids=[p.message_id for p in prompts])
+    with data_snapshot():
+        config, prompts = _rollout_config_and_prompts(run, RLOOConfig, settings.TRAINING_RLOO_DEFAULTS)
+        reporter.snapshot = {
+            "prompt_message_ids": [p.message_id for p in prompts],
+            "prompt_revisions": {str(p.message_id): p.revision for p in prompts},
+            "prompts": len(prompts),
+            "reward_model": run.reward_model.name,
+            "config": config.__dict__,
+        }
+        progress.flush(force=True)
+        mark_used_in_training(message_ids=[p.message_id for p in prompts])
     result = train_rloo(
         config,
         prompts=[p.chat for p in prompts],
