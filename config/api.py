@@ -54,6 +54,18 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+class StaffSeesMore:
+    """A view mixin: admins get `staff_serializer_class`, everyone else `serializer_class` (fewer fields)."""
+
+    staff_serializer_class = None
+
+    def get_serializer_class(self):
+        user = getattr(self.request, "user", None)
+        if user is not None and user.is_staff and self.staff_serializer_class is not None:
+            return self.staff_serializer_class
+        return self.serializer_class
+
+
 class IsAdmin(permissions.BasePermission):
     """Admins are staff users: they use Django admin and the ops pages."""
 

@@ -13,7 +13,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import IsAdmin, StrictCharField
+from config.api import IsAdmin, StaffSeesMore, StrictCharField
 from labeling import exporting, services
 from labeling.importing import FORMATS
 from labeling.models import Assignment, CandidateFlag, Conversation, ImportJob, Message, Review, TaskKind
@@ -26,12 +26,20 @@ MAX_CANDIDATES = 9  # a ranking has at most 9 candidates (RankingEntry's rank ra
 
 
 class MessageOut(serializers.ModelSerializer):
+    """A message as labelers see it: never which model version wrote it (that would unblind the A/B gate)."""
+
     content = serializers.CharField(source="text")
-    model_version = serializers.SlugRelatedField(slug_field="name", read_only=True)
 
     class Meta:
         model = Message
-        fields = ["id", "parent", "role", "content", "origin", "model_version", "review_status", "created_at"]
+        fields = ["id", "parent", "role", "content", "origin", "review_status", "created_at"]
+
+
+class StaffMessageOut(MessageOut):
+    model_version = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta(MessageOut.Meta):
+        fields = [*MessageOut.Meta.fields, "model_version"]
 
 
 class TurnOut(serializers.Serializer):
@@ -300,11 +308,20 @@ class DraftApi(APIView):
 
 
 class ConversationOut(serializers.ModelSerializer):
+    """A conversation as labelers see it: not its split (held out or not) nor its messages' model versions."""
+
     messages = MessageOut(many=True, read_only=True)
 
     class Meta:
         model = Conversation
-        fields = ["id", "source", "dataset", "language", "tags", "split", "created_at", "messages"]
+        fields = ["id", "source", "dataset", "language", "tags", "created_at", "messages"]
+
+
+class StaffConversationOut(ConversationOut):
+    messages = StaffMessageOut(many=True, read_only=True)
+
+    class Meta(ConversationOut.Meta):
+        fields = [*ConversationOut.Meta.fields, "split"]
 
 
 def visible_conversations(user):
@@ -317,23 +334,23 @@ def visible_conversations(user):
     ) | conversations.filter(created_by=user)
 
 
-class ConversationListApi(ListAPIView):
-    serializer_class = ConversationOut
+class ConversationListApi(StaffSeesMore, ListAPIView):
+    serializer_class, staff_serializer_class = ConversationOut, StaffConversationOut
 
     def get_queryset(self):
         return visible_conversations(self.request.user).distinct().order_by("-created_at", "-pk")
 
 
-class ConversationDetailApi(RetrieveAPIView):
-    serializer_class = ConversationOut
+class ConversationDetailApi(StaffSeesMore, RetrieveAPIView):
+    serializer_class, staff_serializer_class = ConversationOut, StaffConversationOut
     lookup_url_kwarg = "conversation_id"
 
     def get_queryset(self):
         return visible_conversations(self.request.user).distinct()
 
 
-class MessageDetailApi(RetrieveAPIView):
-    serializer_class = MessageOut
+class MessageDetailApi(StaffSeesMore, RetrieveAPIView):
+    serializer_class, staff_serializer_class = MessageOut, StaffMessageOut
     lookup_url_kwarg = "message_id"
 
     def get_queryset(self):

@@ -370,3 +370,27 @@ def test_ownership_is_checked_before_the_body_is_read(ranking_assignment, charli
         f"/api/v1/assignments/{assignment['id']}/submit/", "[" * 100_000, content_type="application/json"
     )
     assert response.status_code == 404
+
+
+def test_labelers_never_see_model_versions_or_splits(alice, admin_user):
+    """Issue 15, item 5: model versions would unblind the A/B gate, splits would say which prompts are held out."""
+    from tests.labeling.helpers import make_rank_task
+
+    task = make_rank_task(k=2)
+    prompt = task.parent_message
+    prompt.author = alice
+    prompt.save(update_fields=["author"])
+    from labeling.models import Conversation
+
+    Conversation.objects.filter(pk=prompt.conversation_id).update(created_by=alice)
+    candidate = task.candidates.first()
+    for client, staff in ((api(alice), False), (api(admin_user), True)):
+        conversation = client.get(f"/api/v1/conversations/{prompt.conversation_id}/").json()
+        listed = client.get("/api/v1/conversations/").json()["results"][0]
+        message = client.get(f"/api/v1/messages/{candidate.pk}/").json()
+        for row in (conversation, listed):
+            assert ("split" in row) == staff
+            assert all(("model_version" in m) == staff for m in row["messages"])
+        assert ("model_version" in message) == staff
+        if staff:
+            assert message["model_version"] == candidate.model_version.name

@@ -8,7 +8,7 @@ from rest_framework.generics import ListAPIView, RetrieveAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import IsAdmin
+from config.api import IsAdmin, StaffSeesMore
 from models_service.models import ModelVersion
 from training_jobs import services
 from training_jobs.models import TrainingRun
@@ -46,12 +46,8 @@ class TrainingRunPublicOut(TrainingRunOut):
         fields = [f for f in TrainingRunOut.Meta.fields if f not in ("config", "summary", "error", "data_snapshot")]
 
 
-class _RunSerializerByRole:
-    serializer_class = TrainingRunOut
-
-    def get_serializer_class(self):
-        user = getattr(self.request, "user", None)
-        return TrainingRunOut if user is not None and user.is_staff else TrainingRunPublicOut
+class _RunSerializerByRole(StaffSeesMore):
+    serializer_class, staff_serializer_class = TrainingRunPublicOut, TrainingRunOut
 
 
 class TrainingRunListApi(_RunSerializerByRole, ListAPIView):
