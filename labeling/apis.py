@@ -267,11 +267,10 @@ class SkipApi(APIView):
 
     @extend_schema(request=SkipInput, responses=AssignmentOut)
     def post(self, request, assignment_id: int):
+        assignment = _own_assignment(request, assignment_id)  # someone else's: a 404 before the body is read
         serializer = self.SkipInput(data=request.data)
         serializer.is_valid(raise_exception=True)
-        assignment = services.assignment_skip(
-            assignment=_own_assignment(request, assignment_id), reason=serializer.validated_data["reason"]
-        )
+        assignment = services.assignment_skip(assignment=assignment, reason=serializer.validated_data["reason"])
         return Response(_assignment_out(assignment))
 
 
@@ -282,11 +281,10 @@ class ReportApi(APIView):
 
     @extend_schema(request=ReportInput, responses=AssignmentOut)
     def post(self, request, assignment_id: int):
+        assignment = _own_assignment(request, assignment_id)  # someone else's: a 404 before the body is read
         serializer = self.ReportInput(data=request.data)
         serializer.is_valid(raise_exception=True)
-        assignment = services.assignment_report(
-            assignment=_own_assignment(request, assignment_id), **serializer.validated_data
-        )
+        assignment = services.assignment_report(assignment=assignment, **serializer.validated_data)
         return Response(_assignment_out(assignment))
 
 
@@ -296,11 +294,10 @@ class DraftApi(APIView):
 
     @extend_schema(request=DraftInput, responses=AssignmentOut, summary="Save a draft (and extend the lease)")
     def post(self, request, assignment_id: int):
+        assignment = _own_assignment(request, assignment_id)  # someone else's: a 404 before the body is read
         serializer = self.DraftInput(data=request.data)
         serializer.is_valid(raise_exception=True)
-        assignment = services.assignment_save_draft(
-            assignment=_own_assignment(request, assignment_id), draft=serializer.validated_data["text"]
-        )
+        assignment = services.assignment_save_draft(assignment=assignment, draft=serializer.validated_data["text"])
         return Response(_assignment_out(assignment))
 
 

@@ -143,6 +143,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # django-axes logs every successful sign-in at INFO ("Deleted 0 failed login attempts"); lockouts are warnings.
+    "loggers": {"axes": {"level": "WARNING"}},
 }
 
 REST_FRAMEWORK = {
