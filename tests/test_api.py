@@ -394,3 +394,24 @@ def test_labelers_never_see_model_versions_or_splits(alice, admin_user):
         assert ("model_version" in message) == staff
         if staff:
             assert message["model_version"] == candidate.model_version.name
+
+
+@pytest.mark.parametrize("error", ["database", "redis"])
+def test_an_outage_is_a_503_with_retry_after_not_a_500(alice, client, error):
+    """Issue 15: while PostgreSQL or Redis restarts, a request fails with a clear 503 that says to retry."""
+    from unittest import mock
+
+    import redis
+    from django.db import OperationalError
+
+    raised = OperationalError("server closed the connection") if error == "database" else redis.ConnectionError()
+    with (
+        mock.patch("labeling.services.task_lease_next", side_effect=raised),
+        mock.patch("labeling.services.task_lease_next_id", side_effect=raised),
+    ):
+        response = api(alice).post("/api/v1/tasks/next/")
+        assert response.status_code == 503 and int(response["Retry-After"]) > 0
+        assert response.json()["code"] == "unavailable"
+        client.force_login(alice)
+        page = client.get("/work/next/")
+        assert page.status_code == 503 and "Try again" in page.content.decode()
