@@ -29,6 +29,7 @@ from labeling.quality import pair_preferences
 from labeling.selectors import thread_as_chat, threads_of
 
 KINDS = ("sft", "preferences", "rankings")
+UNEXPORTED = ("hidden", "removed")  # conversations reported and waiting for an admin, or removed by one
 
 
 @dataclass
@@ -97,6 +98,7 @@ def sft_rows(filters: ExportFilters, *, chunk: int = 500) -> Iterator[dict]:
         demonstrations = demonstrations.exclude(origin=Message.Origin.IMPORT)
     if not filters.include_heldout:
         demonstrations = demonstrations.exclude(conversation__split=splits.HOLDOUT)
+    demonstrations = demonstrations.exclude(conversation__moderation__in=UNEXPORTED)
     ids = list(_dated(demonstrations, filters).order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(ids), chunk):
         messages = list(
@@ -113,6 +115,7 @@ def _rankings(filters: ExportFilters):
         rankings = rankings.exclude(task__parent_message__conversation__split=splits.HOLDOUT)
     if not filters.include_ab:
         rankings = rankings.exclude(task__payload__has_key="evaluation")
+    rankings = rankings.exclude(task__parent_message__conversation__moderation__in=UNEXPORTED)
     if filters.model_version:
         rankings = rankings.filter(
             Q(task__model_version__name=filters.model_version)

@@ -73,6 +73,20 @@ class Conversation(models.Model):
         default=splits.random_split,
         help_text="Fixed at creation: train, validation, or held out for the evaluation gate.",
     )
+
+    class Moderation(models.TextChoices):
+        NONE = "", "Not reported"
+        HIDDEN = "hidden", "Hidden: reported, waiting for an admin"
+        KEPT = "kept", "Kept by an admin after reports"
+        REMOVED = "removed", "Removed by an admin"
+
+    moderation = models.CharField(
+        max_length=8,
+        choices=Moderation.choices,
+        blank=True,
+        default="",
+        help_text="Reported conversations are hidden from everyone (no tasks, no training) until an admin decides.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -189,3 +189,20 @@ def chat_view(conversation) -> dict:
         ).select_related("task")
     }
     return {"thread": thread, "pending": pending, "failed": failed, "alternatives": alternatives, "latest": latest}
+
+
+def moderation_queue(limit: int = 100) -> list[dict]:
+    """Conversations hidden after reports, waiting for an admin: their first turns and every report on them."""
+    hidden = list(Conversation.objects.filter(moderation=Conversation.Moderation.HIDDEN).order_by("created_at")[:limit])
+    reports = defaultdict(list)
+    for row in (
+        Assignment.objects.filter(task__conversation__in=hidden, status=Assignment.Status.REPORTED)
+        .select_related("labeler")
+        .order_by("leased_at")
+        .values("task__conversation_id", "report_reason", "skip_reason", "labeler__username", "leased_at")
+    ):
+        reports[row["task__conversation_id"]].append(row)
+    first_turns = defaultdict(list)
+    for message in Message.objects.filter(conversation__in=hidden, depth__lte=1).order_by("depth", "pk"):
+        first_turns[message.conversation_id].append(message)
+    return [{"conversation": c, "turns": first_turns[c.pk][:3], "reports": reports[c.pk]} for c in hidden]

@@ -710,7 +710,34 @@ def assignment_report(*, assignment: Assignment, reason: str, note: str = "") ->
             task.status = Task.Status.CANCELLED
             task.cancelled_reason = f"Reported {reports.count()} times ({', '.join(reasons)})."
             task.save(update_fields=["status", "cancelled_reason"])
+            # The whole conversation is hidden from everyone (no task, no training) until an admin decides,
+            # unless an admin already kept it after earlier reports.
+            Conversation.objects.filter(pk=task.conversation_id, moderation=Conversation.Moderation.NONE).update(
+                moderation=Conversation.Moderation.HIDDEN
+            )
     return reported
+
+
+def conversation_moderate(*, conversation: Conversation, decision: str, actor) -> Conversation:
+    """An admin's decision on a reported conversation: keep it (its tasks reported out of the queue open again;
+    later reports no longer hide it) or remove it (its open tasks are withdrawn; it never trains)."""
+    if decision not in (Conversation.Moderation.KEPT, Conversation.Moderation.REMOVED):
+        raise ValidationError({"decision": "Keep or remove."})
+    with transaction.atomic():
+        current = Conversation.objects.select_for_update().get(pk=conversation.pk)
+        current.moderation = decision
+        current.save(update_fields=["moderation"])
+        tasks = Task.objects.filter(conversation=current)
+        if decision == Conversation.Moderation.KEPT:
+            for task in tasks.filter(status=Task.Status.CANCELLED, cancelled_reason__startswith="Reported"):
+                task.status, task.cancelled_reason = Task.Status.OPEN, ""
+                task.save(update_fields=["status", "cancelled_reason"])
+                _refresh_free_slots(task.pk, timezone.now())
+        else:
+            tasks.filter(status=Task.Status.OPEN).update(
+                status=Task.Status.CANCELLED, cancelled_reason=f"Removed by {actor} after reports."
+            )
+    return current
 
 
 # --- editing one's own work ---

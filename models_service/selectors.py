@@ -45,16 +45,13 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
         purpose=SamplingRequest.Purpose.POOL,
         status__in=[SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING],
     )
-    reported = Task.objects.filter(
-        conversation=OuterRef("conversation_id"), status=Task.Status.CANCELLED, cancelled_reason__startswith="Reported"
-    )
     return (
         Message.objects.filter(role=Role.USER, conversation__split__in=[splits.TRAIN, splits.VALIDATION])
         .exclude(conversation__source=Conversation.Source.CHAT)
+        .exclude(conversation__moderation__in=[Conversation.Moderation.HIDDEN, Conversation.Moderation.REMOVED])
         .exclude(Exists(ranked_by_policy))
         .exclude(Exists(open_ranking))
         .exclude(Exists(in_flight))
-        .exclude(Exists(reported))
         .annotate(
             already_ranked=Exists(any_ranking),
             imported=Case(

@@ -61,6 +61,8 @@ RULES = {
     "ops:evaluation": ("get", ADMIN),
     "ops:promote": ("post", ADMIN),
     "ops:labelers": ("get", ADMIN),
+    "ops:moderation": ("get", ADMIN),
+    "ops:moderate": ("post", ADMIN),
     "ops:imports": ("get", ADMIN),
     "ops:import": ("get", ADMIN),
     "api-schema": ("get", SIGNED_IN),

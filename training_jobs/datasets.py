@@ -14,6 +14,8 @@ from labeling import splits
 from labeling.models import Message, Ranking, RankingEntry, Role
 from labeling.selectors import thread_as_chat, threads_of
 
+UNTRAINABLE = ("hidden", "removed")  # Conversation.moderation: reported and waiting for an admin, or removed
+
 
 class NotEnoughData(Exception):
     """Too little data to train: the message gives the counts and what is needed."""
@@ -71,11 +73,15 @@ class DataSplit:
 
 def demonstrations(*, split: str):
     """Accepted demonstrations (written in the product and reviewed, or imported) in conversations of `split`."""
-    return Message.objects.filter(
-        role=Role.ASSISTANT,
-        review_status=Message.ReviewStatus.ACCEPTED,
-        conversation__split=split,
-    ).order_by("pk")
+    return (
+        Message.objects.filter(
+            role=Role.ASSISTANT,
+            review_status=Message.ReviewStatus.ACCEPTED,
+            conversation__split=split,
+        )
+        .exclude(conversation__moderation__in=UNTRAINABLE)
+        .order_by("pk")
+    )
 
 
 def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int | None = None) -> DataSplit:
@@ -110,6 +116,7 @@ def build_rankings(
         Ranking.objects.select_related("task__parent_message", "task__conversation")
         .annotate(distinct_ranks=Count("entries__rank", distinct=True))
         .filter(distinct_ranks__gte=2)
+        .exclude(task__conversation__moderation__in=UNTRAINABLE)
     )
     if dataset_prefix:
         rankings = rankings.filter(task__conversation__dataset__startswith=dataset_prefix)
@@ -150,7 +157,11 @@ def build_prompts(*, minimum: int = 1, limit: int | None = None, split: str = sp
 
     Held-out conversations are never used: the evaluation gate needs prompts no stage trained on.
     """
-    messages = Message.objects.filter(role=Role.USER, conversation__split=split).order_by("pk")
+    messages = (
+        Message.objects.filter(role=Role.USER, conversation__split=split)
+        .exclude(conversation__moderation__in=UNTRAINABLE)
+        .order_by("pk")
+    )
     if limit:
         messages = messages[:limit]
     messages = list(messages)

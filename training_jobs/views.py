@@ -11,9 +11,10 @@ from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
 from labeling.importing import FORMATS
-from labeling.models import ImportJob
+from labeling.models import Conversation, ImportJob
 from labeling.quality import labeler_quality
-from labeling.services import import_job_create
+from labeling.selectors import moderation_queue
+from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
 from models_service.services import model_version_activate, model_version_rollback
 from training_jobs import gate, loop, selectors, services
@@ -197,3 +198,21 @@ def import_detail(request, job_id: int):
             response.status_code = HttpResponseStopPolling.status_code
         return response
     return render(request, "ops/import.html", {"job": job})
+
+
+@staff_only
+def moderation(request):
+    return render(request, "ops/moderation.html", {"queue": moderation_queue()})
+
+
+@staff_only
+@require_POST
+def moderate(request, conversation_id: int):
+    conversation = get_object_or_404(Conversation, pk=conversation_id)
+    decision = request.POST.get("decision", "")
+    try:
+        conversation_moderate(conversation=conversation, decision=decision, actor=request.user)
+    except ValidationError as error:
+        return _refused(request, error, "ops:moderation")
+    done = "kept: its tasks are back in the queue" if decision == "kept" else "removed: it never trains"
+    return _done(request, f"Conversation #{conversation.pk} {done}.", "ops:moderation")

@@ -3,7 +3,8 @@
 - a task whose payload names the labeler in "not_for": the rewrite of a rejected reply is not offered to the
   labeler who wrote it, the blind A/B comparison of a prompt not to the prompt's author;
 - any task on a conversation the labeler skipped as content they would rather not work on, or reported
-  (labeling_conversationexclusion), whichever branch or task kind it comes through.
+  (labeling_conversationexclusion), whichever branch or task kind it comes through;
+- any task on a conversation hidden after reports (until an admin keeps it) or removed by an admin.
 """
 
 import importlib
@@ -20,9 +21,11 @@ AVAILABLE_END = """            WHERE a.task_id = t.id
 AVAILABLE_END_NOW = """            WHERE a.task_id = t.id
               AND (a.status = 'submitted' OR (a.status = 'leased' AND a.lease_expires_at > p_now))) < t.overlap
        AND NOT coalesce(t.payload -> 'not_for' @> to_jsonb(p_user), false)
-       AND (t.conversation_id IS NULL OR NOT EXISTS (
-           SELECT 1 FROM labeling_conversationexclusion x
-           WHERE x.labeler_id = p_user AND x.conversation_id = t.conversation_id))
+       AND (t.conversation_id IS NULL OR (
+           NOT EXISTS (SELECT 1 FROM labeling_conversationexclusion x
+                       WHERE x.labeler_id = p_user AND x.conversation_id = t.conversation_id)
+           AND (SELECT c.moderation FROM labeling_conversation c WHERE c.id = t.conversation_id)
+               NOT IN ('hidden', 'removed')))
 )"""
 
 
@@ -38,6 +41,6 @@ def lease_next_sql() -> str:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("labeling", "0016_review_revisions_and_exclusions")]
+    dependencies = [("labeling", "0016_trust_revisions_exclusions_moderation")]
 
     operations = [migrations.RunSQL(sql=lease_next_sql(), reverse_sql=previous.lease_next_sql())]

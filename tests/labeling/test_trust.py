@@ -120,3 +120,36 @@ def test_a_report_keeps_the_conversation_and_its_ranking_tasks_away(alice, bob):
     services.assignment_report(assignment=first, reason="harmful")
     assert task_lease_next(user=alice) is None
     assert {task_lease_next(user=bob).task} <= {ranking, reply}
+
+
+def test_reports_hide_a_conversation_from_everyone_until_an_admin_decides(client, alice, bob, charlie, admin_user):
+    """Issue 15, item 6: after `reports_to_cancel` reports nobody gets a task on it and nothing in it trains; the
+    ops page shows it; Keep puts its tasks back, Remove keeps it out for good."""
+    from django.urls import reverse
+
+    from labeling.models import Conversation
+    from training_jobs import datasets
+
+    set_queue(reports_to_cancel=2)
+    ranking = make_rank_task(k=2, overlap=3)
+    other = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=ranking.parent_message)
+    conversation = ranking.conversation
+    for labeler in (alice, bob):
+        assignment = task_lease_next(user=labeler)
+        services.assignment_report(assignment=assignment, reason="harmful", note="not for labelers")
+    conversation.refresh_from_db()
+    assert conversation.moderation == Conversation.Moderation.HIDDEN
+    assert task_lease_next(user=charlie) is None, "no task on it for anyone, the other one included"
+    assert all(p.conversation_id != conversation.pk for p in datasets.build_prompts(minimum=0))
+
+    client.force_login(admin_user)
+    page = client.get(reverse("ops:moderation")).content.decode()
+    assert 'data-testid="reported-conversation"' in page and "not for labelers" in page
+    client.post(reverse("ops:moderate", args=[conversation.pk]), {"decision": "kept"})
+    conversation.refresh_from_db()
+    assert conversation.moderation == "kept"
+    assert task_lease_next(user=charlie).task in (ranking, other), "its tasks are back"
+
+    client.post(reverse("ops:moderate", args=[conversation.pk]), {"decision": "removed"})
+    assert not Task.objects.filter(conversation=conversation, status="open").exists()
+    assert 'data-testid="moderation-empty"' in client.get(reverse("ops:moderation")).content.decode()
