@@ -17,7 +17,7 @@ from config.api import IsAdmin, StaffSeesMore, StrictCharField
 from labeling import exporting, services
 from labeling.importing import FORMATS
 from labeling.models import Assignment, CandidateFlag, Conversation, ImportJob, Message, Review, TaskKind
-from labeling.selectors import message_thread
+from labeling.selectors import candidate_handles, message_thread
 from labeling.services import MAX_MESSAGE_CHARS
 
 MAX_CANDIDATES = 9  # a ranking has at most 9 candidates (RankingEntry's rank range)
@@ -83,11 +83,13 @@ class AssignmentOut(serializers.ModelSerializer):
         return TurnOut(message_thread(message), many=True).data if message else []
 
     def get_candidates(self, assignment) -> list[dict]:
+        """The replies in this labeler's order, each with an opaque handle (not its message id)."""
         if assignment.task.kind != TaskKind.RANK_REPLIES:
             return []
         by_id = {c.message_id: c.message for c in assignment.task.task_candidates.select_related("message")}
+        handles = candidate_handles(assignment.task, assignment.labeler_id)
         order = services.display_order(assignment.task, assignment.labeler_id)
-        return [{"id": i, "content": by_id[i].text} for i in order]
+        return [{"id": handles[i], "content": by_id[i].text} for i in order]
 
     def get_demonstration(self, assignment) -> dict | None:
         message = assignment.task.target_message
@@ -159,17 +161,19 @@ class SubmitApi(APIView):
 
     class RankInput(serializers.Serializer):
         order = serializers.ListField(
-            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False, max_length=MAX_CANDIDATES),
+            child=serializers.ListField(
+                child=StrictCharField(max_length=32), allow_empty=False, max_length=MAX_CANDIDATES
+            ),
             allow_empty=False,
             max_length=MAX_CANDIDATES,
-            help_text="Groups of candidate ids, best group first; a group of several is a tie.",
+            help_text="Groups of the candidates' ids (their handles), best group first; a group of several is a tie.",
         )
         flags = serializers.DictField(
             child=serializers.ListField(
                 child=serializers.ChoiceField(choices=CandidateFlag.values), max_length=len(CandidateFlag.values)
             ),
             required=False,
-            help_text="Candidate id -> flags.",
+            help_text="Candidate id (handle) -> flags.",
         )
         quality_rating = serializers.IntegerField(min_value=1, max_value=7, required=False, allow_null=True)
         all_unacceptable = serializers.BooleanField(required=False, default=False)
@@ -179,10 +183,7 @@ class SubmitApi(APIView):
         def validate_flags(self, flags):
             if len(flags) > MAX_CANDIDATES:
                 raise serializers.ValidationError(f"At most {MAX_CANDIDATES} candidates can be flagged.")
-            try:
-                return {int(key): value for key, value in flags.items()}
-            except ValueError:
-                raise serializers.ValidationError("Keys must be candidate ids.") from None
+            return flags
 
     class ReviewInput(serializers.Serializer):
         decision = serializers.ChoiceField(choices=Review.Decision.values)
@@ -202,7 +203,8 @@ class SubmitApi(APIView):
             serializers=[WriteInput, RankInput, ReviewInput],
             resource_type_field_name=None,
         ),
-        description="Write tasks: {text, language?, tags?}. Ranking: {order: [[id], [id, id], ...], flags?, "
+        description="Write tasks: {text, language?, tags?}. Ranking: {order: [[id], [id, id], ...] with the "
+        "candidates' ids as the task gives them, flags?, "
         "quality_rating?, all_unacceptable?, confirm_untouched?}. Review: {decision: accept|reject, reason?}.",
         responses={201: Output, 200: Output},
     )
@@ -211,11 +213,19 @@ class SubmitApi(APIView):
         kind = assignment.task.kind
         if kind == TaskKind.RANK_REPLIES:
             data = self._valid(self.RankInput, request)
+            ids = {handle: i for i, handle in candidate_handles(assignment.task, assignment.labeler_id).items()}
+            unknown = sorted({h for group in data["order"] for h in group} - set(ids))
+            unknown_flags = sorted(set(data.get("flags", {})) - set(ids))
+            if unknown or unknown_flags:
+                field = "order" if unknown else "flags"
+                raise serializers.ValidationError(
+                    {field: [f"Not candidates of this task: {', '.join(unknown or unknown_flags)}."]}
+                )
             result = services.ranking_submit(
                 assignment=assignment,
                 ranking=services.RankingInput(
-                    order=data["order"],
-                    flags=data.get("flags", {}),
+                    order=[[ids[h] for h in group] for group in data["order"]],
+                    flags={ids[h]: value for h, value in data.get("flags", {}).items()},
                     quality_rating=data.get("quality_rating"),
                     all_unacceptable=data["all_unacceptable"],
                     confirm_untouched=data["confirm_untouched"],

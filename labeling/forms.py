@@ -76,9 +76,11 @@ class RankingForm(TimedForm):
     all_unacceptable = forms.BooleanField(required=False)
     confirm_untouched = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
-    def __init__(self, *args, candidate_ids=(), **kwargs):
+    def __init__(self, *args, handles=None, **kwargs):
+        """`handles`: {message id: the opaque handle the page shows for it} (selectors.candidate_handles)."""
         super().__init__(*args, **kwargs)
-        self.candidate_ids = list(candidate_ids)
+        self.handles = dict(handles or {})
+        self.candidate_ids = list(self.handles)
 
     def clean_order(self):
         text = self.cleaned_data["order"]
@@ -89,19 +91,20 @@ class RankingForm(TimedForm):
             order = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
             raise unreadable from None
+        ids = {handle: i for i, handle in self.handles.items()}
         if not (
             isinstance(order, list)
             and all(isinstance(group, list) and group for group in order)
-            and all(type(i) is int for group in order for i in group)
+            and all(isinstance(h, str) and h in ids for group in order for h in group)
         ):
             raise unreadable
-        return order
+        return [[ids[h] for h in group] for group in order]
 
     def ranking_input(self) -> RankingInput:
         data = self.cleaned_data
         flags = {}
-        for message_id in self.candidate_ids:
-            chosen = [f for f in self.data.getlist(f"flags-{message_id}") if f]
+        for message_id, handle in self.handles.items():
+            chosen = [f for f in self.data.getlist(f"flags-{handle}") if f]
             if chosen:
                 flags[message_id] = chosen
         return RankingInput(

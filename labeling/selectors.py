@@ -1,6 +1,7 @@
 """Reads from the labeling domain: the queue, threads and what a labeler has done."""
 
 import datetime as dt
+import hmac
 from collections import defaultdict
 
 from django.db.models import (
@@ -206,3 +207,17 @@ def moderation_queue(limit: int = 100) -> list[dict]:
     for message in Message.objects.filter(conversation__in=hidden, depth__lte=1).order_by("depth", "pk"):
         first_turns[message.conversation_id].append(message)
     return [{"conversation": c, "turns": first_turns[c.pk][:3], "reports": reports[c.pk]} for c in hidden]
+
+
+def candidate_handles(task, labeler_id: int) -> dict[int, str]:
+    """{message id: the opaque handle this labeler sees for it on this task}. Message ids would tell which reply
+    was created first (in the blind A/B, which policy wrote it); a handle says nothing, differs per task and per
+    labeler, and stays the same across reloads."""
+    from django.conf import settings
+
+    key = settings.SECRET_KEY.encode()
+    return {
+        message_id: "c"
+        + hmac.new(key, f"candidate:{task.pk}:{labeler_id}:{message_id}".encode(), "sha256").hexdigest()[:11]
+        for message_id in task.task_candidates.values_list("message_id", flat=True)
+    }

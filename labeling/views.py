@@ -13,7 +13,7 @@ from config.ratelimit import per_user_per_minute
 from labeling import forms, services
 from labeling.markdown import render_markdown
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Message, Ranking, TaskKind
-from labeling.selectors import current_assignment, labeler_counts, message_thread, my_work
+from labeling.selectors import candidate_handles, current_assignment, labeler_counts, message_thread, my_work
 
 WRITE_KINDS = {TaskKind.WRITE_PROMPT, TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY}
 
@@ -146,9 +146,10 @@ def _candidates_in_display_order(assignment):
 def _work_rank(request, assignment):
     candidates = _candidates_in_display_order(assignment)
     candidate_ids = [c.pk for c in candidates]
+    handles = candidate_handles(assignment.task, assignment.labeler_id)  # the page never shows message ids
     status, untouched_warning = 200, False
     if request.method == "POST":
-        form = forms.RankingForm(request.POST, candidate_ids=candidate_ids)
+        form = forms.RankingForm(request.POST, handles=handles)
         if form.is_valid():
             try:
                 result = services.ranking_submit(
@@ -164,7 +165,7 @@ def _work_rank(request, assignment):
                 _refused(form, error)
         status = 422
     else:
-        form = forms.RankingForm(candidate_ids=candidate_ids)
+        form = forms.RankingForm(handles=handles)
     posted_order = _posted_order(form, candidate_ids)
     ordered = [c for group in posted_order for c in candidates if c.pk in group] if posted_order else candidates
     tied = {c.pk for group in (posted_order or []) for c in candidates if c.pk in group[1:]}
@@ -172,9 +173,10 @@ def _work_rank(request, assignment):
     rows = [
         {
             "message": c,
+            "handle": handles[c.pk],
             "letter": letters[c.pk],
             "tied": c.pk in tied,
-            "flags": request.POST.getlist(f"flags-{c.pk}") if request.method == "POST" else [],
+            "flags": request.POST.getlist(f"flags-{handles[c.pk]}") if request.method == "POST" else [],
         }
         for c in ordered
     ]
@@ -185,7 +187,7 @@ def _work_rank(request, assignment):
             assignment,
             form=form,
             rows=rows,
-            display_ids=candidate_ids,
+            display_handles=[handles[i] for i in candidate_ids],
             flag_choices=CandidateFlag.choices,
             untouched_warning=untouched_warning,
             ratings=range(1, 8),
@@ -349,9 +351,10 @@ def edit_ranking(request, ranking_id: int):
     assignment = ranking.assignment
     candidates = _candidates_in_display_order(assignment)
     candidate_ids = [c.pk for c in candidates]
+    handles = candidate_handles(assignment.task, assignment.labeler_id)
     status = 200
     if request.method == "POST":
-        form = forms.RankingForm(request.POST, candidate_ids=candidate_ids)
+        form = forms.RankingForm(request.POST, handles=handles)
         if form.is_valid():
             try:
                 services.ranking_edit(ranking=ranking, user=request.user, new=form.ranking_input())
@@ -364,14 +367,14 @@ def edit_ranking(request, ranking_id: int):
         status = 422
         posted = _posted_order(form, candidate_ids)
     else:
-        form = forms.RankingForm(candidate_ids=candidate_ids)
+        form = forms.RankingForm(handles=handles)
         posted = ranking.ordered_message_ids
     flags = {e.message_id: e.flags for e in ranking.entries.all()}
     by_id = {c.pk: c for c in candidates}
     order = posted or [[i] for i in candidate_ids]
     letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
     rows = [
-        {"message": by_id[i], "letter": letters[i], "tied": n > 0, "flags": flags.get(i, [])}
+        {"message": by_id[i], "handle": handles[i], "letter": letters[i], "tied": n > 0, "flags": flags.get(i, [])}
         for group in order
         for n, i in enumerate(group)
     ]
@@ -388,7 +391,7 @@ def edit_ranking(request, ranking_id: int):
             "thread": message_thread(ranking.task.parent_message),
             "form": form,
             "rows": rows,
-            "display_ids": candidate_ids,
+            "display_handles": [handles[i] for i in candidate_ids],
             "flag_choices": CandidateFlag.choices,
             "ratings": range(1, 8),
             "editing": ranking,

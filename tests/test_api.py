@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 
 from labeling import services
 from labeling.models import Assignment, Message, QueueSettings, Ranking, Review, Task, TaskKind
+from labeling.selectors import candidate_handles
 from tests.factories import UserFactory
 from tests.labeling.helpers import make_rank_task, make_reply_task
 
@@ -100,13 +101,14 @@ def ranking_assignment(alice):
 @pytest.mark.parametrize(
     ("body", "field", "phrase"),
     [
-        ({"order": [[999999]]}, "order", "Not candidates of this task"),
+        ({"order": [["c0000000000"]]}, "order", "Not candidates of this task"),
+        ({"order": [[999999]]}, "order", "Not a valid string"),  # message ids are not what the task gives
         ({"order": "first"}, "order", ""),
         ({"order": [["a"]]}, "order", ""),
         ({"order": []}, "order", ""),
         ({"quality_rating": 9}, "quality_rating", ""),
         ({"quality_rating": "good"}, "quality_rating", ""),
-        ({"flags": {"x": ["harmful"]}}, "flags", "candidate ids"),
+        ({"flags": {"x": ["harmful"]}}, "flags", "Not candidates of this task"),
         ({"flags": {"1": ["rude"]}}, "flags", ""),
         ({"all_unacceptable": "maybe"}, "all_unacceptable", ""),
     ],
@@ -125,7 +127,10 @@ def test_ranking_validation_names_the_field(ranking_assignment, body, field, phr
 def test_duplicates_missing_and_foreign_candidates(ranking_assignment):
     client, assignment = ranking_assignment
     a, b, c = (c["id"] for c in assignment["candidates"])
-    foreign = make_rank_task(k=2).candidates.first().pk
+    other = make_rank_task(k=2)
+    foreign = candidate_handles(other, Assignment.objects.get(pk=assignment["id"]).labeler_id)[
+        other.candidates.first().pk
+    ]
     url = f"/api/v1/assignments/{assignment['id']}/submit/"
     for order, phrase in [
         ([[a], [b], [c], [a]], "appears twice"),

@@ -141,7 +141,7 @@
   function groupsOf(list) {
     const groups = [];
     list.querySelectorAll(":scope > .candidate").forEach((item, index) => {
-      const id = parseInt(item.dataset.id, 10);
+      const id = item.dataset.id;  // an opaque handle, not a message id
       if (index > 0 && item.classList.contains("tied")) groups[groups.length - 1].push(id);
       else groups.push([id]);
     });

@@ -50,3 +50,11 @@ def expire_lease(assignment) -> None:
     past = timezone.now() - timezone.timedelta(seconds=1)
     Assignment.objects.filter(pk=assignment.pk).update(lease_expires_at=past)
     Task.objects.filter(pk=assignment.task_id, free_slots_from__isnull=False).update(free_slots_from=past)
+
+
+def handle_order(task, user, order):
+    """A ranking's groups of message ids as the page and the API take them: each candidate's opaque handle."""
+    from labeling.selectors import candidate_handles
+
+    handles = candidate_handles(task, user.pk)
+    return [[handles[i] for i in group] for group in order]

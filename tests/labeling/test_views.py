@@ -7,8 +7,9 @@ from django.urls import reverse
 
 from labeling import services
 from labeling.models import Assignment, Message, Ranking, Task, TaskKind
+from labeling.selectors import candidate_handles
 from labeling.services import display_order
-from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
+from tests.labeling.helpers import expire_lease, handle_order, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db
 
@@ -104,7 +105,10 @@ def test_ranking_through_the_page(client, alice):
     page = client.get(work_url).content.decode()
     assert page.count('data-testid="candidate-') == 4
     a, b, c, d = display_order(task, alice.pk)
-    form = {"order": json.dumps([[d], [b, c], [a]]), "quality_rating": "6", f"flags-{a}": ["hallucination"]}
+    handles = candidate_handles(task, alice.pk)
+    assert not any(f'data-id="{i}"' in page for i in (a, b, c, d)), "message ids never reach the page"
+    order = json.dumps(handle_order(task, alice, [[d], [b, c], [a]]))
+    form = {"order": order, "quality_rating": "6", f"flags-{handles[a]}": ["hallucination"]}
     response = client.post(work_url, form)
     assert response.status_code == 302
     ranking = Ranking.objects.get(labeler=alice)
@@ -116,7 +120,7 @@ def test_an_untouched_ranking_warns_and_can_be_confirmed(client, alice):
     task = make_rank_task(k=3)
     client.force_login(alice)
     work_url = client.get(reverse("labeling:next")).url
-    shown = json.dumps([[i] for i in display_order(task, alice.pk)])
+    shown = json.dumps(handle_order(task, alice, [[i] for i in display_order(task, alice.pk)]))
     response = client.post(work_url, {"order": shown, "quality_rating": "4"})
     assert response.status_code == 422 and 'data-testid="untouched-warning"' in response.content.decode()
     response = client.post(work_url, {"order": shown, "quality_rating": "4", "confirm_untouched": "on"})
@@ -128,10 +132,11 @@ def test_a_ranking_without_a_rating_keeps_the_arranged_order(client, alice):
     client.force_login(alice)
     work_url = client.get(reverse("labeling:next")).url
     a, b, c = display_order(task, alice.pk)
-    response = client.post(work_url, {"order": json.dumps([[c], [a], [b]])})
+    response = client.post(work_url, {"order": json.dumps(handle_order(task, alice, [[c], [a], [b]]))})
     page = response.content.decode()
     assert response.status_code == 422 and "Rate the overall quality" in page
-    positions = [page.index(f'data-id="{i}"') for i in (c, a, b)]
+    handles = candidate_handles(task, alice.pk)
+    positions = [page.index(f'data-id="{handles[i]}"') for i in (c, a, b)]
     assert positions == sorted(positions), "the labeler's order is shown again"
 
 
@@ -144,13 +149,15 @@ def test_a_failed_ranking_keeps_the_labelers_ties_too(client, alice):
     client.force_login(alice)
     work_url = client.get(reverse("labeling:next")).url
     a, b, c = display_order(task, alice.pk)
-    page = client.post(work_url, {"order": json.dumps([[c], [a, b]])}).content.decode()
+    order = json.dumps(handle_order(task, alice, [[c], [a, b]]))
+    page = client.post(work_url, {"order": order}).content.decode()
+    ids = {h: i for i, h in candidate_handles(task, alice.pk).items()}
     rows = {
-        int(m.group(2)): "tied" in m.group(1)
-        for m in re.finditer(r'<li class="candidate([^"]*)" data-id="(\d+)"', page)
+        ids[m.group(2)]: "tied" in m.group(1)
+        for m in re.finditer(r'<li class="candidate([^"]*)" data-id="([^"]+)"', page)
     }
     assert list(rows) == [c, a, b] and rows == {c: False, a: False, b: True}
-    response = client.post(work_url, {"order": json.dumps([[c], [a, b]]), "quality_rating": "5"})
+    response = client.post(work_url, {"order": order, "quality_rating": "5"})
     assert response.status_code == 302
     assert Ranking.objects.get(labeler=alice).ordered_message_ids == [[c], sorted([a, b])]
 
@@ -230,7 +237,8 @@ def test_editing_a_ranking_through_the_page(client, alice):
     client.force_login(alice)
     url = reverse("labeling:edit_ranking", args=[ranking.pk])
     assert client.get(url).status_code == 200
-    response = client.post(url, {"order": json.dumps([[c], [a, b]]), "quality_rating": "2"})
+    order = json.dumps(handle_order(task, alice, [[c], [a, b]]))
+    response = client.post(url, {"order": order, "quality_rating": "2"})
     assert response.status_code == 302
     ranking.refresh_from_db()
     assert ranking.ordered_message_ids == [[c], sorted([a, b])] and ranking.quality_rating == 2
