@@ -78,7 +78,7 @@ class LoopSettingsAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["enabled", "check_every_minutes", "last_checked_at"]}),
         ("When to retrain", {"fields": ["sft_threshold", "rm_threshold", "ppo_after_new_models", "policy_path"]}),
-        ("Evaluation", {"fields": ["eval_prompts", "eval_max_new_tokens", "human_comparisons"]}),
+        ("Evaluation", {"fields": ["eval_prompts", "eval_max_new_tokens", "human_comparisons", "votes_per_labeler"]}),
         (
             "Promotion rules",
             {

@@ -155,7 +155,7 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
             finished_at=timezone.now(),
         )
         if "baseline" in sampled and settings.human_comparisons:
-            _comparison_tasks(evaluation, prompts, sampled, settings.human_comparisons)
+            _comparison_tasks(evaluation, prompts, sampled, settings.human_comparisons, settings.votes_per_labeler)
     evaluation.refresh_from_db()
 
 
@@ -181,7 +181,7 @@ def paired_figures(candidate: list[float], baseline: list[float], candidate_len:
     }
 
 
-def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:
+def _comparison_tasks(evaluation, prompts, sampled, count: int, votes_per_labeler: int = 0) -> None:
     """Blind A/B: for each of the first `count` prompts, a ranking task over one reply from each policy.
     Labelers see the two in their own random order; the payload says which is which."""
     rng = random.Random(evaluation.pk)
@@ -213,5 +213,6 @@ def _comparison_tasks(evaluation, prompts, sampled, count: int) -> None:
                 "evaluation": evaluation.pk,
                 "arms": {str(m.pk): arm for arm, m in replies.items()},
                 "not_for": [context.author_id] if context.author_id else [],  # not judged by the prompt's author
+                **({"votes_per_labeler": votes_per_labeler} if votes_per_labeler else {}),
             },
         )

@@ -157,6 +157,9 @@ class LoopSettings(models.Model):
         default=False, help_text="Wait for the human A/B result before promoting automatically."
     )
     min_human_comparisons = models.PositiveSmallIntegerField(default=20)
+    votes_per_labeler = models.PositiveSmallIntegerField(
+        default=5, help_text="Blind A/B comparisons of one evaluation that one labeler may take (0: no limit)."
+    )
     min_human_win_rate = models.FloatField(default=0.5)
     paused_reason = models.TextField(
         blank=True, help_text="Set when a stage of the chain failed; the loop waits until it is cleared."

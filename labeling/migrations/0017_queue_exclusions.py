@@ -4,7 +4,9 @@
   labeler who wrote it, the blind A/B comparison of a prompt not to the prompt's author;
 - any task on a conversation the labeler skipped as content they would rather not work on, or reported
   (labeling_conversationexclusion), whichever branch or task kind it comes through;
-- any task on a conversation hidden after reports (until an admin keeps it) or removed by an admin.
+- any task on a conversation hidden after reports (until an admin keeps it) or removed by an admin;
+- a blind A/B comparison once the labeler took "votes_per_labeler" of its evaluation's comparisons (the payload
+  says both), so that one labeler cannot decide an evaluation.
 """
 
 import importlib
@@ -26,6 +28,11 @@ AVAILABLE_END_NOW = """            WHERE a.task_id = t.id
                        WHERE x.labeler_id = p_user AND x.conversation_id = t.conversation_id)
            AND (SELECT c.moderation FROM labeling_conversation c WHERE c.id = t.conversation_id)
                NOT IN ('hidden', 'removed')))
+       AND (NOT (t.payload ? 'votes_per_labeler')
+            OR (SELECT count(*) FROM labeling_assignment a JOIN labeling_task e ON e.id = a.task_id
+                WHERE a.labeler_id = p_user AND a.status IN ('leased', 'submitted')
+                  AND e.payload -> 'evaluation' = t.payload -> 'evaluation')
+               < (t.payload ->> 'votes_per_labeler')::integer)
 )"""
 
 

@@ -226,6 +226,31 @@ def test_a_b_replies_are_created_in_random_order_and_not_for_the_prompts_author(
     assert labeling_services.task_lease_next(user=alice) is None
 
 
+def test_one_labeler_takes_at_most_votes_per_labeler_comparisons_of_an_evaluation(tiny_policy, alice, bob):
+    """Issue 15, item 5: one labeler cannot decide an evaluation alone."""
+    from types import SimpleNamespace
+
+    from tests.labeling.helpers import make_prompt
+    from training_jobs.evaluate import _comparison_tasks
+
+    evaluation = evaluation_with(0.5, 1.0)
+    prompts = [SimpleNamespace(message_id=make_prompt().pk) for _ in range(5)]
+    sampled = {
+        arm: ([SimpleNamespace(text=f"{arm} {i}", row=i) for i in range(5)],) for arm in ("candidate", "baseline")
+    }
+    _comparison_tasks(evaluation, prompts, sampled, count=5, votes_per_labeler=2)
+    taken = []
+    while (assignment := labeling_services.task_lease_next(user=alice)) is not None:
+        a, b = labeling_services.display_order(assignment.task, alice.pk)
+        labeling_services.ranking_submit(
+            assignment=assignment,
+            ranking=labeling_services.RankingInput(order=[[b], [a]], flags={}, quality_rating=4),
+        )
+        taken.append(assignment.task_id)
+    assert len(taken) == 2, "two comparisons, then none of this evaluation"
+    assert labeling_services.task_lease_next(user=bob) is not None, "the others are there for someone else"
+
+
 def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
     set_loop(auto_promote=False)
     evaluation = evaluation_with(0.5, 1.0)
