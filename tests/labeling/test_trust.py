@@ -132,11 +132,13 @@ def test_reports_hide_a_conversation_from_everyone_until_an_admin_decides(client
 
     set_queue(reports_to_cancel=2)
     ranking = make_rank_task(k=2, overlap=3)
-    other = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=ranking.parent_message)
     conversation = ranking.conversation
     for labeler in (alice, bob):
         assignment = task_lease_next(user=labeler)
+        assert assignment.task == ranking
         services.assignment_report(assignment=assignment, reason="harmful", note="not for labelers")
+    # Another task on the same conversation, created after the reports: hidden too.
+    other = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=ranking.parent_message)
     conversation.refresh_from_db()
     assert conversation.moderation == Conversation.Moderation.HIDDEN
     assert task_lease_next(user=charlie) is None, "no task on it for anyone, the other one included"
