@@ -49,6 +49,10 @@ WORKER_ENV = {
     "SAMPLING_TEMPERATURE": "0.7",
     "SAMPLING_TOP_P": "1.0",
     "LOG_LEVEL": "WARNING",
+    # The tiny models train in fp32 here. On a processor with bf16 support, "auto" trains them under bf16 autocast
+    # (right for the default model); on such a machine this test's reward model scored the hidden rule 0.88, 0.80
+    # and 0.85 in three of five runs, below its 0.9 bar (two passed). bf16 training is tested in test_precision.py.
+    "TRAINING_CPU_BF16": "false",
 }
 
 
