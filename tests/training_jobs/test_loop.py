@@ -178,18 +178,24 @@ def test_a_gain_from_length_alone_is_refused(tiny_policy, controlled, lengths, r
         assert f"replies average {lengths[0]:.0f} tokens against {lengths[1]:.0f}" in evaluation.decision_reason
 
 
-def test_a_b_votes_freeze_once_the_gate_decided(tiny_policy, alice):
-    """Issue 15, item 5: a held-out vote the gate read can no longer be edited; unlabeled comparisons close."""
-    set_loop(require_human_win_rate=True, min_human_comparisons=1, min_human_win_rate=0.5, auto_promote=True)
-    evaluation = evaluation_with(0.5, 1.0)
+def comparison_tasks(evaluation, n: int) -> list:
+    """n blind A/B tasks of the evaluation, as the gate's worker makes them: [(task, candidate's, baseline's)]."""
     tasks = []
-    for _ in range(2):
+    for _ in range(n):
         task = make_rank_task(k=2)
         first, second = task.candidates.all()
         Task.objects.filter(pk=task.pk).update(
             payload={"evaluation": evaluation.pk, "arms": {str(first.pk): "candidate", str(second.pk): "baseline"}}
         )
         tasks.append((task, first, second))
+    return tasks
+
+
+def test_a_b_votes_freeze_once_the_gate_decided(tiny_policy, alice):
+    """Issue 15, item 5: a held-out vote the gate read can no longer be edited; unlabeled comparisons close."""
+    set_loop(require_human_win_rate=True, min_human_comparisons=1, min_human_win_rate=0.5, auto_promote=True)
+    evaluation = evaluation_with(0.5, 1.0)
+    tasks = comparison_tasks(evaluation, 2)
     task, candidate, baseline = tasks[0]
     ranking = labeling_services.ranking_submit(
         assignment=labeling_services.task_lease_next(user=alice),
@@ -263,14 +269,7 @@ def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
 def test_the_human_a_b_result_can_be_required(tiny_policy, alice):
     set_loop(require_human_win_rate=True, min_human_comparisons=2, min_human_win_rate=0.6)
     evaluation = evaluation_with(0.5, 1.0)
-    tasks = []
-    for _ in range(2):
-        task = make_rank_task(k=2)
-        first, second = task.candidates.all()
-        Task.objects.filter(pk=task.pk).update(
-            payload={"evaluation": evaluation.pk, "arms": {str(first.pk): "candidate", str(second.pk): "baseline"}}
-        )
-        tasks.append((task, first, second))
+    tasks = comparison_tasks(evaluation, 2)
     assert gate.evaluation_decide(evaluation=evaluation) == "waiting_humans"
     labelers = [UserFactory(username=f"judge{i}") for i in range(2)]
     for labeler, (_task, candidate, baseline) in zip(labelers, tasks, strict=True):
