@@ -16,9 +16,9 @@ from rest_framework.views import APIView
 from config.api import IsAdmin, StaffSeesMore, StrictCharField
 from labeling import exporting, services
 from labeling.importing import FORMATS
+from labeling.limits import MAX_MESSAGE_CHARS
 from labeling.models import Assignment, CandidateFlag, Conversation, ImportJob, Message, Review, TaskKind
 from labeling.selectors import candidate_handles, message_thread
-from labeling.services import MAX_MESSAGE_CHARS
 
 MAX_CANDIDATES = 9  # a ranking has at most 9 candidates (RankingEntry's rank range)
 
@@ -221,39 +221,25 @@ class SubmitApi(APIView):
                 raise serializers.ValidationError(
                     {field: [f"Not candidates of this task: {', '.join(unknown or unknown_flags)}."]}
                 )
-            result = services.ranking_submit(
-                assignment=assignment,
-                ranking=services.RankingInput(
+            work = {
+                "ranking": services.RankingInput(
                     order=[[ids[h] for h in group] for group in data["order"]],
                     flags={ids[h]: value for h, value in data.get("flags", {}).items()},
                     quality_rating=data.get("quality_rating"),
                     all_unacceptable=data["all_unacceptable"],
                     confirm_untouched=data["confirm_untouched"],
-                ),
-                time_spent_ms=data.get("time_spent_ms"),
-            )
+                )
+            }
         elif kind == TaskKind.REVIEW_DEMONSTRATION:
             data = self._valid(self.ReviewInput, request)
-            result = services.review_submit(
-                assignment=assignment,
-                decision=data["decision"],
-                reason=data["reason"],
-                time_spent_ms=data.get("time_spent_ms"),
-            )
+            work = {"decision": data["decision"], "reason": data["reason"]}
         elif kind == TaskKind.WRITE_PROMPT:
             data = self._valid(self.WriteInput, request)
-            result = services.prompt_submit(
-                assignment=assignment,
-                text=data["text"],
-                language=data["language"],
-                tags=data.get("tags", []),
-                time_spent_ms=data.get("time_spent_ms"),
-            )
+            work = {"text": data["text"], "language": data["language"], "tags": data.get("tags", [])}
         else:
             data = self._valid(self.WriteInput, request)
-            result = services.reply_submit(
-                assignment=assignment, text=data["text"], time_spent_ms=data.get("time_spent_ms")
-            )
+            work = {"text": data["text"]}
+        result = services.assignment_submit(assignment=assignment, time_spent_ms=data.get("time_spent_ms"), **work)
         body = {
             "assignment": assignment.pk,
             "created": result.created,

@@ -12,9 +12,9 @@ from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
 from config.ratelimit import per_user_per_minute
+from labeling.limits import MAX_MESSAGE_CHARS
 from labeling.models import Conversation, Message
 from labeling.selectors import chat_conversations, chat_view
-from labeling.services import MAX_MESSAGE_CHARS
 from models_service import services as model_services
 from models_service.models import SamplingRequest
 

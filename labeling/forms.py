@@ -4,8 +4,9 @@ import json
 
 from django import forms
 
+from labeling.limits import CONTENT_SKIP_REASON, MAX_MESSAGE_CHARS
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Review
-from labeling.services import CONTENT_SKIP_REASON, MAX_MESSAGE_CHARS, RankingInput
+from labeling.services.submissions import RankingInput
 
 LANGUAGES = [
     ("en", "English"),

@@ -19,6 +19,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from labeling import splits
+from labeling.limits import MAX_MESSAGE_CHARS
 from labeling.models import (
     ALLOWED_CHILD_ROLES,
     Assignment,
@@ -31,7 +32,7 @@ from labeling.models import (
     TaskCandidate,
     TaskKind,
 )
-from labeling.services import MAX_MESSAGE_CHARS, unstorable_text
+from labeling.validators import unstorable_text
 
 IMPORT_USERNAME = "import-bot"
 IMPORTED_LABELER_PREFIX = "imported-"  # + an exported labeler pseudonym: the account of their imported rankings

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import hmac
+import random
 from collections import defaultdict
 
 from django.db.models import (
@@ -17,6 +18,7 @@ from labeling.models import (
     Message,
     Ranking,
     Review,
+    Task,
     TaskKind,
 )
 from models_service.models import SamplingRequest
@@ -221,3 +223,11 @@ def candidate_handles(task, labeler_id: int) -> dict[int, str]:
         + hmac.new(key, f"candidate:{task.pk}:{labeler_id}:{message_id}".encode(), "sha256").hexdigest()[:11]
         for message_id in task.task_candidates.values_list("message_id", flat=True)
     }
+
+
+def display_order(task: Task, labeler_id: int) -> list[int]:
+    """The order a labeler sees the candidates in: shuffled per labeler, so position bias does not add up
+    across the labelers who overlap on a task."""
+    ids = list(task.task_candidates.order_by("position").values_list("message_id", flat=True))
+    random.Random(f"{task.pk}:{labeler_id}").shuffle(ids)
+    return ids

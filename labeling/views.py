@@ -108,18 +108,10 @@ def _work_write(request, assignment):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                if kind == TaskKind.WRITE_PROMPT:
-                    result = services.prompt_submit(
-                        assignment=assignment,
-                        text=data["text"],
-                        language=data["language"],
-                        tags=data["tags"],
-                        time_spent_ms=data["time_spent_ms"],
-                    )
-                else:
-                    result = services.reply_submit(
-                        assignment=assignment, text=data["text"], time_spent_ms=data["time_spent_ms"]
-                    )
+                prompt = {"language": data["language"], "tags": data["tags"]} if kind == TaskKind.WRITE_PROMPT else {}
+                result = services.assignment_submit(
+                    assignment=assignment, text=data["text"], time_spent_ms=data["time_spent_ms"], **prompt
+                )
                 return _submitted(request, result)
             except ValidationError as error:
                 _add_errors(form, error)
@@ -152,7 +144,7 @@ def _work_rank(request, assignment):
         form = forms.RankingForm(request.POST, handles=handles)
         if form.is_valid():
             try:
-                result = services.ranking_submit(
+                result = services.assignment_submit(
                     assignment=assignment,
                     ranking=form.ranking_input(),
                     time_spent_ms=form.cleaned_data["time_spent_ms"],
@@ -214,7 +206,7 @@ def _work_review(request, assignment):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                result = services.review_submit(
+                result = services.assignment_submit(
                     assignment=assignment,
                     decision=data["decision"],
                     reason=data["reason"],

@@ -4,6 +4,7 @@ import datetime as dt
 import random
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
@@ -187,7 +188,7 @@ def test_the_draft_page_says_when_the_time_on_a_task_ran_out(client, alice):
 
 def test_a_skip_needs_a_reason(alice):
     make_reply_task()
-    with pytest.raises(services.ValidationError, match="reason"):
+    with pytest.raises(ValidationError, match="reason"):
         services.assignment_skip(assignment=task_lease_next(user=alice), reason="  ")
 
 
@@ -202,7 +203,7 @@ def test_reports_take_a_task_out_of_the_queue(alice, bob, charlie):
     assert task.status == Task.Status.CANCELLED
     assert "personal_data" in task.cancelled_reason and "spam" in task.cancelled_reason
     assert task_lease_next(user=charlie) is None
-    with pytest.raises(services.ValidationError):
+    with pytest.raises(ValidationError):
         services.assignment_report(assignment=Assignment.objects.get(labeler=alice), reason="boring")
 
 
@@ -293,7 +294,7 @@ def test_review_reject_needs_a_reason_and_asks_for_a_new_reply(alice, bob):
     task = make_reply_task()
     demonstration = services.reply_submit(assignment=task_lease_next(user=alice), text="Wrong.").result
     lease = task_lease_next(user=bob)
-    with pytest.raises(services.ValidationError, match="why"):
+    with pytest.raises(ValidationError, match="why"):
         services.review_submit(assignment=lease, decision="reject", reason="")
     services.review_submit(assignment=lease, decision="reject", reason="It does not answer the question.")
     demonstration.refresh_from_db()
@@ -349,3 +350,13 @@ def test_the_lease_walks_indexes_even_when_the_statistics_say_the_tables_are_emp
     leases = [services.task_lease_next_id(user=labeler) for labeler in (alice, bob, alice)]
     assert None not in leases and leases[0] == leases[2] != leases[1]
     assert _sequential_scans(tables) == before
+
+
+def test_one_submit_service_dispatches_on_the_task_kind(alice):
+    make_reply_task()
+    assignment = task_lease_next(user=alice)
+    with pytest.raises(ValidationError, match="takes text, not decision"):
+        services.assignment_submit(assignment=assignment, decision="accept")
+    result = services.assignment_submit(assignment=assignment, text="A reply.", time_spent_ms=1200)
+    assert result.created and result.result.text == "A reply." and result.assignment.time_spent_ms == 1200
+    assert result.result.role == Role.ASSISTANT
