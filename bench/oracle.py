@@ -518,13 +518,14 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
 def measure(args, rule: Rule, heldout: list[dict], versions: dict) -> dict:
     """Sample `--samples` replies per held-out instruction from the SFT and the served policy (serving parameters),
     and score the final reward model on the rule's rankings of the SFT's replies."""
-    from models_service.generation import SamplingParams, sample_completions
+    from ml.generation import sample_completions
+    from ml.scoring import score_pairs
     from models_service.loading import load_version
-    from models_service.scoring import score_pairs
+    from models_service.sampling import serving_params
 
     started = time.monotonic()
     chats = [[{"role": "user", "content": r["prompt"]}] for r in heldout]
-    params = SamplingParams.from_settings(max_new_tokens=args.max_new_tokens, seed=2026)
+    params = serving_params(max_new_tokens=args.max_new_tokens, seed=2026)
     replies = {}
     for name in ("sft", "final"):
         if name == "final" and versions["final"].pk == versions["sft"].pk:

@@ -104,6 +104,7 @@ def make_labelers(prefix: str, count: int) -> list[str]:
     from django.conf import settings
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
     from django.contrib.sessions.backends.cached_db import SessionStore
+    from django.utils.module_loading import import_string
 
     from labeling.models import LabelerProfile
 
@@ -112,10 +113,12 @@ def make_labelers(prefix: str, count: int) -> list[str]:
     )
     LabelerProfile.objects.bulk_create(LabelerProfile(user=user, languages=["en"]) for user in users)
     keys = []
+    # The backend a password login records (axes' backend, first in the list, only guards logins).
+    backend = next(path for path in settings.AUTHENTICATION_BACKENDS if hasattr(import_string(path), "get_user"))
     for user in users:
         session = SessionStore()
         session[SESSION_KEY] = str(user.pk)
-        session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
+        session[BACKEND_SESSION_KEY] = backend
         session[HASH_SESSION_KEY] = user.get_session_auth_hash()
         session.create()
         keys.append(session.session_key)

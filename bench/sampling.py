@@ -34,9 +34,9 @@ import torch  # noqa: E402
 from django.conf import settings  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from ml.cpu_inference import pack_linear_layers  # noqa: E402
+from ml.generation import SamplingParams, chat_prompt_ids, eos_ids, sample_completions  # noqa: E402
 from models_service import default_model  # noqa: E402
-from models_service.cpu_inference import pack_linear_layers  # noqa: E402
-from models_service.generation import SamplingParams, chat_prompt_ids, eos_ids, sample_completions  # noqa: E402
 from models_service.tiny import build_tiny_policy  # noqa: E402
 
 CONTEXTS, K, NEW_TOKENS = 16, 4, 64

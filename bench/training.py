@@ -3,7 +3,7 @@
     .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 3]
 
 Measured in this run:
-- SFT tokens/s of our loop (training_jobs/sft.py) and of TRL's SFTTrainer on the same demonstrations and
+- SFT tokens/s of our loop (ml/sft.py) and of TRL's SFTTrainer on the same demonstrations and
   settings;
 - reward-model training time per ranking with K = 9: grouped (the K candidates through the model once, all
   C(K,2) pairs in one loss) against flattened pairs (C(K,2) chosen/rejected rows, as a pairwise trainer does);
@@ -64,7 +64,7 @@ def demonstrations(n: int) -> list[list[dict]]:
 
 
 def sft_ours(model_dir: Path, chats, epochs: int, batch: int, max_length: int) -> dict:
-    from training_jobs.sft import SFTConfig, train_sft
+    from ml.sft import SFTConfig, train_sft
 
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -119,9 +119,9 @@ def reward_timing(model_dir: Path, rankings: int = 3) -> dict:
     """Seconds per K=9 ranking for one training step, grouped against flattened pairs."""
     import torch.nn.functional as F
 
-    from models_service.generation import left_pad
-    from models_service.scoring import pair_input_ids, sequence_scores
-    from training_jobs.reward import load_reward_model, ranking_loss
+    from ml.generation import left_pad
+    from ml.reward import load_reward_model, ranking_loss
+    from ml.scoring import pair_input_ids, sequence_scores
 
     model, tokenizer = load_reward_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     model.train()
@@ -195,7 +195,7 @@ def _timed(progress):
 
 def _rankings(n: int, k: int = 4):
     """K-way rankings over the seed tasks: the expert answer ranked above shortened and reordered versions."""
-    from training_jobs.reward import Ranked
+    from ml.reward import Ranked
 
     rankings = []
     for chat in demonstrations(n):
@@ -210,7 +210,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, l
     """One policy-step trainer in a fresh process: seconds per step (PPO and RLOO: per iteration; DPO: per
     optimizer step of 4 rankings of K = 4) and the process's peak RSS. `lora_top`: PPO's and RLOO's
     lora_top_layers (0: adapters on every block)."""
-    from training_jobs.common import Progress
+    from ml.common import Progress
 
     progress = Progress()
     times = _timed(progress)
@@ -218,7 +218,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, l
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         if kind == "ppo":
-            from training_jobs.ppo import PPOConfig, train_ppo
+            from ml.ppo import PPOConfig, train_ppo
 
             config = PPOConfig(
                 iterations=iterations,
@@ -233,7 +233,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, l
                 output_dir=Path(out) / "ppo", progress=progress,
             )  # fmt: skip
         elif kind == "rloo":
-            from training_jobs.rloo import RLOOConfig, train_rloo
+            from ml.rloo import RLOOConfig, train_rloo
 
             config = RLOOConfig(
                 iterations=iterations,
@@ -248,7 +248,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, l
                 output_dir=Path(out) / "rloo", progress=progress,
             )  # fmt: skip
         else:
-            from training_jobs.dpo import DPOConfig, train_dpo
+            from ml.dpo import DPOConfig, train_dpo
 
             config = DPOConfig(epochs=1, rankings_per_batch=4, max_length=256, train_top_layers=8)
             result = train_dpo(

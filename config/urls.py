@@ -9,6 +9,7 @@ admin.site.site_title = "Feedback Loop"
 
 urlpatterns = [
     path("", include("labeling.urls")),
+    path("chat/", include("chat.urls")),
     path("ops/", include("training_jobs.urls")),
     path("api/", include("config.api_urls")),
     path("healthz", views.healthz, name="healthz"),

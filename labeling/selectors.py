@@ -21,7 +21,6 @@ from labeling.models import (
     Task,
     TaskKind,
 )
-from models_service.models import SamplingRequest
 
 
 def message_thread(message: Message) -> list[Message]:
@@ -151,47 +150,6 @@ def my_work(user) -> dict:
 
 
 # --- chat ---
-
-
-def chat_conversations(user):
-    return (
-        Conversation.objects.filter(created_by=user, source=Conversation.Source.CHAT)
-        .annotate(turns=Count("messages"))
-        .order_by("-created_at")
-    )
-
-
-def chat_view(conversation) -> dict:
-    """What the chat page shows: the branch ending at the labeler's latest message, its reply (or the request
-    still being answered), and each model turn's pending alternatives."""
-    latest = (
-        Message.objects.filter(conversation=conversation, role="user", origin=Message.Origin.HUMAN)
-        .order_by("-created_at", "-pk")
-        .first()
-    )
-    if latest is None:
-        return {"thread": [], "pending": None, "failed": None}
-    thread = message_thread(latest)
-    request = (
-        SamplingRequest.objects.filter(context=latest, purpose=SamplingRequest.Purpose.CHAT)
-        .select_related("reply")
-        .order_by("-created_at")
-        .first()
-    )
-    pending = failed = None
-    if request is not None and request.status == SamplingRequest.Status.DONE and request.reply:
-        thread.append(request.reply)
-    elif request is not None and request.status == SamplingRequest.Status.FAILED:
-        failed = request
-    elif request is not None:
-        pending = request
-    alternatives = {
-        r.keep_message_id: r
-        for r in SamplingRequest.objects.filter(
-            purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message__in=[m.pk for m in thread]
-        ).select_related("task")
-    }
-    return {"thread": thread, "pending": pending, "failed": failed, "alternatives": alternatives, "latest": latest}
 
 
 def moderation_queue(limit: int = 100) -> list[dict]:

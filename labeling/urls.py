@@ -1,6 +1,6 @@
 from django.urls import path
 
-from labeling import chat_views, views
+from labeling import views
 
 app_name = "labeling"
 
@@ -17,8 +17,4 @@ urlpatterns = [
     path("mine/messages/<int:message_id>/", views.edit_message, name="edit_message"),
     path("mine/rankings/<int:ranking_id>/", views.edit_ranking, name="edit_ranking"),
     path("profile/", views.profile, name="profile"),
-    path("chat/", chat_views.chat_index, name="chat_index"),
-    path("chat/<int:conversation_id>/", chat_views.chat, name="chat"),
-    path("chat/requests/<int:request_id>/", chat_views.chat_poll, name="chat_poll"),
-    path("chat/messages/<int:message_id>/alternatives/", chat_views.chat_alternatives, name="chat_alternatives"),
 ]

@@ -13,7 +13,7 @@ import torch
 from django.conf import settings
 from django.utils import timezone
 
-from models_service.cpu_inference import pack_linear_layers
+from ml.cpu_inference import pack_linear_layers
 from models_service.models import ModelVersion
 from models_service.services import artifact_problems
 

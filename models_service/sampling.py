@@ -8,12 +8,23 @@ import logging
 
 from django.conf import settings
 
+from ml.generation import SamplingParams, sample_completions
 from models_service import services
-from models_service.generation import SamplingParams, sample_completions
 from models_service.loading import active_holder
 from models_service.models import ModelVersion, SamplingRequest
 
 logger = logging.getLogger(__name__)
+
+
+def serving_params(**overrides) -> SamplingParams:
+    """The sampling parameters the product serves with (SAMPLING_* settings), with `overrides`."""
+    values = {
+        "temperature": settings.SAMPLING_TEMPERATURE,
+        "top_p": settings.SAMPLING_TOP_P,
+        "max_new_tokens": settings.SAMPLING_MAX_NEW_TOKENS,
+        "seed": settings.SAMPLING_SEED,
+    }
+    return SamplingParams(**{**values, **overrides})
 
 
 def batch_seed(requests: list[SamplingRequest]) -> int:
@@ -63,7 +74,7 @@ def fill_pool_once(*, worker: str = "") -> dict:
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
-        params = SamplingParams.from_settings(seed=batch_seed(requests))
+        params = serving_params(seed=batch_seed(requests))
         chats = [_chat(r) for r in requests]
         grouped, stats = sample_completions(loaded.model, loaded.tokenizer, chats, k=settings.SAMPLING_K, params=params)
         for request, completions in zip(requests, grouped, strict=True):
@@ -97,9 +108,7 @@ def run_request(request: SamplingRequest) -> None:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
         max_new = settings.CHAT_MAX_NEW_TOKENS if request.purpose == SamplingRequest.Purpose.CHAT else None
-        params = SamplingParams.from_settings(
-            seed=batch_seed([request]), **({"max_new_tokens": max_new} if max_new else {})
-        )
+        params = serving_params(seed=batch_seed([request]), **({"max_new_tokens": max_new} if max_new else {}))
         grouped, stats = sample_completions(
             loaded.model, loaded.tokenizer, [_chat(request)], k=request.k, params=params
         )

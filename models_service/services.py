@@ -10,11 +10,11 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
-from labeling.models import Conversation, Message, Role, Task, TaskKind
-from labeling.services import conversation_create, message_create, ranking_overlap, task_create
+from labeling.models import Message, Role, Task, TaskKind
+from labeling.services import message_create, ranking_overlap, task_create
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import contexts_needing_candidates, in_flight_pool_requests, open_pool_size
 
@@ -238,20 +238,6 @@ def pool_complete(*, request: SamplingRequest, version: ModelVersion, replies: l
     return task
 
 
-def chat_request_create(*, user_message: Message, user) -> SamplingRequest:
-    """Ask the interactive worker for the assistant's reply to `user_message`."""
-    if user_message.role != Role.USER:
-        raise ValidationError({"message": "The model replies to a user message."})
-    with transaction.atomic():
-        request = SamplingRequest.objects.create(
-            purpose=SamplingRequest.Purpose.CHAT, context=user_message, k=1, requested_by=user
-        )
-        from models_service.tasks import chat_reply
-
-        chat_reply.delay_on_commit(request.pk)
-    return request
-
-
 def chat_complete(*, request: SamplingRequest, version: ModelVersion, reply: SampledReply) -> Message:
     with transaction.atomic():
         current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
@@ -260,44 +246,6 @@ def chat_complete(*, request: SamplingRequest, version: ModelVersion, reply: Sam
         current.sampling_params, current.finished_at = reply.params, timezone.now()
         current.save(update_fields=["status", "reply", "model_version", "sampling_params", "finished_at"])
     return message
-
-
-def alternatives_request_create(
-    *, model_message: Message, user, k: int, reserve_for_requester: bool
-) -> SamplingRequest:
-    """Rank a model turn against freshly sampled siblings: k - 1 new samples plus the chosen turn."""
-    if model_message.role != Role.ASSISTANT or model_message.origin != Message.Origin.MODEL:
-        raise ValidationError({"message": "Alternatives are sampled for a turn the model wrote."})
-    if not 2 <= k <= 9:
-        raise ValidationError({"k": "Ask for 2 to 9 replies in the ranking."})
-    already = SamplingRequest.objects.filter(
-        purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message=model_message
-    ).exclude(status=SamplingRequest.Status.FAILED)
-    if already.exists():
-        raise ValidationError({"message": ALTERNATIVES_ALREADY})
-    try:
-        with transaction.atomic():
-            request = SamplingRequest.objects.create(
-                purpose=SamplingRequest.Purpose.ALTERNATIVES,
-                context=model_message.parent,
-                keep_message=model_message,
-                k=k - 1,
-                requested_by=user,
-                reserve_for_requester=reserve_for_requester,
-            )
-            from models_service.tasks import chat_alternatives
-
-            chat_alternatives.delay_on_commit(request.pk)
-    except IntegrityError as exc:  # a second click raced the first past the check above
-        if "sampling_request_one_in_flight_per_context" not in str(exc):
-            raise
-        raise ValidationError({"message": ALTERNATIVES_ALREADY}) from None
-    return request
-
-
-ALTERNATIVES_ALREADY = (
-    "Alternatives to this reply were already asked for: they are being sampled or are waiting in their ranking task."
-)
 
 
 def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:
@@ -331,34 +279,3 @@ def sampling_requests_reap(*, older_than_s: int) -> int:
         error=f"No result after {older_than_s} s: the worker was lost or timed out.",
         finished_at=timezone.now(),
     )
-
-
-# --- chat with the policy ---
-
-
-def chat_start(*, user, text: str, language: str = "en") -> tuple[Message, SamplingRequest]:
-    """A new chat conversation: the labeler's first message, and a request for the policy's reply."""
-    with transaction.atomic():
-        conversation = conversation_create(source=Conversation.Source.CHAT, created_by=user, language=language)
-        message = message_create(
-            conversation=conversation, parent=None, role=Role.USER, text=text, origin=Message.Origin.HUMAN, author=user
-        )
-        return message, chat_request_create(user_message=message, user=user)
-
-
-def chat_continue(*, user, parent: Message, text: str) -> tuple[Message, SamplingRequest]:
-    """The labeler's next message after a model turn of their chat, and a request for the reply."""
-    if parent.conversation.created_by_id != user.pk or parent.conversation.source != Conversation.Source.CHAT:
-        raise ValidationError({"parent": "That message is not in one of your chats."})
-    if parent.role != Role.ASSISTANT:
-        raise ValidationError({"parent": "Wait for the assistant's reply before writing again."})
-    with transaction.atomic():
-        message = message_create(
-            conversation=parent.conversation,
-            parent=parent,
-            role=Role.USER,
-            text=text,
-            origin=Message.Origin.HUMAN,
-            author=user,
-        )
-        return message, chat_request_create(user_message=message, user=user)

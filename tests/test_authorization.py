@@ -9,9 +9,9 @@ object is not found, not forbidden); "allowed" is anything else below 500. No UR
 import pytest
 from django.urls import URLResolver, get_resolver, reverse
 
+from chat import services as chat_services
 from labeling import services
 from labeling.models import ImportJob, Message, TaskKind
-from models_service import services as model_services
 from models_service.models import ModelVersion
 from tests.factories import TrainingRunFactory
 from tests.labeling.helpers import make_rank_task, make_reply_task
@@ -43,10 +43,10 @@ RULES = {
     "labeling:edit_message": ("get", OWNER),
     "labeling:edit_ranking": ("get", OWNER),
     "labeling:profile": ("get", SIGNED_IN),
-    "labeling:chat_index": ("get", SIGNED_IN),
-    "labeling:chat": ("get", OWNER),
-    "labeling:chat_poll": ("get", OWNER),
-    "labeling:chat_alternatives": ("post", OWNER),
+    "chat:chat_index": ("get", SIGNED_IN),
+    "chat:chat": ("get", OWNER),
+    "chat:chat_poll": ("get", OWNER),
+    "chat:chat_alternatives": ("post", OWNER),
     "ops:overview": ("get", ADMIN),
     "ops:resume_loop": ("post", ADMIN),
     "ops:runs": ("get", ADMIN),
@@ -128,7 +128,7 @@ def owned(alice, tiny_policy):
     ).result
     make_reply_task()
     open_assignment = services.task_lease_next(user=alice)
-    _, chat_request = model_services.chat_start(user=alice, text="Hello?")
+    _, chat_request = chat_services.chat_start(user=alice, text="Hello?")
     chat_reply = Message.objects.create(
         conversation=chat_request.context.conversation,
         parent=chat_request.context,
@@ -162,7 +162,7 @@ def owned(alice, tiny_policy):
 URL_ARGUMENTS = ("assignment_id", "ranking_id", "conversation_id", "request_id", "run_id", "version_id")
 URL_ARGUMENTS += ("evaluation_id", "job_id", "message_id", "kind")
 SPECIAL = {
-    "labeling:chat_alternatives": {"message_id": "chat_message_id"},
+    "chat:chat_alternatives": {"message_id": "chat_message_id"},
     "api-conversation": {"conversation_id": "written_conversation_id"},
     "ops:rollback": {"kind": "rollback_kind"},
 }

@@ -15,10 +15,10 @@ from django.db import connection
 
 from labeling import services
 from labeling.models import Conversation, Message, QueueSettings, Ranking, Role, Task, TaskKind
-from models_service.generation import SamplingParams, sample_completions
+from ml.generation import SamplingParams, sample_completions
+from ml.scoring import score_pairs
 from models_service.loading import load_version
 from models_service.models import ModelVersion
-from models_service.scoring import score_pairs
 from models_service.tasks import fill_ranking_pool
 from tests.conftest import running_workers
 from tests.factories import UserFactory

@@ -20,10 +20,11 @@ from django.utils import timezone
 from labeling import splits
 from labeling.models import Message, Role, TaskKind
 from labeling.services import message_create, task_create
-from models_service.generation import SamplingParams, chat_prompt_ids, sample_completions
+from ml.generation import chat_prompt_ids, sample_completions
+from ml.scoring import score_pairs
 from models_service.loading import load_version
 from models_service.models import ModelVersion
-from models_service.scoring import score_pairs
+from models_service.sampling import serving_params
 from training_jobs import datasets, gate
 from training_jobs.models import Evaluation, LoopSettings
 
@@ -97,7 +98,7 @@ def run_evaluation(evaluation_id: int) -> str | None:
 def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
     prompts = datasets.build_prompts(minimum=1, limit=settings.eval_prompts, split=splits.HOLDOUT)
     chats = [p.chat for p in prompts]
-    params = SamplingParams.from_settings(max_new_tokens=settings.eval_max_new_tokens, seed=EVAL_SEED)
+    params = serving_params(max_new_tokens=settings.eval_max_new_tokens, seed=EVAL_SEED)
     reference = reference_of(evaluation.candidate)
     arms = {"candidate": evaluation.candidate}
     if evaluation.baseline is not None:

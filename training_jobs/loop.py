@@ -20,6 +20,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
+from config.jobs import enqueue_on_commit
 from labeling import splits
 from labeling.models import Message, Ranking, Role
 from models_service.models import ModelVersion
@@ -235,9 +236,7 @@ def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
             or newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
             training_run=candidate.training_run,
         )
-        from training_jobs.tasks import evaluate_candidate
-
-        evaluate_candidate.delay_on_commit(evaluation.pk)
+        enqueue_on_commit("training_jobs.tasks.evaluate_candidate", evaluation.pk)
     return evaluation
 
 

@@ -25,10 +25,10 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
+from ml.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from models_service.models import ModelVersion
 from models_service.services import active_version, model_version_activate, model_version_register
 from training_jobs import datasets, loop, services
-from training_jobs.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from training_jobs.models import TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def data_snapshot():
 
 
 def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from training_jobs.sft import SFTConfig, train_sft
+    from ml.sft import SFTConfig, train_sft
 
     config = config_from(SFTConfig, {**settings.TRAINING_SFT_DEFAULTS, **run.config})
     with data_snapshot():
@@ -245,7 +245,7 @@ def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 
 
 def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from training_jobs.reward import Ranked, RewardConfig, train_reward
+    from ml.reward import Ranked, RewardConfig, train_reward
 
     config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **run.config})
     with data_snapshot():
@@ -296,7 +296,7 @@ def _rollout_config_and_prompts(run: TrainingRun, config_class, defaults: dict):
 
 
 def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from training_jobs.ppo import PPOConfig, train_ppo
+    from ml.ppo import PPOConfig, train_ppo
 
     with data_snapshot():
         config, prompts = _rollout_config_and_prompts(run, PPOConfig, settings.TRAINING_PPO_DEFAULTS)
@@ -328,8 +328,8 @@ def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
     """Iterative DPO: the rankings of candidates sampled by the starting policy (or its ancestors) that no earlier
     DPO round trained on; the reference is the starting policy."""
-    from training_jobs.dpo import DPOConfig, train_dpo
-    from training_jobs.reward import Ranked
+    from ml.dpo import DPOConfig, train_dpo
+    from ml.reward import Ranked
 
     config = config_from(DPOConfig, {**settings.TRAINING_DPO_DEFAULTS, **run.config})
     earlier = set()
@@ -376,7 +376,7 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 
 
 def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from training_jobs.rloo import RLOOConfig, train_rloo
+    from ml.rloo import RLOOConfig, train_rloo
 
     with data_snapshot():
         config, prompts = _rollout_config_and_prompts(run, RLOOConfig, settings.TRAINING_RLOO_DEFAULTS)

@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from config.jobs import enqueue_on_commit
 from models_service.models import ModelVersion
 from training_jobs.models import TrainingRun
 
@@ -53,9 +54,7 @@ def training_run_create(
                 previous_run=previous_run,
                 seed=seed,
             )
-            from training_jobs.tasks import run_training
-
-            run_training.delay_on_commit(run.pk)
+            enqueue_on_commit("training_jobs.tasks.run_training", run.pk)
     except IntegrityError as exc:
         if "training_run_one_active_per_kind" not in str(exc):
             raise

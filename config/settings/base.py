@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "axes",
     "labeling",
     "models_service",
+    "chat",
     "training_jobs",
 ]
 
@@ -258,7 +259,7 @@ TRAINING_DPO_DEFAULTS = env_json_object(
         "train_top_layers": 8,
     },
 )
-# Mixed precision for training on the CPU (training_jobs.common.cpu_bf16, which reads the variable itself): checked
+# Mixed precision for training on the CPU (ml.common.cpu_bf16, which reads the variable itself): checked
 # here so that a bad value stops the deployment at start-up. None = auto (where the CPU multiplies bf16 natively).
 TRAINING_CPU_BF16 = env_bool_or_auto("TRAINING_CPU_BF16", "auto")
 TRAINING_RLOO_DEFAULTS = env_json_object(
@@ -295,6 +296,6 @@ SAMPLING_BATCH_CONTEXTS = env_int("SAMPLING_BATCH_CONTEXTS", 16, min_value=1, ma
 SAMPLING_POOL_SCHEDULE_S = env_int("SAMPLING_POOL_SCHEDULE_S", 30, min_value=5)
 CHAT_MAX_NEW_TOKENS = env_int("CHAT_MAX_NEW_TOKENS", 256, min_value=1, max_value=4096)
 # float32 by default on CPU: bf16 matmuls are far slower on CPUs without bf16 units (see bench/sampling.py).
-# Pack linear weights for oneDNN in the workers that sample on the CPU (models_service/cpu_inference.py).
+# Pack linear weights for oneDNN in the workers that sample on the CPU (ml/cpu_inference.py).
 POLICY_CPU_PACKED_WEIGHTS = env_bool("POLICY_CPU_PACKED_WEIGHTS", True)
 POLICY_CPU_DTYPE = env_str("POLICY_CPU_DTYPE", "float32", choices=["float32", "bfloat16"])

@@ -8,6 +8,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from config.jobs import enqueue_on_commit
 from labeling.importing import FORMATS, import_jsonl
 from labeling.limits import (
     IMPORT_ERRORS_KEPT,
@@ -51,9 +52,7 @@ def import_job_create(*, upload, format: str, on_error: str, dataset: str, user)
             size_bytes=size,
             created_by=user,
         )
-        from labeling.tasks import run_import
-
-        run_import.delay_on_commit(job.pk)
+        enqueue_on_commit("labeling.tasks.run_import", job.pk)
     return job
 
 

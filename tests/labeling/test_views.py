@@ -341,10 +341,10 @@ def test_a_throttled_chat_says_so_and_creates_nothing(client, alice, settings):
     cache.clear()
     settings.PAGE_RATE_CHAT = 1
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "first"})
-    second = client.post(reverse("labeling:chat_index"), {"text": "second"})
+    client.post(reverse("chat:chat_index"), {"text": "first"})
+    second = client.post(reverse("chat:chat_index"), {"text": "second"})
     if second.status_code != 429:  # the minute turned
-        second = client.post(reverse("labeling:chat_index"), {"text": "third"})
+        second = client.post(reverse("chat:chat_index"), {"text": "third"})
     assert second.status_code == 429 and 'data-testid="error-page"' in second.content.decode()
     assert Conversation.objects.filter(created_by=alice).count() <= 2
-    assert client.get(reverse("labeling:chat_index")).status_code == 200, "reading is not limited"
+    assert client.get(reverse("chat:chat_index")).status_code == 200, "reading is not limited"

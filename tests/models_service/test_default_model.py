@@ -5,7 +5,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from models_service.generation import SamplingParams, sample_completions
+from ml.generation import SamplingParams, sample_completions
 from models_service.loading import load_version
 from models_service.models import ModelVersion
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models_service.cpu_inference import pack_linear_layers
-from models_service.generation import SamplingParams, chat_prompt_ids, sample_completions
+from ml.cpu_inference import pack_linear_layers
+from ml.generation import SamplingParams, chat_prompt_ids, sample_completions
 
 CHATS = [
     [{"role": "user", "content": "Hello there, how are you today?"}],

@@ -7,6 +7,7 @@ import threading
 import pytest
 from django.db import connection
 
+from chat import services as chat_services
 from labeling import splits
 from labeling.models import Message, Role, Task, TaskKind
 from models_service import loading, services
@@ -169,7 +170,9 @@ def test_alternatives_make_a_ranking_task_reserved_for_the_labeler(tiny_policy, 
         model_version=tiny_policy,
         sampling_params={"seed": 1},
     )
-    request = services.alternatives_request_create(model_message=chosen, user=alice, k=4, reserve_for_requester=True)
+    request = chat_services.alternatives_request_create(
+        model_message=chosen, user=alice, k=4, reserve_for_requester=True
+    )
     run_request(services.sampling_request_claim(request_id=request.pk))
     task = SamplingRequest.objects.get(pk=request.pk).task
     candidates = list(task.candidates.all())

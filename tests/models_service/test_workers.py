@@ -5,8 +5,8 @@ import time
 
 import pytest
 
+from chat import services as chat_services
 from labeling.models import Task, TaskKind
-from models_service import services
 from models_service.models import SamplingRequest
 from models_service.tasks import fill_ranking_pool
 from tests.conftest import register_tiny_policy, running_workers
@@ -49,13 +49,13 @@ def test_the_sampling_worker_fills_the_pool(tiny_policy):
 def test_a_live_interactive_worker_answers_chat_and_follows_the_active_policy(tiny_policy, tiny_model_dirs, alice):
     prompt = MessageFactory(author=alice, text="Hello!")
     with running_workers("interactive", env=WORKER_ENV):
-        first = services.chat_request_create(user_message=prompt, user=alice)
+        first = chat_services.chat_request_create(user_message=prompt, user=alice)
         done = wait_for(lambda: SamplingRequest.objects.filter(pk=first.pk, status="done").first())
         assert done.reply.model_version == tiny_policy
 
         newer = register_tiny_policy(tiny_model_dirs[1], name="tiny-policy-v1", stage="sft", activate=True)
         follow_up = MessageFactory(author=alice, text="And again?", conversation=ConversationFactory())
-        second = services.chat_request_create(user_message=follow_up, user=alice)
+        second = chat_services.chat_request_create(user_message=follow_up, user=alice)
         done = wait_for(lambda: SamplingRequest.objects.filter(pk=second.pk, status__in=["done", "failed"]).first())
         assert done.status == "done", done.error
         assert done.reply.model_version == newer, "the worker switched to the new policy without a restart"

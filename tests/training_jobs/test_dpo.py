@@ -7,15 +7,15 @@ import random
 import pytest
 import torch
 
-from training_jobs.common import Cancelled, Progress
-from training_jobs.dpo import (
+from ml.common import Cancelled, Progress
+from ml.dpo import (
     DPOConfig,
     dpo_ranking_loss,
     implicit_reward_accuracy,
     sequence_logprobs,
     train_dpo,
 )
-from training_jobs.reward import Ranked
+from ml.reward import Ranked
 
 
 def log_sigmoid(x: float) -> float:
@@ -81,7 +81,7 @@ def load_policy(directory):
 
 
 def test_sequence_logprobs_sum_the_reply_tokens_and_eos_and_start_at_log_2(tiny_model_dirs):
-    from models_service.generation import chat_prompt_ids
+    from ml.generation import chat_prompt_ids
 
     policy, tokenizer = load_policy(tiny_model_dirs[0])
     rankings = [

@@ -11,9 +11,9 @@ import time
 import pytest
 from django.utils import timezone
 
+from ml.common import TrainResult
 from models_service.models import ModelVersion
 from training_jobs import runner, services
-from training_jobs.common import TrainResult
 from training_jobs.models import TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)

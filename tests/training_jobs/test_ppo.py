@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_jobs.common import Cancelled, Progress, TrainingFailed
-from training_jobs.ppo import (
+from ml.common import Cancelled, Progress, TrainingFailed
+from ml.ppo import (
     PPOConfig,
     Rollout,
     demonstration_loss,
@@ -70,7 +70,7 @@ def load_policy(directory):
 
 
 def rollout(policy, tokenizer, chats, *, max_new_tokens=6, seed=0):
-    from models_service.generation import chat_prompt_ids, eos_ids
+    from ml.generation import chat_prompt_ids, eos_ids
 
     queries = [chat_prompt_ids(tokenizer, chat, max_prompt_tokens=64)[0] for chat in chats]
     config = PPOConfig(max_new_tokens=max_new_tokens)
@@ -237,7 +237,7 @@ def test_the_kl_guard_stops_a_run_that_drifts(tiny_model_dirs, reward_dirs, tmp_
 
 
 def test_lora_reference_is_the_sft_policy(tiny_model_dirs):
-    from training_jobs.common import apply_lora
+    from ml.common import apply_lora
 
     sft, tokenizer = load_policy(tiny_model_dirs[0])
     policy = apply_lora(load_policy(tiny_model_dirs[0])[0], rank=8, alpha=16)
@@ -262,7 +262,7 @@ def test_lora_reference_is_the_sft_policy(tiny_model_dirs):
 def test_lora_on_the_top_blocks_leaves_the_lower_blocks_as_they_were(tiny_model_dirs, reward_dirs, tmp_path):
     from safetensors.torch import load_file
 
-    from training_jobs.common import apply_lora
+    from ml.common import apply_lora
 
     policy = load_policy(tiny_model_dirs[0])[0]
     top = policy.config.num_hidden_layers - 1
@@ -288,9 +288,9 @@ def test_lora_on_the_top_blocks_leaves_the_lower_blocks_as_they_were(tiny_model_
 def test_lora_reward_model_is_the_value_model_with_adapters_disabled(reward_dirs):
     from transformers import AutoModelForSequenceClassification
 
-    from models_service.generation import left_pad
-    from models_service.scoring import sequence_scores
-    from training_jobs.common import apply_lora
+    from ml.common import apply_lora
+    from ml.generation import left_pad
+    from ml.scoring import sequence_scores
 
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dirs["random"]).eval()
     value_model = AutoModelForSequenceClassification.from_pretrained(reward_dirs["random"])
@@ -396,7 +396,7 @@ def test_missing_eos_penalty_replaces_the_score_and_ptx_is_logged(tiny_model_dir
 
 
 def test_demonstration_loss_covers_the_reply_tokens_only(tiny_model_dirs):
-    from models_service.generation import chat_prompt_ids, left_pad
+    from ml.generation import chat_prompt_ids, left_pad
 
     policy, tokenizer = load_policy(tiny_model_dirs[0])
     rows = []

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from training_jobs.reward import Ranked, RewardConfig, ranking_loss, ranking_pairs, train_reward
+from ml.reward import Ranked, RewardConfig, ranking_loss, ranking_pairs, train_reward
 
 
 def test_ranking_loss_equals_the_hand_computed_value():
@@ -88,7 +88,7 @@ def test_the_reward_model_learns_a_visible_preference(tiny_model_dirs, tmp_path)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from models_service.scoring import score_pairs
+    from ml.scoring import score_pairs
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
@@ -114,8 +114,8 @@ def test_the_reward_model_trains_with_lora(tiny_model_dirs, tmp_path):
 
 
 def test_kept_frozen_block_states_give_the_full_models_scores(tiny_model_dirs):
-    from training_jobs.common import train_top_layers_only
-    from training_jobs.reward import RewardBlocks, load_reward_model
+    from ml.common import train_top_layers_only
+    from ml.reward import RewardBlocks, load_reward_model
 
     model, tokenizer = load_reward_model(tiny_model_dirs[0], dtype=torch.float32, device=torch.device("cpu"))
     train_top_layers_only(model, 1)
@@ -154,7 +154,7 @@ def test_top_layer_training_on_kept_states_trains_like_the_full_pass(tiny_model_
 def test_the_frozen_block_pass_reports_progress_and_stops_when_cancelled(tiny_model_dirs, tmp_path):
     """The pass over every reply takes minutes with the default model: it must keep the run's heartbeat (a run
     silent for TRAINING_HEARTBEAT_TIMEOUT_S is reaped as lost) and honour a cancel."""
-    from training_jobs.common import Cancelled, Progress
+    from ml.common import Cancelled, Progress
 
     flushes = []
     progress = Progress(sink=lambda p: flushes.append(p.step), should_stop=lambda: len(flushes) > 3, interval_s=0)

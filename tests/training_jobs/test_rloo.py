@@ -4,15 +4,15 @@ within the KL bound, the KL guard, the saved folder, cancellation and the missin
 import pytest
 import torch
 
-from tests.training_jobs.test_ppo import PROMPTS, low_byte_fraction
-from training_jobs.common import Cancelled, Progress, TrainingFailed
-from training_jobs.rloo import (
+from ml.common import Cancelled, Progress, TrainingFailed
+from ml.rloo import (
     RLOOConfig,
     leave_one_out_advantages,
     rloo_policy_loss,
     sequence_kl,
     train_rloo,
 )
+from tests.training_jobs.test_ppo import PROMPTS, low_byte_fraction
 
 
 def test_leave_one_out_advantages_by_hand():

@@ -3,8 +3,8 @@
 DPO (Rafailov et al. 2023) trains the policy on the labelers' rankings directly, without a reward model or RL:
 the implicit reward of a reply is `r = beta * (log pi(y|x) - log pi_ref(y|x))`, the sum of the log-probs of the
 reply's tokens (its text and the end-of-turn token, after the prompt rendered as the sampler renders it, which is
-what `training_jobs.sft.encode` trains on) under the policy and under the frozen reference. As in the reward model
-(training_jobs/reward.py), all C(K,2) ordered pairs of one ranking form ONE batch element: the K candidates go
+what `ml.sft.encode` trains on) under the policy and under the frozen reference. As in the reward model
+(ml/reward.py), all C(K,2) ordered pairs of one ranking form ONE batch element: the K candidates go
 through the policy once each, and the ranking's loss is the mean over its non-tied pairs of
 `-log sigma(r_w - r_l)` (with cDPO's label smoothing `ls`: `-(1 - ls) log sigma(d) - ls log sigma(-d)`). Rankings
 whose candidates are all tied give no pair and are dropped.
@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models_service.generation import left_pad
-from training_jobs.common import (
+from ml.common import (
     FrozenBlocks,
     Progress,
     TrainResult,
@@ -49,9 +48,10 @@ from training_jobs.common import (
     training_device,
     transformer_blocks,
 )
-from training_jobs.ppo import _disable_dropout
-from training_jobs.reward import Ranked, ranking_pairs
-from training_jobs.sft import IGNORE, encode
+from ml.generation import left_pad
+from ml.ppo import _disable_dropout
+from ml.reward import Ranked, ranking_pairs
+from ml.sft import IGNORE, encode
 
 
 @dataclass

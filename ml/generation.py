@@ -10,14 +10,14 @@ Why a decode loop of our own rather than `model.generate`:
   outside the top 256 is recorded in the sampling parameters as `top_k_cap`.
 Positions come from the attention mask, so left padding does not shift them.
 
-Only worker processes import this module: it imports torch.
+Pure torch: plain values in and out, no Django. Only worker processes import it (models_service/sampling.py
+adapts database rows to it).
 """
 
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from django.conf import settings
 
 TOP_K_CAP = 256
 
@@ -28,17 +28,6 @@ class SamplingParams:
     top_p: float = 0.95
     max_new_tokens: int = 128
     seed: int = 0
-
-    @classmethod
-    def from_settings(cls, **overrides) -> "SamplingParams":
-        values = {
-            "temperature": settings.SAMPLING_TEMPERATURE,
-            "top_p": settings.SAMPLING_TOP_P,
-            "max_new_tokens": settings.SAMPLING_MAX_NEW_TOKENS,
-            "seed": settings.SAMPLING_SEED,
-        }
-        values.update(overrides)
-        return cls(**values)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "top_k_cap": TOP_K_CAP}

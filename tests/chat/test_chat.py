@@ -3,6 +3,7 @@
 import pytest
 from django.urls import reverse
 
+from chat import services as chat_services
 from labeling.models import Conversation, Message
 from models_service import services
 from models_service.models import SamplingRequest
@@ -16,21 +17,21 @@ def answer(request_id: int):
 
 
 def test_anonymous_visitors_log_in_first(client):
-    assert client.get(reverse("labeling:chat_index")).status_code == 302
+    assert client.get(reverse("chat:chat_index")).status_code == 302
 
 
 def test_start_a_chat_wait_for_the_reply_and_continue(client, alice, tiny_policy, settings):
     settings.CHAT_MAX_NEW_TOKENS = 5
     client.force_login(alice)
-    assert client.get(reverse("labeling:chat_index")).status_code == 200
-    response = client.post(reverse("labeling:chat_index"), {"text": "Hello, model!"})
+    assert client.get(reverse("chat:chat_index")).status_code == 200
+    response = client.post(reverse("chat:chat_index"), {"text": "Hello, model!"})
     conversation = Conversation.objects.get(created_by=alice, source=Conversation.Source.CHAT)
-    assert response.url == reverse("labeling:chat", args=[conversation.pk])
+    assert response.url == reverse("chat:chat", args=[conversation.pk])
     request = SamplingRequest.objects.get(purpose="chat")
     page = client.get(response.url).content.decode()
     assert 'data-testid="typing"' in page and "Hello, model!" in page
 
-    poll = reverse("labeling:chat_poll", args=[request.pk])
+    poll = reverse("chat:chat_poll", args=[request.pk])
     assert 'data-testid="typing"' in client.get(poll).content.decode()
     answer(request.pk)
     done = client.get(poll)
@@ -39,9 +40,7 @@ def test_start_a_chat_wait_for_the_reply_and_continue(client, alice, tiny_policy
     page = client.get(response.url).content.decode()
     reply = Message.objects.get(conversation=conversation, role="assistant")
     assert f'data-message-id="{reply.pk}"' in page and "Ask for alternatives" in page
-    response = client.post(
-        reverse("labeling:chat", args=[conversation.pk]), {"text": "Tell me more.", "parent": reply.pk}
-    )
+    response = client.post(reverse("chat:chat", args=[conversation.pk]), {"text": "Tell me more.", "parent": reply.pk})
     assert response.status_code == 302
     follow_up = Message.objects.get(text="Tell me more.")
     assert follow_up.parent == reply and SamplingRequest.objects.filter(context=follow_up).exists()
@@ -49,23 +48,23 @@ def test_start_a_chat_wait_for_the_reply_and_continue(client, alice, tiny_policy
 
 def test_ask_for_alternatives_from_a_model_turn(client, alice, tiny_policy):
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    client.post(reverse("chat:chat_index"), {"text": "Name a colour."})
     answer(SamplingRequest.objects.get(purpose="chat").pk)
     reply = Message.objects.get(role="assistant")
-    response = client.post(reverse("labeling:chat_alternatives", args=[reply.pk]), {"k": "3", "for_me": "on"})
+    response = client.post(reverse("chat:chat_alternatives", args=[reply.pk]), {"k": "3", "for_me": "on"})
     assert response.status_code == 302
     request = SamplingRequest.objects.get(purpose="alternatives")
     assert (request.k, request.keep_message, request.reserve_for_requester) == (2, reply, True)
-    page = client.get(reverse("labeling:chat", args=[reply.conversation_id])).content.decode()
+    page = client.get(reverse("chat:chat", args=[reply.conversation_id])).content.decode()
     assert "sampling alternatives" in page
 
 
 def test_asking_twice_for_alternatives_is_refused_with_a_message(client, alice, tiny_policy):
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    client.post(reverse("chat:chat_index"), {"text": "Name a colour."})
     answer(SamplingRequest.objects.get(purpose="chat").pk)
     reply = Message.objects.get(role="assistant")
-    url = reverse("labeling:chat_alternatives", args=[reply.pk])
+    url = reverse("chat:chat_alternatives", args=[reply.pk])
     client.post(url, {"k": "3"})
     again = client.post(url, {"k": "3"}, follow=True)  # a double click, while the first is being sampled
     assert again.status_code == 200 and "were already asked for" in again.content.decode()
@@ -82,10 +81,10 @@ def test_a_second_request_racing_the_first_gets_the_same_message(alice, tiny_pol
     from django.core.exceptions import ValidationError
 
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    client.post(reverse("chat:chat_index"), {"text": "Name a colour."})
     answer(SamplingRequest.objects.get(purpose="chat").pk)
     reply = Message.objects.get(role="assistant")
-    services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
+    chat_services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
     lookup = services.SamplingRequest.objects.filter
     with (
         mock.patch.object(
@@ -95,39 +94,39 @@ def test_a_second_request_racing_the_first_gets_the_same_message(alice, tiny_pol
         ),
         pytest.raises(ValidationError, match="already asked for"),
     ):
-        services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
+        chat_services.alternatives_request_create(model_message=reply, user=alice, k=3, reserve_for_requester=False)
 
 
 def test_an_empty_message_is_refused_and_kept_out(client, alice):
     client.force_login(alice)
-    response = client.post(reverse("labeling:chat_index"), {"text": "   "})
+    response = client.post(reverse("chat:chat_index"), {"text": "   "})
     assert response.status_code == 422 and "Write a message." in response.content.decode()
     assert not Conversation.objects.exists()
 
 
 def test_another_labelers_chat_is_private(client, alice, bob, tiny_policy):
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Secret question"})
+    client.post(reverse("chat:chat_index"), {"text": "Secret question"})
     request = SamplingRequest.objects.get()
     answer(request.pk)
     reply = Message.objects.get(role="assistant")
     client.force_login(bob)
-    assert client.get(reverse("labeling:chat", args=[reply.conversation_id])).status_code == 404
-    assert client.get(reverse("labeling:chat_poll", args=[request.pk])).status_code == 404
-    assert client.post(reverse("labeling:chat_alternatives", args=[reply.pk]), {"k": "3"}).status_code == 404
-    response = client.post(reverse("labeling:chat_index"), {"text": "x"})
+    assert client.get(reverse("chat:chat", args=[reply.conversation_id])).status_code == 404
+    assert client.get(reverse("chat:chat_poll", args=[request.pk])).status_code == 404
+    assert client.post(reverse("chat:chat_alternatives", args=[reply.pk]), {"k": "3"}).status_code == 404
+    response = client.post(reverse("chat:chat_index"), {"text": "x"})
     bobs = Conversation.objects.get(created_by=bob)
-    response = client.post(reverse("labeling:chat", args=[bobs.pk]), {"text": "hijack", "parent": reply.pk})
+    response = client.post(reverse("chat:chat", args=[bobs.pk]), {"text": "hijack", "parent": reply.pk})
     assert response.status_code == 422
     assert not Message.objects.filter(text="hijack").exists()
 
 
 def test_a_failed_reply_is_shown(client, alice):
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Hi"})
+    client.post(reverse("chat:chat_index"), {"text": "Hi"})
     request = SamplingRequest.objects.get()
     services.sampling_request_fail(request=request, error="No active policy model.")
-    page = client.get(reverse("labeling:chat", args=[request.context.conversation_id])).content.decode()
+    page = client.get(reverse("chat:chat", args=[request.context.conversation_id])).content.decode()
     assert 'data-testid="chat-failed"' in page and "No active policy model." in page
 
 
@@ -138,7 +137,7 @@ def test_chats_stay_with_their_labeler_unless_shared_and_are_never_held_out(clie
 
     settings.DATA_HOLDOUT_FRACTION = 1.0  # any conversation drawn at random would be held out
     client.force_login(alice)
-    client.post(reverse("labeling:chat_index"), {"text": "Name a colour."})
+    client.post(reverse("chat:chat_index"), {"text": "Name a colour."})
     conversation = Conversation.objects.get(created_by=alice)
     assert conversation.split == "train"
     question = Message.objects.get(conversation=conversation, role="user")

@@ -30,9 +30,7 @@ from pathlib import Path
 
 import torch
 
-from models_service.generation import chat_prompt_ids, eos_ids, left_pad
-from models_service.scoring import REWARD_OFFSET, score_head, score_pairs, sequence_scores
-from training_jobs.common import (
+from ml.common import (
     Progress,
     TrainingFailed,
     TrainResult,
@@ -45,6 +43,8 @@ from training_jobs.common import (
     seed_everything,
     training_device,
 )
+from ml.generation import chat_prompt_ids, eos_ids, left_pad
+from ml.scoring import REWARD_OFFSET, score_head, score_pairs, sequence_scores
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from config.env import parse_bool_or_auto
-
 logger = logging.getLogger(__name__)
 
 
@@ -118,7 +116,11 @@ def cpu_bf16() -> bool:
     with AVX512-BF16 on another), true or false. Never on CUDA, where the weights themselves are bf16 already."""
     if torch.cuda.is_available():
         return False
-    choice = parse_bool_or_auto("TRAINING_CPU_BF16", os.environ.get("TRAINING_CPU_BF16") or "auto")
+    value = (os.environ.get("TRAINING_CPU_BF16") or "auto").strip().lower()
+    choice = {"auto": None, "1": True, "true": True, "yes": True, "on": True}.get(value, value)
+    choice = {"0": False, "false": False, "no": False, "off": False}.get(choice, choice)
+    if isinstance(choice, str):  # the settings refuse it at start-up too (config.env.env_bool_or_auto)
+        raise ValueError(f"TRAINING_CPU_BF16={value!r} is invalid: expected auto, true/false, yes/no, on/off or 1/0.")
     if choice is None:
         return any(
             bool(getattr(torch.cpu, probe, lambda: False)())
@@ -355,7 +357,7 @@ class FrozenBlocks:
         """Compute and keep the states of the rows not kept yet (similar lengths batched together). With
         `progress`, each batch reports (the run's heartbeat: this pass takes minutes with the default model) and
         stops the pass when the run was cancelled."""
-        from models_service.generation import left_pad
+        from ml.generation import left_pad
 
         device = next(self.model.parameters()).device
         missing = sorted({tuple(r) for r in rows if tuple(r) not in self.states}, key=len)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from models_service.generation import chat_prompt_ids
-from training_jobs.common import (
+from ml.common import (
     Progress,
     TrainResult,
     apply_lora,
@@ -24,6 +23,7 @@ from training_jobs.common import (
     train_top_layers_only,
     training_device,
 )
+from ml.generation import chat_prompt_ids
 
 IGNORE = -100
 

@@ -11,11 +11,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
+from chat import services
+from chat.selectors import chat_conversations, chat_view
 from config.ratelimit import per_user_per_minute
 from labeling.limits import MAX_MESSAGE_CHARS
 from labeling.models import Conversation, Message
-from labeling.selectors import chat_conversations, chat_view
-from models_service import services as model_services
 from models_service.models import SamplingRequest
 
 
@@ -44,13 +44,13 @@ def chat_index(request):
     form = ChatForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            message, _ = model_services.chat_start(user=request.user, text=form.cleaned_data["text"])
-            return redirect("labeling:chat", conversation_id=message.conversation_id)
+            message, _ = services.chat_start(user=request.user, text=form.cleaned_data["text"])
+            return redirect("chat:chat", conversation_id=message.conversation_id)
         except ValidationError as error:
             form.add_error("text", error.messages)
     status = 422 if form.errors else 200
     return render(
-        request, "labeling/chat_index.html", {"form": form, "chats": chat_conversations(request.user)}, status=status
+        request, "chat/chat_index.html", {"form": form, "chats": chat_conversations(request.user)}, status=status
     )
 
 
@@ -67,15 +67,15 @@ def chat(request, conversation_id: int):
             try:
                 if parent is None:
                     raise ValidationError("Wait for the assistant's reply before writing again.")
-                model_services.chat_continue(user=request.user, parent=parent, text=form.cleaned_data["text"])
-                return redirect("labeling:chat", conversation_id=conversation.pk)
+                services.chat_continue(user=request.user, parent=parent, text=form.cleaned_data["text"])
+                return redirect("chat:chat", conversation_id=conversation.pk)
             except ValidationError as error:
                 form.add_error("text", error.messages)
         status = 422
     tip = view["thread"][-1] if view["thread"] else None
     return render(
         request,
-        "labeling/chat.html",
+        "chat/chat.html",
         {
             "conversation": conversation,
             "form": form,
@@ -94,7 +94,7 @@ def chat_poll(request, request_id: int):
     """The typing indicator asks here every second; when the reply is in, the page reloads to show it."""
     sampling = get_object_or_404(SamplingRequest, pk=request_id, requested_by=request.user)
     if sampling.status in (SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING):
-        return render(request, "labeling/chat.html#typing", {"pending": sampling})
+        return render(request, "chat/chat.html#typing", {"pending": sampling})
     response = HttpResponseStopPolling()
     response["HX-Refresh"] = "true"
     return response
@@ -110,9 +110,9 @@ def chat_alternatives(request, message_id: int):
     form = AlternativesForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Choose how many replies to rank, from 2 to 9.")
-        return redirect("labeling:chat", conversation_id=message.conversation_id)
+        return redirect("chat:chat", conversation_id=message.conversation_id)
     try:
-        model_services.alternatives_request_create(
+        services.alternatives_request_create(
             model_message=message,
             user=request.user,
             k=form.cleaned_data["k"],
@@ -123,4 +123,4 @@ def chat_alternatives(request, message_id: int):
     else:
         who = "you" if form.cleaned_data["for_me"] else "the labelers"
         messages.success(request, f"Sampling alternatives. A ranking task for {who} will be ready in a moment.")
-    return redirect("labeling:chat", conversation_id=message.conversation_id)
+    return redirect("chat:chat", conversation_id=message.conversation_id)

@@ -7,7 +7,7 @@ no pair. Flattening the pairs into independent examples would cost a forward pas
 each reply would be seen K - 1 times (bench/training.py measures the cost side).
 
 After training, the scores are shifted so that labeler demonstrations average 0 (the shift is stored in the
-config as `reward_offset`, which models_service.scoring adds).
+config as `reward_offset`, which ml.scoring adds).
 """
 
 import time
@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models_service.generation import left_pad
-from models_service.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
-from training_jobs.common import (
+from ml.common import (
     FrozenBlocks,
     Progress,
     TrainResult,
@@ -35,6 +33,8 @@ from training_jobs.common import (
     transformer_blocks,
     unwrapped,
 )
+from ml.generation import left_pad
+from ml.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 
 
 @dataclass

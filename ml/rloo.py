@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from models_service.generation import chat_prompt_ids, eos_ids
-from training_jobs.common import (
+from ml.common import (
     Progress,
     TrainingFailed,
     TrainResult,
@@ -38,7 +37,8 @@ from training_jobs.common import (
     seed_everything,
     training_device,
 )
-from training_jobs.ppo import (
+from ml.generation import chat_prompt_ids, eos_ids
+from ml.ppo import (
     RewardFn,
     Rollout,
     _cycle,
