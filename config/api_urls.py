@@ -3,6 +3,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from labeling import apis as labeling
+from labeling import data_apis as labeling_data
 from models_service import apis as models
 from training_jobs import apis as training
 
@@ -19,10 +20,10 @@ urlpatterns = [
     path("v1/conversations/", labeling.ConversationListApi.as_view(), name="api-conversations"),
     path("v1/conversations/<int:conversation_id>/", labeling.ConversationDetailApi.as_view(), name="api-conversation"),
     path("v1/messages/<int:message_id>/", labeling.MessageDetailApi.as_view(), name="api-message"),
-    path("v1/imports/", labeling.ImportCreateApi.as_view(), name="api-imports"),
-    path("v1/imports/<int:job_id>/", labeling.ImportDetailApi.as_view(), name="api-import"),
-    path("v1/exports/card/", labeling.ExportCardApi.as_view(), name="api-export-card"),
-    path("v1/exports/<str:kind>/", labeling.ExportApi.as_view(), name="api-export"),
+    path("v1/imports/", labeling_data.ImportCreateApi.as_view(), name="api-imports"),
+    path("v1/imports/<int:job_id>/", labeling_data.ImportDetailApi.as_view(), name="api-import"),
+    path("v1/exports/card/", labeling_data.ExportCardApi.as_view(), name="api-export-card"),
+    path("v1/exports/<str:kind>/", labeling_data.ExportApi.as_view(), name="api-export"),
     path("v1/model-versions/", models.ModelVersionListApi.as_view(), name="api-model-versions"),
     path("v1/model-versions/<int:version_id>/", models.ModelVersionDetailApi.as_view(), name="api-model-version"),
     path("v1/training-runs/", training.TrainingRunListApi.as_view(), name="api-training-runs"),

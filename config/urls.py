@@ -10,7 +10,7 @@ admin.site.site_title = "Feedback Loop"
 urlpatterns = [
     path("", include("labeling.urls")),
     path("chat/", include("chat.urls")),
-    path("ops/", include("training_jobs.urls")),
+    path("ops/", include("ops.urls")),
     path("api/", include("config.api_urls")),
     path("healthz", views.healthz, name="healthz"),
     path("login/", auth_views.LoginView.as_view(template_name="registration/login.html"), name="login"),

@@ -62,3 +62,17 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
         )
         .order_by("already_ranked", "imported", "-created_at", "-pk")
     )
+
+
+def active_version(kind: str) -> ModelVersion | None:
+    """The version of `kind` (policy or reward model) that serves now."""
+    return ModelVersion.objects.filter(kind=kind, is_active=True).first()
+
+
+def newest_ready(kind: str, *stages: str) -> ModelVersion | None:
+    """The newest ready version of `kind` among `stages`, preferring the stages listed first."""
+    for stage in stages:
+        version = ModelVersion.objects.filter(kind=kind, stage=stage, status=ModelVersion.Status.READY).first()
+        if version is not None:
+            return version
+    return None

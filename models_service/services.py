@@ -16,7 +16,12 @@ from django.utils import timezone
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.services import message_create, ranking_overlap, task_create
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
-from models_service.selectors import contexts_needing_candidates, in_flight_pool_requests, open_pool_size
+from models_service.selectors import (
+    active_version,
+    contexts_needing_candidates,
+    in_flight_pool_requests,
+    open_pool_size,
+)
 
 REQUIRED_FILES = ("config.json",)
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -139,10 +144,6 @@ def model_version_rollback(*, kind: str, actor=None, reason: str = "") -> ModelA
         reason=reason or f"rolled back from {last.model_version.name}",
         action=ModelActivation.Action.ROLLBACK,
     )
-
-
-def active_version(kind: str) -> ModelVersion | None:
-    return ModelVersion.objects.filter(kind=kind, is_active=True).first()
 
 
 # --- sampling requests ---

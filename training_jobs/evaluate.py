@@ -25,7 +25,7 @@ from ml.scoring import score_pairs
 from models_service.loading import load_version
 from models_service.models import ModelVersion
 from models_service.sampling import serving_params
-from training_jobs import datasets, gate
+from training_jobs import datasets, services
 from training_jobs.models import Evaluation, LoopSettings
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_evaluation(evaluation_id: int) -> str | None:
             status=Evaluation.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:4000], finished_at=timezone.now()
         )
         return Evaluation.Status.FAILED
-    gate.evaluation_decide(evaluation=evaluation)
+    services.evaluation_decide(evaluation=evaluation)
     return Evaluation.Status.DONE
 
 

@@ -9,13 +9,7 @@ hold and `auto_promote` is on, the loop promotes; otherwise an admin decides on 
 
 import math
 
-from django.core.exceptions import ValidationError
-from django.db import transaction
-from django.utils import timezone
-
 from labeling.models import Ranking, Task, TaskKind
-from models_service.models import ModelActivation
-from models_service.services import model_version_activate
 from training_jobs.models import Evaluation, LoopSettings
 
 
@@ -172,65 +166,3 @@ def _bootstrap(evaluation: Evaluation) -> str:
         f"No reward model yet: the SFT policy replaces the base policy (validation loss {before:.3f} -> {after:.3f}) "
         "so that the ranking tasks sample from it."
     )
-
-
-def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None = None) -> str:
-    """Apply the rules to an evaluation still open for a decision; promote when they say so."""
-    settings = settings or LoopSettings.load()
-    open_decisions = [
-        Evaluation.Decision.PENDING,
-        Evaluation.Decision.WAITING_FOR_HUMANS,
-        Evaluation.Decision.WAITING_FOR_ADMIN,
-    ]
-    with transaction.atomic():
-        current = Evaluation.objects.select_for_update().get(pk=evaluation.pk)
-        if current.decision not in open_decisions:
-            return current.decision
-        decision, reason = decide(current, settings)
-        if decision == Evaluation.Decision.PROMOTED:
-            _promote(current, actor=None, reason=reason, automatic=True)
-        if decision in (Evaluation.Decision.PROMOTED, Evaluation.Decision.NOT_PROMOTED):
-            freeze_votes(current)
-        Evaluation.objects.filter(pk=current.pk).update(
-            decision=decision,
-            decision_reason=reason,
-            decided_at=timezone.now() if decision in (Evaluation.Decision.PROMOTED,) else None,
-        )
-    return decision
-
-
-def _promote(evaluation: Evaluation, *, actor, reason: str, automatic: bool) -> ModelActivation | None:
-    """Serve the candidate, and the reward model it was optimised against, so the active pair stays consistent."""
-    activation = model_version_activate(
-        version=evaluation.candidate,
-        actor=actor,
-        reason=reason,
-        action=ModelActivation.Action.PROMOTE,
-        automatic=automatic,
-    )
-    run = evaluation.candidate.training_run
-    if run is not None and run.reward_model is not None:
-        model_version_activate(
-            version=run.reward_model,
-            actor=actor,
-            reason=f"the reward model behind {evaluation.candidate.name}",
-            action=ModelActivation.Action.PROMOTE,
-            automatic=automatic,
-        )
-    return activation
-
-
-def evaluation_promote(*, evaluation: Evaluation, actor, reason: str = "") -> ModelActivation:
-    """An admin's one-click promotion of an evaluated candidate, recorded with who, when and why."""
-    if evaluation.status != Evaluation.Status.DONE:
-        raise ValidationError("The evaluation has not finished.")
-    reason = reason.strip() or f"promoted by {actor} after evaluation #{evaluation.pk}"
-    with transaction.atomic():
-        activation = _promote(evaluation, actor=actor, reason=reason, automatic=False)
-        freeze_votes(evaluation)
-        Evaluation.objects.filter(pk=evaluation.pk).update(
-            decision=Evaluation.Decision.PROMOTED, decision_reason=reason, decided_by=actor, decided_at=timezone.now()
-        )
-    if activation is None:
-        raise ValidationError(f"{evaluation.candidate} is already serving.")
-    return activation

@@ -20,11 +20,10 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from config.jobs import enqueue_on_commit
 from labeling import splits
 from labeling.models import Message, Ranking, Role
 from models_service.models import ModelVersion
-from models_service.services import active_version
+from models_service.selectors import active_version, newest_ready
 from training_jobs import gate, services
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
@@ -68,10 +67,6 @@ def tied_rankings(*, newest: int = 200) -> dict:
     return {"rankings": len(recent), "all_tied": tied, "share": tied / len(recent) if recent else None}
 
 
-def newest(kind: str, stage: str) -> ModelVersion | None:
-    return ModelVersion.objects.filter(kind=kind, stage=stage, status=ModelVersion.Status.READY).first()
-
-
 @dataclass
 class Plan:
     action: str  # wait | paused | evaluate | sft | rm | ppo | nothing
@@ -113,7 +108,7 @@ def _failure() -> tuple[str, str] | None:
 
 
 def _unevaluated_policy(settings: LoopSettings) -> ModelVersion | None:
-    reward_exists = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM) is not None
+    reward_exists = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM) is not None
     stages = list(ModelVersion.OPTIMISED_STAGES)
     if not (reward_exists and settings.ppo_after_new_models):
         stages.append(ModelVersion.Stage.SFT)
@@ -166,8 +161,8 @@ def policy_start(path: str, sft: ModelVersion) -> ModelVersion:
 
 def _policy_step(settings: LoopSettings) -> Plan | None:
     """The chain's last step, when the newest SFT and newest reward model have not been through it together."""
-    sft = newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)
-    rm = newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+    sft = newest_ready(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)
+    rm = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
     if not (settings.ppo_after_new_models and sft and rm):
         return None
     path = settings.policy_path
@@ -219,29 +214,8 @@ def _act(decision: Plan) -> None:
             kind=decision.action,
             trigger=TrainingRun.Trigger.CHAIN,
             previous_run=previous,
-            base_model=policy_start(decision.action, newest(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)),
-            reward_model=newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+            base_model=policy_start(decision.action, newest_ready(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)),
+            reward_model=newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
         )
     elif decision.action == "evaluate":
-        evaluation_create(candidate=decision.candidate)
-
-
-def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
-    """Queue the gate's evaluation of a candidate against the serving policy, scored by the newest reward model."""
-    with transaction.atomic():
-        evaluation = Evaluation.objects.create(
-            candidate=candidate,
-            baseline=active_version(ModelVersion.Kind.POLICY),
-            reward_model=active_version(ModelVersion.Kind.REWARD)
-            or newest(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
-            training_run=candidate.training_run,
-        )
-        enqueue_on_commit("training_jobs.tasks.evaluate_candidate", evaluation.pk)
-    return evaluation
-
-
-def loop_resume(*, actor=None) -> None:
-    """Clear a pause after a failed stage; the loop plans again at its next tick."""
-    settings = LoopSettings.load()
-    settings.paused_reason = ""
-    settings.save(update_fields=["paused_reason"])
+        services.evaluation_create(candidate=decision.candidate)

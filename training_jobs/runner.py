@@ -27,20 +27,12 @@ from django.db import close_old_connections, connection, transaction
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
 from ml.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from models_service.models import ModelVersion
-from models_service.services import active_version, model_version_activate, model_version_register
+from models_service.selectors import active_version, newest_ready
+from models_service.services import model_version_activate, model_version_register
 from training_jobs import datasets, loop, services
 from training_jobs.models import TrainingRun
 
 logger = logging.getLogger(__name__)
-
-
-def latest_ready(kind: str, *stages: str) -> ModelVersion | None:
-    """The newest ready version of `kind` among `stages`, preferring the earlier stage names listed first."""
-    for stage in stages:
-        version = ModelVersion.objects.filter(kind=kind, stage=stage, status=ModelVersion.Status.READY).first()
-        if version is not None:
-            return version
-    return None
 
 
 def resolve_inputs(run: TrainingRun) -> TrainingRun:
@@ -49,7 +41,7 @@ def resolve_inputs(run: TrainingRun) -> TrainingRun:
     policy = ModelVersion.Kind.POLICY
     optimised = run.kind in TrainingRun.POLICY_KINDS
     if run.base_model is None and optimised:
-        sft = latest_ready(policy, ModelVersion.Stage.SFT, ModelVersion.Stage.BASE)
+        sft = newest_ready(policy, ModelVersion.Stage.SFT, ModelVersion.Stage.BASE)
         run.base_model = loop.policy_start(run.kind, sft) if sft is not None else None
     if run.base_model is None:
         stages = (
@@ -60,9 +52,9 @@ def resolve_inputs(run: TrainingRun) -> TrainingRun:
                 ModelVersion.Stage.BASE,
             )
         )
-        run.base_model = latest_ready(policy, *stages)
+        run.base_model = newest_ready(policy, *stages)
     if optimised and run.reward_model is None:
-        run.reward_model = latest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+        run.reward_model = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
     if run.base_model is None:
         raise TrainingFailed("There is no policy to start from: run `manage.py prepare_default_model` first.")
     if run.kind in (TrainingRun.Kind.PPO, TrainingRun.Kind.RLOO) and run.reward_model is None:

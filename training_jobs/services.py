@@ -14,8 +14,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
-from models_service.models import ModelVersion
-from training_jobs.models import TrainingRun
+from models_service.models import ModelActivation, ModelVersion
+from models_service.selectors import active_version, newest_ready
+from models_service.services import model_version_activate
+from training_jobs import gate
+from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 LOG_TAIL_LINES = 200
 
@@ -156,3 +159,89 @@ def training_runs_reap(*, now: dt.datetime | None = None) -> list[int]:
             shutil.rmtree(staging_dir(run), ignore_errors=True)
             reaped.append(run.pk)
     return reaped
+
+
+# --- the loop and its gate ---
+
+
+def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
+    """Queue the gate's evaluation of a candidate against the serving policy, scored by the newest reward model."""
+    with transaction.atomic():
+        evaluation = Evaluation.objects.create(
+            candidate=candidate,
+            baseline=active_version(ModelVersion.Kind.POLICY),
+            reward_model=active_version(ModelVersion.Kind.REWARD)
+            or newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+            training_run=candidate.training_run,
+        )
+        enqueue_on_commit("training_jobs.tasks.evaluate_candidate", evaluation.pk)
+    return evaluation
+
+
+def loop_resume(*, actor=None) -> None:
+    """Clear a pause after a failed stage; the loop plans again at its next tick."""
+    settings = LoopSettings.load()
+    settings.paused_reason = ""
+    settings.save(update_fields=["paused_reason"])
+
+
+def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None = None) -> str:
+    """Apply the rules to an evaluation still open for a decision; promote when they say so."""
+    settings = settings or LoopSettings.load()
+    open_decisions = [
+        Evaluation.Decision.PENDING,
+        Evaluation.Decision.WAITING_FOR_HUMANS,
+        Evaluation.Decision.WAITING_FOR_ADMIN,
+    ]
+    with transaction.atomic():
+        current = Evaluation.objects.select_for_update().get(pk=evaluation.pk)
+        if current.decision not in open_decisions:
+            return current.decision
+        decision, reason = gate.decide(current, settings)
+        if decision == Evaluation.Decision.PROMOTED:
+            _promote(current, actor=None, reason=reason, automatic=True)
+        if decision in (Evaluation.Decision.PROMOTED, Evaluation.Decision.NOT_PROMOTED):
+            gate.freeze_votes(current)
+        Evaluation.objects.filter(pk=current.pk).update(
+            decision=decision,
+            decision_reason=reason,
+            decided_at=timezone.now() if decision in (Evaluation.Decision.PROMOTED,) else None,
+        )
+    return decision
+
+
+def _promote(evaluation: Evaluation, *, actor, reason: str, automatic: bool) -> ModelActivation | None:
+    """Serve the candidate, and the reward model it was optimised against, so the active pair stays consistent."""
+    activation = model_version_activate(
+        version=evaluation.candidate,
+        actor=actor,
+        reason=reason,
+        action=ModelActivation.Action.PROMOTE,
+        automatic=automatic,
+    )
+    run = evaluation.candidate.training_run
+    if run is not None and run.reward_model is not None:
+        model_version_activate(
+            version=run.reward_model,
+            actor=actor,
+            reason=f"the reward model behind {evaluation.candidate.name}",
+            action=ModelActivation.Action.PROMOTE,
+            automatic=automatic,
+        )
+    return activation
+
+
+def evaluation_promote(*, evaluation: Evaluation, actor, reason: str = "") -> ModelActivation:
+    """An admin's one-click promotion of an evaluated candidate, recorded with who, when and why."""
+    if evaluation.status != Evaluation.Status.DONE:
+        raise ValidationError("The evaluation has not finished.")
+    reason = reason.strip() or f"promoted by {actor} after evaluation #{evaluation.pk}"
+    with transaction.atomic():
+        activation = _promote(evaluation, actor=actor, reason=reason, automatic=False)
+        gate.freeze_votes(evaluation)
+        Evaluation.objects.filter(pk=evaluation.pk).update(
+            decision=Evaluation.Decision.PROMOTED, decision_reason=reason, decided_by=actor, decided_at=timezone.now()
+        )
+    if activation is None:
+        raise ValidationError(f"{evaluation.candidate} is already serving.")
+    return activation

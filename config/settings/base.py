@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "models_service",
     "chat",
     "training_jobs",
+    "ops",
 ]
 
 MIDDLEWARE = [

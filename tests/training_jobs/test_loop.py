@@ -12,7 +12,7 @@ from tests.conftest import register_tiny_policy
 from tests.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
 from tests.labeling.helpers import make_rank_task
 from tests.training_jobs.test_runs import demonstration
-from training_jobs import gate, loop
+from training_jobs import gate, loop, services
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -98,7 +98,7 @@ def test_a_failed_stage_pauses_the_loop_until_resumed(tiny_policy):
     decision = loop.loop_tick(force_check=True)
     assert decision.action == "paused" and "out of memory" in LoopSettings.load().paused_reason
     assert not TrainingRun.objects.filter(status="queued").exists()
-    loop.loop_resume()
+    services.loop_resume()
     assert loop.loop_tick(force_check=True).action == "sft", "resumed: the same failure does not pause it again"
 
 
@@ -131,7 +131,7 @@ def evaluation_with(gain, kl, **extra):
 def test_promotion_rules(tiny_policy, gain, kl, expected, phrase):
     set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True)
     evaluation = evaluation_with(gain, kl)
-    assert gate.evaluation_decide(evaluation=evaluation) == expected
+    assert services.evaluation_decide(evaluation=evaluation) == expected
     evaluation.refresh_from_db()
     assert phrase in evaluation.decision_reason
     promoted = ModelVersion.objects.get(pk=evaluation.candidate_id).is_active
@@ -170,7 +170,7 @@ def length_round(gain, controlled, lengths):
 def test_a_gain_from_length_alone_is_refused(tiny_policy, controlled, lengths, refuse, expected):
     set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True, refuse_length_only_gain=refuse)
     evaluation = length_round(0.186, controlled, lengths)
-    assert gate.evaluation_decide(evaluation=evaluation) == expected
+    assert services.evaluation_decide(evaluation=evaluation) == expected
     evaluation.refresh_from_db()
     length_sentence = "+0.186 came from reply length alone"
     assert (length_sentence in evaluation.decision_reason) == (expected == "not_promoted")
@@ -201,7 +201,7 @@ def test_a_b_votes_freeze_once_the_gate_decided(tiny_policy, alice):
         assignment=labeling_services.task_lease_next(user=alice),
         ranking=labeling_services.RankingInput(order=[[candidate.pk], [baseline.pk]], flags={}, confirm_untouched=True),
     ).result
-    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    assert services.evaluation_decide(evaluation=evaluation) == "promoted"
     flipped = labeling_services.RankingInput(order=[[baseline.pk], [candidate.pk]], flags={}, quality_rating=3)
     with pytest.raises(labeling_services.SubmissionRefused, match="already counted"):
         labeling_services.ranking_edit(ranking=ranking, user=alice, new=flipped)
@@ -260,8 +260,8 @@ def test_one_labeler_takes_at_most_votes_per_labeler_comparisons_of_an_evaluatio
 def test_without_auto_promotion_an_admin_decides(tiny_policy, admin_user):
     set_loop(auto_promote=False)
     evaluation = evaluation_with(0.5, 1.0)
-    assert gate.evaluation_decide(evaluation=evaluation) == "waiting"
-    gate.evaluation_promote(evaluation=evaluation, actor=admin_user, reason="looks good")
+    assert services.evaluation_decide(evaluation=evaluation) == "waiting"
+    services.evaluation_promote(evaluation=evaluation, actor=admin_user, reason="looks good")
     activation = ModelActivation.objects.get(model_version=evaluation.candidate)
     assert (activation.actor, activation.reason, activation.automatic) == (admin_user, "looks good", False)
 
@@ -270,7 +270,7 @@ def test_the_human_a_b_result_can_be_required(tiny_policy, alice):
     set_loop(require_human_win_rate=True, min_human_comparisons=2, min_human_win_rate=0.6)
     evaluation = evaluation_with(0.5, 1.0)
     tasks = comparison_tasks(evaluation, 2)
-    assert gate.evaluation_decide(evaluation=evaluation) == "waiting_humans"
+    assert services.evaluation_decide(evaluation=evaluation) == "waiting_humans"
     labelers = [UserFactory(username=f"judge{i}") for i in range(2)]
     for labeler, (_task, candidate, baseline) in zip(labelers, tasks, strict=True):
         assignment = labeling_services.task_lease_next(user=labeler)
@@ -282,7 +282,7 @@ def test_the_human_a_b_result_can_be_required(tiny_policy, alice):
         )
     result = gate.human_result(evaluation)
     assert (result["comparisons"], result["win_rate"]) == (2, 1.0)
-    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    assert services.evaluation_decide(evaluation=evaluation) == "promoted"
     assert "human win rate 100%" in Evaluation.objects.get(pk=evaluation.pk).decision_reason
 
 
@@ -405,13 +405,13 @@ def test_before_any_reward_model_a_better_sft_policy_replaces_the_base(tiny_poli
     evaluation = Evaluation.objects.create(
         candidate=sft, baseline=tiny_policy, status="done", metrics={"rm_gain": None}
     )
-    assert gate.evaluation_decide(evaluation=evaluation) == "promoted"
+    assert services.evaluation_decide(evaluation=evaluation) == "promoted"
     assert "5.000 -> 3.200" in Evaluation.objects.get(pk=evaluation.pk).decision_reason
     worse = register_tiny_policy(tiny_model_dirs[1], name="policy-sft-v1", stage="sft")
     ModelVersion.objects.filter(pk=worse.pk).update(metrics={"val_loss_initial": 5.0, "val_loss": 5.5})
     sft.refresh_from_db()
     evaluation = Evaluation.objects.create(candidate=worse, baseline=sft, status="done", metrics={"rm_gain": None})
-    assert gate.evaluation_decide(evaluation=evaluation) == "not_promoted"
+    assert services.evaluation_decide(evaluation=evaluation) == "not_promoted"
 
 
 def rank(labeler, task, order_of):
@@ -503,7 +503,7 @@ def test_the_gate_says_when_the_reward_model_is_at_chance(tiny_policy):
         "reward-rm-chance", "rm", kind="reward", metrics={"val_accuracy": 0.52, "val_pairs": 300}
     )
     evaluation.save()
-    assert gate.evaluation_decide(evaluation=evaluation) == "not_promoted"
+    assert services.evaluation_decide(evaluation=evaluation) == "not_promoted"
     evaluation.refresh_from_db()
     assert "is at chance (52% pairwise accuracy on 300 validation rankings" in evaluation.decision_reason
     assert not ModelVersion.objects.get(pk=evaluation.candidate_id).is_active

@@ -17,7 +17,7 @@ from labeling.selectors import moderation_queue
 from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
 from models_service.services import model_version_activate, model_version_rollback
-from training_jobs import gate, loop, selectors, services
+from training_jobs import selectors, services
 from training_jobs.models import Evaluation, TrainingRun
 
 
@@ -61,7 +61,7 @@ def start_run(request):
 @staff_only
 @require_POST
 def resume_loop(request):
-    loop.loop_resume(actor=request.user)
+    services.loop_resume(actor=request.user)
     return _done(request, "The loop resumes at its next tick.")
 
 
@@ -152,7 +152,7 @@ def evaluation_detail(request, evaluation_id: int):
 def promote(request, evaluation_id: int):
     evaluation = get_object_or_404(Evaluation, pk=evaluation_id)
     try:
-        gate.evaluation_promote(evaluation=evaluation, actor=request.user, reason=request.POST.get("reason", ""))
+        services.evaluation_promote(evaluation=evaluation, actor=request.user, reason=request.POST.get("reason", ""))
     except ValidationError as error:
         return _refused(request, error, "ops:evaluation", evaluation_id=evaluation_id)
     return _done(request, f"{evaluation.candidate.name} is now serving.", "ops:evaluation", evaluation_id=evaluation_id)

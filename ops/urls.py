@@ -1,6 +1,6 @@
 from django.urls import path
 
-from training_jobs import views
+from ops import views
 
 app_name = "ops"
 
