@@ -24,23 +24,18 @@ labeler holds two live leases (`double_leases`); a task's submitted count equals
 The last line is JSON with every figure.
 """
 
+import argparse
+import datetime as dt
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # bench/queue.py shadows `queue`
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
+import threading
+import time
+import uuid
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,7 +61,8 @@ os.environ.update(
 
 import django  # noqa: E402
 
-from bench.support import drop_database, recreate_database, stop_process_groups  # noqa: E402
+from bench.support import drop_database, recreate_database  # noqa: E402
+from tests.support import processes as procs  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -260,17 +256,6 @@ def invariants(acknowledged: dict) -> dict:
 # --- processes ---
 
 
-def start(name: str, command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=dict(os.environ) | env,
-        stdout=open(LOGS / f"{name}.out.log", "a"),  # closed with the process
-        stderr=open(LOGS / f"{name}.log", "a"),
-        start_new_session=True,
-    )
-
-
 def web_env() -> dict:
     return {"WEB_BIND": f"127.0.0.1:{PORT}", "WEB_WORKERS": "4", "WEB_THREADS": "8"}
 
@@ -332,14 +317,13 @@ def killed_training() -> dict:
         )
     active_before = ModelVersion.objects.get(kind="policy", is_active=True).pk
     env = {"TRAINING_MIN_DEMONSTRATIONS": "4", "TRAINING_REPORT_INTERVAL_S": "0.2"}
-    worker = start("training", [str(ROOT / "bin" / "worker"), "training"], env)
+    worker = procs.start_workers("training", env=env, log_dir=LOGS)[0]
     try:
         run = training.training_run_create(kind="sft", config={"epochs": 500, "batch_size": 2, "max_length": 64})
         _wait(lambda: TrainingRun.objects.get(pk=run.pk).progress_step > 3, 180, 0.5)
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=30)
+        procs.kill(worker)
     finally:
-        stop_process_groups([worker], timeout_s=10)
+        procs.stop([worker], timeout_s=10)
     staging = training.staging_dir(run)
     later = timezone.now() + dt.timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 1)
     training.training_runs_reap(now=later)  # what the control worker's periodic check does once the beats stop
@@ -377,18 +361,17 @@ def killed_sampling(policy) -> dict:
         )
     env = {"SAMPLING_POOL_TARGET": "24", "SAMPLING_K": "2", "SAMPLING_BATCH_CONTEXTS": "8",
            "SAMPLING_MAX_NEW_TOKENS": "400"}  # fmt: skip
-    worker = start("sampling", [str(ROOT / "bin" / "worker"), "sampling"], env)
+    worker = procs.start_workers("sampling", env=env, log_dir=LOGS)[0]
     killed_contexts: list[int] = []
     try:
         current_app.send_task("models_service.tasks.fill_ranking_pool", queue="sampling")
         _wait(lambda: SamplingRequest.objects.filter(status="running").exists(), 120, 0.02)
         killed_contexts = list(SamplingRequest.objects.filter(status="running").values_list("context_id", flat=True))
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=30)
+        procs.kill(worker)
     finally:
-        stop_process_groups([worker], timeout_s=10)
+        procs.stop([worker], timeout_s=10)
     models.sampling_requests_reap(older_than_s=0)  # the control worker's check, once the requests are stale
-    worker = start("sampling", [str(ROOT / "bin" / "worker"), "sampling"], env)
+    worker = procs.start_workers("sampling", env=env, log_dir=LOGS)[0]
     try:
         current_app.send_task("models_service.tasks.fill_ranking_pool", queue="sampling")
 
@@ -399,7 +382,7 @@ def killed_sampling(policy) -> dict:
 
         _wait(recovered, 300, 1.0)
     finally:
-        stop_process_groups([worker], timeout_s=30)
+        procs.stop([worker], timeout_s=30)
     per_context = Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=policy).values_list(
         "parent_message_id", flat=True
     )
@@ -465,7 +448,7 @@ def main() -> None:
     log(f"seeded {args.labelers} labelers and {args.tasks} write tasks in {time.monotonic() - started:.0f} s")
     policy = tiny_policy()
     figures: dict = {"labelers": args.labelers}
-    web = start("web", [str(ROOT / "bin" / "web")], web_env())
+    web = procs.start_web(env=web_env(), log_dir=LOGS, keep_stdout=True)
     try:
         wait_for_web()
         phases = [("steady", args.seconds, None)]
@@ -489,7 +472,7 @@ def main() -> None:
             figures.update(fuzz({"labeler": labeler, "admin": seeded["admin"]}, args.fuzz_examples))
             log(f"fuzz: {figures['fuzz_requests']} requests, {figures['fuzz_5xx']} 5xx")
     finally:
-        stop_process_groups([web], timeout_s=30)
+        procs.stop([web], timeout_s=30)
     if "training" not in args.skip:
         log("killing a training worker mid-run")
         figures.update(killed_training())

@@ -19,21 +19,15 @@ Stops everything and drops its database and artifacts at the end (the workers' l
 var/bench-loop-logs). The last line is JSON with every figure.
 """
 
+import argparse
+import gzip
+import json
 import os
+import shutil
+import subprocess
 import sys
-
-# bench/ holds queue.py, named like the standard library module that psycopg imports: keep the folder off the
-# import path before anything imports `queue`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,8 +55,8 @@ from bench.support import (  # noqa: E402
     empty_redis_database,
     recreate_database,
     stage_configs,
-    stop_process_groups,
 )
+from tests.support import processes as procs  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -113,26 +107,10 @@ def start_workers(env: dict) -> list[subprocess.Popen]:
     from config.celery_app import app
 
     app.control.purge()
-    environment = dict(os.environ) | env
-    processes = [
-        subprocess.Popen(
-            [str(ROOT / "bin" / "worker"), queue],
-            cwd=ROOT,
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=open(LOGS / f"worker-{queue}.log", "w"),  # noqa: SIM115 (closed with the process)
-            start_new_session=True,
-        )
-        for queue in ("training", "sampling", "control")
-    ]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in processes):
-            raise SystemExit(f"a worker exited; see {LOGS}/worker-*.log")
-        names = {name for reply in app.control.ping(timeout=1.0) or [] for name in reply}
-        if {n.split("@")[0] for n in names} >= {"training", "sampling", "control"}:
-            return processes
-    raise SystemExit("the workers did not answer a ping within 120 s")
+    queues = ("training", "sampling", "control")
+    started = procs.start_workers(*queues, env=env, log_dir=LOGS)
+    procs.wait_for_workers(app, queues, started, timeout_s=120)
+    return started
 
 
 def seconds(start, end) -> float | None:
@@ -273,7 +251,7 @@ def main() -> None:
         result["eval_prompts"] = args.eval_prompts
         result["threads"] = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     finally:
-        stop_process_groups(processes, timeout_s=30)
+        procs.stop(processes, timeout_s=30)
         from django.db import connections
 
         connections.close_all()

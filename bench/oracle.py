@@ -26,24 +26,20 @@ Targets (issue 14): rm_heldout_accuracy >= 0.75, win_rate_vs_sft >= 0.70, KL wit
 <= 1800, and no rise in length the rule did not ask for. The last line is JSON with every figure.
 """
 
+import argparse
+import gzip
+import io
+import json
 import os
+import random
+import re
+import shutil
+import subprocess
 import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # bench/queue.py shadows `queue`
-
-import argparse  # noqa: E402
-import gzip  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,8 +72,8 @@ from bench.support import (  # noqa: E402
     machine_figures,
     recreate_database,
     stage_configs,
-    stop_process_groups,
 )
+from tests.support import processes as procs  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -193,40 +189,12 @@ def jsonl(rows: list[dict]) -> bytes:
 
 
 def start_processes(env: dict) -> list[subprocess.Popen]:
-    environment = dict(os.environ) | env
-    processes = []
-    for name, command in (
-        ("web", [str(ROOT / "bin" / "web")]),
-        ("training", [str(ROOT / "bin" / "worker"), "training"]),
-        ("sampling", [str(ROOT / "bin" / "worker"), "sampling"]),
-        ("control", [str(ROOT / "bin" / "worker"), "control"]),
-        ("beat", [str(ROOT / "bin" / "beat")]),
-    ):
-        processes.append(
-            subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=environment,
-                stdout=subprocess.DEVNULL,
-                stderr=open(LOGS / f"{name}.log", "w"),  # noqa: SIM115 (closed with the process)
-                start_new_session=True,
-            )
-        )
-    return processes
-
-
-def wait_for_web(client, processes, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in processes):
-            raise SystemExit(f"a process exited at start; see {LOGS}")
-        try:
-            if client.get("/healthz").status_code == 200:
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the web process did not answer within 60 s")
+    """The product as `make run` starts it: web, the training, sampling and control workers, and beat."""
+    return [
+        procs.start_web(env=env, log_dir=LOGS),
+        *procs.start_workers("training", "sampling", "control", env=env, log_dir=LOGS),
+        procs.start_beat(env=env, log_dir=LOGS),
+    ]
 
 
 def api_client(token: str):
@@ -390,7 +358,7 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
     stage_started = time.monotonic()
     try:
         admin = api_client(tokens["admin"])
-        wait_for_web(admin, processes)
+        procs.wait_for_http(f"{BASE_URL}/healthz", processes)
         demos = data[: args.demonstrations]
         prompts = data[args.demonstrations :]
         import_file(
@@ -506,7 +474,7 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
         final_rm = ModelVersion.objects.filter(kind="reward", stage="rm", status="ready").first()
         versions = {"sft": sft, "final": served, "rm": final_rm}
     finally:
-        stop_process_groups(processes, timeout_s=30)
+        procs.stop(processes, timeout_s=30)
     figures["finished_at"] = timezone.now().isoformat()
     figures.update(measure(args, rule, heldout, versions))
     return figures

@@ -1,11 +1,10 @@
-"""What the benchmarks that start their own services share: a scratch database, a scratch Redis database,
-stopping process groups, and the training stages' configs (the product's defaults with --config on top)."""
+"""What the benchmarks that start their own services share: a scratch database, a scratch Redis database, and the
+training stages' configs (the product's defaults with --config on top). Starting and stopping the product's
+processes is tests/support/processes.py, shared with the tests."""
 
 import contextlib
 import json
 import os
-import signal
-import subprocess
 
 import psycopg
 
@@ -25,7 +24,7 @@ def drop_database(name: str) -> None:
 
 def empty_redis_database(url: str) -> None:
     """Empty the benchmark's own Redis database (its sessions, cache and broker queues), which outlive the run
-    otherwise: bench/queue.py left 16,000 sessions there at each run."""
+    otherwise: bench/queue_load.py left 16,000 sessions there at each run."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -33,19 +32,6 @@ def empty_redis_database(url: str) -> None:
         client.flushdb()
     finally:
         client.close()
-
-
-def stop_process_groups(processes: list[subprocess.Popen], timeout_s: float) -> None:
-    """SIGTERM each process's group (started with start_new_session), then SIGKILL what is left after timeout_s."""
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 # Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with

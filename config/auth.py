@@ -1,7 +1,7 @@
 """The authentication backend: Django's ModelBackend, with a cheaper lookup of the signed-in user.
 
 Every signed-in request loads its user. ModelBackend does it with `User.objects.get(pk=...)`, and building and
-compiling that query took about a quarter of the web process's CPU on the queue's hot path (bench/queue.py),
+compiling that query took about a quarter of the web process's CPU on the queue's hot path (bench/queue_load.py),
 more than the query itself. Here the SQL is written once per process and the row becomes a user with
 `Model.from_db`, after the fields' own conversions from the database, as the ORM would make it. The rules are
 ModelBackend's: an unknown id or an inactive user gives None (the visitor is signed out).

@@ -2,7 +2,7 @@
 
 Django's RedisCacheClient builds a new `redis.Redis` object for every cache call. Building one sets up its
 table of response callbacks, which cost more CPU than the call itself: every signed-in request reads its session
-from this cache, so it showed as about 8% of the web process's CPU on the queue's hot path (bench/queue.py).
+from this cache, so it showed as about 8% of the web process's CPU on the queue's hot path (bench/queue_load.py).
 A `redis.Redis` object is safe to share between threads (each command takes a connection from the pool), and
 the pool itself reconnects after a fork.
 """

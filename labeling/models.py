@@ -1,6 +1,6 @@
 """The labeling domain: conversation trees, the tasks labelers receive, their leases and what they submit.
 
-Writes go through labeling/services.py; these classes hold fields, constraints and small derived properties.
+Writes go through labeling/services/; these classes hold fields, constraints and small derived properties.
 """
 
 import hashlib

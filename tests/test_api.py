@@ -7,23 +7,15 @@ import pytest
 from django.urls import get_resolver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
-from rest_framework.test import APIClient
 
 from labeling import services
 from labeling.models import Assignment, Message, QueueSettings, Ranking, Review, Task, TaskKind
 from labeling.selectors import candidate_handles
-from tests.factories import UserFactory
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.support.api import api
+from tests.support.factories import UserFactory
+from tests.support.labeling import make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db
-
-
-def api(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
-    return client
 
 
 def lease(client) -> dict:
@@ -156,7 +148,7 @@ def test_write_validation(alice):
 
 
 def test_a_refused_submission_is_a_409_with_the_reason(alice, bob):
-    from tests.labeling.helpers import expire_lease
+    from tests.support.labeling import expire_lease
 
     make_reply_task()
     client = api(alice)
@@ -189,7 +181,7 @@ SIGNED_IN = [
 @pytest.fixture
 def objects(db, tiny_policy):
     from labeling.models import ImportJob
-    from tests.factories import TrainingRunFactory
+    from tests.support.factories import TrainingRunFactory
 
     return {
         "run": TrainingRunFactory(kind="rm", status="queued").pk,
@@ -379,7 +371,7 @@ def test_ownership_is_checked_before_the_body_is_read(ranking_assignment, charli
 
 def test_labelers_never_see_model_versions_or_splits(alice, admin_user):
     """Issue 15, item 5: model versions would unblind the A/B gate, splits would say which prompts are held out."""
-    from tests.labeling.helpers import make_rank_task
+    from tests.support.labeling import make_rank_task
 
     task = make_rank_task(k=2)
     prompt = task.parent_message

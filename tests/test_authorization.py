@@ -13,8 +13,8 @@ from chat import services as chat_services
 from labeling import services
 from labeling.models import ImportJob, Message, TaskKind
 from models_service.models import ModelVersion
-from tests.factories import TrainingRunFactory
-from tests.labeling.helpers import make_rank_task, make_reply_task
+from tests.support.factories import TrainingRunFactory
+from tests.support.labeling import make_rank_task, make_reply_task
 from training_jobs.models import Evaluation
 
 pytestmark = pytest.mark.django_db

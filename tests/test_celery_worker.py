@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from config.celery_app import QUEUES, ping_queue
-from tests.conftest import running_workers
+from tests.support.workers import running_workers
 
 
 @pytest.mark.slow

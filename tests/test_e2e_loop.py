@@ -20,8 +20,8 @@ from ml.scoring import score_pairs
 from models_service.loading import load_version
 from models_service.models import ModelVersion
 from models_service.tasks import fill_ranking_pool
-from tests.conftest import running_workers
-from tests.factories import UserFactory
+from tests.support.factories import UserFactory
+from tests.support.workers import running_workers
 from training_jobs.loop import trainable_rankings
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 from training_jobs.tasks import loop_tick

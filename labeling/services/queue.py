@@ -108,7 +108,7 @@ def task_lease_next(*, user, now: dt.datetime | None = None, rng: random.Random 
     weights among the kinds that have work for this labeler, and the best task of that kind (priority, then
     waiting time and routing) is locked with SKIP LOCKED; its free slots are counted again under the lock, so
     two labelers asking at once never take more slots than the task's overlap. All of it runs in PostgreSQL,
-    in one call of labeling_lease_next() (labeling/migrations/0008_lease_next_function.py).
+    in one call of labeling_lease_next() (labeling/sql/, newest lease_next_v*.sql; 0008 explains the rules).
     """
     assignment_id = task_lease_next_id(user=user, now=now, rng=rng)
     if assignment_id is None:

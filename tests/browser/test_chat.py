@@ -4,9 +4,9 @@ assistant typing, and alternatives to a model turn become a ranking task for the
 import pytest
 
 from models_service.models import SamplingRequest
-from tests.browser.conftest import log_in, screenshot
-from tests.conftest import running_workers
-from tests.factories import UserFactory
+from tests.support.browser import log_in, screenshot
+from tests.support.factories import UserFactory
+from tests.support.workers import running_workers
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -6,9 +6,9 @@ import pytest
 from labeling import services
 from labeling.models import Assignment, Message, Ranking, TaskKind
 from labeling.services import display_order
-from tests.browser.conftest import log_in, screenshot
-from tests.factories import UserFactory
-from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
+from tests.support.browser import log_in, screenshot
+from tests.support.factories import UserFactory
+from tests.support.labeling import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -5,9 +5,9 @@ import pytest
 
 from labeling import services
 from labeling.models import TaskKind
-from tests.browser.conftest import log_in
-from tests.factories import UserFactory
-from tests.labeling.helpers import make_prompt, make_rank_task
+from tests.support.browser import log_in
+from tests.support.factories import UserFactory
+from tests.support.labeling import make_prompt, make_rank_task
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

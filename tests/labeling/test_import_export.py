@@ -15,7 +15,7 @@ from labeling import services
 from labeling.exporting import ExportFilters, dataset_card, preference_rows, ranking_rows, sft_rows, write_export
 from labeling.importing import hh_pair_record, import_jsonl
 from labeling.models import Conversation, ImportJob, Message, Ranking
-from tests.labeling.helpers import make_rank_task
+from tests.support.labeling import make_rank_task
 
 pytestmark = pytest.mark.django_db
 HH = Path(settings.SHARED_DATA_DIR) / "hh_rlhf_harmless_base_sample.jsonl.gz"
@@ -222,8 +222,8 @@ def test_one_bad_line_is_reported_and_skipped_not_the_whole_import(bad):
 
 
 def test_the_api_refuses_lone_surrogates_and_nul_with_words(client, alice):
-    from tests.labeling.helpers import make_reply_task
-    from tests.test_api import api
+    from tests.support.api import api
+    from tests.support.labeling import make_reply_task
 
     make_reply_task()
     labeler = api(alice)
@@ -256,7 +256,7 @@ def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
     from labeling import services
     from labeling.exporting import ranking_rows
     from labeling.models import Conversation, Ranking
-    from tests.labeling.helpers import make_rank_task
+    from tests.support.labeling import make_rank_task
 
     task = make_rank_task(k=4, overlap=2)
     a, b, c, d = services.display_order(task, alice.pk)

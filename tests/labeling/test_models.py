@@ -7,7 +7,7 @@ from django.db import IntegrityError, connection, transaction
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.selectors import message_thread
 from labeling.services import conversation_create, message_create
-from tests.factories import ModelVersionFactory, UserFactory
+from tests.support.factories import ModelVersionFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 

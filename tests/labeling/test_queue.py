@@ -12,17 +12,10 @@ from django.utils import timezone
 from labeling import services
 from labeling.models import Assignment, Message, QueueSettings, Role, Task, TaskKind
 from labeling.services import task_lease_next
-from tests.factories import MessageFactory, UserFactory
-from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
+from tests.support.factories import MessageFactory, UserFactory
+from tests.support.labeling import expire_lease, make_rank_task, make_reply_task, set_queue
 
 pytestmark = pytest.mark.django_db
-
-
-def set_queue(**fields):
-    settings, _ = QueueSettings.objects.get_or_create(pk=1)
-    for name, value in fields.items():
-        setattr(settings, name, value)
-    settings.save()
 
 
 def test_highest_priority_first(alice):

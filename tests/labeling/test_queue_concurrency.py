@@ -9,8 +9,8 @@ from django.db import connection
 
 from labeling import services
 from labeling.models import Assignment, Message, Task
-from tests.factories import UserFactory
-from tests.labeling.helpers import expire_lease, make_rank_task, make_reply_task
+from tests.support.factories import UserFactory
+from tests.support.labeling import expire_lease, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

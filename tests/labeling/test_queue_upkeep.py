@@ -7,7 +7,7 @@ from django.db.models import F
 from config.celery_app import _beat_schedule
 from labeling import services, tasks
 from labeling.models import Task
-from tests.labeling.helpers import make_reply_task
+from tests.support.labeling import make_reply_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

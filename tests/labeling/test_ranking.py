@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from labeling import services
 from labeling.models import Ranking
 from labeling.services import RankingInput, display_order
-from tests.labeling.helpers import make_rank_task
+from tests.support.labeling import make_rank_task
 
 pytestmark = pytest.mark.django_db
 

@@ -10,8 +10,8 @@ import pytest
 from labeling import services
 from labeling.models import Message, MessageRevision, Role, Task, TaskKind
 from labeling.services import task_lease_next
-from tests.factories import UserFactory
-from tests.labeling.helpers import make_prompt
+from tests.support.factories import UserFactory
+from tests.support.labeling import make_prompt
 
 
 def written_prompt(author):

@@ -10,8 +10,8 @@ from django.utils import timezone
 from labeling import sql
 from labeling.models import Assignment
 from labeling.selectors import live_assignments
-from tests.factories import UserFactory
-from tests.labeling.helpers import make_reply_task
+from tests.support.factories import UserFactory
+from tests.support.labeling import make_reply_task
 
 pytestmark = pytest.mark.django_db
 

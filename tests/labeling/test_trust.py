@@ -6,9 +6,8 @@ import pytest
 from labeling import services
 from labeling.models import Message, Review, Role, Task, TaskKind
 from labeling.services import task_lease_next
-from tests.factories import UserFactory
-from tests.labeling.helpers import make_prompt, make_rank_task, make_reply_task
-from tests.labeling.test_queue import set_queue
+from tests.support.factories import UserFactory
+from tests.support.labeling import make_prompt, make_rank_task, make_reply_task, set_queue
 
 pytestmark = pytest.mark.django_db
 

@@ -9,7 +9,7 @@ from labeling import services
 from labeling.models import Assignment, Message, Ranking, Task, TaskKind
 from labeling.selectors import candidate_handles
 from labeling.services import display_order
-from tests.labeling.helpers import expire_lease, handle_order, make_rank_task, make_reply_task
+from tests.support.labeling import expire_lease, handle_order, make_rank_task, make_reply_task
 
 pytestmark = pytest.mark.django_db
 

@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from models_service import default_model
 from models_service.loading import load_version
 from models_service.models import ModelVersion
-from tests.conftest import register_tiny_policy
+from tests.support.models import register_tiny_policy
 
 pytestmark = pytest.mark.django_db
 

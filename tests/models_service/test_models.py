@@ -2,7 +2,7 @@ import pytest
 from django.db import IntegrityError, transaction
 
 from models_service.models import ModelVersion
-from tests.factories import ModelVersionFactory
+from tests.support.factories import ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
 

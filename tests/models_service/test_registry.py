@@ -12,7 +12,7 @@ from models_service.services import (
     model_version_rollback,
     next_version_name,
 )
-from tests.conftest import register_tiny_policy
+from tests.support.models import register_tiny_policy
 
 pytestmark = pytest.mark.django_db
 

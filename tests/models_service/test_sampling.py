@@ -14,8 +14,8 @@ from models_service import loading, services
 from models_service.models import ModelVersion, SamplingRequest
 from models_service.sampling import fill_pool_once, run_request
 from models_service.services import model_version_activate
-from tests.conftest import register_tiny_policy
-from tests.factories import ConversationFactory, MessageFactory
+from tests.support.factories import ConversationFactory, MessageFactory
+from tests.support.models import register_tiny_policy
 
 
 @pytest.fixture

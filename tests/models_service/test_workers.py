@@ -9,8 +9,9 @@ from chat import services as chat_services
 from labeling.models import Task, TaskKind
 from models_service.models import SamplingRequest
 from models_service.tasks import fill_ranking_pool
-from tests.conftest import register_tiny_policy, running_workers
-from tests.factories import ConversationFactory, MessageFactory
+from tests.support.factories import ConversationFactory, MessageFactory
+from tests.support.models import register_tiny_policy
+from tests.support.workers import running_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -2,7 +2,6 @@
 log 2 at the start, learning a visible preference with full, top-layer and LoRA training, and cancellation."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from ml.dpo import (
     train_dpo,
 )
 from ml.reward import Ranked
+from tests.support.dpo import synthetic_rankings
 
 
 def log_sigmoid(x: float) -> float:
@@ -108,26 +108,6 @@ def test_sequence_logprobs_sum_the_reply_tokens_and_eos_and_start_at_log_2(tiny_
         for smoothing in (0.0, 0.2):
             loss = dpo_ranking_loss(policy_logps, policy_logps, ranking.ranks, beta=0.1, label_smoothing=smoothing)
             assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
-
-
-WORDS = ["river", "mountain", "window", "garden", "letter", "table", "orange", "pencil", "music", "paper", "cloud"]
-
-
-def synthetic_rankings(n: int, seed: int) -> list[Ranked]:
-    """A preference a tiny model can learn: replies in words rank above replies in digits, whatever the context.
-    Two to four candidates, one or two of each kind, tied within a kind (no pair); every fifth ranking is all tied
-    (it must be dropped)."""
-    rng = random.Random(seed)
-    rankings = []
-    for index in range(n):
-        context = [{"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}]
-        words = [" ".join(rng.choices(WORDS, k=rng.randint(2, 4))) for _ in range(rng.randint(1, 2))]
-        digits = [" ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))) for _ in range(rng.randint(1, 2))]
-        candidates = [(text, 1) for text in words] + [(text, 2) for text in digits]
-        rng.shuffle(candidates)
-        ranks = [1] * len(candidates) if index % 5 == 4 else [rank for _, rank in candidates]
-        rankings.append(Ranked(context, [text for text, _ in candidates], ranks))
-    return rankings
 
 
 def assert_merged_safetensors_policy(output_dir):

@@ -12,8 +12,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from models_service.models import ModelVersion
-from tests.conftest import running_workers
-from tests.training_jobs.test_runs import demonstration
+from tests.support.training import demonstration
+from tests.support.workers import running_workers
 from training_jobs import services
 from training_jobs.models import TrainingRun
 

@@ -12,9 +12,9 @@ from django.utils import timezone
 from labeling import services as labeling_services
 from labeling.models import Conversation, Task
 from models_service.models import ModelVersion
-from tests.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
-from tests.labeling.helpers import make_rank_task
-from tests.training_jobs.test_loop import rank, set_loop
+from tests.support.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
+from tests.support.labeling import make_rank_task
+from tests.support.training import rank, set_loop
 from training_jobs import selectors
 from training_jobs.models import Evaluation, TrainingRun
 

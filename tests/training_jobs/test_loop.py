@@ -8,22 +8,14 @@ from labeling import services as labeling_services
 from labeling.models import Conversation, Message, Ranking, Task
 from labeling.quality import agreement, kendall_tau_b
 from models_service.models import ModelActivation, ModelVersion
-from tests.conftest import register_tiny_policy
-from tests.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
-from tests.labeling.helpers import make_rank_task
-from tests.training_jobs.test_runs import demonstration
+from tests.support.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
+from tests.support.labeling import make_rank_task
+from tests.support.models import register_tiny_policy
+from tests.support.training import demonstration, rank, set_loop
 from training_jobs import gate, loop, services
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 pytestmark = pytest.mark.django_db
-
-
-def set_loop(**fields) -> LoopSettings:
-    settings = LoopSettings.load()
-    for name, value in fields.items():
-        setattr(settings, name, value)
-    settings.save()
-    return settings
 
 
 def ready(name, stage, kind="policy", **extra):
@@ -109,7 +101,7 @@ def test_wilson_interval():
 
 
 def evaluation_with(gain, kl, **extra):
-    from tests.conftest import TINY_MODEL_DIRS
+    from tests.support.models import TINY_MODEL_DIRS
 
     return Evaluation.objects.create(
         candidate=register_tiny_policy(TINY_MODEL_DIRS[1], name=f"policy-ppo-{gain}-{kl}", stage="ppo"),
@@ -142,7 +134,7 @@ def test_promotion_rules(tiny_policy, gain, kl, expected, phrase):
 
 
 def length_round(gain, controlled, lengths):
-    from tests.conftest import TINY_MODEL_DIRS
+    from tests.support.models import TINY_MODEL_DIRS
 
     return Evaluation.objects.create(
         candidate=register_tiny_policy(TINY_MODEL_DIRS[1], name=f"policy-dpo-{controlled}-{lengths[0]}", stage="dpo"),
@@ -213,7 +205,7 @@ def test_a_b_replies_are_created_in_random_order_and_not_for_the_prompts_author(
     prompt's author never judges its comparison."""
     from types import SimpleNamespace
 
-    from tests.labeling.helpers import make_prompt
+    from tests.support.labeling import make_prompt
     from training_jobs.evaluate import _comparison_tasks
 
     evaluation = evaluation_with(0.5, 1.0)
@@ -236,7 +228,7 @@ def test_one_labeler_takes_at_most_votes_per_labeler_comparisons_of_an_evaluatio
     """Issue 15, item 5: one labeler cannot decide an evaluation alone."""
     from types import SimpleNamespace
 
-    from tests.labeling.helpers import make_prompt
+    from tests.support.labeling import make_prompt
     from training_jobs.evaluate import _comparison_tasks
 
     evaluation = evaluation_with(0.5, 1.0)
@@ -414,18 +406,6 @@ def test_before_any_reward_model_a_better_sft_policy_replaces_the_base(tiny_poli
     assert services.evaluation_decide(evaluation=evaluation) == "not_promoted"
 
 
-def rank(labeler, task, order_of):
-    """Submit `labeler`'s ranking of `task`: order_of(candidate ids in display order) -> groups, best first."""
-    assignment = labeling_services.task_lease_next(user=labeler)
-    assert assignment.task_id == task.pk
-    labeling_services.ranking_submit(
-        assignment=assignment,
-        ranking=labeling_services.RankingInput(
-            order=order_of(labeling_services.display_order(task, labeler.pk)), flags={}, confirm_untouched=True
-        ),
-    )
-
-
 def test_rankings_whose_candidates_all_tie_never_count_as_new_data(tiny_policy):
     set_loop(sft_threshold=1000, rm_threshold=2)
     labeler = UserFactory(username="ranker")
@@ -479,7 +459,7 @@ def test_iterative_dpo_continues_from_the_serving_policy_with_each_new_reward_mo
     set_loop(sft_threshold=1000, rm_threshold=1000, policy_path="dpo")
     sft = ready("policy-sft-v0", "sft", parent=tiny_policy)
     first_rm = ready("reward-rm-v0", "rm", kind="reward")
-    from tests.conftest import TINY_MODEL_DIRS
+    from tests.support.models import TINY_MODEL_DIRS
 
     dpo = register_tiny_policy(TINY_MODEL_DIRS[1], name="policy-dpo-v0", stage="dpo")
     ModelVersion.objects.filter(pk=dpo.pk).update(parent=sft)

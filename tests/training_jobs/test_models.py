@@ -2,7 +2,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from tests.factories import TrainingRunFactory
+from tests.support.factories import TrainingRunFactory
 from training_jobs.models import TrainingRun
 
 pytestmark = pytest.mark.django_db

@@ -7,9 +7,9 @@ from django.test import override_settings
 from labeling import splits
 from labeling.models import Ranking, Task
 from models_service.models import ModelVersion
-from tests.conftest import register_tiny_policy
-from tests.factories import UserFactory
-from tests.training_jobs.test_runs import ranked_task
+from tests.support.factories import UserFactory
+from tests.support.models import register_tiny_policy
+from tests.support.training import ranked_task
 from training_jobs import runner, services
 from training_jobs.models import TrainingRun
 

@@ -25,20 +25,7 @@ from ml.ppo import (
     value_loss,
     whiten,
 )
-
-PROMPTS = [
-    [{"role": "user", "content": text}]
-    for text in (
-        "Hello, how are you?",
-        "Paris is the capital of",
-        "Tell me a joke.",
-        "What is 2 + 2?",
-        "Name a colour.",
-        "Yes or no?",
-        "The quick brown fox",
-        "Count to five.",
-    )
-]
+from tests.support.ppo import PROMPTS, low_byte_fraction
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +84,6 @@ def fast_config(**overrides) -> PPOConfig:
         "lora_alpha": 16,
     }
     return PPOConfig(**(values | overrides))
-
-
-def low_byte_fraction(chats, texts, token_ids):
-    """A synthetic reward a tiny random model can learn: the fraction of response tokens with an id below 128."""
-    assert len(chats) == len(texts) == len(token_ids)
-    return [sum(token < 128 for token in ids) / len(ids) for ids in token_ids]
 
 
 def test_ppo_raises_a_synthetic_reward_within_the_kl_bound(tiny_model_dirs, reward_dirs, tmp_path):

@@ -6,8 +6,8 @@ import torch
 from ml import common
 from ml.dpo import DPOConfig, train_dpo
 from ml.reward import RewardConfig, train_reward
-from tests.training_jobs.test_dpo import synthetic_rankings as dpo_rankings
-from tests.training_jobs.test_reward import synthetic_rankings
+from tests.support.dpo import synthetic_rankings as dpo_rankings
+from tests.support.reward import synthetic_rankings
 
 
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("FALSE", False), ("on", True)])

@@ -1,12 +1,12 @@
 """The reward model with tiny models on CPU: the InstructGPT ranking loss, and learning a visible preference."""
 
 import math
-import random
 
 import pytest
 import torch
 
-from ml.reward import Ranked, RewardConfig, ranking_loss, ranking_pairs, train_reward
+from ml.reward import RewardConfig, ranking_loss, ranking_pairs, train_reward
+from tests.support.reward import synthetic_rankings
 
 
 def test_ranking_loss_equals_the_hand_computed_value():
@@ -37,37 +37,6 @@ def test_the_loss_is_one_element_per_ranking_not_per_pair():
     scores = torch.linspace(3, -3, 9)
     assert len(ranking_pairs(list(range(1, 10)))[0]) == 36
     assert 0 < ranking_loss(scores, list(range(1, 10))).item() < 1
-
-
-WORDS = [
-    "river",
-    "mountain",
-    "window",
-    "garden",
-    "letter",
-    "table",
-    "orange",
-    "pencil",
-    "music",
-    "paper",
-    "yellow",
-    "cloud",
-]
-
-
-def synthetic_rankings(n: int, seed: int) -> list[Ranked]:
-    """Rankings whose rule is visible: a reply that says "banana" beats one that does not."""
-    rng = random.Random(seed)
-    rankings = []
-    for _ in range(n):
-        context = [{"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}."}]
-        plain = [" ".join(rng.choices(WORDS, k=6)) for _ in range(2)]
-        liked = " ".join(rng.choices(WORDS, k=3) + ["banana"] + rng.choices(WORDS, k=2))
-        candidates = [liked, *plain]
-        rng.shuffle(candidates)
-        ranks = [1 if "banana" in c else 2 for c in candidates]
-        rankings.append(Ranked(context, candidates, ranks))
-    return rankings
 
 
 def test_the_reward_model_learns_a_visible_preference(tiny_model_dirs, tmp_path):

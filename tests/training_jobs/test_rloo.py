@@ -12,7 +12,7 @@ from ml.rloo import (
     sequence_kl,
     train_rloo,
 )
-from tests.training_jobs.test_ppo import PROMPTS, low_byte_fraction
+from tests.support.ppo import PROMPTS, low_byte_fraction
 
 
 def test_leave_one_out_advantages_by_hand():

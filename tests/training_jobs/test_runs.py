@@ -8,30 +8,17 @@ from django.test import override_settings
 from django.utils import timezone
 
 from labeling import splits
-from labeling.models import Message, Role
-from labeling.services import message_create
+from labeling.models import Message
 from models_service.models import ModelVersion
-from tests.conftest import register_tiny_policy
-from tests.factories import ConversationFactory, MessageFactory, UserFactory
+from tests.support.factories import UserFactory
+from tests.support.models import register_tiny_policy
+from tests.support.training import demonstration, ranked_task
 from training_jobs import runner, services
 from training_jobs.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
 
 FAST_SFT = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 4, "max_length": 96}
-
-
-def demonstration(split: str, i: int) -> Message:
-    writer = UserFactory(username=f"writer-{split}-{i}")
-    prompt = MessageFactory(conversation=ConversationFactory(split=split), text=f"Question {i}?", author=writer)
-    return message_create(
-        conversation=prompt.conversation,
-        parent=prompt,
-        role=Role.ASSISTANT,
-        text=f"Answer {i}.",
-        origin=Message.Origin.IMPORT,
-        review_status=Message.ReviewStatus.ACCEPTED,
-    )
 
 
 @pytest.fixture
@@ -141,39 +128,6 @@ def test_the_reward_model_stage_starts_from_the_newest_sft(tiny_policy, tiny_mod
     sft = register_tiny_policy(tiny_model_dirs[1], name="policy-sft-v0", stage="sft")
     run = services.training_run_create(kind="rm")
     assert runner.resolve_inputs(run).base_model == sft
-
-
-def ranked_task(split: str, i: int, labeler, *, dataset: str = ""):
-    """A finished ranking: three candidates, the one saying 'banana' ranked first."""
-    from labeling import services as labeling_services
-    from labeling.importing import ImportRecord, Turn, records_import
-
-    if dataset:
-        records_import(
-            [
-                ImportRecord(
-                    kind="preference",
-                    context=[Turn("user", f"Imported question {i}?")],
-                    chosen=f"banana answer {i}",
-                    rejected=f"plain answer {i}",
-                    dataset=dataset,
-                )
-            ]
-        )
-        return
-    from tests.labeling.helpers import make_rank_task
-
-    task = make_rank_task(k=3, texts=[f"banana reply {i}", f"plain reply {i}", f"other reply {i}"])
-    task.conversation.split = split
-    task.conversation.save(update_fields=["split"])
-    assignment = labeling_services.task_lease_next(user=labeler)
-    ids = {m.text.split()[0]: m.pk for m in task.candidates.all()}
-    labeling_services.ranking_submit(
-        assignment=assignment,
-        ranking=labeling_services.RankingInput(
-            order=[[ids["banana"]], [ids["plain"], ids["other"]]], flags={}, quality_rating=4
-        ),
-    )
 
 
 @override_settings(TRAINING_MIN_RANKINGS=4)

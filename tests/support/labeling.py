@@ -1,8 +1,10 @@
 """Builders for queue tests: tasks with real conversation trees behind them."""
 
+from django.utils import timezone
+
 from labeling import services
-from labeling.models import Message, Role, TaskKind
-from tests.factories import ConversationFactory, MessageFactory, ModelVersionFactory, UserFactory
+from labeling.models import Assignment, Message, QueueSettings, Role, Task, TaskKind
+from tests.support.factories import ConversationFactory, MessageFactory, ModelVersionFactory, UserFactory
 
 
 def make_prompt(*, language="en", tags=(), author=None) -> Message:
@@ -43,9 +45,6 @@ def make_rank_task(*, k=4, overlap=1, candidate_author=None, texts=None):
 
 def expire_lease(assignment) -> None:
     """Let the lease run out, as time passing would: its expiry and the task's cached busy time move to the past."""
-    from django.utils import timezone
-
-    from labeling.models import Assignment, Task
 
     past = timezone.now() - timezone.timedelta(seconds=1)
     Assignment.objects.filter(pk=assignment.pk).update(lease_expires_at=past)
@@ -58,3 +57,10 @@ def handle_order(task, user, order):
 
     handles = candidate_handles(task, user.pk)
     return [[handles[i] for i in group] for group in order]
+
+
+def set_queue(**fields):
+    settings, _ = QueueSettings.objects.get_or_create(pk=1)
+    for name, value in fields.items():
+        setattr(settings, name, value)
+    settings.save()

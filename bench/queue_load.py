@@ -1,6 +1,6 @@
 """The task queue under load: concurrent simulated labelers doing next-task and submit against gunicorn.
 
-    .venv/bin/python bench/queue.py [--labelers 50] [--seconds 20] [--think-ms 500]
+    .venv/bin/python bench/queue_load.py [--labelers 50] [--seconds 20] [--think-ms 500]
 
 Starts its own database and a gunicorn (bin/web) on 127.0.0.1, seeds labelers and tasks, and runs, with a
 bounded asyncio client:
@@ -20,27 +20,21 @@ seconds, from a thread of this script (standing in for beat and a worker). Stops
 database at the end. The last line is JSON with every figure.
 """
 
+import argparse
+import asyncio
+import json
 import os
+import random
+import subprocess
 import sys
-
-# This file is named queue.py, like the standard library module that asyncio imports: keep its folder off the
-# import path before anything imports `queue`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import threading
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BENCH_DB = "feedback_loop_bench_queue"
+LOGS = ROOT / "var" / "bench-queue-logs"  # gunicorn's log, kept after the run
 PORT = 8011
 BASE_URL = f"http://127.0.0.1:{PORT}"
 WARM_UP_REQUESTS = 400
@@ -61,8 +55,8 @@ from bench.support import (  # noqa: E402
     drop_database,
     empty_redis_database,
     recreate_database,
-    stop_process_groups,
 )
+from tests.support import processes as procs  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -153,29 +147,13 @@ class QueueUpkeep(threading.Thread):
 
 
 def start_server() -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        WEB_BIND=f"127.0.0.1:{PORT}",
-        LOG_LEVEL="WARNING",
-    )
-    (ROOT / "var").mkdir(exist_ok=True)  # absent in a fresh checkout
-    server = subprocess.Popen(
-        [str(ROOT / "bin" / "web")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(ROOT / "var" / "bench-queue-gunicorn.log", "w"),  # noqa: SIM115 - the server outlives this call
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{BASE_URL}/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    os.killpg(server.pid, signal.SIGTERM)
-    raise SystemExit("gunicorn did not come up")
+    server = procs.start_web(env={"WEB_BIND": f"127.0.0.1:{PORT}", "LOG_LEVEL": "WARNING"}, log_dir=LOGS)
+    try:
+        procs.wait_for_http(f"{BASE_URL}/healthz", [server], timeout_s=60)
+    except (RuntimeError, TimeoutError) as error:
+        procs.stop([server])
+        raise SystemExit(f"gunicorn did not come up: {error}") from None
+    return server
 
 
 async def send(client: httpx.AsyncClient, method: str, url: str, **kwargs) -> httpx.Response:
@@ -488,7 +466,7 @@ def main() -> None:
         figures["queue_vacuums"] = upkeep.vacuums
     finally:
         upkeep.stop()
-        stop_process_groups(servers, timeout_s=20)
+        procs.stop(servers, timeout_s=20)
         drop_database(BENCH_DB)
         empty_redis_database(os.environ["REDIS_URL"])
     print(json.dumps(figures))
