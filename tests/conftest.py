@@ -6,7 +6,7 @@ from tests.support.factories import UserFactory
 from tests.support.models import TINY_MODEL_DIRS, register_tiny_policy
 
 # Training tests compare numbers to the bit (a reference pass against a training pass, kept frozen-block states
-# against the full model): they run in fp32. tests/training_jobs/test_precision.py turns bf16 on where it tests it.
+# against the full model): they run in fp32. tests/ml/test_precision.py turns bf16 on where it tests it.
 os.environ.setdefault("TRAINING_CPU_BF16", "false")
 
 
