@@ -38,6 +38,11 @@ class LabelerProfile(models.Model):
     topics = ArrayField(models.CharField(max_length=48), default=list, blank=True)
     is_reviewer = models.BooleanField(default=False, help_text="May review demonstrations.")
     accepted_guidelines_at = models.DateTimeField(null=True, blank=True)
+    # The conversation of the labeler's last submission: the queue serves other conversations first (it spreads a
+    # labeler's work), and this one only when nothing else of the drawn kind is free.
+    last_conversation = models.ForeignKey(
+        "labeling.Conversation", on_delete=models.SET_NULL, null=True, blank=True, related_name="+", db_index=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self):

@@ -21,6 +21,7 @@ from labeling.models import (
     CandidateFlag,
     Conversation,
     ConversationExclusion,
+    LabelerProfile,
     Message,
     QueueSettings,
     Ranking,
@@ -79,6 +80,8 @@ def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], 
                 "Your text is kept here, copy it if you need it."
             )
         result = work(task, current)
+        # The queue serves this labeler other conversations first next time (labeling_lease_next, v0018).
+        LabelerProfile.objects.filter(user_id=current.labeler_id).update(last_conversation_id=task.conversation_id)
         current.status = Assignment.Status.SUBMITTED
         current.submitted_at = now
         current.time_spent_ms = time_spent_ms

@@ -13,7 +13,7 @@ from labeling import services
 from labeling.models import Assignment, Message, QueueSettings, Role, Task, TaskKind
 from labeling.services import task_lease_next
 from tests.support.factories import MessageFactory, UserFactory
-from tests.support.labeling import expire_lease, make_rank_task, make_reply_task, set_queue
+from tests.support.labeling import expire_lease, make_prompt, make_rank_task, make_reply_task, set_queue
 
 pytestmark = pytest.mark.django_db
 
@@ -353,3 +353,27 @@ def test_one_submit_service_dispatches_on_the_task_kind(alice):
     result = services.assignment_submit(assignment=assignment, text="A reply.", time_spent_ms=1200)
     assert result.created and result.result.text == "A reply." and result.assignment.time_spent_ms == 1200
     assert result.result.role == Role.ASSISTANT
+
+
+def test_the_queue_spreads_a_labelers_work_over_conversations(alice):
+    """After a submission on a conversation, the next task comes from another one, though older work of that
+    conversation waits (seen: a labeler served the same conversation 7 times running); with nothing else free,
+    the conversation's own tasks are still served."""
+    prompt = make_prompt()
+    first = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt)
+    second = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt)
+    elsewhere = make_reply_task()
+    assert task_lease_next(user=alice).task == first
+    services.assignment_submit(assignment=Assignment.objects.get(task=first, labeler=alice), text="One reply.")
+    assert task_lease_next(user=alice).task == elsewhere  # `second` is older, but on the same conversation
+    services.assignment_submit(assignment=Assignment.objects.get(task=elsewhere, labeler=alice), text="Another.")
+    assert task_lease_next(user=alice).task == second
+
+
+def test_with_only_the_last_conversation_left_its_tasks_are_still_served(alice):
+    prompt = make_prompt()
+    first = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt)
+    second = services.task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt)
+    assert task_lease_next(user=alice).task == first
+    services.assignment_submit(assignment=Assignment.objects.get(task=first, labeler=alice), text="One reply.")
+    assert task_lease_next(user=alice).task == second
