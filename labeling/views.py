@@ -159,8 +159,10 @@ def _work_rank(request, assignment):
     else:
         form = forms.RankingForm(handles=handles)
     posted_order = _posted_order(form, candidate_ids)
-    ordered = [c for group in posted_order for c in candidates if c.pk in group] if posted_order else candidates
-    tied = {c.pk for group in (posted_order or []) for c in candidates if c.pk in group[1:]}
+    by_id = {c.pk: c for c in candidates}
+    # In the labeler's order, each group's members as they arranged them (a tie is marked on all but its first).
+    ordered = [by_id[i] for group in posted_order for i in group] if posted_order else candidates
+    tied = {i for group in (posted_order or []) for i in group[1:]}
     letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
     rows = [
         {

@@ -162,6 +162,23 @@ def test_a_failed_ranking_keeps_the_labelers_ties_too(client, alice):
     assert Ranking.objects.get(labeler=alice).ordered_message_ids == [[c], sorted([a, b])]
 
 
+def test_a_failed_ranking_keeps_a_tie_arranged_against_the_shown_order(client, alice):
+    """Found in a new user's walk: B moved above A and tied to it came back as A, B with the tie on A."""
+    import re
+
+    task = make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    a, b, c = display_order(task, alice.pk)
+    page = client.post(work_url, {"order": json.dumps(handle_order(task, alice, [[b, a], [c]]))}).content.decode()
+    ids = {h: i for i, h in candidate_handles(task, alice.pk).items()}
+    rows = {
+        ids[m.group(2)]: "tied" in m.group(1)
+        for m in re.finditer(r'<li class="candidate([^"]*)" data-id="([^"]+)"', page)
+    }
+    assert list(rows) == [b, a, c] and rows == {b: False, a: True, c: False}
+
+
 def test_review_page_for_reviewers(client, alice, bob):
     make_reply_task()
     services.reply_submit(assignment=services.task_lease_next(user=alice), text="A demonstration.")
