@@ -158,22 +158,10 @@ def _work_rank(request, assignment):
         status = 422
     else:
         form = forms.RankingForm(handles=handles)
-    posted_order = _posted_order(form, candidate_ids)
-    by_id = {c.pk: c for c in candidates}
-    # In the labeler's order, each group's members as they arranged them (a tie is marked on all but its first).
-    ordered = [by_id[i] for group in posted_order for i in group] if posted_order else candidates
-    tied = {i for group in (posted_order or []) for i in group[1:]}
-    letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
-    rows = [
-        {
-            "message": c,
-            "handle": handles[c.pk],
-            "letter": letters[c.pk],
-            "tied": c.pk in tied,
-            "flags": request.POST.getlist(f"flags-{handles[c.pk]}") if request.method == "POST" else [],
-        }
-        for c in ordered
-    ]
+    posted_flags = {c.pk: request.POST.getlist(f"flags-{handles[c.pk]}") for c in candidates}
+    rows = _ranking_rows(
+        candidates, handles, _posted_order(form, candidate_ids), posted_flags if request.method == "POST" else {}
+    )
     return render(
         request,
         "labeling/work_rank.html",
@@ -188,6 +176,18 @@ def _work_rank(request, assignment):
         ),
         status=status,
     )
+
+
+def _ranking_rows(candidates, handles: dict, order: list[list[int]] | None, flags: dict) -> list[dict]:
+    """The candidates as the ranking page lists them: in `order` (groups of message ids, best first; None: as
+    shown), each group's members as the labeler arranged them, a tie marked on all but a group's first."""
+    by_id = {c.pk: c for c in candidates}
+    letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
+    return [
+        {"message": by_id[i], "handle": handles[i], "letter": letters[i], "tied": n > 0, "flags": flags.get(i, [])}
+        for group in (order or [[c.pk] for c in candidates])
+        for n, i in enumerate(group)
+    ]
 
 
 def _posted_order(form, candidate_ids) -> list[list[int]] | None:
@@ -363,15 +363,7 @@ def edit_ranking(request, ranking_id: int):
     else:
         form = forms.RankingForm(handles=handles)
         posted = ranking.ordered_message_ids
-    flags = {e.message_id: e.flags for e in ranking.entries.all()}
-    by_id = {c.pk: c for c in candidates}
-    order = posted or [[i] for i in candidate_ids]
-    letters = {c.pk: chr(ord("A") + i) for i, c in enumerate(candidates)}
-    rows = [
-        {"message": by_id[i], "handle": handles[i], "letter": letters[i], "tied": n > 0, "flags": flags.get(i, [])}
-        for group in order
-        for n, i in enumerate(group)
-    ]
+    rows = _ranking_rows(candidates, handles, posted, {e.message_id: e.flags for e in ranking.entries.all()})
     if request.method == "GET":
         form.initial.update(
             {"quality_rating": str(ranking.quality_rating or ""), "all_unacceptable": ranking.all_unacceptable}
