@@ -260,19 +260,6 @@ def web_env() -> dict:
     return {"WEB_BIND": f"127.0.0.1:{PORT}", "WEB_WORKERS": "4", "WEB_THREADS": "8"}
 
 
-def wait_for_web() -> None:
-    import httpx
-
-    _wait(lambda: _healthy(httpx), 60, 0.5)
-
-
-def _healthy(httpx) -> bool:
-    try:
-        return httpx.get(f"{BASE_URL}/healthz", timeout=2).status_code == 200
-    except Exception:
-        return False
-
-
 def tiny_policy() -> object:
     from models_service.models import ModelVersion
     from models_service.services import model_version_activate, model_version_register
@@ -450,7 +437,7 @@ def main() -> None:
     figures: dict = {"labelers": args.labelers}
     web = procs.start_web(env=web_env(), log_dir=LOGS, keep_stdout=True)
     try:
-        wait_for_web()
+        procs.wait_for_http(f"{BASE_URL}/healthz", [web], timeout_s=60)
         phases = [("steady", args.seconds, None)]
         if "redis" not in args.skip:
             phases.append(("redis", args.outage_seconds, lambda: redis_restart(3.0)))

@@ -149,9 +149,6 @@ def my_work(user) -> dict:
     return {"messages": messages, "rankings": rankings, "reviews": reviews}
 
 
-# --- chat ---
-
-
 def moderation_queue(limit: int = 100) -> list[dict]:
     """Conversations hidden after reports, waiting for an admin: their first turns and every report on them."""
     hidden = list(Conversation.objects.filter(moderation=Conversation.Moderation.HIDDEN).order_by("created_at")[:limit])

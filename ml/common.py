@@ -116,17 +116,18 @@ def cpu_bf16() -> bool:
     with AVX512-BF16 on another), true or false. Never on CUDA, where the weights themselves are bf16 already."""
     if torch.cuda.is_available():
         return False
+    # The words config.env accepts (ml/ cannot import it); the settings refuse a bad value at start-up too.
     value = (os.environ.get("TRAINING_CPU_BF16") or "auto").strip().lower()
-    choice = {"auto": None, "1": True, "true": True, "yes": True, "on": True}.get(value, value)
-    choice = {"0": False, "false": False, "no": False, "off": False}.get(choice, choice)
-    if isinstance(choice, str):  # the settings refuse it at start-up too (config.env.env_bool_or_auto)
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    if value != "auto":
         raise ValueError(f"TRAINING_CPU_BF16={value!r} is invalid: expected auto, true/false, yes/no, on/off or 1/0.")
-    if choice is None:
-        return any(
-            bool(getattr(torch.cpu, probe, lambda: False)())
-            for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        )
-    return choice
+    return any(
+        bool(getattr(torch.cpu, probe, lambda: False)())
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
 
 
 def autocast():
