@@ -2,7 +2,7 @@
 
 from django.db.models import Count
 
-from labeling.models import Conversation, Message
+from labeling.models import Assignment, Conversation, Message
 from labeling.selectors import message_thread
 from models_service.models import SamplingRequest
 
@@ -24,7 +24,7 @@ def chat_view(conversation) -> dict:
         .first()
     )
     if latest is None:
-        return {"thread": [], "pending": None, "failed": None}
+        return {"thread": [], "pending": None, "failed": None, "alternatives": {}, "ranked_by_me": set()}
     thread = message_thread(latest)
     request = (
         SamplingRequest.objects.filter(context=latest, purpose=SamplingRequest.Purpose.CHAT)
@@ -45,4 +45,17 @@ def chat_view(conversation) -> dict:
             purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message__in=[m.pk for m in thread]
         ).select_related("task")
     }
-    return {"thread": thread, "pending": pending, "failed": failed, "alternatives": alternatives, "latest": latest}
+    task_ids = [r.task_id for r in alternatives.values() if r.task_id]
+    ranked_by_me = set(
+        Assignment.objects.filter(
+            task_id__in=task_ids, labeler_id=conversation.created_by_id, status=Assignment.Status.SUBMITTED
+        ).values_list("task_id", flat=True)
+    )
+    return {
+        "thread": thread,
+        "pending": pending,
+        "failed": failed,
+        "alternatives": alternatives,
+        "ranked_by_me": ranked_by_me,
+        "latest": latest,
+    }

@@ -1,21 +1,28 @@
 """Chat with the active policy, the web side: a labeler's messages, and the sampling requests for the policy's
-replies and for alternatives to rank. The interactive worker answers them (models_service.tasks.chat_reply and
-chat_alternatives, by name); models_service.services.chat_complete and alternatives_complete record the answers.
+replies, for alternatives to rank, and for drafts of the reply a labeler writes in a task. The interactive worker
+answers them (models_service.tasks.chat_reply, chat_alternatives and draft_reply, by name); models_service.services
+chat_complete, alternatives_complete and draft_complete record the answers.
 """
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
-from labeling.models import Conversation, Message, Role
+from labeling.models import Assignment, Conversation, Message, Role, TaskKind
 from labeling.services import conversation_create, message_create
-from models_service.models import SamplingRequest
+from models_service.models import ModelVersion, SamplingRequest
+from models_service.selectors import active_version
+
+NO_POLICY = "No policy is serving yet, so the model cannot {what}. An admin activates one on the Models page."
 
 
 def chat_request_create(*, user_message: Message, user) -> SamplingRequest:
     """Ask the interactive worker for the assistant's reply to `user_message`."""
     if user_message.role != Role.USER:
         raise ValidationError({"message": "The model replies to a user message."})
+    if active_version(ModelVersion.Kind.POLICY) is None:
+        raise ValidationError(NO_POLICY.format(what="reply"))
     with transaction.atomic():
         request = SamplingRequest.objects.create(
             purpose=SamplingRequest.Purpose.CHAT, context=user_message, k=1, requested_by=user
@@ -86,3 +93,45 @@ def chat_continue(*, user, parent: Message, text: str) -> tuple[Message, Samplin
             author=user,
         )
         return message, chat_request_create(user_message=message, user=user)
+
+
+DRAFT_KINDS = (TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY)
+
+
+def draft_request_create(*, assignment: Assignment, user) -> SamplingRequest:
+    """Ask the serving policy for a draft of the reply `user` writes in `assignment` (assistant or user side).
+
+    A second request while one is in flight returns the one in flight (a double click streams the same draft)."""
+    if assignment.labeler_id != user.pk:
+        raise ValidationError("That task is not yours.")
+    task = assignment.task
+    if task.kind not in DRAFT_KINDS or task.parent_message_id is None:
+        raise ValidationError("The model drafts replies only: assistant and user replies in a conversation.")
+    if assignment.status not in (Assignment.Status.LEASED, Assignment.Status.EXPIRED):
+        raise ValidationError(f"This task is {assignment.get_status_display().lower()}: there is nothing to draft.")
+    if assignment.status == Assignment.Status.EXPIRED or assignment.lease_expires_at <= timezone.now():
+        raise ValidationError("Your time on this task ran out: submit what you have or take the next task.")
+    if active_version(ModelVersion.Kind.POLICY) is None:
+        raise ValidationError(NO_POLICY.format(what="write a draft"))
+    in_flight = SamplingRequest.objects.filter(
+        purpose=SamplingRequest.Purpose.DRAFT,
+        assignment=assignment,
+        status__in=[SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING],
+    )
+    try:
+        with transaction.atomic():
+            request = SamplingRequest.objects.create(
+                purpose=SamplingRequest.Purpose.DRAFT,
+                context_id=task.parent_message_id,
+                assignment=assignment,
+                k=1,
+                requested_by=user,
+            )
+            enqueue_on_commit("models_service.tasks.draft_reply", request.pk)
+    except IntegrityError as exc:
+        if "sampling_request_one_draft_in_flight" not in str(exc):
+            raise
+        request = in_flight.first()
+        if request is None:  # it finished between the insert and this read: ask again
+            return draft_request_create(assignment=assignment, user=user)
+    return request

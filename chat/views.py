@@ -7,20 +7,23 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
 from chat import services
 from chat.selectors import chat_conversations, chat_view
 from config.ratelimit import per_user_per_minute
-from labeling.limits import MAX_MESSAGE_CHARS
-from labeling.models import Conversation, Message
+from labeling.forms import MessageTextField
+from labeling.models import Assignment, Conversation, Message
 from models_service.models import SamplingRequest
+from models_service.selectors import pool_sampling_estimate
 
 
 class ChatForm(forms.Form):
-    text = forms.CharField(max_length=MAX_MESSAGE_CHARS, strip=False, error_messages={"required": "Write a message."})
+    text = MessageTextField(error_messages={"required": "Write a message."})
     parent = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
     def clean_text(self):
@@ -91,7 +94,8 @@ def chat(request, conversation_id: int):
 
 @login_required
 def chat_poll(request, request_id: int):
-    """The typing indicator asks here every second; when the reply is in, the page reloads to show it."""
+    """The reply being written asks here twice a second and shows the text so far; when the reply is in, the page
+    reloads to show it."""
     sampling = get_object_or_404(SamplingRequest, pk=request_id, requested_by=request.user)
     if sampling.status in (SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING):
         return render(request, "chat/chat.html#typing", {"pending": sampling})
@@ -124,3 +128,62 @@ def chat_alternatives(request, message_id: int):
         who = "you" if form.cleaned_data["for_me"] else "the labelers"
         messages.success(request, f"Sampling alternatives. A ranking task for {who} will be ready in a moment.")
     return redirect("chat:chat", conversation_id=message.conversation_id)
+
+
+@login_required
+@require_GET
+def chat_alternatives_status(request, message_id: int):
+    """The alternatives line under a model turn, polled while its alternatives are sampled (chat.html#alternatives)."""
+    message = get_object_or_404(
+        Message, pk=message_id, conversation__created_by=request.user, conversation__source=Conversation.Source.CHAT
+    )
+    view = chat_view(message.conversation)
+    return render(
+        request,
+        "chat/chat.html#alternatives",
+        {"m": message, "alternatives": view["alternatives"], "k_choices": range(2, 10), **view},
+    )
+
+
+@login_required
+@require_POST
+@per_user_per_minute("draft", "PAGE_RATE_DRAFT")
+def draft_start(request, assignment_id: int):
+    """'Draft from the model' on a write task: ask the serving policy for a draft. JSON: where to poll for it."""
+    assignment = get_object_or_404(Assignment.objects.select_related("task"), pk=assignment_id, labeler=request.user)
+    try:
+        sampling = services.draft_request_create(assignment=assignment, user=request.user)
+    except ValidationError as error:
+        return JsonResponse({"error": " ".join(error.messages)}, status=400)
+    return JsonResponse(
+        {"request": sampling.pk, "poll": reverse("chat:draft_poll", args=[sampling.pk]), "status": sampling.status},
+        status=202,
+    )
+
+
+@login_required
+@require_GET
+def draft_poll(request, request_id: int):
+    """A draft as it is written: status, the text so far, and the version writing it (JSON, polled by the editor)."""
+    sampling = get_object_or_404(
+        SamplingRequest.objects.select_related("model_version"),
+        pk=request_id,
+        requested_by=request.user,
+        purpose=SamplingRequest.Purpose.DRAFT,
+    )
+    return JsonResponse(
+        {
+            "status": sampling.status,
+            "text": sampling.partial_text,
+            "done": sampling.status == SamplingRequest.Status.DONE,
+            "error": sampling.error if sampling.status == SamplingRequest.Status.FAILED else "",
+            "model_version": sampling.model_version.name if sampling.model_version else "",
+        }
+    )
+
+
+@login_required
+@require_GET
+def coming_work(request):
+    """The empty queue page's panel: which ranking tasks the sampling workers are preparing, and how long that takes."""
+    return render(request, "chat/coming_work.html", pool_sampling_estimate())

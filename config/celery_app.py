@@ -1,6 +1,6 @@
 """The Celery app: four queues, each served by its own worker process (see bin/worker and README).
 
-- interactive: chat replies for the labeling page. Short, latency-bound; the worker keeps the policy loaded.
+- interactive: chat replies and labelers' model drafts. Short, latency-bound; the worker keeps the policy loaded.
 - sampling: fills the pool of ranking tasks with K candidates per context. Batched and throughput-bound.
 - training: SFT, reward model, PPO, DPO and RLOO runs, evaluation. Long, one at a time per worker, prefetch 1.
 - control: beat's short periodic checks (the retraining loop's tick, lease expiry, reaping, queue upkeep). They
@@ -35,6 +35,7 @@ app.conf.update(
     task_default_routing_key="sampling",
     task_routes={
         "models_service.tasks.chat_*": {"queue": "interactive"},
+        "models_service.tasks.draft_reply": {"queue": "interactive"},
         "models_service.tasks.reap_sampling_requests": {"queue": "control"},
         "models_service.tasks.*": {"queue": "sampling"},
         "labeling.tasks.run_import": {"queue": "sampling"},

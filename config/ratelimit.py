@@ -33,7 +33,7 @@ def per_user_per_minute(name: str, setting: str, methods=("POST",)):
             if count > limit:
                 wait = 60 - int(time.time() % 60)
                 text = f"Too many requests: at most {limit} a minute here. Try again in {wait} s."
-                if getattr(request, "htmx", False):
+                if getattr(request, "htmx", False) or "application/json" in request.headers.get("Accept", ""):
                     response = HttpResponse(text, status=429, content_type="text/plain; charset=utf-8")
                 else:
                     response = render(request, "429.html", {"text": text}, status=429)

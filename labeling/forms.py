@@ -34,6 +34,25 @@ SKIP_REASONS = [
 ]
 
 
+class MessageTextField(forms.CharField):
+    """A message's text as the labeler typed it: line breaks as the browser shows them (a form posts each as CRLF,
+    which would count twice against the limit), at most MAX_MESSAGE_CHARS characters (code points, as the page's
+    counter counts them), and a clear error beyond that instead of the browser cutting a paste short."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("strip", False)
+        kwargs.setdefault("max_length", MAX_MESSAGE_CHARS)
+        super().__init__(**kwargs)
+        self.error_messages["max_length"] = (
+            f"The text is %(show_value)s characters long; the limit is {MAX_MESSAGE_CHARS:,}. "
+            "Shorten it, then submit again (your text is kept below)."
+        )
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        return value.replace("\r\n", "\n").replace("\r", "\n") if isinstance(value, str) else value
+
+
 class TimedForm(forms.Form):
     time_spent_ms = forms.IntegerField(
         required=False, min_value=0, max_value=24 * 3600 * 1000, widget=forms.HiddenInput
@@ -41,9 +60,7 @@ class TimedForm(forms.Form):
 
 
 class WriteForm(TimedForm):
-    text = forms.CharField(
-        max_length=MAX_MESSAGE_CHARS,
-        strip=False,
+    text = MessageTextField(
         widget=forms.Textarea(attrs={"rows": 12}),
         error_messages={"required": "Write something first: the text is empty."},
     )

@@ -137,6 +137,19 @@ class Message(models.Model):
         help_text="The task assignment that produced this message, if any.",
     )
     review_status = models.CharField(max_length=16, choices=ReviewStatus.choices, blank=True, default="")
+    draft_model_version = models.ForeignKey(
+        "models_service.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="drafted_messages",
+        help_text="A labeler's text that started from a model draft: the policy version that wrote the draft.",
+    )
+    draft_edit_ratio = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="How much the labeler changed the model draft: 0 = submitted as drafted, 1 = nothing kept.",
+    )
     revision = models.PositiveIntegerField(
         default=1, editable=False, help_text="Counts the text's edits; a review judges one revision."
     )
@@ -179,6 +192,16 @@ class Message(models.Model):
             # pairs; a policy can stop at once); what a person writes never is.
             models.CheckConstraint(
                 condition=~Q(text="") | Q(origin__in=["import", "model"]), name="message_written_text_not_empty"
+            ),
+            models.CheckConstraint(
+                condition=(Q(draft_model_version__isnull=True) & Q(draft_edit_ratio__isnull=True))
+                | (
+                    Q(origin="human")
+                    & Q(draft_model_version__isnull=False)
+                    & Q(draft_edit_ratio__gte=0)
+                    & Q(draft_edit_ratio__lte=1)
+                ),
+                name="message_draft_figures_on_written_text",
             ),
         ]
         indexes = [
@@ -381,6 +404,20 @@ class Assignment(models.Model):
     skip_reason = models.TextField(blank=True)
     report_reason = models.CharField(max_length=16, choices=ReportReason.choices, blank=True)
     draft = models.TextField(blank=True, help_text="What the labeler typed so far; kept across expired leases.")
+    model_draft = models.TextField(
+        blank=True,
+        default="",
+        db_default="",  # the queue's PL/pgSQL inserts assignments without naming it
+        help_text="The last reply the model drafted for this task at the labeler's request (write tasks)."
+    )
+    model_draft_version = models.ForeignKey(
+        "models_service.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The policy version that wrote the model draft.",
+    )
     time_spent_ms = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:

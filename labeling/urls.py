@@ -8,6 +8,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("guidelines/", views.guidelines, name="guidelines"),
     path("work/next/", views.next_task, name="next"),
+    path("work/new-prompt/", views.write_prompt, name="write_prompt"),
     path("work/<int:assignment_id>/", views.work, name="work"),
     path("work/<int:assignment_id>/skip/", views.skip, name="skip"),
     path("work/<int:assignment_id>/report/", views.report, name="report"),

@@ -13,7 +13,13 @@ from config.ratelimit import per_user_per_minute
 from labeling import forms, services
 from labeling.markdown import render_markdown
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Message, Ranking, TaskKind
-from labeling.selectors import candidate_handles, current_assignment, labeler_counts, message_thread, my_work
+from labeling.selectors import (
+    candidate_handles,
+    current_assignment,
+    labeler_counts,
+    message_thread,
+    my_work,
+)
 
 WRITE_KINDS = {TaskKind.WRITE_PROMPT, TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY}
 
@@ -44,13 +50,27 @@ def guidelines(request):
 def next_task(request):
     assignment_id = services.task_lease_next_id(user=request.user)
     if assignment_id is None:
-        return render(request, "labeling/empty.html", status=200)
+        return _empty(request)
     return redirect("labeling:work", assignment_id=assignment_id)
+
+
+def _empty(request):
+    return render(request, "labeling/empty.html", {"page_url": reverse("labeling:next")})
+
+
+@login_required
+@require_POST
+def write_prompt(request):
+    """'Write a prompt' on the empty queue page: a prompt task of the labeler's own, leased at once."""
+    services.prompt_task_for_labeler(user=request.user)
+    return redirect("labeling:next")
 
 
 def _own_assignment(request, assignment_id: int) -> Assignment:
     return get_object_or_404(
-        Assignment.objects.select_related("task__parent_message", "task__target_message", "task__conversation"),
+        Assignment.objects.select_related(
+            "task__parent_message", "task__target_message", "task__conversation", "model_draft_version"
+        ),
         pk=assignment_id,
         labeler=request.user,
     )
@@ -59,25 +79,37 @@ def _own_assignment(request, assignment_id: int) -> Assignment:
 @login_required
 def work(request, assignment_id: int):
     assignment = _own_assignment(request, assignment_id)
-    kind = assignment.task.kind
     if request.method == "GET" and assignment.status == Assignment.Status.SUBMITTED:
         messages.info(request, "You already submitted this task.")
         return redirect("labeling:next")
     if request.method == "GET" and assignment.status in (Assignment.Status.SKIPPED, Assignment.Status.REPORTED):
         return redirect("labeling:next")
+    return _task_page(request, assignment, request.POST if request.method == "POST" else None)
+
+
+def _task_page(request, assignment, data):
+    """The page of `assignment`'s task; `data`: the labeler's submission (a POST), None to show the task."""
+    kind = assignment.task.kind
     if kind in WRITE_KINDS:
-        return _work_write(request, assignment)
+        return _work_write(request, assignment, data)
     if kind == TaskKind.RANK_REPLIES:
-        return _work_rank(request, assignment)
+        return _work_rank(request, assignment, data)
     if kind == TaskKind.REVIEW_DEMONSTRATION:
-        return _work_review(request, assignment)
+        return _work_review(request, assignment, data)
     raise Http404(f"Unknown task kind {kind}")
 
 
 def _submitted(request, result: services.SubmitResult):
+    """The response to a submission is the next task's page itself: leased and rendered here, so the labeler waits
+    for no redirect (the page puts its own address in the address bar, see base.html's data-page-url)."""
+    assignment_id = services.task_lease_next_id(user=request.user)
+    if assignment_id is None:
+        if result.created:
+            messages.success(request, "Saved.")
+        return _empty(request)
     if result.created:
         messages.success(request, "Saved. Here is your next task.")
-    return redirect("labeling:next")
+    return _task_page(request, _own_assignment(request, assignment_id), None)
 
 
 def _refused(form, error: services.SubmissionRefused):
@@ -88,6 +120,7 @@ def _context(assignment, **extra) -> dict:
     task = assignment.task
     context_message = task.parent_message or (task.target_message.parent if task.target_message else None)
     return {
+        "page_url": reverse("labeling:work", args=[assignment.pk]),
         "assignment": assignment,
         "task": task,
         "thread": message_thread(context_message) if context_message else [],
@@ -99,12 +132,12 @@ def _context(assignment, **extra) -> dict:
     }
 
 
-def _work_write(request, assignment):
+def _work_write(request, assignment, data):
     kind = assignment.task.kind
     form_class = forms.PromptForm if kind == TaskKind.WRITE_PROMPT else forms.WriteForm
     status = 200
-    if request.method == "POST":
-        form = form_class(request.POST)
+    if data is not None:
+        form = form_class(data)
         if form.is_valid():
             data = form.cleaned_data
             try:
@@ -135,13 +168,13 @@ def _candidates_in_display_order(assignment):
     return [by_id[i] for i in services.display_order(task, assignment.labeler_id)]
 
 
-def _work_rank(request, assignment):
+def _work_rank(request, assignment, data):
     candidates = _candidates_in_display_order(assignment)
     candidate_ids = [c.pk for c in candidates]
     handles = candidate_handles(assignment.task, assignment.labeler_id)  # the page never shows message ids
     status, untouched_warning = 200, False
-    if request.method == "POST":
-        form = forms.RankingForm(request.POST, handles=handles)
+    if data is not None:
+        form = forms.RankingForm(data, handles=handles)
         if form.is_valid():
             try:
                 result = services.assignment_submit(
@@ -158,10 +191,8 @@ def _work_rank(request, assignment):
         status = 422
     else:
         form = forms.RankingForm(handles=handles)
-    posted_flags = {c.pk: request.POST.getlist(f"flags-{handles[c.pk]}") for c in candidates}
-    rows = _ranking_rows(
-        candidates, handles, _posted_order(form, candidate_ids), posted_flags if request.method == "POST" else {}
-    )
+    posted_flags = {c.pk: data.getlist(f"flags-{handles[c.pk]}") for c in candidates} if data is not None else {}
+    rows = _ranking_rows(candidates, handles, _posted_order(form, candidate_ids), posted_flags)
     return render(
         request,
         "labeling/work_rank.html",
@@ -201,10 +232,10 @@ def _posted_order(form, candidate_ids) -> list[list[int]] | None:
     return order
 
 
-def _work_review(request, assignment):
+def _work_review(request, assignment, data):
     status = 200
-    if request.method == "POST":
-        form = forms.ReviewForm(request.POST)
+    if data is not None:
+        form = forms.ReviewForm(data)
         if form.is_valid():
             data = form.cleaned_data
             try:

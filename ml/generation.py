@@ -15,6 +15,7 @@ adapts database rows to it).
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -166,10 +167,13 @@ def sample_completions(
     k: int,
     params: SamplingParams,
     max_context_tokens: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[list[Completion]], BatchStats]:
     """Sample `k` completions for each chat in one batch. Returns completions grouped per chat, and statistics.
 
     With temperature 0 the decoding is greedy, and then every row's text is the same as decoding it alone.
+    `on_token`, for streaming: called after every decoding step with the first row's tokens so far (stop tokens
+    left out); it decides itself how often to pass them on.
     """
     device = next(model.parameters()).device
     window = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)
@@ -177,6 +181,7 @@ def sample_completions(
     prompts, truncated = zip(*(chat_prompt_ids(tokenizer, chat, max_prompt_tokens=max_prompt) for chat in chats))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = torch.tensor(eos_ids(model, tokenizer), device=device)
+    stop_set = set(stop.tolist())
     stats = BatchStats(
         contexts=len(chats),
         rows=len(chats) * k,
@@ -205,6 +210,8 @@ def sample_completions(
         lengths += (~finished).long()
         finished |= torch.isin(token[:, 0], stop)
         stats.steps = step + 1
+        if on_token is not None:
+            on_token([t for t in generated[0, : int(lengths[0])].tolist() if t not in stop_set])
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
         full_mask[:, width + step] = 1
@@ -222,13 +229,12 @@ def sample_completions(
 
     lengths_list, generated_list, finished_list = lengths.tolist(), generated.tolist(), finished.tolist()
     stats.generated_tokens = sum(lengths_list)
-    stop_ids = set(stop.tolist())
     grouped: list[list[Completion]] = []
     for context in range(len(chats)):
         group = []
         for row in range(context * k, (context + 1) * k):
             tokens = generated_list[row][: lengths_list[row]]
-            content = [t for t in tokens if t not in stop_ids]
+            content = [t for t in tokens if t not in stop_set]
             # PostgreSQL text cannot hold NUL, which a byte-level tokenizer can decode to.
             text = tokenizer.decode(content, skip_special_tokens=True).replace("\x00", "\ufffd").strip()
             group.append(Completion(text=text, token_ids=tokens, finished=finished_list[row], row=row))

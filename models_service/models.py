@@ -139,6 +139,7 @@ class SamplingRequest(models.Model):
         POOL = "pool", "Ranking pool"
         CHAT = "chat", "Chat reply"
         ALTERNATIVES = "alternatives", "Alternatives asked for in chat"
+        DRAFT = "draft", "Draft for a labeler's reply"
 
     class Status(models.TextChoices):
         PENDING = "pending", "Waiting for a worker"
@@ -170,6 +171,18 @@ class SamplingRequest(models.Model):
     reply = models.ForeignKey(
         "labeling.Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="Chat reply."
     )
+    assignment = models.ForeignKey(
+        "labeling.Assignment",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="draft_requests",
+        help_text="Drafts: the labeler's task the model writes a reply for.",
+    )
+    partial_text = models.TextField(
+        blank=True, help_text="Chat replies and drafts: the text generated so far, shown as it streams."
+    )
+    first_token_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     worker = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -181,8 +194,19 @@ class SamplingRequest(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["context", "purpose"],
-                condition=Q(status__in=["pending", "running"]),
+                condition=Q(status__in=["pending", "running"]) & ~Q(purpose="draft"),
                 name="sampling_request_one_in_flight_per_context",
+            ),
+            # Two labelers may ask for drafts of the same turn at once; one labeler has one draft in flight.
+            models.UniqueConstraint(
+                fields=["assignment"],
+                condition=Q(status__in=["pending", "running"], purpose="draft"),
+                name="sampling_request_one_draft_in_flight",
+            ),
+            models.CheckConstraint(
+                condition=Q(purpose="draft", assignment__isnull=False)
+                | (~Q(purpose="draft") & Q(assignment__isnull=True)),
+                name="sampling_request_draft_has_assignment",
             ),
             models.CheckConstraint(condition=Q(k__gte=1) & Q(k__lte=9), name="sampling_request_k_range"),
             models.CheckConstraint(

@@ -5,6 +5,7 @@ Worker processes only (imports torch through generation and loading).
 
 import hashlib
 import logging
+import time
 
 from django.conf import settings
 
@@ -37,7 +38,32 @@ def batch_seed(requests: list[SamplingRequest]) -> int:
 def _chat(request: SamplingRequest) -> list[dict]:
     from labeling.selectors import message_thread, thread_as_chat
 
-    return thread_as_chat(message_thread(request.context))
+    chat = thread_as_chat(message_thread(request.context))
+    if request.purpose == SamplingRequest.Purpose.DRAFT and request.assignment.task.kind == "write_user_reply":
+        # A draft of the user's next message: the model plays the user by answering the conversation with the
+        # two roles swapped (its "assistant" turn is then the user's).
+        swap = {"user": "assistant", "assistant": "user"}
+        chat = [{**turn, "role": swap.get(turn["role"], turn["role"])} for turn in chat]
+    return chat
+
+
+STREAM_INTERVAL_S = 0.25  # how often a streamed reply's text is written for the page that shows it
+
+
+def _streamer(request: SamplingRequest, tokenizer):
+    """on_token for sample_completions: write the text so far on the request, at once for the first token and
+    then at most every STREAM_INTERVAL_S (each write is one UPDATE of one row)."""
+    last = [None]
+
+    def on_token(tokens: list[int]) -> None:
+        now = time.monotonic()
+        if last[0] is not None and now - last[0] < STREAM_INTERVAL_S:
+            return
+        last[0] = now
+        text = tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "\ufffd").strip()
+        services.sampling_request_progress(request_id=request.pk, text=text)
+
+    return on_token
 
 
 def _replies(completions, params: SamplingParams, stats, loaded) -> list[services.SampledReply]:
@@ -103,18 +129,27 @@ def fill_pool_once(*, worker: str = "") -> dict:
 
 
 def run_request(request: SamplingRequest) -> None:
-    """A chat reply (k = 1) or chat alternatives (k new samples), on the interactive worker."""
+    """A chat reply or a labeler's draft (k = 1, streamed as it is written), or chat alternatives (k new samples),
+    on the interactive worker."""
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
-        max_new = settings.CHAT_MAX_NEW_TOKENS if request.purpose == SamplingRequest.Purpose.CHAT else None
+        streamed = request.purpose in (SamplingRequest.Purpose.CHAT, SamplingRequest.Purpose.DRAFT)
+        max_new = settings.CHAT_MAX_NEW_TOKENS if streamed else None
         params = serving_params(seed=batch_seed([request]), **({"max_new_tokens": max_new} if max_new else {}))
         grouped, stats = sample_completions(
-            loaded.model, loaded.tokenizer, [_chat(request)], k=request.k, params=params
+            loaded.model,
+            loaded.tokenizer,
+            [_chat(request)],
+            k=request.k,
+            params=params,
+            on_token=_streamer(request, loaded.tokenizer) if streamed else None,
         )
         replies = _replies(grouped[0], params, stats, loaded)
         if request.purpose == SamplingRequest.Purpose.CHAT:
             services.chat_complete(request=request, version=version, reply=replies[0])
+        elif request.purpose == SamplingRequest.Purpose.DRAFT:
+            services.draft_complete(request=request, version=version, reply=replies[0])
         else:
             services.alternatives_complete(request=request, version=version, replies=replies)
     except Exception as exc:

@@ -24,6 +24,33 @@ def in_flight_pool_requests() -> int:
     ).count()
 
 
+def pool_sampling_estimate() -> dict:
+    """What the sampling workers are doing for the pool, for the empty queue page: ranking tasks on their way and
+    about how long they take (from the recent batches' durations; None before any batch finished)."""
+    from django.conf import settings
+
+    in_flight = in_flight_pool_requests()
+    recent = (
+        SamplingRequest.objects.filter(
+            purpose=SamplingRequest.Purpose.POOL,
+            status=SamplingRequest.Status.DONE,
+            started_at__isnull=False,
+            finished_at__isnull=False,
+        )
+        .order_by("-finished_at")
+        .values("started_at", "finished_at")[:50]
+    )
+    durations = [(r["finished_at"] - r["started_at"]).total_seconds() for r in recent]
+    batch_s = sum(durations) / len(durations) if durations else None
+    batches = -(-in_flight // settings.SAMPLING_BATCH_CONTEXTS)
+    return {
+        "in_flight": in_flight,
+        "estimate_s": round(batches * batch_s) if batch_s is not None and in_flight else None,
+        "policy": active_version(ModelVersion.Kind.POLICY),
+        "open_pool": open_pool_size(),
+    }
+
+
 def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
     """User turns of training conversations that this policy has not sampled for yet, best first.
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from labeling.models import Message, Role, Task, TaskKind
-from labeling.services import message_create, ranking_overlap, task_create
+from labeling.services import assignment_model_draft_record, message_create, ranking_overlap, task_create
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import (
     active_version,
@@ -188,7 +189,19 @@ def sampling_request_claim(*, request_id: int, worker: str = "") -> SamplingRequ
     claimed = SamplingRequest.objects.filter(pk=request_id, status=SamplingRequest.Status.PENDING).update(
         status=SamplingRequest.Status.RUNNING, started_at=timezone.now(), worker=worker
     )
-    return SamplingRequest.objects.select_related("context", "keep_message").get(pk=request_id) if claimed else None
+    if not claimed:
+        return None
+    return SamplingRequest.objects.select_related("context", "keep_message", "assignment__task").get(pk=request_id)
+
+
+def sampling_request_progress(*, request_id: int, text: str) -> bool:
+    """The text a chat reply or draft has so far, for the page that streams it (the first call also stamps the
+    time of the first token). Returns False once the request is no longer running (reaped, or failed)."""
+    return bool(
+        SamplingRequest.objects.filter(pk=request_id, status=SamplingRequest.Status.RUNNING).update(
+            partial_text=text, first_token_at=Coalesce("first_token_at", timezone.now())
+        )
+    )
 
 
 def sampling_request_fail(*, request: SamplingRequest, error: str) -> None:
@@ -244,9 +257,36 @@ def chat_complete(*, request: SamplingRequest, version: ModelVersion, reply: Sam
         current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
         message = _sampled_message(current, version=version, text=reply.text, params=reply.params)
         current.status, current.reply, current.model_version = SamplingRequest.Status.DONE, message, version
-        current.sampling_params, current.finished_at = reply.params, timezone.now()
-        current.save(update_fields=["status", "reply", "model_version", "sampling_params", "finished_at"])
+        current.sampling_params, current.finished_at, current.partial_text = reply.params, timezone.now(), reply.text
+        current.first_token_at = current.first_token_at or current.finished_at
+        current.save(
+            update_fields=[
+                "status",
+                "reply",
+                "model_version",
+                "sampling_params",
+                "finished_at",
+                "partial_text",
+                "first_token_at",
+            ]
+        )
     return message
+
+
+def draft_complete(*, request: SamplingRequest, version: ModelVersion, reply: SampledReply) -> SamplingRequest:
+    """A labeler's model draft is written: the request keeps its text, and the assignment keeps it with the version
+    that wrote it (the submission then records how much the labeler changed it)."""
+    with transaction.atomic():
+        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
+        if current.status != SamplingRequest.Status.RUNNING:
+            raise ValidationError(f"sampling request #{request.pk} is {current.status}, not running")
+        current.status, current.model_version, current.partial_text = SamplingRequest.Status.DONE, version, reply.text
+        current.sampling_params, current.finished_at = reply.params, timezone.now()
+        current.first_token_at = current.first_token_at or current.finished_at
+        fields = ["status", "model_version", "partial_text", "sampling_params", "finished_at", "first_token_at"]
+        current.save(update_fields=fields)
+        assignment_model_draft_record(assignment_id=current.assignment_id, text=reply.text, model_version=version)
+    return current
 
 
 def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:

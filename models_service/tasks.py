@@ -60,6 +60,17 @@ def chat_alternatives(request_id: int) -> None:
     _run(request_id)
 
 
+@shared_task(
+    name="models_service.tasks.draft_reply",
+    soft_time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S,
+    time_limit=settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 30,
+    ignore_result=True,
+)
+def draft_reply(request_id: int) -> None:
+    """A model-written draft of the reply a labeler is writing (either side of the conversation), streamed."""
+    _run(request_id)
+
+
 def _run(request_id: int) -> None:
     from models_service.sampling import run_request
 

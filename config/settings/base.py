@@ -120,6 +120,7 @@ AXES_VERBOSE = False
 PAGE_RATE_PREVIEW = env_int("PAGE_RATE_PREVIEW", 120, min_value=1)
 PAGE_RATE_CHAT = env_int("PAGE_RATE_CHAT", 12, min_value=1)
 PAGE_RATE_ALTERNATIVES = env_int("PAGE_RATE_ALTERNATIVES", 6, min_value=1)
+PAGE_RATE_DRAFT = env_int("PAGE_RATE_DRAFT", 12, min_value=1)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

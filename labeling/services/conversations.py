@@ -78,6 +78,8 @@ def message_create(
     sampling_params: dict | None = None,
     assignment=None,
     review_status: str | None = None,
+    draft_model_version=None,
+    draft_edit_ratio: float | None = None,
 ) -> Message:
     """Add a node to a conversation tree. Siblings under the same parent are alternatives for one turn.
 
@@ -99,6 +101,8 @@ def message_create(
         sampling_params=sampling_params,
         assignment=assignment,
         review_status=review_status,
+        draft_model_version=draft_model_version,
+        draft_edit_ratio=draft_edit_ratio,
     )
 
 

@@ -101,6 +101,20 @@ def prompt_tasks_replenish(*, settings: QueueSettings | None = None) -> int:
     return max(missing, 0)
 
 
+def prompt_task_for_labeler(*, user) -> Task:
+    """A 'write a prompt' task reserved for `user` (the empty queue page offers one): their open one if they have
+    it, else a new one. New prompts are always useful: each starts a conversation for the others' queue."""
+    with transaction.atomic():
+        existing = (
+            Task.objects.select_for_update()
+            .filter(kind=TaskKind.WRITE_PROMPT, status=Task.Status.OPEN, reserved_for=user)
+            .first()
+        )
+        if existing is not None:
+            return existing
+        return task_create(kind=TaskKind.WRITE_PROMPT, reserved_for=user, created_by=user, priority=1)
+
+
 def task_lease_next(*, user, now: dt.datetime | None = None, rng: random.Random | None = None) -> Assignment | None:
     """Give the labeler a task slot and a lease on it, or None when there is nothing for them.
 

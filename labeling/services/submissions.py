@@ -1,6 +1,7 @@
 """Finishing an assignment: submitting (one path for every task kind, assignment_submit), skipping, reporting,
 and editing a ranking one submitted."""
 
+import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
 
     def work(task, current):
         role = Role.ASSISTANT if task.kind == TaskKind.WRITE_ASSISTANT_REPLY else Role.USER
+        drafted = current.model_draft_version_id is not None
         message = message_create(
             conversation=task.parent_message.conversation,
             parent=task.parent_message,
@@ -161,6 +163,8 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
             origin=Message.Origin.HUMAN,
             author=current.labeler,
             assignment=current,
+            draft_model_version=current.model_draft_version if drafted else None,
+            draft_edit_ratio=draft_edit_ratio(current.model_draft, text) if drafted else None,
         )
         if role == Role.ASSISTANT:
             _review_task_create(message)
@@ -169,6 +173,26 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
         return message
 
     return _submit(assignment, work, time_spent_ms=time_spent_ms)
+
+
+def draft_edit_ratio(draft: str, text: str) -> float:
+    """How much of a model draft the labeler changed, by words: 0.0 when submitted as drafted (whitespace aside),
+    1.0 when no word of it was kept in place. 1 - difflib's similarity ratio of the two word sequences."""
+    before, after = draft.split(), text.split()
+    if before == after:
+        return 0.0
+    return round(1.0 - difflib.SequenceMatcher(None, before, after, autojunk=False).ratio(), 4)
+
+
+def assignment_model_draft_record(*, assignment_id: int, text: str, model_version) -> bool:
+    """Keep the draft the model wrote for a labeler's write task (the interactive worker calls this when a draft is
+    done), so that the submission can record which version wrote it and how much the labeler changed it. A draft
+    that arrives after the task was submitted, skipped or reported changes nothing. Returns whether it was kept."""
+    return bool(
+        Assignment.objects.filter(pk=assignment_id, status__in=[Assignment.Status.LEASED, Assignment.Status.EXPIRED])
+        .filter(task__kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY])
+        .update(model_draft=text, model_draft_version=model_version)
+    )
 
 
 @dataclass

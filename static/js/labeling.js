@@ -51,7 +51,8 @@
     });
   }
 
-  /* --- character counters --- */
+  /* --- character counters: code points, as the server counts them (no maxlength: a browser would cut a paste
+     short without a word; over the limit, the counter says so and the server refuses with the same numbers) --- */
   function setUpCounters() {
     document.querySelectorAll("textarea[data-max-chars]").forEach((textarea) => {
       const max = parseInt(textarea.dataset.maxChars, 10);
@@ -59,9 +60,14 @@
       const counter = form && form.querySelector("[data-char-count]");
       if (!counter) return;
       const update = () => {
-        const n = textarea.value.length;
-        counter.textContent = `${n.toLocaleString()} / ${max.toLocaleString()} characters`;
+        const n = Array.from(textarea.value).length;
+        const over = n - max;
+        counter.textContent = over > 0
+          ? `${n.toLocaleString()} / ${max.toLocaleString()} characters: ${over.toLocaleString()} over the limit, shorten it to submit`
+          : `${n.toLocaleString()} / ${max.toLocaleString()} characters`;
         counter.classList.toggle("over", n > max * 0.95);
+        counter.classList.toggle("counter-over", over > 0);
+        if (over > 0) textarea.setAttribute("aria-invalid", "true");
       };
       textarea.addEventListener("input", update);
       update();
@@ -287,8 +293,101 @@
     confirm.focus();
   }
 
+  /* --- model-written drafts, streamed into the editor --- */
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  async function jsonOf(response) {
+    const type = response.headers.get("content-type") || "";
+    return type.includes("json") ? response.json() : { error: (await response.text()).slice(0, 300) };
+  }
+
+  function setUpModelDrafts() {
+    const button = document.querySelector("[data-draft-url]");
+    if (!button) return;
+    const form = button.closest("form");
+    const textarea = form.querySelector("textarea[name=text]");
+    const status = form.querySelector("[data-draft-status]");
+    const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+    let running = false;
+
+    async function draft() {
+      if (running) return;
+      if (textarea.value.trim() && !window.confirm("Replace your text with a draft from the model? (Ctrl+Z in the editor brings yours back.)")) return;
+      running = true;
+      button.disabled = true;
+      form.dataset.drafting = "true";
+      const before = textarea.value;
+      status.textContent = "Asking the model…";
+      try {
+        const started = await fetch(button.dataset.draftUrl, {
+          method: "POST", credentials: "same-origin", headers: { "X-CSRFToken": csrf, Accept: "application/json" },
+        });
+        const request = await jsonOf(started);
+        if (!started.ok) throw new Error(request.error || `The draft could not start (HTTP ${started.status}).`);
+        textarea.readOnly = true;
+        textarea.classList.add("streaming");
+        const since = performance.now();
+        for (;;) {
+          await sleep(250);
+          const polled = await fetch(request.poll, { credentials: "same-origin", headers: { Accept: "application/json" } });
+          const state = await jsonOf(polled);
+          if (!polled.ok) throw new Error(state.error || `The draft could not be read (HTTP ${polled.status}).`);
+          if (state.text) textarea.value = state.text;
+          if (state.status === "done") {
+            status.textContent = `Draft by ${state.model_version}: edit it until it is the reply you want, then submit.`;
+            break;
+          }
+          if (state.status === "failed") throw new Error(`The model could not write a draft: ${state.error}`);
+          const waited = (performance.now() - since) / 1000;
+          if (waited > 180) throw new Error("No draft after 3 minutes: the model is busy. Write your own, or try again later.");
+          status.textContent = state.status === "running" ? "The model is writing…"
+            : waited > 15 ? "Still waiting for the model (it is busy with other work)…" : "Waiting for the model…";
+        }
+      } catch (error) {
+        status.textContent = error.message;
+        if (!textarea.value.trim()) textarea.value = before;
+      } finally {
+        running = false;
+        button.disabled = false;
+        delete form.dataset.drafting;
+        textarea.readOnly = false;
+        textarea.classList.remove("streaming");
+        textarea.dispatchEvent(new Event("input", { bubbles: true }));
+        textarea.focus();
+      }
+    }
+
+    button.addEventListener("click", draft);
+    document.addEventListener("keydown", (event) => {
+      if (event.altKey && !event.ctrlKey && !event.metaKey && event.code === "KeyM") {
+        event.preventDefault();
+        draft();
+      }
+    });
+  }
+
+  /* A submission's response is the next task's page: put that page's own address in the address bar, so that a
+     reload shows the task instead of posting the last one again. */
+  function showPageUrl() {
+    const url = document.body.dataset.pageUrl;
+    if (url && window.location.pathname !== url) window.history.replaceState(null, "", url);
+  }
+
+  /* --- the turn being answered: in view when the page opens (the conversation panel scrolls, not the page) --- */
+  function showLastTurn() {
+    const last = document.querySelector("[data-last-turn]");
+    if (!last) return;
+    const panel = last.closest(".card");
+    if (!panel || panel.scrollHeight <= panel.clientHeight + 4) return;
+    const offset = last.getBoundingClientRect().top - panel.getBoundingClientRect().top + panel.scrollTop;
+    panel.scrollTop = Math.max(0, offset - 48);
+  }
+
   onReady(() => {
+    showPageUrl();
+    showLastTurn();
     setUpForms();
+    setUpModelDrafts();
     setUpCounters();
     setUpDrafts();
     setUpDialogs();
