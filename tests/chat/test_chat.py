@@ -121,7 +121,7 @@ def test_another_labelers_chat_is_private(client, alice, bob, tiny_policy):
     assert not Message.objects.filter(text="hijack").exists()
 
 
-def test_a_failed_reply_is_shown(client, alice):
+def test_a_failed_reply_is_shown(client, alice, tiny_policy):
     client.force_login(alice)
     client.post(reverse("chat:chat_index"), {"text": "Hi"})
     request = SamplingRequest.objects.get()

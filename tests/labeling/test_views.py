@@ -49,9 +49,31 @@ def test_next_leases_a_task_and_redirects_to_it(client, alice):
     assert "Write the assistant&#x27;s reply" in page or "Write the assistant's reply" in page
 
 
-def test_an_empty_queue_says_so(client, alice):
+def test_an_empty_queue_says_so_and_offers_what_can_be_done(client, alice):
+    """Issue 17, item 5: the empty page says why, shows what is on its way, and offers a prompt to write."""
     client.force_login(alice)
-    assert "Nothing to do right now" in client.get(reverse("labeling:next")).content.decode()
+    page = client.get(reverse("labeling:next")).content.decode()
+    assert "No task is waiting for you right now" in page
+    assert reverse("chat:coming_work") in page and 'data-testid="write-prompt"' in page
+    response = client.post(reverse("labeling:write_prompt"))
+    assert response.status_code == 302 and response.url == reverse("labeling:next")
+    work = client.get(response.url)
+    assignment = Assignment.objects.get(labeler=alice)
+    assert work.url == reverse("labeling:work", args=[assignment.pk])
+    assert assignment.task.kind == TaskKind.WRITE_PROMPT and assignment.task.reserved_for == alice
+    client.post(reverse("labeling:write_prompt"))
+    assert Task.objects.filter(kind=TaskKind.WRITE_PROMPT, reserved_for=alice).count() == 1, "one at a time"
+
+
+def test_the_coming_work_panel_says_what_is_being_sampled(client, alice, tiny_policy, settings):
+    from models_service.models import SamplingRequest
+
+    client.force_login(alice)
+    assert "ranking task" in client.get(reverse("chat:coming_work")).content.decode()
+    task = make_reply_task()
+    SamplingRequest.objects.create(purpose=SamplingRequest.Purpose.POOL, context=task.parent_message, k=4)
+    page = client.get(reverse("chat:coming_work")).content.decode()
+    assert "1 ranking task is being sampled" in page
 
 
 def test_a_labeler_cannot_open_someone_elses_assignment(client, alice, bob):
@@ -69,9 +91,49 @@ def test_writing_a_reply_through_the_page(client, alice):
     client.force_login(alice)
     work_url = client.get(reverse("labeling:next")).url
     response = client.post(work_url, {"text": "Boil it for **7 minutes**.", "time_spent_ms": "4200"})
-    assert response.status_code == 302 and response.url == reverse("labeling:next")
+    assert response.status_code == 200 and "Saved." in response.content.decode()
     reply = Message.objects.get(parent=task.parent_message)
     assert reply.text == "Boil it for **7 minutes**." and reply.assignment.time_spent_ms == 4200
+
+
+def test_the_submit_response_is_the_next_task(client, alice):
+    """Issue 17, item 3: no redirect after a submission; the next task is leased and rendered in the response,
+    which carries its own address for the address bar."""
+    make_reply_task()
+    make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    response = client.post(work_url, {"text": "First answer."})
+    page = response.content.decode()
+    second = Assignment.objects.filter(labeler=alice, status=Assignment.Status.LEASED).get()
+    assert response.status_code == 200 and "Saved. Here is your next task." in page
+    assert f'data-page-url="{reverse("labeling:work", args=[second.pk])}"' in page
+    assert f'action="{reverse("labeling:skip", args=[second.pk])}"' in page
+    response = client.post(reverse("labeling:work", args=[second.pk]), {"text": "Second answer."})
+    page = response.content.decode()
+    assert "Saved." in page and "No task is waiting for you right now" in page
+    assert "Here is your next task" not in page
+    assert f'data-page-url="{reverse("labeling:next")}"' in page
+
+
+def test_over_long_text_is_refused_with_the_count_and_kept(client, alice):
+    """Issue 17, item 8: no maxlength cuts a paste short; the server refuses with the numbers the counter shows
+    (line breaks count once, as in the browser) and the text stays."""
+    make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    page = client.get(work_url).content.decode()
+    assert "maxlength=" not in page.split('id="id_text"')[1].split(">")[0]
+    fits = "line\r\n" * 4000  # 24,000 characters as posted, 20,000 as typed
+    response = client.post(work_url, {"text": fits})
+    assert response.status_code == 200 and Message.objects.get(author=alice).text == "line\n" * 4000
+    make_reply_task()
+    work_url = client.get(reverse("labeling:next")).url
+    too_long = "x" * (services.MAX_MESSAGE_CHARS + 5)
+    response = client.post(work_url, {"text": too_long})
+    page = response.content.decode()
+    assert response.status_code == 422 and "20005 characters long; the limit is 20,000" in page
+    assert too_long in page
 
 
 def test_an_empty_submission_keeps_the_page_and_says_why(client, alice):
@@ -110,7 +172,7 @@ def test_ranking_through_the_page(client, alice):
     order = json.dumps(handle_order(task, alice, [[d], [b, c], [a]]))
     form = {"order": order, "quality_rating": "6", f"flags-{handles[a]}": ["hallucination"]}
     response = client.post(work_url, form)
-    assert response.status_code == 302
+    assert response.status_code == 200 and "Saved." in response.content.decode()
     ranking = Ranking.objects.get(labeler=alice)
     assert ranking.ordered_message_ids == [[d], sorted([b, c]), [a]]
     assert ranking.entries.get(message_id=a).flags == ["hallucination"]
@@ -124,7 +186,7 @@ def test_an_untouched_ranking_warns_and_can_be_confirmed(client, alice):
     response = client.post(work_url, {"order": shown, "quality_rating": "4"})
     assert response.status_code == 422 and 'data-testid="untouched-warning"' in response.content.decode()
     response = client.post(work_url, {"order": shown, "quality_rating": "4", "confirm_untouched": "on"})
-    assert response.status_code == 302 and Ranking.objects.get(labeler=alice).order_untouched
+    assert response.status_code == 200 and Ranking.objects.get(labeler=alice).order_untouched
 
 
 def test_a_ranking_without_a_rating_keeps_the_arranged_order(client, alice):
@@ -158,7 +220,7 @@ def test_a_failed_ranking_keeps_the_labelers_ties_too(client, alice):
     }
     assert list(rows) == [c, a, b] and rows == {c: False, a: False, b: True}
     response = client.post(work_url, {"order": order, "quality_rating": "5"})
-    assert response.status_code == 302
+    assert response.status_code == 200
     assert Ranking.objects.get(labeler=alice).ordered_message_ids == [[c], sorted([a, b])]
 
 
@@ -187,7 +249,7 @@ def test_review_page_for_reviewers(client, alice, bob):
     assert "A demonstration." in client.get(work_url).content.decode()
     response = client.post(work_url, {"decision": "reject", "reason": ""})
     assert response.status_code == 422 and "Say why you reject it" in response.content.decode()
-    assert client.post(work_url, {"decision": "accept"}).status_code == 302
+    assert "Saved." in client.post(work_url, {"decision": "accept"}).content.decode()
     assert Message.objects.get(text="A demonstration.").review_status == Message.ReviewStatus.ACCEPTED
 
 
@@ -274,7 +336,7 @@ def test_prompt_page_creates_a_conversation(client, alice):
     client.force_login(alice)
     url = client.get(reverse("labeling:next")).url
     response = client.post(url, {"text": "Plan a 3-day trip to Rome.", "language": "en", "tags": "travel"})
-    assert response.status_code == 302
+    assert response.status_code == 200
     prompt = Message.objects.get(text="Plan a 3-day trip to Rome.")
     assert prompt.conversation.tags == ["travel"]
     assert Task.objects.filter(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt).exists()
