@@ -139,8 +139,20 @@ class ReviewForm(TimedForm):
     reason = forms.CharField(required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 3}))
 
 
+OTHER_SKIP_REASON = "Other"
+
+
 class SkipForm(forms.Form):
     reason = forms.CharField(max_length=500, error_messages={"required": "Choose or write a reason for skipping."})
+    other = forms.CharField(required=False, max_length=480, strip=True)
+
+    def clean(self):
+        data = super().clean()
+        if data.get("reason") == OTHER_SKIP_REASON:
+            if not data.get("other"):
+                raise forms.ValidationError("Say in a few words why you skip (you chose Other).")
+            data["reason"] = f"Other: {data['other']}"
+        return data
 
 
 class ReportForm(forms.Form):

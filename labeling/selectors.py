@@ -133,20 +133,29 @@ def labeler_counts(user) -> dict:
 
 
 def my_work(user) -> dict:
-    """A labeler's submissions, newest first, each with whether it can still be edited."""
-    messages = (
+    """A labeler's submissions, newest first, each with whether it can still be edited. Each ranking carries
+    `groups`: the replies themselves in the submitted order, best first, a group of several being a tie.
+
+    (Not named "messages": that is the flash messages' name in every template, and a page that passed its Message
+    rows under it showed one "user message #N" banner per row.)"""
+    written = (
         Message.objects.filter(author=user, assignment__isnull=False)
-        .select_related("conversation", "assignment__task")
+        .select_related("conversation", "assignment__task", "draft_model_version")
         .order_by("-created_at")[:200]
     )
-    rankings = (
+    rankings = list(
         Ranking.objects.filter(labeler=user)
-        .select_related("task")
+        .select_related("task__parent_message")
         .prefetch_related("entries__message")
         .order_by("-created_at")[:200]
     )
+    for ranking in rankings:
+        by_rank: dict[int, list] = {}
+        for entry in sorted(ranking.entries.all(), key=lambda e: (e.rank, e.message_id)):
+            by_rank.setdefault(entry.rank, []).append(entry.message)
+        ranking.groups = [by_rank[rank] for rank in sorted(by_rank)]
     reviews = Review.objects.filter(reviewer=user).select_related("message").order_by("-created_at")[:200]
-    return {"messages": messages, "rankings": rankings, "reviews": reviews}
+    return {"written": written, "rankings": rankings, "reviews": reviews}
 
 
 def moderation_queue(limit: int = 100) -> list[dict]:

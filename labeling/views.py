@@ -268,7 +268,7 @@ def skip(request, assignment_id: int):
     form = forms.SkipForm(request.POST)
     try:
         if not form.is_valid():
-            raise ValidationError(form.errors.get_json_data())
+            raise ValidationError([message for messages in form.errors.values() for message in messages])
         services.assignment_skip(assignment=assignment, reason=form.cleaned_data["reason"])
     except (ValidationError, services.SubmissionRefused) as error:
         messages.error(request, _first_message(error))

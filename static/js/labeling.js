@@ -132,6 +132,14 @@
         dialog.showModal();
       });
     });
+    document.querySelectorAll("[data-other-text]").forEach((input) => {
+      const fieldset = input.closest("fieldset");
+      const other = fieldset.querySelector("[data-other-reason]");
+      const sync = () => { input.required = other.checked; };
+      fieldset.addEventListener("change", sync);
+      input.addEventListener("input", () => { if (input.value.trim()) { other.checked = true; sync(); } });
+      sync();
+    });
     document.querySelectorAll("[data-close-dialog]").forEach((button) => {
       button.addEventListener("click", () => button.closest("dialog").close());
     });

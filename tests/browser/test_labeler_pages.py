@@ -102,8 +102,9 @@ def test_rank_four_replies_by_dragging_and_by_keyboard(page, labeler):
     assert ranking.quality_rating == 5
 
     page.goto("/mine/")
-    order_text = page.locator(f"[data-testid=ranking-order-{ranking.pk}]").inner_text()
-    assert order_text == f"#{d} > #{min(a, c)} = #{max(a, c)} > #{b}"
+    rows = page.locator(f"[data-testid=ranking-order-{ranking.pk}] li").all_inner_texts()
+    text = {i: Message.objects.get(pk=i).preview for i in (a, b, c, d)}
+    assert rows == [text[d], f"{text[min(a, c)]} = {text[max(a, c)]}", text[b]]
     screenshot(page, "my-work")
 
 

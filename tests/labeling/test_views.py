@@ -427,3 +427,59 @@ def test_a_throttled_chat_says_so_and_creates_nothing(client, alice, settings):
     assert second.status_code == 429 and 'data-testid="error-page"' in second.content.decode()
     assert Conversation.objects.filter(created_by=alice).count() <= 2
     assert client.get(reverse("chat:chat_index")).status_code == 200, "reading is not limited"
+
+
+def test_skip_with_an_other_reason_needs_and_keeps_the_text(client, alice):
+    """Issue 17, item 9: the skip dialog's "Other" takes a free-text reason."""
+    make_reply_task()
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    page = client.get(work_url).content.decode()
+    assert 'data-testid="skip-other"' in page and 'data-testid="skip-other-text"' in page
+    response = client.post(work_url + "skip/", {"reason": "Other", "other": ""}, follow=True)
+    assert "you chose Other" in response.content.decode()
+    assert Assignment.objects.get(labeler=alice).status == Assignment.Status.LEASED
+    client.post(work_url + "skip/", {"reason": "Other", "other": "It asks for medical advice"})
+    assignment = Assignment.objects.get(labeler=alice)
+    assert assignment.status == Assignment.Status.SKIPPED
+    assert assignment.skip_reason == "Other: It asks for medical advice"
+
+
+def test_a_ranking_that_only_added_ties_is_not_untouched(client, alice):
+    """Issue 17, item 9: [[a], [b, c, d]] with a shown first is a ranking, in the API as in the page."""
+    task = make_rank_task(k=4)
+    client.force_login(alice)
+    assignment = services.task_lease_next(user=alice)
+    a, b, c, d = display_order(task, alice.pk)
+    order = handle_order(task, alice, [[a], [b, c, d]])
+    response = client.post(
+        f"/api/v1/assignments/{assignment.pk}/submit/",
+        {"order": order, "quality_rating": 3},
+        content_type="application/json",
+    )
+    assert response.status_code == 201, response.content
+    ranking = Ranking.objects.get(labeler=alice)
+    assert ranking.ordered_message_ids == [[a], sorted([b, c, d])] and not ranking.order_untouched
+
+
+def test_my_work_shows_ranked_texts_in_order_with_ties_and_no_stray_banners(client, alice):
+    """Issue 17, item 7: the rankings list shows the replies' texts in the submitted order, ties marked, and the
+    page shows no "user message #N" banner per row (its rows were passed under the flash messages' name)."""
+    make_reply_task()
+    services.reply_submit(assignment=services.task_lease_next(user=alice), text="My demonstration.")
+    task = make_rank_task(k=3)
+    assignment = services.task_lease_next(user=alice)
+    a, b, c = display_order(task, alice.pk)
+    services.ranking_submit(
+        assignment=assignment, ranking=services.RankingInput(order=[[c], [a, b]], flags={}, quality_rating=5)
+    )
+    client.force_login(alice)
+    page = client.get(reverse("labeling:mine")).content.decode()
+    assert "message #" not in page and 'class="flash' not in page
+    ranking = Ranking.objects.get(labeler=alice)
+    cell = page.split(f'data-testid="ranking-order-{ranking.pk}"')[1].split("</td>")[0]
+    texts = {i: Message.objects.get(pk=i).preview for i in (a, b, c)}
+    first, second = sorted([a, b])
+    positions = [cell.index(texts[i]) for i in (c, first, second)]
+    assert positions == sorted(positions) and cell.count('class="tie-mark"') == 1
+    assert f"#{a}" not in cell
