@@ -408,7 +408,7 @@ class Assignment(models.Model):
         blank=True,
         default="",
         db_default="",  # the queue's PL/pgSQL inserts assignments without naming it
-        help_text="The last reply the model drafted for this task at the labeler's request (write tasks)."
+        help_text="The last reply the model drafted for this task at the labeler's request (write tasks).",
     )
     model_draft_version = models.ForeignKey(
         "models_service.ModelVersion",

@@ -103,3 +103,31 @@ def newest_ready(kind: str, *stages: str) -> ModelVersion | None:
         if version is not None:
             return version
     return None
+
+
+def rollback_targets() -> list[dict]:
+    """For each kind, what serves now and what a rollback would serve again (None: nothing earlier served)."""
+    from models_service.models import ModelActivation
+
+    effects = {
+        ModelVersion.Kind.POLICY: "Sampling, chat and drafts switch to it at once.",
+        ModelVersion.Kind.REWARD: "It scores rankings and evaluations from now on.",
+    }
+    targets = []
+    for kind in (ModelVersion.Kind.POLICY, ModelVersion.Kind.REWARD):
+        last = (
+            ModelActivation.objects.filter(kind=kind, model_version__is_active=True)
+            .select_related("model_version", "previous")
+            .order_by("-created_at", "-pk")
+            .first()
+        )
+        targets.append(
+            {
+                "kind": kind,
+                "label": "policy" if kind == ModelVersion.Kind.POLICY else "reward model",
+                "current": last.model_version if last else None,
+                "previous": last.previous if last else None,
+                "effect": effects[kind],
+            }
+        )
+    return targets

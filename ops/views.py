@@ -16,6 +16,7 @@ from labeling.quality import labeler_quality
 from labeling.selectors import moderation_queue
 from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
+from models_service.selectors import rollback_targets
 from models_service.services import model_version_activate, model_version_rollback
 from training_jobs import selectors, services
 from training_jobs.models import Evaluation, TrainingRun
@@ -105,7 +106,11 @@ def models(request):
     return render(
         request,
         "ops/models.html",
-        {"rows": selectors.lineage(), "evaluations": Evaluation.objects.select_related("candidate", "baseline")[:20]},
+        {
+            "rows": selectors.lineage(),
+            "evaluations": Evaluation.objects.select_related("candidate", "baseline")[:20],
+            "rollback_targets": rollback_targets(),
+        },
     )
 
 

@@ -12,7 +12,7 @@ from django.urls import URLResolver, get_resolver, reverse
 from chat import services as chat_services
 from labeling import services
 from labeling.models import ImportJob, Message, TaskKind
-from models_service.models import ModelVersion
+from models_service.models import ModelVersion, SamplingRequest
 from tests.support.factories import TrainingRunFactory
 from tests.support.labeling import make_rank_task, make_reply_task
 from training_jobs.models import Evaluation
@@ -47,6 +47,11 @@ RULES = {
     "chat:chat": ("get", OWNER),
     "chat:chat_poll": ("get", OWNER),
     "chat:chat_alternatives": ("post", OWNER),
+    "chat:chat_alternatives_status": ("get", OWNER),
+    "chat:draft_start": ("post", OWNER),
+    "chat:draft_poll": ("get", OWNER),
+    "chat:coming_work": ("get", SIGNED_IN),
+    "labeling:write_prompt": ("post", SIGNED_IN),
     "ops:overview": ("get", ADMIN),
     "ops:resume_loop": ("post", ADMIN),
     "ops:runs": ("get", ADMIN),
@@ -139,6 +144,9 @@ def owned(alice, tiny_policy):
         model_version=tiny_policy,
         sampling_params={"seed": 0},
     )
+    draft_request = SamplingRequest.objects.create(
+        purpose="draft", context=open_assignment.task.parent_message, assignment=open_assignment, requested_by=alice
+    )
     run = TrainingRunFactory(kind="rm", status="queued")
     evaluation = Evaluation.objects.create(candidate=tiny_policy, status="done")
     job = ImportJob.objects.create(file_path="/nonexistent", original_name="x.jsonl")
@@ -148,6 +156,7 @@ def owned(alice, tiny_policy):
         "ranking_id": ranking.pk,
         "conversation_id": chat_request.context.conversation_id,
         "request_id": chat_request.pk,
+        "draft_request_id": draft_request.pk,
         "chat_message_id": chat_reply.pk,
         "run_id": run.pk,
         "version_id": tiny_policy.pk,
@@ -163,6 +172,8 @@ URL_ARGUMENTS = ("assignment_id", "ranking_id", "conversation_id", "request_id",
 URL_ARGUMENTS += ("evaluation_id", "job_id", "message_id", "kind")
 SPECIAL = {
     "chat:chat_alternatives": {"message_id": "chat_message_id"},
+    "chat:chat_alternatives_status": {"message_id": "chat_message_id"},
+    "chat:draft_poll": {"request_id": "draft_request_id"},
     "api-conversation": {"conversation_id": "written_conversation_id"},
     "ops:rollback": {"kind": "rollback_kind"},
 }

@@ -184,7 +184,13 @@ def loop_tick(*, now: dt.datetime | None = None, force_check: bool = False) -> P
             gate.evaluation_decide(evaluation=evaluation, settings=settings)
         if not settings.enabled:
             return Plan("disabled", "The loop is switched off.")
-        last_finish = TrainingRun.objects.filter(finished_at__isnull=False).order_by("-finished_at").first()
+        # A run that made a model is a reason to check at once; a cancelled one is not (the admin stopped it: its
+        # data counts as new again, and the next regular check starts it again).
+        last_finish = (
+            TrainingRun.objects.filter(status=TrainingRun.Status.SUCCEEDED, finished_at__isnull=False)
+            .order_by("-finished_at")
+            .first()
+        )
         due = (
             force_check
             or settings.last_checked_at is None

@@ -2,6 +2,7 @@
 
 import datetime as dt
 
+from django.conf import settings as django_settings
 from django.db.models import Count
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -46,10 +47,12 @@ def data_over_time(days: int = 30) -> dict:
 def loop_overview() -> dict:
     settings = LoopSettings.load()
     now = timezone.now()
+    # Beat ticks every LOOP_TICK_S: a check that is due happens at the next tick, not in the past.
+    next_tick = now + dt.timedelta(seconds=django_settings.LOOP_TICK_S)
     next_check = (
-        settings.last_checked_at + dt.timedelta(minutes=settings.check_every_minutes)
+        max(settings.last_checked_at + dt.timedelta(minutes=settings.check_every_minutes), next_tick)
         if settings.last_checked_at
-        else now
+        else next_tick
     )
     demonstrations, rankings = loop.new_demonstrations(), loop.new_rankings()
     return {

@@ -11,9 +11,11 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
+from labeling.services import lock_for_training_snapshot, release_used_in_training
 from models_service.models import ModelActivation, ModelVersion
 from models_service.selectors import active_version, newest_ready
 from models_service.services import model_version_activate
@@ -131,11 +133,41 @@ def training_run_finish(*, run_id: int, status: str, summary: dict | None = None
         raise ValueError(f"{status} is not a final status")
     if status == TrainingRun.Status.FAILED and not error:
         error = "failed without an error message"
-    return bool(
-        TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+    with transaction.atomic():
+        finished = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
             status=status, summary=summary or {}, error=error[:20000], finished_at=timezone.now()
         )
+        if finished and status != TrainingRun.Status.SUCCEEDED:
+            _release_data(TrainingRun.objects.get(pk=run_id))
+    return bool(finished)
+
+
+def _snapshot_ids(snapshot: dict, key: str) -> set[int]:
+    part = (snapshot or {}).get(key) or {}
+    return set(part.get("train_ids") or []) | set(part.get("validation_ids") or [])
+
+
+def _release_data(run: TrainingRun) -> None:
+    """A run that ended without a model gives back the demonstrations and rankings it first marked used, so the
+    thresholds count them again (an SFT cancelled after reading 408 demonstrations left "1 of 50" and never
+    retried). Rows another live or successful run read are kept."""
+    if run.started_at is None:
+        return
+    messages = _snapshot_ids(run.data_snapshot, "demonstrations")
+    rankings = _snapshot_ids(run.data_snapshot, "rankings")
+    if not (messages or rankings):
+        return
+    others = (
+        TrainingRun.objects.exclude(pk=run.pk)
+        .filter(status__in=[*TrainingRun.ACTIVE_STATUSES, TrainingRun.Status.SUCCEEDED])
+        .filter(Q(finished_at__isnull=True) | Q(finished_at__gte=run.started_at))
+        .values_list("data_snapshot", flat=True)
     )
+    for snapshot in others:
+        messages -= _snapshot_ids(snapshot, "demonstrations")
+        rankings -= _snapshot_ids(snapshot, "rankings")
+    lock_for_training_snapshot()
+    release_used_in_training(message_ids=sorted(messages), ranking_ids=sorted(rankings), since=run.started_at)
 
 
 def staging_dir(run: TrainingRun) -> Path:

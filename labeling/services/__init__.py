@@ -23,6 +23,7 @@ from labeling.services.conversations import (
     mark_used_in_training,
     message_create,
     message_edit,
+    release_used_in_training,
 )
 from labeling.services.imports import import_job_create, import_job_run
 from labeling.services.queue import (
@@ -83,6 +84,7 @@ __all__ = [
     "prompt_task_for_labeler",
     "prompt_tasks_replenish",
     "queue_tables_vacuum",
+    "release_used_in_training",
     "ranking_edit",
     "ranking_overlap",
     "ranking_submit",

@@ -241,6 +241,18 @@ def mark_used_in_training(*, message_ids: Sequence[int] = (), ranking_ids: Seque
     Ranking.objects.filter(pk__in=ranking_ids, used_in_training_at__isnull=True).update(used_in_training_at=now)
 
 
+def release_used_in_training(*, message_ids: Sequence[int] = (), ranking_ids: Sequence[int] = (), since) -> int:
+    """Undo mark_used_in_training for a run that ended without a model (cancelled, failed, lost): the rows it
+    marked first (at `since` or later) count as new data again and can be edited again. Nothing depends on them:
+    no model was registered from that read. Returns how many rows were released."""
+    released = Message.objects.filter(pk__in=message_ids, used_in_training_at__gte=since).update(
+        used_in_training_at=None
+    )
+    return released + Ranking.objects.filter(pk__in=ranking_ids, used_in_training_at__gte=since).update(
+        used_in_training_at=None
+    )
+
+
 def labeler_profile_update(*, user, languages: Sequence[str], topics: Sequence[str]) -> LabelerProfile:
     """What the labeler is good at; the queue prefers matching tasks."""
     profile, _ = LabelerProfile.objects.get_or_create(user=user)

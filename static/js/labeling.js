@@ -391,8 +391,17 @@
     panel.scrollTop = Math.max(0, offset - 48);
   }
 
+  /* --- actions that cannot be undone in one click ask first (cancel a run, roll back a model) --- */
+  function setUpConfirmations() {
+    document.addEventListener("submit", (event) => {
+      const form = event.target.closest("form[data-confirm]");
+      if (form && !window.confirm(form.dataset.confirm)) event.preventDefault();
+    }, true);
+  }
+
   onReady(() => {
     showPageUrl();
+    setUpConfirmations();
     showLastTurn();
     setUpForms();
     setUpModelDrafts();

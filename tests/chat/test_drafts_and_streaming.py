@@ -5,8 +5,7 @@ from django.urls import reverse
 
 from labeling import services as labeling_services
 from labeling.models import Assignment, Message, TaskKind
-from models_service import sampling
-from models_service import services
+from models_service import sampling, services
 from models_service.models import SamplingRequest
 from tests.support.labeling import make_reply_task
 

@@ -44,6 +44,21 @@ def test_thresholds_wait_for_the_check_interval_unless_a_run_just_ended(tiny_pol
     assert LoopSettings.load().last_checked_at > settings.last_checked_at
 
 
+def test_a_cancelled_run_waits_for_the_next_regular_check(tiny_policy, client, admin_user):
+    """Issue 17, item 10: an admin's cancel is not undone at the next tick, nor does the loop move on to a reward
+    model on the base policy; the overview's next check is in the future."""
+    set_loop(sft_threshold=1, rm_threshold=1, check_every_minutes=60, last_checked_at=timezone.now())
+    demonstration("train", 0)
+    TrainingRunFactory(kind="sft", status="cancelled", finished_at=timezone.now())
+    assert loop.loop_tick().action == "nothing"
+    assert not TrainingRun.objects.exclude(status="cancelled").exists()
+    LoopSettings.objects.update(last_checked_at=timezone.now() - timezone.timedelta(hours=3))
+    client.force_login(admin_user)
+    overview = client.get(reverse("ops:overview"))
+    assert overview.context["next_check"] > timezone.now()
+    assert loop.loop_tick().action == "sft"
+
+
 def test_a_reward_model_then_ppo_on_the_newest_models(tiny_policy):
     set_loop(sft_threshold=1000, rm_threshold=2)
     labeler = UserFactory(username="ranker")

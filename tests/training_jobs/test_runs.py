@@ -86,6 +86,9 @@ def test_cancelling_a_queued_run(tiny_policy, admin_user):
 
 @override_settings(TRAINING_MIN_DEMONSTRATIONS=8)
 def test_cancelling_a_running_run_stops_it_and_registers_nothing(tiny_policy, demonstrations, settings):
+    from training_jobs.loop import new_demonstrations
+
+    new_before = new_demonstrations()
     run = services.training_run_create(kind="sft", config=FAST_SFT)
     services.training_run_claim(run_id=run.pk)
     services.training_run_cancel(run=run)  # requested while running: the trainer stops at its next step
@@ -95,6 +98,10 @@ def test_cancelling_a_running_run_stops_it_and_registers_nothing(tiny_policy, de
     assert run.status == TrainingRun.Status.CANCELLED and run.finished_at
     assert not ModelVersion.objects.filter(training_run=run).exists()
     assert not services.staging_dir(run).exists()
+    # Issue 17, item 10: it had read (and frozen) the demonstrations; with no model made they count as new again.
+    assert run.data_snapshot["demonstrations"]["train_count"] > 0
+    assert new_demonstrations() == new_before > 0
+    assert not Message.objects.filter(used_in_training_at__isnull=False).exists()
 
 
 def test_a_run_whose_worker_went_silent_is_reaped(tiny_policy, settings, tmp_path):
