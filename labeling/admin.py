@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.db.models import Count
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from labeling.models import (
     Assignment,
@@ -71,7 +71,22 @@ class MessageAdmin(admin.ModelAdmin):
 class TaskCandidateInline(admin.TabularInline):
     model = TaskCandidate
     extra = 0
+    fields = ["position", "message", "reply", "written_by"]
+    readonly_fields = ["reply", "written_by"]
     raw_id_fields = ["message"]
+
+    @admin.display(description="reply")
+    def reply(self, obj):
+        return obj.message.text if obj.message_id else "-"
+
+    @admin.display(description="written by")
+    def written_by(self, obj):
+        if not obj.message_id:
+            return "-"
+        message = obj.message
+        return (
+            message.model_version.name if message.model_version_id else (message.author or message.get_origin_display())
+        )
 
 
 class AssignmentInline(admin.TabularInline):
@@ -91,8 +106,23 @@ class TaskAdmin(admin.ModelAdmin):
     list_filter = ["kind", "status", "language", "model_version", "created_at"]
     search_fields = ["id", "tags", "parent_message__text"]
     raw_id_fields = ["conversation", "parent_message", "target_message", "created_by"]
-    readonly_fields = ["submitted_count", "progress", "created_at", "completed_at"]
+    readonly_fields = ["conversation_so_far", "submitted_count", "progress", "created_at", "completed_at"]
     inlines = [TaskCandidateInline, AssignmentInline]
+
+    @admin.display(description="conversation so far")
+    def conversation_so_far(self, obj):
+        """The turns the task answers (or reviews), oldest first, as the labeler sees them."""
+        from labeling.selectors import message_thread
+
+        last = obj.parent_message or (obj.target_message if obj.target_message_id else None)
+        if last is None:
+            return "- (a new conversation)"
+        turns = message_thread(last)
+        return format_html_join(
+            "",
+            '<p style="margin:0 0 6px"><strong>{}</strong>: {}</p>',
+            ((m.get_role_display(), m.text) for m in turns),
+        )
 
     @admin.display(description="submitted / overlap")
     def progress(self, obj):

@@ -374,6 +374,9 @@ class TaskCandidate(models.Model):
             models.UniqueConstraint(fields=["task", "position"], name="task_candidate_unique_position"),
         ]
 
+    def __str__(self):
+        return f"candidate {self.position + 1} of task #{self.task_id}"
+
 
 class Assignment(models.Model):
     """A labeler's slot in a task: the lease they hold on it and what became of it."""
@@ -501,6 +504,9 @@ class RankingEntry(models.Model):
     rm_version = models.ForeignKey(
         "models_service.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+
+    def __str__(self):
+        return f"rank {self.rank} in ranking #{self.ranking_id}: message #{self.message_id}"
 
     class Meta:
         ordering = ["rank", "message_id"]

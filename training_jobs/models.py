@@ -118,12 +118,15 @@ class LoopSettings(models.Model):
     enabled = models.BooleanField(default=True, help_text="Let beat start training runs and evaluations.")
     check_every_minutes = models.PositiveIntegerField(default=10, help_text="How often thresholds are checked.")
     sft_threshold = models.PositiveIntegerField(
-        default=50, help_text="New accepted demonstrations (not yet trained on) that start an SFT run."
+        "SFT threshold", default=50, help_text="New accepted demonstrations (not yet trained on) that start an SFT run."
     )
     rm_threshold = models.PositiveIntegerField(
-        default=100, help_text="New rankings (not yet trained on) that start a reward-model run."
+        "reward-model threshold",
+        default=100,
+        help_text="New rankings (not yet trained on) that start a reward-model run.",
     )
     ppo_after_new_models = models.BooleanField(
+        "policy step after new models",
         default=True,
         help_text="Start the policy step (the path below) when a new SFT policy or a new reward model is ready.",
     )
@@ -135,17 +138,26 @@ class LoopSettings(models.Model):
         "DPO (directly from the ranked pairs of the current policy's samples, each round) or RLOO (K samples per "
         "prompt scored by the reward model, leave-one-out baseline). The gate judges all three alike.",
     )
-    eval_prompts = models.PositiveSmallIntegerField(default=32, help_text="Held-out prompts per evaluation.")
-    eval_max_new_tokens = models.PositiveSmallIntegerField(default=96)
+    eval_prompts = models.PositiveSmallIntegerField(
+        "evaluation prompts", default=32, help_text="Held-out prompts per evaluation."
+    )
+    eval_max_new_tokens = models.PositiveSmallIntegerField(
+        "evaluation reply length", default=96, help_text="At most this many new tokens per evaluation reply."
+    )
     auto_promote = models.BooleanField(default=True, help_text="Promote without an admin when the rules hold.")
-    min_rm_gain = models.FloatField(default=0.0, help_text="Mean reward-model score gain over the active policy.")
-    max_kl = models.FloatField(default=20.0, help_text="Largest KL (nats per reply) from the SFT policy allowed.")
+    min_rm_gain = models.FloatField(
+        "minimum reward-model gain", default=0.0, help_text="Mean reward-model score gain over the active policy."
+    )
+    max_kl = models.FloatField(
+        "largest KL", default=20.0, help_text="Largest KL (nats per reply) from the SFT policy allowed."
+    )
     refuse_length_only_gain = models.BooleanField(
         default=True,
         help_text="Refuse a candidate with longer replies whose score gain vanishes once both arms' scores are "
         "regressed on reply length: the reward model then pays for length, not quality.",
     )
     min_rm_accuracy = models.FloatField(
+        "minimum reward-model accuracy",
         default=0.6,
         help_text="A reward model below this pairwise accuracy on validation rankings is at chance: its score gain "
         "cannot promote a policy, and the gate says so.",

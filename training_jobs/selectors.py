@@ -3,11 +3,11 @@
 import datetime as dt
 
 from django.conf import settings as django_settings
-from django.db.models import Count
-from django.db.models.functions import TruncDate
+from django.db.models import Count, Min
+from django.db.models.functions import TruncDate, TruncHour
 from django.utils import timezone
 
-from labeling.models import Message, Ranking, Review, Role
+from labeling.models import Conversation, Message, Ranking, Review, Role
 from labeling.quality import agreement, agreement_at
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import open_pool_size
@@ -16,32 +16,63 @@ from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 
 def data_over_time(days: int = 30) -> dict:
-    """Cumulative counts per day of prompts, demonstrations, rankings and reviews (for a line chart)."""
-    today = timezone.localdate()
-    start = today - dt.timedelta(days=days - 1)
+    """Cumulative counts of the data the loop trains on, for a line chart: prompts, accepted demonstrations and
+    rankings that give a pair (counted as the threshold cards count them, used or not), and reviews.
+
+    The range starts at the first row (at most `days` back): hourly when everything is from the last two days
+    (a fresh deployment's demo data would otherwise be one spike at the right end of 30 empty days), else daily.
+    """
     sources = {
-        "prompts": Message.objects.filter(role=Role.USER, depth=0),
-        "demonstrations": Message.objects.filter(role=Role.ASSISTANT).exclude(origin=Message.Origin.MODEL),
-        "rankings": Ranking.objects.all(),
+        "prompts": Message.objects.filter(role=Role.USER, depth=0).exclude(
+            conversation__source=Conversation.Source.CHAT
+        ),
+        "accepted demonstrations": Message.objects.filter(
+            role=Role.ASSISTANT,
+            review_status=Message.ReviewStatus.ACCEPTED,
+            conversation__split__in=loop.TRAINING_SPLITS,
+        ),
+        "rankings that give pairs": Ranking.objects.filter(
+            pk__in=loop.trainable_rankings().filter(task__conversation__split__in=loop.TRAINING_SPLITS).values("pk")
+        ),
         "reviews": Review.objects.all(),
     }
-    labels = [(start + dt.timedelta(days=i)).isoformat() for i in range(days)]
+    now = timezone.localtime()
+    firsts = [q.aggregate(first=Min("created_at"))["first"] for q in sources.values()]
+    first = min((timezone.localtime(f) for f in firsts if f is not None), default=now)
+    hourly = now - first <= dt.timedelta(days=2)
+    if hourly:
+        start = first.replace(minute=0, second=0, microsecond=0)
+        steps = int((now - start) // dt.timedelta(hours=1)) + 1
+        buckets = [start + dt.timedelta(hours=i) for i in range(steps)]
+        labels = [b.strftime("%b %-d %H:00") for b in buckets]
+        trunc = TruncHour("created_at")
+    else:
+        start_day = max(first.date(), now.date() - dt.timedelta(days=days - 1))
+        buckets = [start_day + dt.timedelta(days=i) for i in range((now.date() - start_day).days + 1)]
+        labels = [b.isoformat() for b in buckets]
+        trunc = TruncDate("created_at")
+        start = timezone.make_aware(dt.datetime.combine(start_day, dt.time()))
     series = {}
     for name, queryset in sources.items():
-        before = queryset.filter(created_at__date__lt=start).count()
-        per_day = dict(
-            queryset.filter(created_at__date__gte=start)
-            .annotate(day=TruncDate("created_at"))
-            .values_list("day")
-            .annotate(n=Count("pk"))
-            .values_list("day", "n")
+        before = queryset.filter(created_at__lt=start).count()
+        per_bucket = dict(
+            queryset.filter(created_at__gte=start)
+            .annotate(bucket=trunc)
+            .values_list("bucket")
+            .annotate(n=Count("pk", distinct=True))
+            .values_list("bucket", "n")
         )
+        if hourly:
+            per_bucket = {timezone.localtime(k).replace(tzinfo=None): v for k, v in per_bucket.items()}
+            keys = [b.replace(tzinfo=None) for b in buckets]
+        else:
+            keys = buckets
         running, values = before, []
-        for label in labels:
-            running += per_day.get(dt.date.fromisoformat(label), 0)
+        for key in keys:
+            running += per_bucket.get(key, 0)
             values.append(running)
         series[name] = values
-    return {"labels": labels, "series": series}
+    return {"labels": labels, "series": series, "unit": "hour" if hourly else "day"}
 
 
 def loop_overview() -> dict:
@@ -64,13 +95,19 @@ def loop_overview() -> dict:
                 "stage": "SFT",
                 "what": "new accepted demonstrations",
                 "count": demonstrations,
+                "total": Message.objects.filter(
+                    role=Role.ASSISTANT,
+                    review_status=Message.ReviewStatus.ACCEPTED,
+                    conversation__split__in=loop.TRAINING_SPLITS,
+                ).count(),
                 "threshold": settings.sft_threshold,
                 "fraction": min(demonstrations / max(settings.sft_threshold, 1), 1.0),
             },
             {
                 "stage": "Reward model",
-                "what": "new rankings",
+                "what": "new rankings that give pairs",
                 "count": rankings,
+                "total": loop.trainable_rankings().filter(task__conversation__split__in=loop.TRAINING_SPLITS).count(),
                 "threshold": settings.rm_threshold,
                 "fraction": min(rankings / max(settings.rm_threshold, 1), 1.0),
             },

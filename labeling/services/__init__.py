@@ -25,7 +25,7 @@ from labeling.services.conversations import (
     message_edit,
     release_used_in_training,
 )
-from labeling.services.imports import import_job_create, import_job_run
+from labeling.services.imports import import_job_create, import_job_record, import_job_run
 from labeling.services.queue import (
     assignment_save_draft,
     leases_expire,
@@ -73,6 +73,7 @@ __all__ = [
     "display_order",
     "draft_edit_ratio",
     "import_job_create",
+    "import_job_record",
     "import_job_run",
     "labeler_profile_update",
     "leases_expire",

@@ -42,6 +42,8 @@ def metric(value) -> str:
     if value is None:
         return MISSING
     if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:  # a count stored as a float (134515008.0 parameters)
+            return f"{int(value):,}"
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
@@ -49,3 +51,9 @@ def metric(value) -> str:
         text = str(value)
         return text if len(text) <= 80 else text[:79] + "…"
     return str(value)
+
+
+@register.filter
+def words(key) -> str:
+    """'val_loss' -> 'val loss': a metric's key as a label."""
+    return str(key).replace("_", " ")

@@ -3,6 +3,19 @@
   "use strict";
   const PALETTE = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#1098ad", "#c92a2a", "#5c940d"];
 
+  /* Axis and tooltip numbers people can read: 0.00002 as 2e-5, 134515008 as 134.5M, 0.123456 as 0.1235. */
+  function readable(value) {
+    const v = Number(value);
+    if (!Number.isFinite(v)) return String(value);
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    if (a < 1e-3) return v.toExponential(1).replace(".0e", "e");
+    if (a >= 1e9) return `${(v / 1e9).toFixed(1)}B`;
+    if (a >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
+    if (a >= 1e4) return `${(v / 1e3).toFixed(1)}k`;
+    return String(Number(v.toPrecision(4)));
+  }
+
   function lineChart(canvas, labels, datasets, options) {
     return new window.Chart(canvas, {
       type: "line",
@@ -36,7 +49,10 @@
     const data = JSON.parse(source.textContent);
     const names = Object.keys(data.series);
     lineChart(canvas, data.labels, names.map((name) => ({ label: name, data: data.series[name] })), {
-      scales: { x: { ticks: { maxTicksLimit: 10 } }, y: { beginAtZero: true, title: { display: true, text: "total" } } },
+      scales: {
+        x: { ticks: { maxTicksLimit: 10 }, title: { display: true, text: data.unit } },
+        y: { beginAtZero: true, ticks: { callback: readable, precision: 0 }, title: { display: true, text: "total" } },
+      },
     });
   }
 
@@ -90,7 +106,14 @@
       container.appendChild(card);
       existing[chart.title] = lineChart(card.querySelector("canvas"), undefined, datasets, {
         parsing: false,
-        scales: { x: { type: "linear", title: { display: true, text: "step" } } },
+        plugins: {
+          legend: { position: "bottom", labels: { boxWidth: 12 } },
+          tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${readable(c.parsed.y)}` } },
+        },
+        scales: {
+          x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
+          y: { ticks: { callback: readable }, title: { display: true, text: chart.title } },
+        },
       });
     });
   }

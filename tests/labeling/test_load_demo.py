@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from labeling.importing import RecordError, hh_pair_record, parse_hh_transcript
-from labeling.models import Assignment, Conversation, Message, Ranking, RankingEntry, Role, Task
+from labeling.models import Assignment, Conversation, ImportJob, Message, Ranking, RankingEntry, Role, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -31,11 +31,18 @@ def test_load_demo_imports_the_expected_counts_and_is_idempotent():
     assert Ranking.objects.filter(task__conversation__dataset="hh-rlhf-harmless-base").count() == 1000
     assert RankingEntry.objects.count() == 2000
     first = table_counts()
+    jobs = {job.dataset: (job.status, job.added) for job in ImportJob.objects.all()}
+    assert jobs == {  # issue 17, item 11: listed on the imports page like an upload
+        "self-instruct-user-oriented": ("done", 252),
+        "self-instruct-seed": ("done", 175),
+        "hh-rlhf-harmless-base": ("done", 1000),
+    }
 
     out = StringIO()
     call_command("load_demo", stdout=out)
     assert table_counts() == first
     assert "0 added, 1000 already there" in out.getvalue()
+    assert ImportJob.objects.count() == 3, "a rerun that adds nothing is not listed"
 
 
 def test_an_hh_pair_becomes_a_context_and_two_ranked_candidates():

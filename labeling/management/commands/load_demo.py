@@ -11,9 +11,11 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from labeling.importing import RecordError, hh_pair_record, records_import, self_instruct_record
 from labeling.models import LabelerProfile
+from labeling.services import import_job_record
 
 DEMO_FILES = [
     ("self_instruct_user_oriented_instructions.jsonl.gz", "self-instruct-user-oriented"),
@@ -55,7 +57,7 @@ class Command(BaseCommand):
 
     def _load_file(self, path: Path, dataset: str) -> None:
         parse = hh_pair_record if dataset.startswith("hh-rlhf") else self_instruct_record
-        started, records = time.monotonic(), []
+        started, started_at, records = time.monotonic(), timezone.now(), []
         with gzip.open(path, "rt", encoding="utf-8") as lines:
             for line_number, line in enumerate(lines, start=1):
                 try:
@@ -63,6 +65,16 @@ class Command(BaseCommand):
                 except (json.JSONDecodeError, RecordError) as exc:
                     raise CommandError(f"{path.name}, line {line_number}: {exc}") from None
         added, existing = records_import(records)
+        if added:  # listed on the imports page (a rerun that adds nothing is not)
+            import_job_record(
+                path=path,
+                dataset=dataset,
+                format="hh-rlhf" if dataset.startswith("hh-rlhf") else "self-instruct",
+                lines=len(records),
+                added=added,
+                existing=existing,
+                started_at=started_at,
+            )
         elapsed = time.monotonic() - started
         self.stdout.write(f"{path.name}: {added} added, {existing} already there ({elapsed:.1f} s)")
 

@@ -1,0 +1,24 @@
+"""Issue 17, item 12: admin pages speak the domain."""
+
+import pytest
+
+from tests.support.labeling import make_rank_task
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_task_page_shows_its_conversation_and_candidates_text(client, admin_user):
+    task = make_rank_task(k=3)
+    client.force_login(admin_user)
+    page = client.get(f"/admin/labeling/task/{task.pk}/change/").content.decode()
+    assert "TaskCandidate object" not in page
+    assert task.parent_message.text in page
+    for candidate in task.task_candidates.select_related("message"):
+        assert candidate.message.text in page
+
+
+def test_loop_settings_labels_read_as_words(client, admin_user):
+    client.force_login(admin_user)
+    page = client.get("/admin/training_jobs/loopsettings/1/change/").content.decode()
+    assert "SFT threshold" in page and "Sft threshold" not in page
+    assert "Reward-model threshold" in page and "Rm threshold" not in page
