@@ -102,11 +102,20 @@ def sft_rows(filters: ExportFilters, *, chunk: int = 500) -> Iterator[dict]:
     ids = list(_dated(demonstrations, filters).order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(ids), chunk):
         messages = list(
-            Message.objects.filter(pk__in=ids[start : start + chunk]).select_related("conversation").order_by("pk")
+            Message.objects.filter(pk__in=ids[start : start + chunk])
+            .select_related("conversation", "draft_model_version")
+            .order_by("pk")
         )
         threads = threads_of(messages)
         for message in messages:
-            yield {"messages": thread_as_chat(threads[message.pk]), "split": message.conversation.split}
+            yield {
+                "messages": thread_as_chat(threads[message.pk]),
+                "split": message.conversation.split,
+                # A reply that started from a model draft: the version that drafted it and how much was changed
+                # (0 = submitted as drafted, 1 = rewritten); "" and null for replies written from scratch.
+                "drafted_by": message.draft_model_version.name if message.draft_model_version_id else "",
+                "draft_edit_ratio": message.draft_edit_ratio,
+            }
 
 
 def _rankings(filters: ExportFilters):
@@ -223,7 +232,9 @@ Human-feedback data collected with Feedback Loop, in the formats TRL and `datase
 {rows}
 
 ## Files
-- `sft.jsonl`: `{{"messages": [{{"role", "content"}}, ...]}}`, a conversation ending with a demonstration.
+- `sft.jsonl`: `{{"messages": [{{"role", "content"}}, ...]}}`, a conversation ending with a demonstration, with
+  `drafted_by` (the policy version whose draft the labeler started from, or "") and `draft_edit_ratio` (how much
+  of that draft they changed: 0 as drafted, 1 rewritten; null without a draft).
   Train on the last assistant turn (TRL `SFTTrainer` with `assistant_only_loss`, or a completion-only loss).
 - `preferences.jsonl`: TRL's explicit-prompt conversational preference form, one row per ordered pair of a
   ranking (ties skipped), with `ranking_id`, `labeler` (a pseudonym, stable across exports), `model_version` (the

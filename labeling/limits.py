@@ -17,3 +17,8 @@ CONTENT_SKIP_REASON = "I'd rather not work on this content"
 
 
 IMPORT_ERRORS_KEPT = 200
+
+# A reply that started from a model draft counts as submitted unedited when the labeler changed at most this share
+# of its words (labeling.services.draft_edit_ratio): the quality page shows each labeler's share of such replies,
+# and TRAINING_SFT_UNEDITED_DRAFTS=drop leaves them out of SFT.
+UNEDITED_DRAFT_MAX_EDIT_RATIO = 0.02

@@ -505,15 +505,15 @@ class RankingEntry(models.Model):
         "models_service.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
-    def __str__(self):
-        return f"rank {self.rank} in ranking #{self.ranking_id}: message #{self.message_id}"
-
     class Meta:
         ordering = ["rank", "message_id"]
         constraints = [
             models.UniqueConstraint(fields=["ranking", "message"], name="ranking_entry_unique_message"),
             models.CheckConstraint(condition=Q(rank__gte=1) & Q(rank__lte=9), name="ranking_entry_rank_range"),
         ]
+
+    def __str__(self):
+        return f"rank {self.rank} in ranking #{self.ranking_id}: message #{self.message_id}"
 
 
 class Review(models.Model):

@@ -13,7 +13,8 @@ from django.db.models import Avg, Count, Q
 from django.utils import timezone
 
 from labeling.importing import imported_labeler_q
-from labeling.models import Assignment, Ranking, RankingEntry
+from labeling.limits import UNEDITED_DRAFT_MAX_EDIT_RATIO
+from labeling.models import Assignment, Message, Ranking, RankingEntry
 
 
 def pair_preferences(ranks: dict[int, int]) -> dict[tuple[int, int], int]:
@@ -151,6 +152,16 @@ def labeler_quality(days: int = 7) -> dict:
     agreements = agreement()
     with_rm = reward_model_agreement()
     rankings = dict(Ranking.objects.values_list("labeler_id").annotate(n=Count("pk")).values_list("labeler_id", "n"))
+    written = {
+        row["author_id"]: row
+        for row in Message.objects.filter(origin=Message.Origin.HUMAN, assignment__isnull=False, depth__gt=0)
+        .values("author_id")
+        .annotate(
+            replies=Count("pk"),
+            drafted=Count("pk", filter=Q(draft_model_version__isnull=False)),
+            unedited=Count("pk", filter=Q(draft_edit_ratio__lte=UNEDITED_DRAFT_MAX_EDIT_RATIO)),
+        )
+    }
     rows = []
     for row in stats:
         labeler = row["labeler_id"]
@@ -166,6 +177,19 @@ def labeler_quality(days: int = 7) -> dict:
                 "agreement": agreements["per_labeler"].get(labeler, {}).get("agreement"),
                 "kendall_tau": agreements["per_labeler"].get(labeler, {}).get("kendall_tau"),
                 "rm_agreement": with_rm.get(labeler, {}).get("agreement"),
+                **_draft_shares(written.get(labeler)),
             }
         )
     return {"rows": rows, "overall": agreements["overall"], "days": days, "labelers": get_user_model().objects.count()}
+
+
+def _draft_shares(row: dict | None) -> dict:
+    """Of a labeler's written replies: the share that started from a model draft, and the share submitted as the
+    model drafted them (an edit ratio of at most UNEDITED_DRAFT_MAX_EDIT_RATIO)."""
+    if not row or not row["replies"]:
+        return {"replies": 0, "drafted_share": None, "unedited_share": None}
+    return {
+        "replies": row["replies"],
+        "drafted_share": row["drafted"] / row["replies"],
+        "unedited_share": row["unedited"] / row["replies"],
+    }

@@ -8,9 +8,11 @@ Every builder returns plain Python data plus the ids it used, for the run's data
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db.models import Count
 
 from labeling import splits
+from labeling.limits import UNEDITED_DRAFT_MAX_EDIT_RATIO
 from labeling.models import Message, Ranking, RankingEntry, Role
 from labeling.selectors import thread_as_chat, threads_of
 
@@ -72,8 +74,9 @@ class DataSplit:
 
 
 def demonstrations(*, split: str):
-    """Accepted demonstrations (written in the product and reviewed, or imported) in conversations of `split`."""
-    return (
+    """Accepted demonstrations (written in the product and reviewed, or imported) in conversations of `split`;
+    without the replies submitted as the model drafted them when TRAINING_SFT_UNEDITED_DRAFTS is "drop"."""
+    messages = (
         Message.objects.filter(
             role=Role.ASSISTANT,
             review_status=Message.ReviewStatus.ACCEPTED,
@@ -82,6 +85,9 @@ def demonstrations(*, split: str):
         .exclude(conversation__moderation__in=UNTRAINABLE)
         .order_by("pk")
     )
+    if settings.TRAINING_SFT_UNEDITED_DRAFTS == "drop":
+        messages = messages.exclude(draft_edit_ratio__lte=UNEDITED_DRAFT_MAX_EDIT_RATIO)
+    return messages
 
 
 def build_sft(*, minimum_train: int = 1, minimum_validation: int = 1, limit: int | None = None) -> DataSplit:

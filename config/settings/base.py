@@ -223,6 +223,9 @@ TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
 # The defaults fit the default model (SmolLM2-135M-Instruct) on a CPU: the top blocks train, the frozen ones run
 # once per reply (reward model, DPO), LoRA for the RL paths (README, "On a CPU"). On a GPU with a bigger model, set
 # full fine-tuning here instead (e.g. TRAINING_RM_CONFIG='{"epochs": 1, "learning_rate": 1e-5}').
+# Replies a labeler submitted as the model drafted them (labeling.limits.UNEDITED_DRAFT_MAX_EDIT_RATIO): "keep"
+# them in SFT like any reviewed demonstration, or "drop" them (they teach the policy its own words back).
+TRAINING_SFT_UNEDITED_DRAFTS = env_str("TRAINING_SFT_UNEDITED_DRAFTS", "keep", choices=["keep", "drop"])
 TRAINING_SFT_DEFAULTS = env_json_object(
     "TRAINING_SFT_CONFIG",
     {"epochs": 2, "learning_rate": 1e-4, "batch_size": 8, "max_length": 384, "train_top_layers": 8},

@@ -161,3 +161,41 @@ def test_alternatives_update_by_themselves_and_say_when_ranked(client, alice, ti
     )
     line = client.get(status_url).content.decode()
     assert "you ranked them" in line and "Rank them now" not in line
+
+
+def _drafted_reply(user, policy, *, text: str, draft: str) -> Message:
+    assignment = _leased_write_task(user)
+    labeling_services.assignment_model_draft_record(assignment_id=assignment.pk, text=draft, model_version=policy)
+    labeling_services.reply_submit(assignment=labeling_services.task_lease_next(user=user), text=text)
+    return Message.objects.get(assignment=assignment)
+
+
+def test_drafted_replies_reach_the_quality_page_the_export_and_the_sft_setting(
+    client, alice, admin_user, tiny_policy, settings
+):
+    from labeling.exporting import ExportFilters, sft_rows
+    from training_jobs import datasets
+
+    unedited = _drafted_reply(alice, tiny_policy, text="Boil it for seven minutes.", draft="Boil it for seven minutes.")
+    edited = _drafted_reply(alice, tiny_policy, text="Steam them for six minutes.", draft="Boil it for seven minutes.")
+    labeling_services.reply_submit(assignment=_leased_write_task(alice), text="Written from scratch.")
+    assert (unedited.draft_edit_ratio, edited.draft_edit_ratio > 0.5) == (0.0, True)
+
+    client.force_login(admin_user)
+    page = client.get(reverse("ops:labelers")).content.decode()
+    row = page.split("<td>alice</td>")[1].split("</tr>")[0]
+    assert "67%" in row.split('data-testid="drafted-share"')[1].split("</td>")[0]
+    assert "33%" in row.split('data-testid="unedited-share"')[1].split("</td>")[0]
+
+    Message.objects.filter(pk__in=[unedited.pk, edited.pk]).update(review_status="accepted")
+    for message in (unedited, edited):
+        message.conversation.split = "train"
+        message.conversation.save(update_fields=["split"])
+    rows = {r["messages"][-1]["content"]: r for r in sft_rows(ExportFilters(accepted_only=True))}
+    assert rows["Boil it for seven minutes."]["drafted_by"] == tiny_policy.name
+    assert rows["Boil it for seven minutes."]["draft_edit_ratio"] == 0.0
+    kept = {m.pk for m in datasets.demonstrations(split="train")}
+    assert {unedited.pk, edited.pk} <= kept
+    settings.TRAINING_SFT_UNEDITED_DRAFTS = "drop"
+    dropped = {m.pk for m in datasets.demonstrations(split="train")}
+    assert edited.pk in dropped and unedited.pk not in dropped
