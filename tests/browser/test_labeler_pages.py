@@ -197,7 +197,7 @@ def test_write_a_prompt_and_other_pages(page, labeler):
     page.fill("input[name=tags]", "naming, food")
     screenshot(page, "write-prompt")
     page.click("[data-testid=submit]")
-    page.wait_for_selector("text=Nothing to do right now")
+    page.wait_for_selector("text=No task is waiting for you right now")
     screenshot(page, "queue-empty")
     assert Message.objects.get(text="Suggest three names for a bakery.").conversation.tags == ["food", "naming"]
     for path, name in [("/guidelines/", "guidelines"), ("/profile/", "profile")]:
