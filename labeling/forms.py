@@ -161,7 +161,11 @@ class ReportForm(forms.Form):
 
 
 class ProfileForm(forms.ModelForm):
-    languages = forms.MultipleChoiceField(choices=LANGUAGES, required=False, widget=forms.CheckboxSelectMultiple)
+    languages = forms.MultipleChoiceField(
+        choices=LANGUAGES,
+        widget=forms.CheckboxSelectMultiple,
+        error_messages={"required": "Choose at least one language you can write and judge well."},
+    )
     topics = forms.CharField(required=False, max_length=500, help_text="Comma-separated, e.g. cooking, law, python")
 
     class Meta:

@@ -138,11 +138,19 @@ def my_work(user) -> dict:
 
     (Not named "messages": that is the flash messages' name in every template, and a page that passed its Message
     rows under it showed one "user message #N" banner per row.)"""
-    written = (
+    written = list(
         Message.objects.filter(author=user, assignment__isnull=False)
         .select_related("conversation", "assignment__task", "draft_model_version")
         .order_by("-created_at")[:200]
     )
+    rejected = [m.pk for m in written if m.review_status == Message.ReviewStatus.REJECTED]
+    reasons = {}
+    for review in Review.objects.filter(message_id__in=rejected, decision=Review.Decision.REJECT).order_by(
+        "created_at"
+    ):
+        reasons[review.message_id] = review.reason  # the latest rejection's reason
+    for message in written:
+        message.rejection_reason = reasons.get(message.pk, "")
     rankings = list(
         Ranking.objects.filter(labeler=user)
         .select_related("task__parent_message")

@@ -18,4 +18,5 @@ urlpatterns = [
     path("mine/messages/<int:message_id>/", views.edit_message, name="edit_message"),
     path("mine/rankings/<int:ranking_id>/", views.edit_ranking, name="edit_ranking"),
     path("profile/", views.profile, name="profile"),
+    path("profile/api-token/", views.api_token, name="api_token"),
 ]

@@ -427,4 +427,21 @@ def profile(request):
         )
         messages.success(request, "Your profile is saved. The queue now prefers tasks that match it.")
         return redirect(reverse("labeling:profile"))
-    return render(request, "labeling/profile.html", {"form": form}, status=422 if form.errors else 200)
+    return _profile_page(request, form, status=422 if form.errors else 200)
+
+
+def _profile_page(request, form, *, status=200, new_token: str = ""):
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.filter(user=request.user).first()
+    context = {"form": form, "new_token": new_token, "token_created": token.created if token else None}
+    return render(request, "labeling/profile.html", context, status=status)
+
+
+@login_required
+@require_POST
+def api_token(request):
+    """A new API token for the labeler's scripts (it replaces the old one); shown once, on the profile page."""
+    key = services.api_token_rotate(user=request.user)
+    instance, _ = LabelerProfile.objects.get_or_create(user=request.user)
+    return _profile_page(request, forms.ProfileForm(instance=instance), new_token=key)

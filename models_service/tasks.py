@@ -3,12 +3,46 @@
 torch is imported inside the task bodies, so the web process can import this module to enqueue.
 """
 
+import logging
+import os
+import threading
 import time
 
 from celery import current_task, shared_task
+from celery.signals import worker_process_init
 from django.conf import settings
 
 from models_service import services
+
+logger = logging.getLogger(__name__)
+PRELOAD_QUEUES = ("interactive", "sampling")
+
+
+@worker_process_init.connect
+def _preload_policy(**_) -> None:
+    """An interactive or sampling worker loads the serving policy as it starts, in the background, so the first
+    chat reply or draft does not wait for the model to load (8 s of a 14 s first reply with the default model).
+    bin/worker names the queue in WORKER_QUEUE; PRELOAD_POLICY=false turns it off."""
+    if os.environ.get("WORKER_QUEUE") not in PRELOAD_QUEUES or os.environ.get("PRELOAD_POLICY", "true") == "false":
+        return
+    threading.Thread(target=_load_policy, name="preload-policy", daemon=True).start()
+
+
+def _load_policy() -> None:
+    from django.db import connection
+
+    from models_service.loading import NoActiveModel, active_holder
+    from models_service.models import ModelVersion
+
+    try:
+        loaded = active_holder(ModelVersion.Kind.POLICY).get()
+        logger.info("preloaded %s", loaded.version_name)
+    except NoActiveModel:
+        logger.info("no policy serves yet: nothing to preload")
+    except Exception:  # the first task loads it again and reports the error on its request
+        logger.exception("could not preload the policy")
+    finally:
+        connection.close()
 
 
 def _worker_name() -> str:

@@ -43,6 +43,7 @@ RULES = {
     "labeling:edit_message": ("get", OWNER),
     "labeling:edit_ranking": ("get", OWNER),
     "labeling:profile": ("get", SIGNED_IN),
+    "labeling:api_token": ("post", SIGNED_IN),
     "chat:chat_index": ("get", SIGNED_IN),
     "chat:chat": ("get", OWNER),
     "chat:chat_poll": ("get", OWNER),

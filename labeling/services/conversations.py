@@ -260,3 +260,12 @@ def labeler_profile_update(*, user, languages: Sequence[str], topics: Sequence[s
     profile.topics = list(topics)
     profile.save(update_fields=["languages", "topics"])
     return profile
+
+
+def api_token_rotate(*, user) -> str:
+    """Replace `user`'s REST API token (DRF's TokenAuthentication) with a new one; returns its key."""
+    from rest_framework.authtoken.models import Token
+
+    with transaction.atomic():
+        Token.objects.filter(user=user).delete()
+        return Token.objects.create(user=user).key

@@ -483,3 +483,31 @@ def test_my_work_shows_ranked_texts_in_order_with_ties_and_no_stray_banners(clie
     positions = [cell.index(texts[i]) for i in (c, first, second)]
     assert positions == sorted(positions) and cell.count('class="tie-mark"') == 1
     assert f"#{a}" not in cell
+
+
+def test_a_profile_needs_a_language_and_gives_an_api_token(client, alice):
+    """Walk findings: a profile with no language was accepted; labelers had no way to get an API token."""
+    client.force_login(alice)
+    response = client.post(reverse("labeling:profile"), {"topics": "cooking"})
+    assert response.status_code == 422 and "Choose at least one language" in response.content.decode()
+    page = client.post(reverse("labeling:api_token")).content.decode()
+    from rest_framework.authtoken.models import Token
+
+    key = Token.objects.get(user=alice).key
+    assert 'data-testid="new-token"' in page and key in page
+    assert client.get(reverse("labeling:profile")).content.decode().count(key) == 0, "shown once"
+    api = client.__class__()
+    assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
+    client.post(reverse("labeling:api_token"))
+    assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401
+
+
+def test_a_rejected_reply_shows_the_reviewers_reason_in_my_work(client, alice, bob):
+    make_reply_task()
+    services.reply_submit(assignment=services.task_lease_next(user=alice), text="A weak demonstration.")
+    services.review_submit(
+        assignment=services.task_lease_next(user=bob), decision="reject", reason="It does not answer the question."
+    )
+    client.force_login(alice)
+    page = client.get(reverse("labeling:mine")).content.decode()
+    assert 'data-testid="rejection-reason"' in page and "It does not answer the question." in page
