@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -220,6 +221,23 @@ def training_run_going(timeout_s: float) -> int:
     raise SystemExit(f"the SFT run did not start training within {timeout_s:.0f} s")
 
 
+def stop_on_signals(processes: list) -> None:
+    """Ctrl+C or SIGTERM stops what the bench started even while Playwright waits (its event loop keeps a
+    KeyboardInterrupt from reaching the code that would clean up): stop the processes, drop the database, exit."""
+
+    def stop(signum, _frame):
+        procs.stop(processes, timeout_s=10)
+        from django.db import connections
+
+        connections.close_all()
+        drop_database(BENCH_DB)
+        empty_redis_database(REDIS_URL)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def summary(values: list[float], digits: int = 2) -> float:
     return round(statistics.median(values), digits)
 
@@ -243,6 +261,7 @@ def main() -> None:
     from training_jobs.models import TrainingRun
 
     processes, result = [], {}
+    stop_on_signals(processes)
     try:
         result.update(seed(args.submissions + args.chats + 5))
         web = procs.start_web(env={"WEB_BIND": f"127.0.0.1:{PORT}", "WEB_WORKERS": "2"}, log_dir=LOGS)
