@@ -13,6 +13,7 @@ urlpatterns = [
     path("ops/", include("ops.urls")),
     path("api/", include("config.api_urls")),
     path("healthz", views.healthz, name="healthz"),
+    path("favicon.ico", views.no_favicon),  # browsers ask on every page, Django admin's included
     path("login/", auth_views.LoginView.as_view(template_name="registration/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -21,7 +21,8 @@ PRELOAD_QUEUES = ("interactive", "sampling")
 @worker_process_init.connect
 def _preload_policy(**_) -> None:
     """An interactive or sampling worker loads the serving policy as it starts, in the background, so the first
-    chat reply or draft does not wait for the model to load (8 s of a 14 s first reply with the default model).
+    chat reply or draft does not wait for the model to load (8 s of a 14 s first reply with the default model), and
+    a sampling worker then starts filling the ranking pool at once.
     bin/worker names the queue in WORKER_QUEUE; PRELOAD_POLICY=false turns it off."""
     if os.environ.get("WORKER_QUEUE") not in PRELOAD_QUEUES or os.environ.get("PRELOAD_POLICY", "true") == "false":
         return
@@ -37,6 +38,10 @@ def _load_policy() -> None:
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         logger.info("preloaded %s", loaded.version_name)
+        if os.environ.get("WORKER_QUEUE") == "sampling" and settings.SAMPLING_FILL_ON_START:
+            # A fresh deployment offers ranking tasks as soon as the first batch is sampled, not after beat's
+            # first tick (a new labeler's queue is otherwise empty for minutes).
+            fill_ranking_pool.delay()
     except NoActiveModel:
         logger.info("no policy serves yet: nothing to preload")
     except Exception:  # the first task loads it again and reports the error on its request

@@ -295,6 +295,8 @@ SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, m
 SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
 SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
 # How many open ranking tasks the sampling worker keeps in the pool.
+# A sampling worker starts filling the ranking pool as soon as it has loaded the policy (not at beat's first tick).
+SAMPLING_FILL_ON_START = env_bool("SAMPLING_FILL_ON_START", True)
 SAMPLING_POOL_TARGET = env_int("SAMPLING_POOL_TARGET", 20, min_value=0, max_value=10_000)
 # Contexts sampled together in one padded batch (each with SAMPLING_K rows).
 SAMPLING_BATCH_CONTEXTS = env_int("SAMPLING_BATCH_CONTEXTS", 16, min_value=1, max_value=512)

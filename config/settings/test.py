@@ -16,3 +16,6 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 # Serve static files straight from static/ (no collectstatic in tests).
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
+
+# The tests' sampling workers sample when a test asks (tests/test_e2e_loop.py keeps the base policy's replies out).
+SAMPLING_FILL_ON_START = False

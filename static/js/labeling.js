@@ -167,6 +167,38 @@
     form.querySelector("input[name=order]").value = JSON.stringify(groupsOf(list));
   }
 
+  /* The arrangement is kept in the browser too, so a reload (or a crash) does not undo the labeler's ordering. */
+  function orderKey(form) {
+    return form.dataset.orderKey ? DRAFT_PREFIX + form.dataset.orderKey : null;
+  }
+
+  function keepOrder(form, groups) {
+    const key = orderKey(form);
+    if (key && form.dataset.touched === "true") {
+      localStorage.setItem(key, JSON.stringify({ groups, savedAt: Date.now() }));
+    }
+  }
+
+  function restoreOrder(list, form) {
+    const key = orderKey(form);
+    const stored = key && localStorage.getItem(key);
+    if (!stored || form.querySelector(".error-box, .field-error")) return false;  // a re-shown form has the posted order
+    try {
+      const groups = JSON.parse(stored).groups;
+      const items = new Map(Array.from(list.querySelectorAll(":scope > .candidate")).map((i) => [i.dataset.id, i]));
+      const ids = groups.flat();
+      if (ids.length !== items.size || !ids.every((id) => items.has(id))) return false;
+      groups.forEach((group) => group.forEach((id, n) => {
+        const item = items.get(id);
+        item.classList.toggle("tied", n > 0);
+        list.appendChild(item);
+      }));
+      return true;
+    } catch (e) {
+      return false;
+    }
+  }
+
   function refreshRanks(list) {
     let rank = 0;
     list.querySelectorAll(":scope > .candidate").forEach((item, index) => {
@@ -177,7 +209,9 @@
       tie.setAttribute("aria-pressed", item.classList.contains("tied") ? "true" : "false");
       tie.disabled = index === 0;
     });
-    writeOrder(list.closest("form"));
+    const form = list.closest("form");
+    writeOrder(form);
+    keepOrder(form, groupsOf(list));
   }
 
   function setUpRanking() {
@@ -263,6 +297,7 @@
     list.querySelectorAll("[data-body]").forEach((body) => {
       const button = body.parentElement.querySelector("[data-expand]");
       if (body.scrollHeight > body.clientHeight + 4) button.hidden = false;
+      else body.classList.remove("clamped");  // it fits: no fade that suggests more
       button.addEventListener("click", () => {
         const expanded = body.classList.toggle("expanded");
         button.textContent = expanded ? "Show less" : "Show the whole reply";
@@ -280,7 +315,18 @@
       }
     }, true);
 
+    if (restoreOrder(list, form)) {
+      form.dataset.touched = "true";
+      const note = document.createElement("p");
+      note.className = "ok-box small";
+      note.dataset.testid = "order-restored";
+      note.textContent = "Restored the order you had arranged in this task.";
+      list.before(note);
+    }
     refreshRanks(list);
+    form.addEventListener("submit", () => {
+      if (orderKey(form)) sessionStorage.setItem("feedback-loop:last-submitted", orderKey(form));
+    });
   }
 
   function showUntouchedWarning(form) {
@@ -340,7 +386,10 @@
           const polled = await fetch(request.poll, { credentials: "same-origin", headers: { Accept: "application/json" } });
           const state = await jsonOf(polled);
           if (!polled.ok) throw new Error(state.error || `The draft could not be read (HTTP ${polled.status}).`);
-          if (state.text) textarea.value = state.text;
+          if (state.text && state.text !== textarea.value) {
+            textarea.value = state.text;
+            textarea.dispatchEvent(new Event("input", { bubbles: true }));  // the counter and the preview follow
+          }
           if (state.status === "done") {
             status.textContent = `Draft by ${state.model_version}: edit it until it is the reply you want, then submit.`;
             break;

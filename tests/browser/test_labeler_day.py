@@ -253,3 +253,20 @@ def test_cancel_asks_for_confirmation(page, admin_user, tiny_policy):
     page.wait_for_selector(".flash-success, .flash-info")
     run.refresh_from_db()
     assert run.cancel_requested_at is not None
+
+
+def test_a_reload_keeps_the_arranged_order(page, labeler):
+    """Walk finding: moving a reply and reloading the page put the replies back in the shown order."""
+    make_rank_task(k=3)
+    log_in(page, "lena")
+    page.click("[data-testid=start]")
+    page.wait_for_selector("#candidates")
+    page.locator("h2").first.click()
+    page.keyboard.press("3")
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    arranged = page.locator("#candidates > li").evaluate_all("items => items.map(i => i.dataset.letter)")
+    assert arranged == ["C", "A", "B"]
+    page.reload()
+    page.wait_for_selector("[data-testid=order-restored]")
+    assert page.locator("#candidates > li").evaluate_all("items => items.map(i => i.dataset.letter)") == arranged

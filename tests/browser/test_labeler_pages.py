@@ -104,7 +104,7 @@ def test_rank_four_replies_by_dragging_and_by_keyboard(page, labeler):
     page.goto("/mine/")
     rows = page.locator(f"[data-testid=ranking-order-{ranking.pk}] li").all_inner_texts()
     text = {i: Message.objects.get(pk=i).preview for i in (a, b, c, d)}
-    assert rows == [text[d], f"{text[min(a, c)]} = {text[max(a, c)]}", text[b]]
+    assert rows == [text[d], f"{text[min(a, c)]}\n=\n{text[max(a, c)]}", text[b]]
     screenshot(page, "my-work")
 
 

@@ -60,3 +60,19 @@ def test_a_live_interactive_worker_answers_chat_and_follows_the_active_policy(ti
         done = wait_for(lambda: SamplingRequest.objects.filter(pk=second.pk, status__in=["done", "failed"]).first())
         assert done.status == "done", done.error
         assert done.reply.model_version == newer, "the worker switched to the new policy without a restart"
+
+
+def test_a_starting_sampling_worker_preloads_the_policy_and_fills_the_pool(tiny_policy, monkeypatch, settings):
+    """Issue 17, item 5: no cold start. The worker loads the serving policy and asks for the first batch itself."""
+    from models_service import tasks
+    from models_service.loading import active_holder
+
+    asked = []
+    monkeypatch.setattr(tasks.fill_ranking_pool, "delay", lambda *a, **k: asked.append(a))
+    monkeypatch.setenv("WORKER_QUEUE", "sampling")
+    settings.SAMPLING_FILL_ON_START = True
+    tasks._load_policy()
+    assert active_holder("policy").current.version_id == tiny_policy.pk and asked == [()]
+    monkeypatch.setenv("WORKER_QUEUE", "interactive")
+    tasks._load_policy()
+    assert asked == [()], "an interactive worker only preloads"
