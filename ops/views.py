@@ -68,9 +68,12 @@ def resume_loop(request):
 
 @staff_only
 def runs(request):
-    return render(
-        request, "ops/runs.html", {"runs": TrainingRun.objects.select_related("base_model", "reward_model")[:100]}
-    )
+    """Every run, newest first, 50 a page (?page=N; a page past the end shows the last one)."""
+    from django.core.paginator import Paginator
+
+    runs = TrainingRun.objects.select_related("base_model", "reward_model", "triggered_by").order_by("-created_at")
+    page = Paginator(runs, 50).get_page(request.GET.get("page"))
+    return render(request, "ops/runs.html", {"runs": page, "page": page})
 
 
 @staff_only

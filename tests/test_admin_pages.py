@@ -22,3 +22,18 @@ def test_loop_settings_labels_read_as_words(client, admin_user):
     page = client.get("/admin/training_jobs/loopsettings/1/change/").content.decode()
     assert "SFT threshold" in page and "Sft threshold" not in page
     assert "Reward-model threshold" in page and "Rm threshold" not in page
+
+
+def test_every_run_is_listed_page_by_page(client, admin_user):
+    """Issue 17, item 11: the runs page listed the newest 100 and no more."""
+    from django.utils import timezone
+
+    from tests.support.factories import TrainingRunFactory
+
+    runs = [TrainingRunFactory(status="cancelled", finished_at=timezone.now()) for _ in range(120)]
+    client.force_login(admin_user)
+    pages = [client.get("/ops/runs/", {"page": n}).content.decode() for n in (1, 2, 3)]
+    assert "120 in all" in pages[0] and "page 1 of 3" in pages[0]
+    for run in runs:
+        assert sum(f'href="/ops/runs/{run.pk}/"' in page for page in pages) == 1
+    assert "page 3 of 3" in client.get("/ops/runs/", {"page": "99"}).content.decode()

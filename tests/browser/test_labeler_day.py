@@ -270,3 +270,26 @@ def test_a_reload_keeps_the_arranged_order(page, labeler):
     page.reload()
     page.wait_for_selector("[data-testid=order-restored]")
     assert page.locator("#candidates > li").evaluate_all("items => items.map(i => i.dataset.letter)") == arranged
+
+
+def test_roll_back_names_its_target_and_asks_first(page, admin_user, tiny_policy, tiny_model_dirs):
+    """Item 10: the rollback button says which version serves again, and asks before doing it."""
+    from models_service.models import ModelVersion
+    from tests.support.models import register_tiny_policy
+
+    newer = register_tiny_policy(tiny_model_dirs[1], name="tiny-policy-v1", stage="sft", activate=True)
+    log_in(page, admin_user.username)
+    page.goto("/ops/models/")
+    button = page.locator("[data-testid=rollback-policy]")
+    assert button.inner_text() == f"Roll back the policy to {tiny_policy.name}"
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    button.click()
+    page.wait_for_timeout(300)
+    assert asked and f"from {newer.name} to {tiny_policy.name}" in asked[0]
+    assert ModelVersion.objects.get(is_active=True, kind="policy") == newer
+    page.once("dialog", lambda dialog: dialog.accept())
+    button.click()
+    page.wait_for_selector(".flash-success")
+    assert ModelVersion.objects.get(is_active=True, kind="policy") == tiny_policy
+    screenshot(page, "models-after-rollback")
