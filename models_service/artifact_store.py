@@ -1,0 +1,161 @@
+"""Model artifacts in a store that every host reaches: a folder (`file://`, the default) or any S3-compatible
+object store (`s3://bucket/prefix`: AWS, MinIO, Ceph, R2), behind fsspec. Issue 18, first step: the store itself;
+the registry and the workers move onto it next.
+
+Publishing is atomic for readers: the files go up under the artifact's prefix, then a manifest (every file's
+size and SHA-256) is written last as the marker `_MANIFEST.json`. An artifact without its marker does not exist
+(a writer that died half-way left files nobody loads). Readers keep a local cache keyed by the artifact's name,
+verify it against the manifest (sizes and checksums) before handing it out, and fetch it again when it does not
+match (a torn or corrupted copy).
+
+No torch here: the web process may list artifacts.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+MANIFEST = "_MANIFEST.json"
+CHUNK = 1 << 20
+
+
+class ArtifactMissing(LookupError):
+    """No complete artifact of that name in the store (never published, or its upload never finished)."""
+
+
+class ArtifactCorrupt(RuntimeError):
+    """A copy that does not match its manifest, even after fetching it again."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_of(folder: Path) -> dict:
+    """{"files": {relative path: {"size", "sha256"}}} of every file under `folder` (the manifest left out)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative == MANIFEST:
+            continue
+        files[relative] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    return {"files": files}
+
+
+def problems(folder: Path, manifest: dict) -> list[str]:
+    """How `folder` differs from `manifest` (empty when it matches): missing files, sizes, checksums."""
+    found = []
+    for relative, expected in manifest["files"].items():
+        path = folder / relative
+        if not path.is_file():
+            found.append(f"{relative}: missing")
+        elif path.stat().st_size != expected["size"]:
+            found.append(f"{relative}: {path.stat().st_size} bytes, expected {expected['size']}")
+        elif sha256_of(path) != expected["sha256"]:
+            found.append(f"{relative}: checksum differs")
+    return found
+
+
+@dataclass
+class ArtifactStore:
+    """`url`: where artifacts live (file:///abs/path or s3://bucket/prefix); `cache_dir`: this host's copies.
+
+    `storage_options` go to fsspec (for S3: key, secret, endpoint_url through client_kwargs, ...); without them
+    s3fs reads the usual AWS variables and files."""
+
+    url: str
+    cache_dir: Path
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        self.fs, self.root = fsspec.core.url_to_fs(self.url.rstrip("/"), **(self.storage_options or {}))
+        self.cache_dir = Path(self.cache_dir)
+
+    def _remote(self, name: str, relative: str = "") -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"an artifact name is one path segment, not {name!r}")
+        return f"{self.root}/{name}" + (f"/{relative}" if relative else "")
+
+    # --- writers ---
+
+    def publish(self, folder: Path, name: str) -> dict:
+        """Upload `folder` as artifact `name`, its manifest last. Returns the manifest. Refuses to overwrite a
+        published artifact (versions are immutable; publish under a new name)."""
+        folder = Path(folder)
+        if self.exists(name):
+            raise FileExistsError(f"artifact {name} is already published")
+        manifest = manifest_of(folder)
+        if not manifest["files"]:
+            raise ValueError(f"{folder} holds no files")
+        for relative in manifest["files"]:
+            target = self._remote(name, relative)
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(folder / relative), target)
+        manifest |= {"name": name}
+        # The marker, written last: with it the artifact exists; an upload cut short leaves none.
+        with self.fs.open(self._remote(name, MANIFEST), "w") as stream:
+            json.dump(manifest, stream, indent=1, sort_keys=True)
+        return manifest
+
+    # --- readers ---
+
+    def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache()  # another host may have published since (s3fs caches listings)
+        return self.fs.exists(self._remote(name, MANIFEST))
+
+    def manifest(self, name: str) -> dict:
+        self.fs.invalidate_cache()
+        try:
+            with self.fs.open(self._remote(name, MANIFEST), "r") as stream:
+                return json.load(stream)
+        except FileNotFoundError:
+            raise ArtifactMissing(f"no complete artifact {name!r} in {self.url}") from None
+
+    def names(self) -> list[str]:
+        """The published artifacts (those with their marker)."""
+        self.fs.invalidate_cache()
+        found = []
+        for path in self.fs.glob(f"{self.root}/*/{MANIFEST}"):
+            found.append(path.rstrip("/").split("/")[-2])
+        return sorted(found)
+
+    def fetch(self, name: str) -> Path:
+        """A verified local copy of artifact `name`: the cached one when it matches the manifest, else a fresh
+        download (into a temporary folder, verified, then moved into place). Raises ArtifactMissing or
+        ArtifactCorrupt."""
+        manifest = self.manifest(name)
+        local = self.cache_dir / name
+        if local.is_dir() and not problems(local, manifest):
+            return local
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.cache_dir / f".{name}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            for relative in manifest["files"]:
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self._remote(name, relative), str(target))
+            wrong = problems(staging, manifest)
+            if wrong:
+                raise ArtifactCorrupt(f"artifact {name} does not match its manifest: {'; '.join(wrong[:5])}")
+            with open(staging / MANIFEST, "w") as stream:
+                json.dump(manifest, stream, indent=1, sort_keys=True)
+            if local.exists():  # a stale or corrupted copy: replaced as a whole
+                shutil.rmtree(local, ignore_errors=True)
+            try:
+                os.replace(staging, local)
+            except OSError:  # another process on this host put its verified copy there first
+                if not local.is_dir() or problems(local, manifest):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return local

@@ -1,0 +1,130 @@
+"""Issue 18: the artifact store, on a folder and on a real S3-compatible server (moto's server mode, started here).
+
+Upload, atomic publish (the manifest written last), a cache hit that needs no store at all, a corrupted cache
+detected and fetched again, and a half-uploaded artifact that is never loaded.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from models_service.artifact_store import MANIFEST, ArtifactCorrupt, ArtifactMissing, ArtifactStore
+
+
+def _model_folder(root: Path) -> Path:
+    folder = root / "model"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    (folder / "tokenizer" / "vocab.json").write_text('{"a": 0}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free port of 127.0.0.1, for the module's tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        pytest.fail("moto_server did not start")
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        yield ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
+        return
+    endpoint = request.getfixturevalue("s3_server")
+    options = {
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    bucket = f"artifacts-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    import boto3
+
+    boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    ).create_bucket(Bucket=bucket)
+    yield ArtifactStore(url=f"s3://{bucket}/models", cache_dir=tmp_path / "cache", storage_options=options)
+
+
+def test_publish_then_fetch_gives_the_same_files(store, tmp_path):
+    folder = _model_folder(tmp_path)
+    manifest = store.publish(folder, "policy-sft-v1")
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "tokenizer/vocab.json"}
+    assert store.exists("policy-sft-v1") and store.names() == ["policy-sft-v1"]
+    local = store.fetch("policy-sft-v1")
+    for relative in manifest["files"]:
+        assert (local / relative).read_bytes() == (folder / relative).read_bytes()
+    with pytest.raises(FileExistsError):
+        store.publish(folder, "policy-sft-v1")
+
+
+def test_a_half_uploaded_artifact_is_never_loaded(store, tmp_path):
+    folder = _model_folder(tmp_path)
+    # A writer that died after the weights and before the marker: the files are there, the manifest is not.
+    store.fs.makedirs(store._remote("policy-ppo-v2"), exist_ok=True)
+    store.fs.put_file(str(folder / "model.safetensors"), store._remote("policy-ppo-v2", "model.safetensors"))
+    assert not store.exists("policy-ppo-v2") and store.names() == []
+    with pytest.raises(ArtifactMissing):
+        store.fetch("policy-ppo-v2")
+    assert not (store.cache_dir / "policy-ppo-v2").exists()
+
+
+def test_a_cache_hit_needs_no_store_and_a_corrupted_cache_is_fetched_again(store, tmp_path):
+    store.publish(_model_folder(tmp_path), "reward-rm-v1")
+    local = store.fetch("reward-rm-v1")
+    downloads = []
+    real_get = store.fs.get_file
+    store.fs.get_file = lambda *a, **k: (downloads.append(a), real_get(*a, **k))[1]
+    assert store.fetch("reward-rm-v1") == local and downloads == [], "a verified copy is used as it is"
+
+    weights = local / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[1000] ^= 0xFF  # same size, one byte flipped
+    weights.write_bytes(bytes(data))
+    assert store.fetch("reward-rm-v1") == local
+    assert [Path(a[1]).name for a in downloads] == ["config.json", "model.safetensors", "vocab.json"]
+    assert weights.read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_store_copy_that_does_not_match_its_manifest_is_refused(store, tmp_path):
+    store.publish(_model_folder(tmp_path), "policy-sft-v3")
+    with store.fs.open(store._remote("policy-sft-v3", "config.json"), "w") as stream:
+        stream.write('{"hidden_size": 9}')  # changed behind the manifest's back (same size, other bytes)
+    with pytest.raises(ArtifactCorrupt, match="config.json: checksum differs"):
+        store.fetch("policy-sft-v3")
+    assert not (store.cache_dir / "policy-sft-v3").exists()
+    assert not list(store.cache_dir.glob(".*partial")), "nothing half-written is left in the cache"
+
+
+def test_names_are_one_path_segment(tmp_path):
+    store = ArtifactStore(url=f"file://{tmp_path}/store", cache_dir=tmp_path / "cache")
+    for bad in ("", "../escape", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            store.fetch(bad)
+    assert MANIFEST == "_MANIFEST.json"
