@@ -159,3 +159,29 @@ class ArtifactStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return local
+
+
+# --- the deployment's store (settings.ARTIFACTS_URL) ---
+
+
+def configured_store() -> ArtifactStore | None:
+    """The store of ARTIFACTS_URL, with this host's cache in ARTIFACTS_DIR/cache; None on a shared disk."""
+    from django.conf import settings
+
+    if not settings.ARTIFACTS_URL:
+        return None
+    return ArtifactStore(
+        url=settings.ARTIFACTS_URL,
+        cache_dir=Path(settings.ARTIFACTS_DIR) / "cache",
+        storage_options=settings.ARTIFACTS_STORAGE_OPTIONS or None,
+    )
+
+
+def local_dir(version) -> Path:
+    """A folder on this host holding `version`'s files: its own folder under ARTIFACTS_DIR where this host wrote
+    it (or the disk is shared), else a verified copy from the store (fetched once, then cached)."""
+    own = version.artifact_dir
+    store = configured_store()
+    if store is None or ((own / "config.json").is_file() and any(own.glob("*.safetensors"))):
+        return own
+    return store.fetch(version.name)

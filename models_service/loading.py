@@ -14,6 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from ml.cpu_inference import pack_linear_layers
+from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.services import artifact_problems
 
@@ -68,7 +69,7 @@ def load_version(version: ModelVersion, *, device=None, dtype=None, for_inferenc
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = version.artifact_dir
+    path = local_dir(version)  # its folder here, or a verified copy from the artifact store
     check_artifact(path)
     if device is None or dtype is None:
         device, dtype = pick_device_and_dtype()

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.services import assignment_model_draft_record, message_create, ranking_overlap, task_create
+from models_service.artifact_store import configured_store
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import (
     active_version,
@@ -79,14 +80,20 @@ def model_version_register(
     problems = artifact_problems(Path(artifact_dir))
     if problems:
         raise ValidationError({"artifact_path": f"{artifact_dir} is not a complete model: {'; '.join(problems)}."})
+    name = name or next_version_name(kind=kind, stage=stage)
+    relative = artifact_relative_path(artifact_dir)
+    store = configured_store()
+    if store is not None:
+        # Published before the row exists (its manifest last), so no host ever sees a version it cannot fetch.
+        store.publish(Path(artifact_dir), name)
     return ModelVersion.objects.create(
-        name=name or next_version_name(kind=kind, stage=stage),
+        name=name,
         kind=kind,
         stage=stage,
         status=ModelVersion.Status.READY,
         parent=parent,
         training_run=training_run,
-        artifact_path=artifact_relative_path(artifact_dir),
+        artifact_path=relative,
         source=source,
         metrics=metrics or {},
         notes=notes,

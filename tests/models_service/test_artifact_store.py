@@ -128,3 +128,44 @@ def test_names_are_one_path_segment(tmp_path):
         with pytest.raises(ValueError):
             store.fetch(bad)
     assert MANIFEST == "_MANIFEST.json"
+
+
+@pytest.mark.django_db
+def test_a_host_with_an_empty_disk_loads_a_version_from_the_store(tiny_model_dirs, settings, tmp_path):
+    """Registered on host A (its own ARTIFACTS_DIR), loaded on host B whose disk holds nothing: B fetches the
+    version from the store into its own cache, verified, and loads it; a second load uses the cache."""
+    from models_service import loading
+    from models_service.artifact_store import configured_store
+    from tests.support.models import register_tiny_policy
+
+    settings.ARTIFACTS_URL = f"file://{tmp_path / 'store'}"
+    settings.ARTIFACTS_DIR = tmp_path / "host-a"
+    version = register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v7", stage="sft")
+    assert configured_store().names() == ["policy-sft-v7"]
+
+    settings.ARTIFACTS_DIR = tmp_path / "host-b"
+    loaded = loading.load_version(version)
+    cached = tmp_path / "host-b" / "cache" / "policy-sft-v7"
+    assert loaded.version_name == "policy-sft-v7" and (cached / "config.json").is_file()
+    assert not (tmp_path / "host-b" / version.artifact_path).exists(), "host B never had the writer's folder"
+    before = (cached / "config.json").stat().st_mtime_ns
+    loading.load_version(version)
+    assert (cached / "config.json").stat().st_mtime_ns == before, "the second load is a cache hit"
+
+
+@pytest.mark.django_db
+def test_a_version_whose_upload_fails_is_not_registered(tiny_model_dirs, settings, tmp_path, monkeypatch):
+    from models_service.artifact_store import ArtifactStore
+    from models_service.models import ModelVersion
+    from tests.support.models import register_tiny_policy
+
+    settings.ARTIFACTS_URL = f"file://{tmp_path / 'store'}"
+    settings.ARTIFACTS_DIR = tmp_path / "host-a"
+
+    def broken_upload(self, *args, **kwargs):
+        raise OSError("connection reset by the store")
+
+    monkeypatch.setattr(ArtifactStore, "publish", broken_upload)
+    with pytest.raises(OSError):
+        register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v8", stage="sft")
+    assert not ModelVersion.objects.filter(name="policy-sft-v8").exists()
