@@ -118,3 +118,14 @@ def ping_queue(token: str) -> dict:
 
     delivery = current_task.request.delivery_info or {}
     return {"token": token, "queue": delivery.get("routing_key"), "hostname": current_task.request.hostname}
+
+
+def workers_by_queue(timeout: float = 1.0) -> dict[str, list[str]]:
+    """{queue: the workers listening to it (queue@host names)} for every queue, from the workers' own answers to a
+    broadcast over the broker; a queue no worker answered for has an empty list. Waits at most `timeout` s."""
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    result: dict[str, list[str]] = {queue: [] for queue in QUEUES}
+    for worker, queues in sorted(replies.items()):
+        for queue in queues:
+            result.setdefault(queue["name"], []).append(worker)
+    return result

@@ -19,6 +19,7 @@ urlpatterns = [
     path("evaluations/<int:evaluation_id>/", views.evaluation_detail, name="evaluation"),
     path("evaluations/<int:evaluation_id>/promote/", views.promote, name="promote"),
     path("labelers/", views.labelers, name="labelers"),
+    path("workers/", views.workers, name="workers"),
     path("moderation/", views.moderation, name="moderation"),
     path("moderation/<int:conversation_id>/", views.moderate, name="moderate"),
     path("imports/", views.imports, name="imports"),

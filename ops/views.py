@@ -224,3 +224,12 @@ def moderate(request, conversation_id: int):
         return _refused(request, error, "ops:moderation")
     done = "kept: its tasks are back in the queue" if decision == "kept" else "removed: it never trains"
     return _done(request, f"Conversation #{conversation.pk} {done}.", "ops:moderation")
+
+
+@staff_only
+def workers(request):
+    """Which host serves which queue (the overview loads it after the page, as the workers take up to 1 s)."""
+    from config.celery_app import workers_by_queue
+
+    queues = workers_by_queue(timeout=1.0)
+    return render(request, "ops/_workers.html", {"queues": queues, "missing": [q for q, w in queues.items() if not w]})

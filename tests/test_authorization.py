@@ -67,6 +67,7 @@ RULES = {
     "ops:evaluation": ("get", ADMIN),
     "ops:promote": ("post", ADMIN),
     "ops:labelers": ("get", ADMIN),
+    "ops:workers": ("get", ADMIN),
     "ops:moderation": ("get", ADMIN),
     "ops:moderate": ("post", ADMIN),
     "ops:imports": ("get", ADMIN),

@@ -3,6 +3,7 @@
 import uuid
 
 import pytest
+from django.urls import reverse
 
 from config.celery_app import QUEUES, ping_queue
 from tests.support.workers import running_workers
@@ -10,8 +11,17 @@ from tests.support.workers import running_workers
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_each_queue_has_a_worker_that_runs_its_tasks():
+def test_each_queue_has_a_worker_that_runs_its_tasks(client, admin_user):
+    client.force_login(admin_user)
+    page = client.get(reverse("ops:workers")).content.decode()
+    assert 'data-testid="workers-missing"' in page, "before the workers start, the ops page says none answers"
     with running_workers(*QUEUES):
+        # Issue 18: the ops page says which host serves which queue.
+        page = client.get(reverse("ops:workers")).content.decode()
+        assert 'data-testid="workers-missing"' not in page
+        for queue in QUEUES:
+            row = page.split(f'data-queue="{queue}"')[1].split("</tr>")[0]
+            assert f"<code>{queue}@" in row
         tokens = {queue: uuid.uuid4().hex for queue in QUEUES}
         results = {queue: ping_queue.apply_async(args=[tokens[queue]], queue=queue) for queue in QUEUES}
         for queue, result in results.items():
