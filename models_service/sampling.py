@@ -97,6 +97,8 @@ def fill_pool_once(*, worker: str = "") -> dict:
     )
     if not requests:
         return {"contexts": 0}
+    if settings.SAMPLING_BACKEND == "vllm":
+        return _fill_from_server(requests)
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
@@ -126,6 +128,44 @@ def fill_pool_once(*, worker: str = "") -> dict:
         "generated_tokens": stats.generated_tokens,
         "seconds": round(stats.wall_s, 2),
     }
+
+
+def _fill_from_server(requests: list[SamplingRequest]) -> dict:
+    """fill_pool_once through an OpenAI-compatible server (SAMPLING_BACKEND=vllm): the server samples, the
+    candidates are recorded under the active version, which the server must be serving (checked first)."""
+    from models_service.openai_backend import OpenAICompatibleBackend
+    from models_service.selectors import active_version
+
+    try:
+        version = active_version(ModelVersion.Kind.POLICY)
+        if version is None:
+            raise RuntimeError("No active policy model.")
+        if not settings.SAMPLING_VLLM_URL:
+            raise RuntimeError("SAMPLING_BACKEND is vllm but SAMPLING_VLLM_URL is not set.")
+        backend = OpenAICompatibleBackend(settings.SAMPLING_VLLM_URL, api_key=settings.SAMPLING_VLLM_API_KEY)
+        params = serving_params(seed=batch_seed(requests))
+        grouped = backend.sample(version.name, [_chat(r) for r in requests], k=settings.SAMPLING_K, params=params)
+        for request, completions in zip(requests, grouped, strict=True):
+            replies = [
+                services.SampledReply(
+                    text=c.text,
+                    params={
+                        **params.as_dict(),
+                        "row": c.row,
+                        "finished": c.finished,
+                        "new_tokens": c.new_tokens,
+                        "backend": "vllm",
+                        "finish_reason": c.finish_reason,
+                    },
+                )
+                for c in completions
+            ]
+            services.pool_complete(request=request, version=version, replies=replies)
+    except Exception as exc:
+        for request in requests:
+            services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
+        raise
+    return {"contexts": len(requests), "k": settings.SAMPLING_K, "model_version": version.name, "backend": "vllm"}
 
 
 def run_request(request: SamplingRequest) -> None:

@@ -301,6 +301,12 @@ SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, m
 SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
 SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
 # How many open ranking tasks the sampling worker keeps in the pool.
+# How the ranking pool is sampled: "native" (our batched decode loop, the default, and the one for a CPU) or "vllm"
+# (an OpenAI-compatible server at SAMPLING_VLLM_URL, e.g. `vllm serve <model> --served-model-name <version name>`,
+# which must serve the active policy's version; models_service/openai_backend.py).
+SAMPLING_BACKEND = env_str("SAMPLING_BACKEND", "native", choices=["native", "vllm"])
+SAMPLING_VLLM_URL = env_str("SAMPLING_VLLM_URL", "")
+SAMPLING_VLLM_API_KEY = env_str("SAMPLING_VLLM_API_KEY", "")
 # A sampling worker starts filling the ranking pool as soon as it has loaded the policy (not at beat's first tick).
 SAMPLING_FILL_ON_START = env_bool("SAMPLING_FILL_ON_START", True)
 SAMPLING_POOL_TARGET = env_int("SAMPLING_POOL_TARGET", 20, min_value=0, max_value=10_000)
