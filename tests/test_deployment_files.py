@@ -128,3 +128,22 @@ def test_production_settings_need_a_secret_and_are_secure_from_the_environment()
     figures = json.loads(behind_a_proxy.stdout)
     assert figures["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
     assert (figures["SECURE_HSTS_SECONDS"], figures["SESSION_COOKIE_SECURE"]) == (0, False)
+
+
+def test_the_multihost_layout_shares_only_the_database_redis_and_the_store():
+    """Issue 18: in docker-compose.multihost.yml every process has a disk of its own and finds the models in the
+    S3-compatible store; the training worker asks for the GPUs."""
+    multihost = yaml.safe_load((ROOT / "docker-compose.multihost.yml").read_text())
+    services = multihost["services"]
+    assert PROCESSES | {"setup"} <= set(services) and {"minio", "minio-bucket"} <= set(services)
+    disks = {}
+    for name in PROCESSES | {"setup"}:
+        service = services[name]
+        assert service["environment"]["ARTIFACTS_URL"].startswith("s3://"), name
+        assert "endpoint_url" in service["environment"]["ARTIFACTS_STORAGE_OPTIONS"], name
+        artifacts = [v for v in service["volumes"] if v.endswith(":/data/artifacts")]
+        assert len(artifacts) == 1, name
+        disks[name] = artifacts[0].split(":")[0]
+    assert len(set(disks.values())) == len(disks), "no two processes share an artifacts disk"
+    gpu = services["worker-training"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
