@@ -24,6 +24,24 @@ import fsspec
 MANIFEST = "_MANIFEST.json"
 CHUNK = 1 << 20
 
+REQUIRED_FILES = ("config.json",)
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def artifact_problems(path: Path) -> list[str]:
+    """What keeps a folder from being a loadable save_pretrained model with safetensors weights."""
+    if not path.is_dir():
+        return [f"{path} does not exist"]
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not any(path.glob("*.safetensors")):
+        problems.append("no .safetensors weights")
+    refused = sorted(p.name for p in path.iterdir() if p.suffix in REFUSED_SUFFIXES)
+    if refused:
+        problems.append(f"pickle-based weights are not accepted: {', '.join(refused)}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        problems.append("no tokenizer")
+    return problems
+
 
 class ArtifactMissing(LookupError):
     """No complete artifact of that name in the store (never published, or its upload never finished)."""
@@ -52,7 +70,7 @@ def manifest_of(folder: Path) -> dict:
     return {"files": files}
 
 
-def problems(folder: Path, manifest: dict) -> list[str]:
+def manifest_problems(folder: Path, manifest: dict) -> list[str]:
     """How `folder` differs from `manifest` (empty when it matches): missing files, sizes, checksums."""
     found = []
     for relative, expected in manifest["files"].items():
@@ -135,7 +153,7 @@ class ArtifactStore:
         ArtifactCorrupt."""
         manifest = self.manifest(name)
         local = self.cache_dir / name
-        if local.is_dir() and not problems(local, manifest):
+        if local.is_dir() and not manifest_problems(local, manifest):
             return local
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         staging = self.cache_dir / f".{name}.{uuid.uuid4().hex[:8]}.partial"
@@ -144,7 +162,7 @@ class ArtifactStore:
                 target = staging / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(self._remote(name, relative), str(target))
-            wrong = problems(staging, manifest)
+            wrong = manifest_problems(staging, manifest)
             if wrong:
                 raise ArtifactCorrupt(f"artifact {name} does not match its manifest: {'; '.join(wrong[:5])}")
             with open(staging / MANIFEST, "w") as stream:
@@ -154,7 +172,7 @@ class ArtifactStore:
             try:
                 os.replace(staging, local)
             except OSError:  # another process on this host put its verified copy there first
-                if not local.is_dir() or problems(local, manifest):
+                if not local.is_dir() or manifest_problems(local, manifest):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -182,6 +200,6 @@ def local_dir(version) -> Path:
     it (or the disk is shared), else a verified copy from the store (fetched once, then cached)."""
     own = version.artifact_dir
     store = configured_store()
-    if store is None or ((own / "config.json").is_file() and any(own.glob("*.safetensors"))):
+    if store is None or not artifact_problems(own):
         return own
     return store.fetch(version.name)

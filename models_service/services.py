@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.services import assignment_model_draft_record, message_create, ranking_overlap, task_create
-from models_service.artifact_store import configured_store
+from models_service.artifact_store import artifact_problems, configured_store
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import (
     active_version,
@@ -24,24 +24,6 @@ from models_service.selectors import (
     in_flight_pool_requests,
     open_pool_size,
 )
-
-REQUIRED_FILES = ("config.json",)
-REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def artifact_problems(path: Path) -> list[str]:
-    """What keeps a folder from being a loadable save_pretrained model with safetensors weights."""
-    if not path.is_dir():
-        return [f"{path} does not exist"]
-    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (path / name).is_file()]
-    if not any(path.glob("*.safetensors")):
-        problems.append("no .safetensors weights")
-    refused = sorted(p.name for p in path.iterdir() if p.suffix in REFUSED_SUFFIXES)
-    if refused:
-        problems.append(f"pickle-based weights are not accepted: {', '.join(refused)}")
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        problems.append("no tokenizer")
-    return problems
 
 
 def artifact_relative_path(path: Path) -> str:
