@@ -55,19 +55,10 @@ os.environ.update(
 
 import django  # noqa: E402
 
-from bench.support import drop_database, empty_redis_database, recreate_database  # noqa: E402
+from bench.support import discard_scratch, empty_redis_database, recreate_database  # noqa: E402
 from tests.support import processes as procs  # noqa: E402
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 CHAT_PROMPTS = [
     "Give me three tips for a good night's sleep.",
     "How do I boil an egg so the yolk stays soft?",
@@ -227,11 +218,7 @@ def stop_on_signals(processes: list) -> None:
 
     def stop(signum, _frame):
         procs.stop(processes, timeout_s=10)
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(BENCH_DB)
-        empty_redis_database(REDIS_URL)
+        discard_scratch(BENCH_DB, REDIS_URL, ARTIFACTS)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, stop)
@@ -273,7 +260,7 @@ def main() -> None:
         procs.wait_for_workers(app, ("interactive", "training"), workers, timeout_s=120)
         log("web and workers up")
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
             page.set_default_timeout(args.timeout_s * 1000)
             log_in(page)
@@ -329,12 +316,7 @@ def main() -> None:
         }
     finally:
         procs.stop(processes, timeout_s=30)
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(BENCH_DB)
-        empty_redis_database(REDIS_URL)
-        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        discard_scratch(BENCH_DB, REDIS_URL, ARTIFACTS)
     print(json.dumps(result))
 
 

@@ -51,7 +51,7 @@ import django  # noqa: E402
 
 from bench.support import (  # noqa: E402
     config_overrides,
-    drop_database,
+    discard_scratch,
     empty_redis_database,
     recreate_database,
     stage_configs,
@@ -252,12 +252,7 @@ def main() -> None:
         result["threads"] = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     finally:
         procs.stop(processes, timeout_s=30)
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(BENCH_DB)
-        empty_redis_database(REDIS_URL)
-        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        discard_scratch(BENCH_DB, REDIS_URL, ARTIFACTS)
     print(json.dumps(result))
 
 

@@ -67,7 +67,7 @@ import django  # noqa: E402
 
 from bench.support import (  # noqa: E402
     config_overrides,
-    drop_database,
+    discard_scratch,
     empty_redis_database,
     machine_figures,
     recreate_database,
@@ -599,12 +599,7 @@ def main() -> None:
         except (SystemExit, TimeoutError) as exc:
             figures = {"path": args.path, "outcome": f"failed: {exc}"}
         finally:
-            from django.db import connections
-
-            connections.close_all()
-            drop_database(BENCH_DB)
-            empty_redis_database(REDIS_URL)
-            shutil.rmtree(ARTIFACTS, ignore_errors=True)
+            discard_scratch(BENCH_DB, REDIS_URL, ARTIFACTS)
         figures["rule_total_s"] = round(time.monotonic() - started, 1)
         figures.update(targets(figures, name))
         results[name] = figures

@@ -34,6 +34,19 @@ def empty_redis_database(url: str) -> None:
         client.close()
 
 
+def discard_scratch(database: str, redis_url: str, artifacts) -> None:
+    """At a benchmark's end (or when it is stopped): close this process's database connections, drop the scratch
+    database, empty the scratch Redis database and remove the scratch artifacts folder."""
+    import shutil
+
+    from django.db import connections
+
+    connections.close_all()
+    drop_database(database)
+    empty_redis_database(redis_url)
+    shutil.rmtree(artifacts, ignore_errors=True)
+
+
 # Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with
 # what --config overrides on top. A bench passes every stage's full config to the workers and reports it: an empty
 # object would not mean "the defaults" to the workers but "the trainer's bare dataclass defaults".

@@ -5,16 +5,12 @@ detected and fetched again, and a half-uploaded artifact that is never loaded.
 """
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from models_service.artifact_store import MANIFEST, ArtifactCorrupt, ArtifactMissing, ArtifactStore
+from tests.support.s3 import create_bucket, running_s3_server, storage_options
 
 
 def _model_folder(root: Path) -> Path:
@@ -28,28 +24,9 @@ def _model_folder(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3 server on a free port of 127.0.0.1, for the module's tests."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        server.kill()
-        pytest.fail("moto_server did not start")
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+    """A real S3-compatible server (moto's server mode) for the module's tests."""
+    with running_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -58,18 +35,11 @@ def store(request, tmp_path):
         yield ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
         return
     endpoint = request.getfixturevalue("s3_server")
-    options = {
-        "key": "test",
-        "secret": "test",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
     bucket = f"artifacts-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    import boto3
-
-    boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
-    ).create_bucket(Bucket=bucket)
-    yield ArtifactStore(url=f"s3://{bucket}/models", cache_dir=tmp_path / "cache", storage_options=options)
+    create_bucket(endpoint, bucket)
+    yield ArtifactStore(
+        url=f"s3://{bucket}/models", cache_dir=tmp_path / "cache", storage_options=storage_options(endpoint)
+    )
 
 
 def test_publish_then_fetch_gives_the_same_files(store, tmp_path):
