@@ -39,23 +39,28 @@ def chat_view(conversation) -> dict:
         failed = request
     elif request is not None:
         pending = request
+    return {
+        "thread": thread,
+        "pending": pending,
+        "failed": failed,
+        **alternatives_of([m.pk for m in thread], labeler_id=conversation.created_by_id),
+        "latest": latest,
+    }
+
+
+def alternatives_of(message_ids: list[int], *, labeler_id: int) -> dict:
+    """The alternatives asked for on these model turns ({message id: request}), and which of their ranking tasks
+    the labeler has submitted: the chat page's lines under its model turns, and each line as it polls itself."""
     alternatives = {
         r.keep_message_id: r
         for r in SamplingRequest.objects.filter(
-            purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message__in=[m.pk for m in thread]
+            purpose=SamplingRequest.Purpose.ALTERNATIVES, keep_message__in=message_ids
         ).select_related("task")
     }
     task_ids = [r.task_id for r in alternatives.values() if r.task_id]
     ranked_by_me = set(
         Assignment.objects.filter(
-            task_id__in=task_ids, labeler_id=conversation.created_by_id, status=Assignment.Status.SUBMITTED
+            task_id__in=task_ids, labeler_id=labeler_id, status=Assignment.Status.SUBMITTED
         ).values_list("task_id", flat=True)
     )
-    return {
-        "thread": thread,
-        "pending": pending,
-        "failed": failed,
-        "alternatives": alternatives,
-        "ranked_by_me": ranked_by_me,
-        "latest": latest,
-    }
+    return {"alternatives": alternatives, "ranked_by_me": ranked_by_me}

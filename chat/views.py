@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
 from chat import services
-from chat.selectors import chat_conversations, chat_view
+from chat.selectors import alternatives_of, chat_conversations, chat_view
 from config.ratelimit import per_user_per_minute
 from labeling.forms import MessageTextField
 from labeling.models import Assignment, Conversation, Message
@@ -137,12 +137,9 @@ def chat_alternatives_status(request, message_id: int):
     message = get_object_or_404(
         Message, pk=message_id, conversation__created_by=request.user, conversation__source=Conversation.Source.CHAT
     )
-    view = chat_view(message.conversation)
-    return render(
-        request,
-        "chat/chat.html#alternatives",
-        {"m": message, "alternatives": view["alternatives"], "k_choices": range(2, 10), **view},
-    )
+    # Only this turn's line: the rest of the chat (its thread, its reply request) is not read again at each poll.
+    lines = alternatives_of([message.pk], labeler_id=request.user.pk)
+    return render(request, "chat/chat.html#alternatives", {"m": message, "k_choices": range(2, 10), **lines})
 
 
 @login_required
