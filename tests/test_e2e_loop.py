@@ -4,11 +4,18 @@ Scripted labelers work the queue through the product's services. Their hidden ru
 often it says "sentence". Demonstrations say it about half of the time. Then, with no one running a script:
 thresholds fire; SFT, the reward model and PPO run on the training worker; the gate evaluates and promotes;
 and new ranking tasks are sampled from the new policy.
+
+The workers run as on separate hosts (`pytest -m multihost`): the control worker on host A, the training worker on
+host B, two sampling workers on hosts C and D, and this test (the web tier) on a host of its own. Each starts with an
+empty disk of its own (ARTIFACTS_DIR) and shares only PostgreSQL, Redis and an S3 artifact store (moto's server,
+started here): every model a host did not write itself comes from the store.
 """
 
+import json
 import random
 import re
 import time
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -17,16 +24,18 @@ from labeling import services
 from labeling.models import Conversation, Message, QueueSettings, Ranking, Role, Task, TaskKind
 from ml.generation import SamplingParams, sample_completions
 from ml.scoring import score_pairs
+from models_service.artifact_store import MANIFEST, configured_store, manifest_problems
 from models_service.loading import load_version
-from models_service.models import ModelVersion
+from models_service.models import ModelVersion, SamplingRequest
 from models_service.tasks import fill_ranking_pool
 from tests.support.factories import UserFactory
-from tests.support.workers import running_workers
+from tests.support.s3 import create_bucket, running_s3_server, storage_options
+from tests.support.workers import running_hosts
 from training_jobs.loop import trainable_rankings
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 from training_jobs.tasks import loop_tick
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.multihost, pytest.mark.django_db(transaction=True)]
 
 # Words that the tiny test tokenizer has as single tokens, so a two-layer model learns them from a few
 # dozen demonstrations.
@@ -54,6 +63,33 @@ WORKER_ENV = {
     # and 0.85 in three of five runs, below its 0.9 bar (two passed). bf16 training is tested in test_precision.py.
     "TRAINING_CPU_BF16": "false",
 }
+
+
+HOSTS = {"host-a": ["control"], "host-b": ["training"], "host-c": ["sampling"], "host-d": ["sampling"]}
+
+
+@pytest.fixture
+def store(settings, tmp_path):
+    """An S3 artifact store shared by every host; this test process is the web host, with a disk of its own."""
+    with running_s3_server() as endpoint:
+        create_bucket(endpoint, "artifacts")
+        settings.ARTIFACTS_URL = "s3://artifacts/models"
+        settings.ARTIFACTS_STORAGE_OPTIONS = storage_options(endpoint)
+        settings.ARTIFACTS_DIR = tmp_path / "web" / "var" / "artifacts"
+        yield {
+            "ARTIFACTS_URL": settings.ARTIFACTS_URL,
+            "ARTIFACTS_STORAGE_OPTIONS": json.dumps(storage_options(endpoint)),
+        }
+
+
+@pytest.fixture
+def tiny_policy(store, tiny_policy):
+    """The base policy, registered (and so published to the store) from the web host."""
+    return tiny_policy
+
+
+def host_dirs(root: Path) -> dict[str, Path]:
+    return {host: root / host / "var" / "artifacts" for host in HOSTS}
 
 
 def score(text: str) -> int:
@@ -166,7 +202,7 @@ def wait_until(predicate, *, timeout: float, labelers, what: str, work_while=lam
     raise AssertionError(f"timed out waiting for {what}; runs {runs}; evaluations {evaluations}")
 
 
-def test_labels_in_a_better_policy_out(tiny_policy):
+def test_labels_in_a_better_policy_out(tiny_policy, store, tmp_path):
     STARTED[0] = time.monotonic()
     loop = LoopSettings.load()
     loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 140, 1
@@ -184,7 +220,10 @@ def test_labels_in_a_better_policy_out(tiny_policy):
         for i in range(3)
     ]
 
-    with running_workers("training", "sampling", "control", env=WORKER_ENV):
+    disks = host_dirs(tmp_path)
+    assert not any(d.exists() for d in disks.values()), "every host starts with an empty disk"
+    hosts = {host: (queues, {"ARTIFACTS_DIR": str(disks[host])}) for host, queues in HOSTS.items()}
+    with running_hosts(hosts, env={**WORKER_ENV, **store}):
         sft_run = wait_until(
             lambda: TrainingRun.objects.filter(kind="sft", status="succeeded").first(),
             timeout=240,
@@ -269,3 +308,24 @@ def test_labels_in_a_better_policy_out(tiny_policy):
     chats = [[{"role": "user", "content": p.text}] for p in holdout]
     sft_rate, ppo_rate = rule_rate(sft, chats), rule_rate(ppo, chats)
     assert ppo_rate > sft_rate, f"PPO says {WORD!r} in {ppo_rate:.0%} of replies, SFT in {sft_rate:.0%}"
+
+    # Hosts: the PPO policy was trained and written on host B, and sampled on host C or D from a verified copy of
+    # the store's; no host but its writer ever held a model's folder, and every registered model is in the store.
+    ppo_run.refresh_from_db()
+    assert ppo_run.worker == "training@host-b", ppo_run.worker
+    assert (disks["host-b"] / ppo.artifact_path / "config.json").is_file()
+    store_names = set(configured_store().names())
+    assert set(ModelVersion.objects.values_list("name", flat=True)) <= store_names, store_names
+    samplers = set(
+        SamplingRequest.objects.filter(model_version=ppo, purpose="pool", status="done").values_list(
+            "worker", flat=True
+        )
+    )
+    assert samplers and samplers <= {"sampling@host-c", "sampling@host-d"}, samplers
+    for worker in samplers:
+        disk = disks[worker.split("@")[1]]
+        cached = disk / "cache" / ppo.name
+        manifest = json.loads((cached / MANIFEST).read_text())
+        assert manifest == configured_store().manifest(ppo.name) and not manifest_problems(cached, manifest)
+        assert not (disk / "models").exists() and not (disk / "staging").exists(), sorted(disk.iterdir())
+    print("PPO policy trained on host B, sampled on", sorted(samplers), flush=True)

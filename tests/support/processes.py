@@ -40,9 +40,16 @@ def start(
     return process
 
 
-def start_workers(*queues: str, env: dict | None = None, log_dir: Path | None = None) -> list[subprocess.Popen]:
-    """One bin/worker per queue (interactive, sampling, training, control)."""
-    return [start(f"worker-{queue}", [str(BIN / "worker"), queue], env=env, log_dir=log_dir) for queue in queues]
+def start_workers(
+    *queues: str, env: dict | None = None, log_dir: Path | None = None, host: str = ""
+) -> list[subprocess.Popen]:
+    """One bin/worker per queue (interactive, sampling, training, control), named QUEUE@`host` when given (a host
+    simulated on this machine: bin/worker's WORKER_HOST), else QUEUE@this-host."""
+    env = {**(env or {}), **({"WORKER_HOST": host} if host else {})}
+    return [
+        start(f"worker-{queue}" + (f"-{host}" if host else ""), [str(BIN / "worker"), queue], env=env, log_dir=log_dir)
+        for queue in queues
+    ]
 
 
 def start_web(*, env: dict | None = None, log_dir: Path | None = None, keep_stdout: bool = False) -> subprocess.Popen:
@@ -61,9 +68,10 @@ def _exited(processes: list[subprocess.Popen]) -> str:
     return ""
 
 
-def wait_for_workers(app, queues, processes: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
-    """Until a worker named QUEUE@this-host answers a Celery ping for each queue; fails if a process exits."""
-    expected = {f"{queue}@{socket.gethostname()}" for queue in queues}
+def wait_for_workers(app, queues, processes: list[subprocess.Popen], timeout_s: float = 90.0, *, names=()) -> None:
+    """Until a worker named QUEUE@this-host answers a Celery ping for each queue (and one for each of `names`,
+    QUEUE@HOST); fails if a process exits."""
+    expected = {f"{queue}@{socket.gethostname()}" for queue in queues} | set(names)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         problem = _exited(processes)
@@ -123,6 +131,22 @@ def running_workers(app, *queues: str, env: dict | None = None, log_dir: Path | 
     processes = start_workers(*queues, env=env, log_dir=log_dir)
     try:
         wait_for_workers(app, queues, processes, ready_timeout)
+        yield processes
+    finally:
+        stop(processes)
+
+
+@contextlib.contextmanager
+def running_hosts(app, hosts: dict[str, tuple[list[str], dict]], *, log_dir: Path | None = None, ready_timeout=90.0):
+    """Workers as on separate hosts: {host: (queues, env)}, each worker named QUEUE@HOST with its host's env (its
+    own ARTIFACTS_DIR, say); ready inside the block, stopped after it."""
+    app.control.purge()
+    processes, names = [], []
+    try:
+        for host, (queues, env) in hosts.items():
+            processes += start_workers(*queues, env=env, log_dir=log_dir, host=host)
+            names += [f"{queue}@{host}" for queue in queues]
+        wait_for_workers(app, (), processes, ready_timeout, names=names)
         yield processes
     finally:
         stop(processes)
