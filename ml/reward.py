@@ -34,6 +34,7 @@ from ml.common import (
     unwrapped,
 )
 from ml.generation import left_pad
+from ml.parallel import DataParallel
 from ml.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 
 
@@ -115,10 +116,29 @@ class RewardBlocks(FrozenBlocks):
         return bool(torch.allclose(self.scores(pairs), full, atol=tolerance, rtol=1e-3))
 
 
+class Scorer(torch.nn.Module):
+    """`sequence_scores` as a module's forward pass, so that a launch's wrapper (DDP, DeepSpeed) sees the training
+    forward it must synchronise: the reward model's head reads the backbone directly, not the model's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+
 def _score_candidates(
-    model, tokenizer, rankings: list[Ranked], max_length: int, device, frozen: RewardBlocks | None = None
+    model,
+    tokenizer,
+    rankings: list[Ranked],
+    max_length: int,
+    device,
+    frozen: RewardBlocks | None = None,
+    scorer=None,
 ) -> list[torch.Tensor]:
-    """One forward pass over all candidates of the given rankings (K rows each); scores split per ranking."""
+    """One forward pass over all candidates of the given rankings (K rows each); scores split per ranking.
+    `scorer`: the prepared Scorer of a launch (training steps only)."""
     if frozen is not None:
         scores = frozen.scores([(r.context, candidate) for r in rankings for candidate in r.candidates])
         return list(torch.split(scores, [len(r.candidates) for r in rankings]))
@@ -130,7 +150,7 @@ def _score_candidates(
     ]
     ids, mask = left_pad(rows, pad_id, device)
     with autocast():
-        scores = sequence_scores(model, ids, mask)
+        scores = scorer(ids, mask) if scorer is not None else sequence_scores(model, ids, mask)
     return list(torch.split(scores, [len(r.candidates) for r in rankings]))
 
 
@@ -143,11 +163,15 @@ def pairwise_accuracy(
     max_length: int,
     batch_size: int = 8,
     frozen: RewardBlocks | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict:
-    """Share of ordered (non-tied) pairs the model scores in the labelers' order."""
+    """Share of ordered (non-tied) pairs the model scores in the labelers' order (each process of a launch scores
+    its share of the rankings; the counts are added up)."""
+    parallel = parallel or DataParallel()
     model.eval()
     correct = total = 0
     device = next(model.parameters()).device
+    rankings = parallel.share(rankings)
     for start in range(0, len(rankings), batch_size):
         chunk = rankings[start : start + batch_size]
         scored = _score_candidates(model, tokenizer, chunk, max_length, device, frozen)
@@ -156,13 +180,23 @@ def pairwise_accuracy(
             correct += int((scores[winners] > scores[losers]).sum()) if winners else 0
             total += len(winners)
     model.train()
+    correct, total = (int(v) for v in parallel.total(correct, total))
     return {"accuracy": correct / total if total else None, "pairs": total}
 
 
 @torch.no_grad()
 def mean_score(
-    model, tokenizer, pairs: list[tuple[list[dict], str]], *, max_length: int, batch_size: int = 16
+    model,
+    tokenizer,
+    pairs: list[tuple[list[dict], str]],
+    *,
+    max_length: int,
+    batch_size: int = 16,
+    parallel: DataParallel | None = None,
 ) -> float:
+    parallel = parallel or DataParallel()
+    count = len(pairs)
+    pairs = parallel.share(pairs)
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -176,7 +210,7 @@ def mean_score(
         with autocast():
             total += float(sequence_scores(model, ids, mask).sum())
     model.train()
-    return total / max(len(pairs), 1)
+    return parallel.total(total)[0] / max(count, 1)
 
 
 def load_reward_model(base_dir: Path, *, dtype, device):
@@ -199,13 +233,18 @@ def train_reward(
     holdout: list[Ranked] = (),
     demonstrations: list[tuple[list[dict], str]] = (),
     progress: Progress | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train the reward model on rankings; report pairwise accuracy on `validation` and on `holdout` (e.g. a
-    held-out slice of imported HH-RLHF pairs); shift scores so `demonstrations` (chat, reply) average 0."""
+    held-out slice of imported HH-RLHF pairs); shift scores so `demonstrations` (chat, reply) average 0.
+    With `parallel` (under `accelerate launch`), each process takes its rankings of every batch (ml/parallel.py)
+    and the main process writes the model; the frozen blocks' cache is a one-process CPU economy and stays off."""
     progress = progress or Progress()
+    parallel = parallel or DataParallel()
     seed_everything(config.seed)
     limit_allocator_caching()
     device, dtype = training_device()
+    device = parallel.device or device
     model, tokenizer = load_reward_model(base_dir, dtype=dtype, device=device)
     if config.lora:
         model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, task_type="SEQ_CLS")
@@ -224,7 +263,8 @@ def train_reward(
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     progress.start(total_steps)
     frozen = None
-    if config.cache_frozen_blocks and not config.lora and 0 < config.train_top_layers < len(transformer_blocks(model)):
+    cache = config.cache_frozen_blocks and not config.lora and not parallel.distributed
+    if cache and 0 < config.train_top_layers < len(transformer_blocks(model)):
         started = time.monotonic()
         frozen = RewardBlocks(model, tokenizer, trained_blocks=config.train_top_layers, max_length=config.max_length)
         frozen.add_pairs([(r.context, c) for r in [*train, *validation] for c in r.candidates], progress=progress)
@@ -237,6 +277,9 @@ def train_reward(
             f"replies in {time.monotonic() - started:.0f} s; epochs run the top {config.train_top_layers} only"
         )
     schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
+    scorer = None
+    if parallel.distributed:
+        scorer, optimizer = parallel.prepare(Scorer(model), optimizer)
     progress.message(
         f"reward model on {len(train)} rankings ({sum(len(ranking_pairs(r.ranks)[0]) for r in train)} pairs), "
         f"{len(validation)} for validation"
@@ -246,17 +289,29 @@ def train_reward(
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in range(0, len(order), config.rankings_per_batch):
             chunk = [train[i] for i in order[start : start + config.rankings_per_batch]]
-            scores = _score_candidates(model, tokenizer, chunk, config.max_length, device, frozen)
+            weight = 1.0
+            if parallel.distributed:  # every ranking of `train` gives pairs, so each counts once in the mean
+                rows, weight = parallel.rows(len(chunk))
+                batch, chunk = len(chunk), [chunk[i] for i in rows]
+            scores = _score_candidates(model, tokenizer, chunk, config.max_length, device, frozen, scorer)
             losses = [ranking_loss(s, r.ranks) for s, r in zip(scores, chunk, strict=True)]
-            loss = torch.stack([x for x in losses if x is not None]).mean()
+            if parallel.distributed:
+                local = torch.stack(losses).sum()
+                loss = parallel.scale(local, batch, weight)
+                reported = parallel.total(float(local) * weight)[0] / batch
+            else:
+                loss = torch.stack([x for x in losses if x is not None]).mean()
+                reported = loss.item()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            parallel.backward(loss)
+            parallel.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            progress.metric("rm/train_loss", loss.item())
+            progress.metric("rm/train_loss", reported)
             progress.advance()
-        measured = pairwise_accuracy(model, tokenizer, validation, max_length=config.max_length, frozen=frozen)
+        measured = pairwise_accuracy(
+            model, tokenizer, validation, max_length=config.max_length, frozen=frozen, parallel=parallel
+        )
         if measured["accuracy"] is not None:
             progress.metric("rm/val_accuracy", measured["accuracy"])
         progress.message(f"epoch {epoch}/{config.epochs}: validation pairwise accuracy {measured['accuracy']}")
@@ -266,19 +321,22 @@ def train_reward(
         "val_pairs": measured["pairs"],
         "train_rankings": len(train),
         "validation_rankings": len(validation),
+        "processes": parallel.world,
     }
     if holdout:
-        held = pairwise_accuracy(model, tokenizer, list(holdout), max_length=config.max_length)
+        held = pairwise_accuracy(model, tokenizer, list(holdout), max_length=config.max_length, parallel=parallel)
         metrics.update(holdout_accuracy=held["accuracy"], holdout_pairs=held["pairs"])
         progress.message(f"held-out pairwise accuracy {held['accuracy']} over {held['pairs']} pairs")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if config.normalise_on_demonstrations and demonstrations:
         setattr(model.config, REWARD_OFFSET, 0.0)
-        offset = -mean_score(model, tokenizer, list(demonstrations), max_length=config.max_length)
+        offset = -mean_score(model, tokenizer, list(demonstrations), max_length=config.max_length, parallel=parallel)
         setattr(model.config, REWARD_OFFSET, offset)
         metrics["reward_offset"] = round(offset, 6)
         progress.message(f"scores shifted by {offset:+.4f} so that {len(demonstrations)} demonstrations average 0")
-    save_model(model, tokenizer, output_dir)
+    if parallel.is_main:
+        save_model(model, tokenizer, output_dir)
+    parallel.wait()
     progress.flush(force=True)
     return TrainResult(output_dir=output_dir, metrics=metrics, series=progress.series)

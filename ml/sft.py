@@ -24,6 +24,7 @@ from ml.common import (
     training_device,
 )
 from ml.generation import chat_prompt_ids
+from ml.parallel import DataParallel
 
 IGNORE = -100
 
@@ -88,14 +89,17 @@ def token_loss(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def validation_loss(model, examples, batch_size, pad_id, device) -> float:
+def validation_loss(model, examples, batch_size, pad_id, device, parallel: DataParallel | None = None) -> float:
+    """Mean token loss over `examples` (each process of a launch scores its share; the sums are added up)."""
+    parallel = parallel or DataParallel()
     model.eval()
     total, count = 0.0, 0
-    for ids, mask, labels in batches(examples, batch_size, pad_id, device):
+    for ids, mask, labels in batches(parallel.share(examples), batch_size, pad_id, device):
         loss, n = token_loss(model, ids, mask, labels)
         total += float(loss) * n
         count += n
     model.train()
+    total, count = parallel.total(total, count)
     return total / max(count, 1)
 
 
@@ -107,15 +111,19 @@ def train_sft(
     base_dir: Path,
     output_dir: Path,
     progress: Progress | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Fine-tune the policy at `base_dir` on the chats' final assistant turns; save the best epoch (lowest
-    validation loss) to `output_dir`."""
+    validation loss) to `output_dir`. With `parallel` (under `accelerate launch`), each process takes its rows of
+    every batch (ml/parallel.py) and the main process writes the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress = progress or Progress()
+    parallel = parallel or DataParallel()
     seed_everything(config.seed)
     limit_allocator_caching()
     device, dtype = training_device()
+    device = parallel.device or device
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
@@ -132,8 +140,10 @@ def train_sft(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=int(config.warmup_ratio * total_steps))
+    inner = model
+    model, optimizer = parallel.prepare(model, optimizer)
     progress.start(total_steps)
-    initial = validation_loss(model, validation, config.batch_size * 2, pad_id, device)
+    initial = validation_loss(model, validation, config.batch_size * 2, pad_id, device, parallel)
     progress.metric("sft/val_loss", initial, step=0)
     progress.message(f"SFT on {len(train)} demonstrations ({len(validation)} for validation); val loss {initial:.4f}")
 
@@ -141,26 +151,38 @@ def train_sft(
     tokens, started = 0, time.monotonic()
     for epoch in range(1, config.epochs + 1):
         for ids, mask, labels in batches(train, config.batch_size, pad_id, device, shuffle_seed=config.seed + epoch):
-            loss, count = token_loss(model, ids, mask, labels)
+            if parallel.distributed:
+                batch_count = int((labels[:, 1:] != IGNORE).sum())
+                rows, weight = parallel.rows(len(ids))
+                ids, mask, labels = ids[rows], mask[rows], labels[rows]
+                mean, count = token_loss(model, ids, mask, labels)
+                loss = parallel.scale(mean * count, batch_count, weight)
+                reported = parallel.total(float(mean) * count * weight)[0] / max(batch_count, 1)
+            else:
+                loss, count = token_loss(model, ids, mask, labels)
+                reported = loss.item()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            parallel.backward(loss)
+            parallel.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             tokens += int(mask.sum())
-            progress.metric("sft/train_loss", loss.item())
+            progress.metric("sft/train_loss", reported)
             progress.metric("sft/learning_rate", schedule.get_last_lr()[0])
             progress.advance()
-        loss = validation_loss(model, validation, config.batch_size * 2, pad_id, device)
+        loss = validation_loss(model, validation, config.batch_size * 2, pad_id, device, parallel)
         progress.metric("sft/val_loss", loss)
         progress.message(f"epoch {epoch}/{config.epochs}: validation loss {loss:.4f}")
         if loss < best_loss:
             best_loss, best_epoch = loss, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _trained(k, model)}
+            best_state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if _trained(k, inner)}
     elapsed = time.monotonic() - started
+    tokens = int(parallel.total(tokens)[0])
     if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    save_model(model, tokenizer, output_dir)
+        inner.load_state_dict(best_state, strict=False)
+    if parallel.is_main:
+        save_model(inner, tokenizer, output_dir)
+    parallel.wait()
     progress.flush(force=True)
     return TrainResult(
         output_dir=output_dir,
@@ -173,6 +195,7 @@ def train_sft(
             "validation_examples": len(validation),
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+            "processes": parallel.world,
         },
         series=progress.series,
     )

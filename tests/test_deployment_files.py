@@ -147,3 +147,20 @@ def test_the_multihost_layout_shares_only_the_database_redis_and_the_store():
     assert len(set(disks.values())) == len(disks), "no two processes share an artifacts disk"
     gpu = services["worker-training"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
+    training = services["worker-training"]["environment"]
+    assert (ROOT / training["TRAINING_ACCELERATE_CONFIG"]).is_file(), "the training worker launches with accelerate"
+
+
+def test_the_shipped_accelerate_configs_are_valid():
+    """config/accelerate/: DDP and DeepSpeed ZeRO-2, for one node and for several; each loads as accelerate's own
+    launch config (only ddp.yaml runs in the suite: tests/ml/test_launch.py)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    shipped = sorted((ROOT / "config" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in shipped} == {"ddp", "ddp_multinode", "deepspeed_zero2", "deepspeed_zero2_multinode"}
+    for path in shipped:
+        config = load_config_from_file(str(path))
+        assert config.distributed_type in ("MULTI_GPU", "DEEPSPEED"), path.name
+        assert (config.num_machines > 1) == ("multinode" in path.stem), path.name
+        if config.distributed_type == "DEEPSPEED":
+            assert config.deepspeed_config["zero_stage"] == 2, path.name

@@ -26,6 +26,7 @@ from django.db import close_old_connections, connection, transaction
 
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
 from ml.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
+from ml.launch import Launch, train
 from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.selectors import active_version, newest_ready
@@ -202,7 +203,19 @@ def _fail(run: TrainingRun, progress: Progress, error: str) -> str:
     return TrainingRun.Status.FAILED
 
 
-# --- the three stages ---
+# --- the stages ---
+
+
+def launch() -> Launch | None:
+    """How SFT and reward-model runs start: under `accelerate launch` when TRAINING_ACCELERATE_CONFIG names a
+    config, else in this process (None)."""
+    if not settings.TRAINING_ACCELERATE_CONFIG:
+        return None
+    return Launch(
+        config_file=Path(settings.TRAINING_ACCELERATE_CONFIG),
+        num_processes=settings.TRAINING_NUM_PROCESSES,
+        poll_s=min(settings.TRAINING_REPORT_INTERVAL_S, 1.0),
+    )
 
 
 @contextlib.contextmanager
@@ -216,7 +229,7 @@ def data_snapshot():
 
 
 def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.sft import SFTConfig, train_sft
+    from ml.sft import SFTConfig
 
     config = config_from(SFTConfig, {**settings.TRAINING_SFT_DEFAULTS, **run.config})
     with data_snapshot():
@@ -226,10 +239,12 @@ def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
         reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
         progress.flush(force=True)
         mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
-    result = train_sft(
+    result = train(
+        "sft",
         config,
-        [e.chat for e in data.train],
-        [e.chat for e in data.validation],
+        launch=launch(),
+        train_chats=[e.chat for e in data.train],
+        validation_chats=[e.chat for e in data.validation],
         base_dir=local_dir(run.base_model),
         output_dir=staging,
         progress=progress,
@@ -238,7 +253,7 @@ def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunRepor
 
 
 def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.reward import Ranked, RewardConfig, train_reward
+    from ml.reward import Ranked, RewardConfig
 
     config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **run.config})
     with data_snapshot():
@@ -261,10 +276,12 @@ def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReport
     def ranked(examples):
         return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
 
-    result = train_reward(
+    result = train(
+        "rm",
         config,
-        ranked(data.train),
-        ranked(validation),
+        launch=launch(),
+        train=ranked(data.train),
+        validation=ranked(validation),
         base_dir=local_dir(run.base_model),
         output_dir=staging,
         holdout=ranked(holdout),

@@ -3,6 +3,8 @@
 import datetime as dt
 from pathlib import Path
 
+from django.core.exceptions import ImproperlyConfigured
+
 from config.env import (
     env_bool,
     env_bool_or_auto,
@@ -270,6 +272,17 @@ TRAINING_DPO_DEFAULTS = env_json_object(
         "train_top_layers": 8,
     },
 )
+# Training under `accelerate launch` (ml/launch.py): empty = in the training worker's own process (the default); the
+# path of an accelerate config (config/accelerate/: DDP or DeepSpeed ZeRO-2, one node or several) = SFT and
+# reward-model runs start as a launch of TRAINING_NUM_PROCESSES processes (0: the file's number), which the worker
+# follows (progress, cancel) and whose model it registers only when complete. PPO, DPO and RLOO run in the worker's
+# own process either way.
+TRAINING_ACCELERATE_CONFIG = env_str("TRAINING_ACCELERATE_CONFIG", "")
+if TRAINING_ACCELERATE_CONFIG:
+    TRAINING_ACCELERATE_CONFIG = str((BASE_DIR / TRAINING_ACCELERATE_CONFIG).resolve())
+    if not Path(TRAINING_ACCELERATE_CONFIG).is_file():
+        raise ImproperlyConfigured(f"TRAINING_ACCELERATE_CONFIG: {TRAINING_ACCELERATE_CONFIG} is not a file.")
+TRAINING_NUM_PROCESSES = env_int("TRAINING_NUM_PROCESSES", 0, min_value=0)
 # Mixed precision for training on the CPU (ml.common.cpu_bf16, which reads the variable itself): checked
 # here so that a bad value stops the deployment at start-up. None = auto (where the CPU multiplies bf16 natively).
 TRAINING_CPU_BF16 = env_bool_or_auto("TRAINING_CPU_BF16", "auto")
