@@ -252,11 +252,19 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+ADAPTER_DIR = "adapter"  # a LoRA policy's adapter alone, inside its model folder
+
+
 def save_model(model, tokenizer, output_dir: Path) -> Path:
-    """save_pretrained with safetensors; a LoRA model is merged first, so the folder loads without peft."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """save_pretrained with safetensors; a LoRA model is merged first, so the folder loads without peft. A LoRA
+    policy (causal LM) also keeps its adapter alone in ADAPTER_DIR: what a server that serves the starting model
+    loads on top of it at run time (vLLM's /v1/load_lora_adapter) instead of restarting on the merged weights."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        peft_config = getattr(model, "active_peft_config", None)
+        if peft_config is not None and peft_config.task_type == "CAUSAL_LM":
+            model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir

@@ -7,6 +7,11 @@ The server must serve the active policy under the version's name (`vllm serve <A
 when the serving version is not there, so no candidate is ever recorded under the wrong version. The recorded
 sampling parameters are the same as the native loop's, with `backend` and the server's `finish_reason`.
 
+A promotion needs no restart where the new policy is a LoRA adapter over the model the server serves (PPO and
+RLOO train LoRA adapters by default, over their parent version): the worker asks the server to load the adapter
+(`/v1/load_lora_adapter`, vLLM started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and samples it
+under the version's name. A version of full weights (SFT, DPO) needs the server started on it.
+
 Worker side (the sampling worker); HTTP through the standard library.
 """
 
@@ -37,7 +42,7 @@ class OpenAICompatibleBackend:
     api_key: str = ""
     timeout_s: float = 300.0
 
-    def _request(self, path: str, body: dict | None = None) -> dict:
+    def _request(self, path: str, body: dict | None = None, *, expect_json: bool = True):
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -45,15 +50,27 @@ class OpenAICompatibleBackend:
         request = urllib.request.Request(f"{self.base_url.rstrip('/')}{path}", data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.load(response)
+                return json.load(response) if expect_json else response.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
             raise BackendError(f"{self.base_url}{path} answered {exc.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
             raise BackendError(f"{self.base_url}{path} could not be reached: {exc}") from None
 
+    def models(self) -> list[dict]:
+        """The server's models: {"id", and for a LoRA adapter "parent" (the model it applies to)}."""
+        return list(self._request("/v1/models").get("data", []))
+
     def served_models(self) -> list[str]:
-        return [model["id"] for model in self._request("/v1/models").get("data", [])]
+        return [model["id"] for model in self.models()]
+
+    def base_models(self) -> list[str]:
+        """The models the server runs as weights, not as adapters over another."""
+        return [model["id"] for model in self.models() if not model.get("parent")]
+
+    def load_adapter(self, name: str, path: str) -> str:
+        """Load the LoRA adapter at `path` (as the server sees it) under `name`; the server answers in words."""
+        return self._request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, expect_json=False)
 
     def require_serving(self, version_name: str) -> None:
         served = self.served_models()

@@ -6,6 +6,7 @@ Worker processes only (imports torch through generation and loading).
 import hashlib
 import logging
 import time
+from pathlib import Path
 
 from django.conf import settings
 
@@ -130,6 +131,40 @@ def fill_pool_once(*, worker: str = "") -> dict:
     }
 
 
+def serve_on(backend, version: ModelVersion) -> str:
+    """Make the server serve `version` without a restart where it can: already served; or a LoRA policy whose
+    parent the server runs as its weights, whose adapter the server is asked to load. Otherwise BackendError with
+    what to do. Returns what was done."""
+    from ml.common import ADAPTER_DIR
+    from models_service.artifact_store import local_dir
+    from models_service.openai_backend import BackendError
+
+    if version.name in backend.served_models():
+        return "served"
+    bases = backend.base_models()
+    parent = version.parent.name if version.parent_id else None
+    if parent is None or parent not in bases:
+        raise BackendError(
+            f"the sampling server runs {', '.join(bases) or 'nothing'}; the active policy {version.name} is not "
+            f"served and is no adapter over one of them: restart it on {version.name} "
+            f"(vllm serve <its folder> --served-model-name {version.name})"
+        )
+    adapter = local_dir(version) / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise BackendError(
+            f"{version.name} is full weights, not a LoRA adapter over {parent}: restart the sampling server on it "
+            f"(vllm serve <its folder> --served-model-name {version.name})"
+        )
+    seen_at = adapter
+    if settings.SAMPLING_VLLM_ARTIFACTS_DIR:  # the server sees this host's ARTIFACTS_DIR elsewhere
+        seen_at = Path(settings.SAMPLING_VLLM_ARTIFACTS_DIR) / adapter.relative_to(Path(settings.ARTIFACTS_DIR))
+    answer = backend.load_adapter(version.name, str(seen_at))
+    if version.name not in backend.served_models():
+        raise BackendError(f"the sampling server did not load {version.name}'s adapter: {answer[:300]}")
+    logger.info("the sampling server loaded %s as an adapter over %s: %s", version.name, parent, answer[:200])
+    return "loaded adapter"
+
+
 def _fill_from_server(requests: list[SamplingRequest]) -> dict:
     """fill_pool_once through an OpenAI-compatible server (SAMPLING_BACKEND=vllm): the server samples, the
     candidates are recorded under the active version, which the server must be serving (checked first)."""
@@ -143,6 +178,7 @@ def _fill_from_server(requests: list[SamplingRequest]) -> dict:
         if not settings.SAMPLING_VLLM_URL:
             raise RuntimeError("SAMPLING_BACKEND is vllm but SAMPLING_VLLM_URL is not set.")
         backend = OpenAICompatibleBackend(settings.SAMPLING_VLLM_URL, api_key=settings.SAMPLING_VLLM_API_KEY)
+        serve_on(backend, version)
         params = serving_params(seed=batch_seed(requests))
         grouped = backend.sample(version.name, [_chat(r) for r in requests], k=settings.SAMPLING_K, params=params)
         for request, completions in zip(requests, grouped, strict=True):

@@ -320,6 +320,9 @@ SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
 SAMPLING_BACKEND = env_str("SAMPLING_BACKEND", "native", choices=["native", "vllm"])
 SAMPLING_VLLM_URL = env_str("SAMPLING_VLLM_URL", "")
 SAMPLING_VLLM_API_KEY = env_str("SAMPLING_VLLM_API_KEY", "")
+# Where the server finds this sampling worker's ARTIFACTS_DIR (a volume both mount), to load a promoted LoRA policy's
+# adapter without a restart (models_service.sampling.serve_on); empty = at the same path.
+SAMPLING_VLLM_ARTIFACTS_DIR = env_str("SAMPLING_VLLM_ARTIFACTS_DIR", "")
 # A sampling worker starts filling the ranking pool as soon as it has loaded the policy (not at beat's first tick).
 SAMPLING_FILL_ON_START = env_bool("SAMPLING_FILL_ON_START", True)
 SAMPLING_POOL_TARGET = env_int("SAMPLING_POOL_TARGET", 20, min_value=0, max_value=10_000)

@@ -113,6 +113,22 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_bound(tiny_model_dirs, rewa
         assert len(result.series[f"ppo/{name}"]) == 20, name
     assert "ppo/ptx_loss" not in result.series
 
+    # The adapter kept beside the merged weights is the whole change: the starting policy plus the adapter (what a
+    # vLLM server running the starting policy loads at promotion) gives the merged model's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    over_parent = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dirs[0]), tmp_path / "out" / "adapter"
+    ).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        assert torch.allclose(over_parent(ids).logits, merged(ids).logits, atol=1e-4)
+        assert not torch.allclose(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dirs[0])(ids).logits, merged(ids).logits, atol=1e-4
+        )
+
 
 def test_one_update_moves_logprobs_along_the_advantage(tiny_model_dirs):
     policy, tokenizer = load_policy(tiny_model_dirs[0])
