@@ -65,6 +65,10 @@ class DataParallel:
         """The module and optimizer wrapped for the launch's strategy (DDP, DeepSpeed ZeRO); unchanged alone."""
         if not self.distributed:
             return module, optimizer
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            # DeepSpeed sizes its bookkeeping from a prepared data loader; the trainers batch their own rows.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         return self.accelerator.prepare(module, optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
