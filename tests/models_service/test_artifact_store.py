@@ -139,3 +139,30 @@ def test_a_version_whose_upload_fails_is_not_registered(tiny_model_dirs, setting
     with pytest.raises(OSError):
         register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v8", stage="sft")
     assert not ModelVersion.objects.filter(name="policy-sft-v8").exists()
+
+
+def test_the_cache_keeps_the_most_recently_used_versions(tmp_path):
+    """A long-lived host does not fill its disk with every version it ever fetched: beyond `cache_keep`, the least
+    recently used versions go, but never the one just fetched nor one used within `cache_min_age_s`."""
+    import os
+    import time
+
+    store = ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache", cache_keep=2)
+    folder = _model_folder(tmp_path)
+    names = [f"policy-v{i}" for i in range(4)]
+    for name in names:
+        store.publish(folder, name)
+    hour_ago = time.time() - 3600
+    for i, name in enumerate(names[:3]):  # each used an hour ago, v0 the longest ago
+        os.utime(store.fetch(name), (hour_ago + 100 * i,) * 2)
+    cached = lambda: sorted(p.name for p in (tmp_path / "cache").iterdir())  # noqa: E731
+    assert cached() == [names[1], names[2]], "v2's download removed v0, beyond the two most recently used"
+
+    store.fetch(names[1])  # a cache hit: v1 is now the most recently used
+    store.fetch(names[3])  # a download: v2 is beyond the two most recently used, and old
+    assert cached() == [names[1], names[3]]
+
+    young = ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache-2", cache_keep=1)
+    for name in names[:3]:
+        young.fetch(name)  # each used just now: none is old enough to remove
+    assert len(list((tmp_path / "cache-2").iterdir())) == 3
