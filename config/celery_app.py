@@ -91,6 +91,7 @@ def _beat_schedule() -> dict:
         "retraining-loop": {
             "task": "training_jobs.tasks.loop_tick",
             "schedule": float(settings.LOOP_TICK_S),
+            "kwargs": {"from_beat": True},
             "options": {"expires": settings.LOOP_TICK_S},
         },
         "score-rankings": {
@@ -129,3 +130,38 @@ def workers_by_queue(timeout: float = 1.0) -> dict[str, list[str]]:
         for queue in queues:
             result.setdefault(queue["name"], []).append(worker)
     return result
+
+
+# What each queue's absence stops, for the ops page.
+QUEUE_EFFECTS = {
+    "interactive": "chat replies and drafts wait",
+    "sampling": "no ranking tasks are sampled",
+    "training": "no run or evaluation starts",
+    "control": "the loop does not tick; leases are not expired",
+}
+
+
+def queue_health(timeout: float = 1.0) -> list[dict]:
+    """One row per queue: the workers serving it now, or else the last ones seen serving it (and when) and what
+    stops without them. "Seen" is remembered in the cache by earlier calls, so a worker that died reads differently
+    from one that never started."""
+    import datetime as dt
+
+    from django.core.cache import cache
+
+    queues = workers_by_queue(timeout=timeout)
+    now = dt.datetime.now(dt.UTC)
+    seen: dict = cache.get("ops:queue-last-seen") or {}
+    for queue, names in queues.items():
+        if names:
+            seen[queue] = {"names": names, "at": now}
+    cache.set("ops:queue-last-seen", seen, timeout=None)
+    return [
+        {
+            "queue": queue,
+            "names": names,
+            "last_seen": None if names or queue not in seen else seen[queue],
+            "effect": QUEUE_EFFECTS.get(queue, ""),
+        }
+        for queue, names in queues.items()
+    ]

@@ -18,7 +18,7 @@ from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
 from models_service.selectors import rollback_targets
 from models_service.services import model_version_activate, model_version_rollback
-from training_jobs import selectors, services
+from training_jobs import loop, selectors, services
 from training_jobs.models import Evaluation, TrainingRun
 
 
@@ -56,7 +56,17 @@ def start_run(request):
         run = services.training_run_create(kind=kind, triggered_by=request.user)
     except ValidationError as error:
         return _refused(request, error)
-    return _done(request, f"Started {run.get_kind_display().lower()} run #{run.pk}.", "ops:run", run_id=run.pk)
+    from config.celery_app import workers_by_queue
+
+    label = f"{run.get_kind_display().lower()} run #{run.pk}"
+    if not workers_by_queue(timeout=1.0).get("training"):
+        messages.warning(
+            request,
+            f"Queued {label}, but no training worker answered: it starts when one listens "
+            "(bin/worker training on a host that reaches the database, Redis and the artifact store).",
+        )
+        return redirect("ops:run", run_id=run.pk)
+    return _done(request, f"Started {label}.", "ops:run", run_id=run.pk)
 
 
 @staff_only
@@ -229,7 +239,20 @@ def moderate(request, conversation_id: int):
 @staff_only
 def workers(request):
     """Which host serves which queue (the overview loads it after the page, as the workers take up to 1 s)."""
-    from config.celery_app import workers_by_queue
+    from django.utils import timezone
 
-    queues = workers_by_queue(timeout=1.0)
-    return render(request, "ops/_workers.html", {"queues": queues, "missing": [q for q, w in queues.items() if not w]})
+    from config.celery_app import queue_health
+
+    rows = queue_health(timeout=1.0)
+    last_beat = loop.last_beat_tick()
+    return render(
+        request,
+        "ops/_workers.html",
+        {
+            "rows": rows,
+            "missing": [row["queue"] for row in rows if not row["names"]],
+            "checked_at": timezone.now(),
+            "last_beat_tick": last_beat,
+            "beat_late": loop.beat_is_late(last_beat, timezone.now()),
+        },
+    )

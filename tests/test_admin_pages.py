@@ -37,3 +37,25 @@ def test_every_run_is_listed_page_by_page(client, admin_user):
     for run in runs:
         assert sum(f'href="/ops/runs/{run.pk}/"' in page for page in pages) == 1
     assert "page 3 of 3" in client.get("/ops/runs/", {"page": "99"}).content.decode()
+
+
+def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
+    """A run's kind, status and inputs change through the services only; admin shows them read-only."""
+    from tests.support.factories import TrainingRunFactory
+    from training_jobs.models import TrainingRun
+
+    run = TrainingRunFactory(kind="sft", status="queued")
+    client.force_login(admin_user)
+    url = f"/admin/training_jobs/trainingrun/{run.pk}/change/"
+    page = client.get(url).content.decode()
+    assert 'name="status"' not in page and 'name="kind"' not in page
+    client.post(url, {"kind": "ppo", "status": "succeeded"})
+    run.refresh_from_db()
+    assert (run.kind, run.status) == ("sft", "queued")
+    changelist = client.get("/admin/training_jobs/trainingrun/").content.decode()
+    assert 'value="retrain_dpo"' in changelist and 'value="retrain_rloo"' in changelist
+    response = client.post(
+        "/admin/training_jobs/trainingrun/", {"action": "retrain_rloo", "_selected_action": [run.pk]}, follow=True
+    )
+    refusal = " ".join(str(m) for m in response.context["messages"])
+    assert not TrainingRun.objects.filter(kind="rloo").exists() and "reward model" in refusal.lower(), refusal

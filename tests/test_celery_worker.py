@@ -15,6 +15,8 @@ def test_each_queue_has_a_worker_that_runs_its_tasks(client, admin_user):
     client.force_login(admin_user)
     page = client.get(reverse("ops:workers")).content.decode()
     assert 'data-testid="workers-missing"' in page, "before the workers start, the ops page says none answers"
+    assert 'data-testid="last-seen-training">never seen' in page
+    assert 'data-testid="beat-missing"' in page, "nothing ticks: beat is missing"
     with running_workers(*QUEUES):
         # Issue 18: the ops page says which host serves which queue.
         page = client.get(reverse("ops:workers")).content.decode()
@@ -29,6 +31,10 @@ def test_each_queue_has_a_worker_that_runs_its_tasks(client, admin_user):
             assert reply["token"] == tokens[queue]
             assert reply["queue"] == queue
             assert reply["hostname"].startswith(f"{queue}@"), f"{queue} task ran on {reply['hostname']}"
+    # Gone now: a worker that died reads differently from one that never started.
+    page = client.get(reverse("ops:workers")).content.decode()
+    for queue in QUEUES:
+        assert f'data-testid="last-seen-{queue}">last seen {queue}@' in page
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
-    actions = ["cancel_runs", "retrain_sft", "retrain_rm", "retrain_ppo"]
+    actions = ["cancel_runs", "retrain_sft", "retrain_rm", "retrain_ppo", "retrain_dpo", "retrain_rloo"]
     list_display = ["id", "kind", "status", "trigger", "progress", "base_model", "created_at", "duration"]
     list_filter = ["kind", "status", "trigger", "created_at"]
     search_fields = ["id", "error", "log_tail", "celery_task_id"]
@@ -30,6 +30,13 @@ class TrainingRunAdmin(admin.ModelAdmin):
         "started_at",
         "finished_at",
     ]
+
+    def get_readonly_fields(self, request, obj=None):
+        """A run's record is history: its kind, status, inputs and results change only through the services (start,
+        cancel, the worker), never by hand."""
+        if obj is None:
+            return self.readonly_fields
+        return [*self.readonly_fields, *(f.name for f in obj._meta.fields if f.name not in self.readonly_fields)]
 
     @admin.display(description="progress")
     def progress(self, obj):
@@ -67,6 +74,14 @@ class TrainingRunAdmin(admin.ModelAdmin):
     @admin.action(description="Retrain now: PPO")
     def retrain_ppo(self, request, queryset):
         self._retrain(request, "ppo")
+
+    @admin.action(description="Retrain now: DPO")
+    def retrain_dpo(self, request, queryset):
+        self._retrain(request, "dpo")
+
+    @admin.action(description="Retrain now: RLOO")
+    def retrain_rloo(self, request, queryset):
+        self._retrain(request, "rloo")
 
 
 @admin.register(LoopSettings)

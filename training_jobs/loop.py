@@ -16,6 +16,8 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
+from django.conf import settings as django_settings
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
@@ -171,6 +173,24 @@ def _policy_step(settings: LoopSettings) -> Plan | None:
         return None
     label = TrainingRun.Kind(path).label
     return Plan(path, f"{sft.name} and {rm.name} have not been through {label} together.")
+
+
+BEAT_TICK_KEY = "loop:last-beat-tick"
+
+
+def record_beat_tick() -> None:
+    """Beat's tick reached the control worker: the ops page tells a running scheduler from a missing one."""
+    cache.set(BEAT_TICK_KEY, timezone.now(), timeout=None)
+
+
+def last_beat_tick() -> dt.datetime | None:
+    return cache.get(BEAT_TICK_KEY)
+
+
+def beat_is_late(last: dt.datetime | None, now: dt.datetime) -> bool:
+    """No tick from beat for three of its periods (and at least 90 s): beat, or the control worker, is not running."""
+    allowed = dt.timedelta(seconds=max(3 * django_settings.LOOP_TICK_S, 90))
+    return last is None or now - last > allowed
 
 
 def loop_tick(*, now: dt.datetime | None = None, force_check: bool = False) -> Plan:

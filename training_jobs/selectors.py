@@ -86,8 +86,11 @@ def loop_overview() -> dict:
         else next_tick
     )
     demonstrations, rankings = loop.new_demonstrations(), loop.new_rankings()
+    last_beat = loop.last_beat_tick()
     return {
         "settings": settings,
+        "last_beat_tick": last_beat,
+        "beat_late": loop.beat_is_late(last_beat, now),
         "plan": loop.plan(settings, now=now, check_thresholds=True),
         "next_check": next_check,
         "thresholds": [

@@ -47,8 +47,11 @@ def evaluate_candidate(evaluation_id: int) -> str | None:
 
 
 @shared_task(name="training_jobs.tasks.loop_tick", ignore_result=True, soft_time_limit=60, time_limit=90)
-def loop_tick() -> str:
-    """The retraining policy's periodic decision (beat); also sent when a run or an evaluation ends."""
+def loop_tick(from_beat: bool = False) -> str:
+    """The retraining policy's periodic decision (beat, with from_beat); also sent when a run or an evaluation ends."""
     from training_jobs.loop import loop_tick as tick
+    from training_jobs.loop import record_beat_tick
 
+    if from_beat:
+        record_beat_tick()
     return tick().action

@@ -373,6 +373,36 @@ def test_retrain_now_from_the_ops_page(client, admin_user, tiny_policy):
     assert "already queued" in response.content.decode()
 
 
+def test_retrain_now_with_no_training_worker_says_the_run_waits(client, admin_user, tiny_policy):
+    client.force_login(admin_user)
+    response = client.post(reverse("ops:start_run"), {"kind": "sft"}, follow=True)
+    run = TrainingRun.objects.get()
+    page = response.content.decode()
+    assert f"Queued supervised fine-tuning run #{run.pk}, but no training worker answered" in page
+    assert "Started supervised" not in page
+    assert "started by admin" in page and "by a person by" not in page, "the trigger names the person once"
+    assert "Starts from the newest model when a training worker takes it" in page
+
+
+def test_the_overview_warns_when_beat_does_not_tick(client, admin_user, tiny_policy):
+    from training_jobs import tasks
+
+    client.force_login(admin_user)
+    page = client.get(reverse("ops:overview")).content.decode()
+    assert 'data-testid="loop-no-beat"' in page and "never ticked" in page
+    assert "Thresholds are checked every" not in page, "no promise of a next check that nothing will make"
+    tasks.loop_tick(from_beat=False)  # a run ending sends a tick too: not evidence that beat runs
+    assert 'data-testid="loop-no-beat"' in client.get(reverse("ops:overview")).content.decode()
+    tasks.loop_tick(from_beat=True)
+    page = client.get(reverse("ops:overview")).content.decode()
+    assert 'data-testid="loop-no-beat"' not in page and "Thresholds are checked every" in page
+    from django.core.cache import cache
+
+    cache.set(loop.BEAT_TICK_KEY, timezone.now() - timezone.timedelta(minutes=10))
+    page = client.get(reverse("ops:overview")).content.decode()
+    assert 'data-testid="loop-no-beat"' in page and "not ticked since" in page
+
+
 def test_a_demonstration_count_excludes_held_out_and_trained_ones(tiny_policy):
     demonstration("train", 1)
     demonstration("holdout", 2)
