@@ -141,10 +141,25 @@ QUEUE_EFFECTS = {
 }
 
 
+def waiting_by_queue(queues) -> dict[str, int]:
+    """{queue: messages waiting in the broker}; a queue nothing was ever sent to counts 0."""
+    from amqp.exceptions import ChannelError
+
+    counts = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            try:
+                counts[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+            except ChannelError:
+                counts[queue] = 0
+    return counts
+
+
 def queue_health(timeout: float = 1.0) -> list[dict]:
-    """One row per queue: the workers serving it now, or else the last ones seen serving it (and when) and what
-    stops without them. "Seen" is remembered in the cache by earlier calls, so a worker that died reads differently
-    from one that never started."""
+    """One row per queue: the workers serving it now, or else the last ones seen serving it (and when), the
+    messages waiting for it, and what stops without them. "Seen" is remembered in the cache by earlier calls, so a
+    worker that died reads differently from one that never started."""
     import datetime as dt
 
     from django.core.cache import cache
@@ -156,10 +171,12 @@ def queue_health(timeout: float = 1.0) -> list[dict]:
         if names:
             seen[queue] = {"names": names, "at": now}
     cache.set("ops:queue-last-seen", seen, timeout=None)
+    waiting = waiting_by_queue(queues)
     return [
         {
             "queue": queue,
             "names": names,
+            "waiting": waiting[queue],
             "last_seen": None if names or queue not in seen else seen[queue],
             "effect": QUEUE_EFFECTS.get(queue, ""),
         }

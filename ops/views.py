@@ -56,17 +56,8 @@ def start_run(request):
         run = services.training_run_create(kind=kind, triggered_by=request.user)
     except ValidationError as error:
         return _refused(request, error)
-    from config.celery_app import workers_by_queue
-
-    label = f"{run.get_kind_display().lower()} run #{run.pk}"
-    if not workers_by_queue(timeout=1.0).get("training"):
-        messages.warning(
-            request,
-            f"Queued {label}, but no training worker answered: it starts when one listens "
-            "(bin/worker training on a host that reaches the database, Redis and the artifact store).",
-        )
-        return redirect("ops:run", run_id=run.pk)
-    return _done(request, f"Started {label}.", "ops:run", run_id=run.pk)
+    messages.add_message(request, *selectors.start_notice(run))
+    return redirect("ops:run", run_id=run.pk)
 
 
 @staff_only
@@ -245,12 +236,14 @@ def workers(request):
 
     rows = queue_health(timeout=1.0)
     last_beat = loop.last_beat_tick()
+    control = next(row for row in rows if row["queue"] == "control")
     return render(
         request,
         "ops/_workers.html",
         {
             "rows": rows,
             "missing": [row["queue"] for row in rows if not row["names"]],
+            "control": control,
             "checked_at": timezone.now(),
             "last_beat_tick": last_beat,
             "beat_late": loop.beat_is_late(last_beat, timezone.now()),

@@ -41,6 +41,8 @@ def test_every_run_is_listed_page_by_page(client, admin_user):
 
 def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
     """A run's kind, status and inputs change through the services only; admin shows them read-only."""
+    from django.utils import timezone
+
     from tests.support.factories import TrainingRunFactory
     from training_jobs.models import TrainingRun
 
@@ -49,9 +51,15 @@ def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
     url = f"/admin/training_jobs/trainingrun/{run.pk}/change/"
     page = client.get(url).content.decode()
     assert 'name="status"' not in page and 'name="kind"' not in page
+    assert "View training run" in page and 'name="_save"' not in page, "a record to read, not a form to save"
     client.post(url, {"kind": "ppo", "status": "succeeded"})
     run.refresh_from_db()
     assert (run.kind, run.status) == ("sft", "queued")
+    # No run is added by hand: a hand-made "running" run would block every retrain (helper walk, issue 18).
+    assert client.get("/admin/training_jobs/trainingrun/add/").status_code == 403
+    before = TrainingRun.objects.count()
+    client.post("/admin/training_jobs/trainingrun/add/", {"kind": "rm", "status": "running", "trigger": "manual"})
+    assert TrainingRun.objects.count() == before
     changelist = client.get("/admin/training_jobs/trainingrun/").content.decode()
     assert 'value="retrain_dpo"' in changelist and 'value="retrain_rloo"' in changelist
     response = client.post(
@@ -59,3 +67,10 @@ def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
     )
     refusal = " ".join(str(m) for m in response.context["messages"])
     assert not TrainingRun.objects.filter(kind="rloo").exists() and "reward model" in refusal.lower(), refusal
+    TrainingRun.objects.filter(pk=run.pk).update(status="cancelled", finished_at=timezone.now())
+    response = client.post(
+        "/admin/training_jobs/trainingrun/", {"action": "retrain_sft", "_selected_action": [run.pk]}, follow=True
+    )
+    new_run = TrainingRun.objects.filter(kind="sft").exclude(pk=run.pk).get()
+    notice = " ".join(str(m) for m in response.context["messages"])
+    assert f"Queued supervised fine-tuning run #{new_run.pk}, but no training worker answered" in notice, notice

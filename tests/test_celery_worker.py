@@ -15,7 +15,7 @@ def test_each_queue_has_a_worker_that_runs_its_tasks(client, admin_user):
     client.force_login(admin_user)
     page = client.get(reverse("ops:workers")).content.decode()
     assert 'data-testid="workers-missing"' in page, "before the workers start, the ops page says none answers"
-    assert 'data-testid="last-seen-training">never seen' in page
+    assert page.split('data-testid="last-seen-training"')[1].split("</span>")[0].endswith(">not seen yet")
     assert 'data-testid="beat-missing"' in page, "nothing ticks: beat is missing"
     with running_workers(*QUEUES):
         # Issue 18: the ops page says which host serves which queue.
@@ -34,7 +34,36 @@ def test_each_queue_has_a_worker_that_runs_its_tasks(client, admin_user):
     # Gone now: a worker that died reads differently from one that never started.
     page = client.get(reverse("ops:workers")).content.decode()
     for queue in QUEUES:
-        assert f'data-testid="last-seen-{queue}">last seen {queue}@' in page
+        seen = page.split(f'data-testid="last-seen-{queue}"')[1].split("</span>")[0]
+        assert f">last seen {queue}@" in seen
+
+
+@pytest.mark.django_db
+def test_without_a_control_worker_the_page_blames_it_not_beat(client, admin_user):
+    """Beat's ticks go through the control queue: with no control worker they pile up there, and the page must not
+    send the admin to start a second beat (helper walk, issue 18)."""
+    from config.celery_app import app
+
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_declare(queue="control")
+        connection.default_channel.queue_purge("control")
+    client.force_login(admin_user)
+    page = client.get(reverse("ops:workers")).content.decode()
+    warning = page.split('data-testid="beat-missing">')[1].split("</p>")[0]
+    assert "No control worker takes beat" in warning and "bin/worker control" in warning
+    assert "Nothing waits in the control queue" in warning and "start <code>bin/beat</code> once" in warning
+    assert 'data-testid="waiting-control">0<' in page
+    try:
+        for _ in range(2):
+            ping_queue.apply_async(args=["tick"], queue="control")  # as beat's ticks would
+        page = client.get(reverse("ops:workers")).content.decode()
+        warning = page.split('data-testid="beat-missing">')[1].split("</p>")[0]
+        assert "2 tasks wait in the control queue, so beat is probably running" in warning
+        assert "do not start a second one" in warning and "start <code>bin/beat</code>" not in warning
+        assert 'data-testid="waiting-control">2<' in page
+    finally:
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_purge("control")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
-from training_jobs import services
+from training_jobs import selectors, services
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 
@@ -31,12 +31,14 @@ class TrainingRunAdmin(admin.ModelAdmin):
         "finished_at",
     ]
 
-    def get_readonly_fields(self, request, obj=None):
-        """A run's record is history: its kind, status, inputs and results change only through the services (start,
-        cancel, the worker), never by hand."""
-        if obj is None:
-            return self.readonly_fields
-        return [*self.readonly_fields, *(f.name for f in obj._meta.fields if f.name not in self.readonly_fields)]
+    # A run's record is history: its kind, status, inputs and results change only through the services (the
+    # retrain actions here, the ops page, cancel, the worker), never by hand. A run added by hand could claim to be
+    # running and block every retrain; so admin views runs and neither adds nor edits them.
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
     @admin.display(description="progress")
     def progress(self, obj):
@@ -61,7 +63,8 @@ class TrainingRunAdmin(admin.ModelAdmin):
         except ValidationError as error:
             self.message_user(request, " ".join(error.messages), level=messages.ERROR)
         else:
-            self.message_user(request, f"Started {run.get_kind_display().lower()} run #{run.pk}.")
+            level, text = selectors.start_notice(run)
+            self.message_user(request, text, level=level)
 
     @admin.action(description="Retrain now: SFT")
     def retrain_sft(self, request, queryset):

@@ -101,6 +101,20 @@ class TrainingRun(models.Model):
         return f"{self.get_kind_display()} run #{self.pk} ({self.status})"
 
     @property
+    def label(self) -> str:
+        """ "supervised fine-tuning run #4", "DPO run #5": for sentences."""
+        kind = self.get_kind_display()
+        return f"{kind if kind.isupper() else kind.lower()} run #{self.pk}"
+
+    @property
+    def started_by(self) -> str:
+        """Who or what started the run, in the same words on every page: "Started by alice", "Retraining
+        policy", "Previous stage of the chain"."""
+        if self.trigger == self.Trigger.MANUAL and self.triggered_by_id:
+            return f"Started by {self.triggered_by}"
+        return self.get_trigger_display()
+
+    @property
     def progress_fraction(self) -> float:
         return self.progress_step / self.progress_total if self.progress_total else 0.0
 

@@ -118,7 +118,7 @@ def loop_overview() -> dict:
         "active_policy": ModelVersion.objects.filter(kind=ModelVersion.Kind.POLICY, is_active=True).first(),
         "active_reward": ModelVersion.objects.filter(kind=ModelVersion.Kind.REWARD, is_active=True).first(),
         "running": TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE_STATUSES).first(),
-        "recent_runs": TrainingRun.objects.select_related("base_model", "reward_model")[:8],
+        "recent_runs": TrainingRun.objects.select_related("base_model", "reward_model", "triggered_by")[:8],
         "recent_evaluations": Evaluation.objects.select_related("candidate", "baseline")[:5],
         "activations": ModelActivation.objects.select_related("model_version", "previous", "actor")[:8],
         "pool": open_pool_size(),
@@ -156,7 +156,13 @@ def run_chart_data(run: TrainingRun) -> dict:
         "total": run.progress_total,
         "fraction": run.progress_fraction,
         "charts": charts,
-        "log": run.log_tail,
+        "log": run.log_tail
+        or (
+            "Queued: waiting for a training worker to take this run. If it stays here, the Workers card on the "
+            "overview says whether one is listening."
+            if run.status == TrainingRun.Status.QUEUED
+            else ""
+        ),
         "error": run.error,
         "finished": run.status in TrainingRun.FINISHED_STATUSES,
     }
@@ -346,3 +352,18 @@ def model_detail(version: ModelVersion) -> dict:
         "activations": version.activations.select_related("actor", "previous")[:10],
         "learning": learning_rounds(version),
     }
+
+
+def start_notice(run: TrainingRun) -> tuple[int, str]:
+    """What to tell the person who just started `run` (a django.contrib.messages level and text): queued and
+    waiting when no training worker answers (asked over the broker, 1 s at most), else taken up."""
+    from django.contrib import messages
+
+    from config.celery_app import workers_by_queue
+
+    if not workers_by_queue(timeout=1.0).get("training"):
+        return messages.WARNING, (
+            f"Queued {run.label}, but no training worker answered: it starts when one listens "
+            "(bin/worker training on a host that reaches the database, Redis and the artifact store)."
+        )
+    return messages.SUCCESS, f"Queued {run.label}; a training worker is listening and starts it."

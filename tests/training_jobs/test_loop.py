@@ -380,8 +380,13 @@ def test_retrain_now_with_no_training_worker_says_the_run_waits(client, admin_us
     page = response.content.decode()
     assert f"Queued supervised fine-tuning run #{run.pk}, but no training worker answered" in page
     assert "Started supervised" not in page
-    assert "started by admin" in page and "by a person by" not in page, "the trigger names the person once"
+    assert "Trigger: Started by admin." in page and "by a person" not in page, "the trigger names the person once"
     assert "Starts from the newest model when a training worker takes it" in page
+    assert "Queued: waiting for a training worker to take this run" in page, "the empty log box says why"
+    # The same words wherever the run is listed (helper walk: three pages said it three ways).
+    for listing in ("ops:runs", "ops:overview"):
+        listed = client.get(reverse(listing)).content.decode()
+        assert "Started by admin" in listed and "Started by a person" not in listed, listing
 
 
 def test_the_overview_warns_when_beat_does_not_tick(client, admin_user, tiny_policy):
@@ -389,7 +394,7 @@ def test_the_overview_warns_when_beat_does_not_tick(client, admin_user, tiny_pol
 
     client.force_login(admin_user)
     page = client.get(reverse("ops:overview")).content.decode()
-    assert 'data-testid="loop-no-beat"' in page and "never ticked" in page
+    assert 'data-testid="loop-no-beat"' in page and "reached a control worker yet" in page
     assert "Thresholds are checked every" not in page, "no promise of a next check that nothing will make"
     tasks.loop_tick(from_beat=False)  # a run ending sends a tick too: not evidence that beat runs
     assert 'data-testid="loop-no-beat"' in client.get(reverse("ops:overview")).content.decode()
@@ -400,7 +405,7 @@ def test_the_overview_warns_when_beat_does_not_tick(client, admin_user, tiny_pol
 
     cache.set(loop.BEAT_TICK_KEY, timezone.now() - timezone.timedelta(minutes=10))
     page = client.get(reverse("ops:overview")).content.decode()
-    assert 'data-testid="loop-no-beat"' in page and "not ticked since" in page
+    assert 'data-testid="loop-no-beat"' in page and "reached a control worker since" in page
 
 
 def test_a_demonstration_count_excludes_held_out_and_trained_ones(tiny_policy):
