@@ -74,3 +74,8 @@ def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
     new_run = TrainingRun.objects.filter(kind="sft").exclude(pk=run.pk).get()
     notice = " ".join(str(m) for m in response.context["messages"])
     assert f"Queued supervised fine-tuning run #{new_run.pk}, but no training worker answered" in notice, notice
+    response = client.post(
+        "/admin/training_jobs/trainingrun/", {"action": "cancel_runs", "_selected_action": [new_run.pk]}, follow=True
+    )
+    notice = " ".join(str(m) for m in response.context["messages"])
+    assert notice == f"Cancelled run #{new_run.pk}.", notice

@@ -61,6 +61,8 @@ def test_without_a_control_worker_the_page_blames_it_not_beat(client, admin_user
         assert "2 tasks wait in the control queue, so beat is probably running" in warning
         assert "do not start a second one" in warning and "start <code>bin/beat</code>" not in warning
         assert 'data-testid="waiting-control">2<' in page
+        beat_row = page.split('data-queue="beat"')[1].split("</tr>")[0]
+        assert "ticks not taken" in beat_row and "never" not in beat_row, "the row agrees with the warning"
     finally:
         with app.connection_for_write() as connection:
             connection.default_channel.queue_purge("control")

@@ -8,7 +8,7 @@ from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
     actions = ["cancel_runs", "retrain_sft", "retrain_rm", "retrain_ppo", "retrain_dpo", "retrain_rloo"]
-    list_display = ["id", "kind", "status", "trigger", "progress", "base_model", "created_at", "duration"]
+    list_display = ["id", "kind", "status", "started_by", "progress", "base_model", "created_at", "duration"]
     list_filter = ["kind", "status", "trigger", "created_at"]
     search_fields = ["id", "error", "log_tail", "celery_task_id"]
     raw_id_fields = ["triggered_by", "previous_run", "base_model", "reward_model"]
@@ -50,12 +50,22 @@ class TrainingRunAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel the selected runs")
     def cancel_runs(self, request, queryset):
+        cancelled, stopping = [], []
         for run in queryset:
             try:
-                services.training_run_cancel(run=run, actor=request.user)
+                run = services.training_run_cancel(run=run, actor=request.user)
             except ValidationError as error:
                 self.message_user(request, " ".join(error.messages), level=messages.WARNING)
-        self.message_user(request, "Queued runs are cancelled; running ones stop at their next step.")
+                continue
+            (cancelled if run.status == TrainingRun.Status.CANCELLED else stopping).append(f"#{run.pk}")
+        if cancelled:
+            self.message_user(request, f"Cancelled run {', '.join(cancelled)}.")
+        if stopping:
+            self.message_user(request, f"Run {', '.join(stopping)} stops at its next step.")
+
+    @admin.display(description="trigger")
+    def started_by(self, obj):
+        return obj.started_by
 
     def _retrain(self, request, kind):
         try:
@@ -66,23 +76,23 @@ class TrainingRunAdmin(admin.ModelAdmin):
             level, text = selectors.start_notice(run)
             self.message_user(request, text, level=level)
 
-    @admin.action(description="Retrain now: SFT")
+    @admin.action(description="Retrain now: SFT (from the newest models; tick any row, it is not used)")
     def retrain_sft(self, request, queryset):
         self._retrain(request, "sft")
 
-    @admin.action(description="Retrain now: reward model")
+    @admin.action(description="Retrain now: reward model (from the newest models; tick any row, it is not used)")
     def retrain_rm(self, request, queryset):
         self._retrain(request, "rm")
 
-    @admin.action(description="Retrain now: PPO")
+    @admin.action(description="Retrain now: PPO (from the newest models; tick any row, it is not used)")
     def retrain_ppo(self, request, queryset):
         self._retrain(request, "ppo")
 
-    @admin.action(description="Retrain now: DPO")
+    @admin.action(description="Retrain now: DPO (from the newest models; tick any row, it is not used)")
     def retrain_dpo(self, request, queryset):
         self._retrain(request, "dpo")
 
-    @admin.action(description="Retrain now: RLOO")
+    @admin.action(description="Retrain now: RLOO (from the newest models; tick any row, it is not used)")
     def retrain_rloo(self, request, queryset):
         self._retrain(request, "rloo")
 

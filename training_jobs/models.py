@@ -26,7 +26,7 @@ class TrainingRun(models.Model):
 
     class Trigger(models.TextChoices):
         MANUAL = "manual", "Started by a person"
-        SCHEDULE = "schedule", "Retraining policy"
+        SCHEDULE = "schedule", "The loop (a threshold was reached)"
         CHAIN = "chain", "Previous stage of the chain"
 
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)

@@ -354,14 +354,19 @@ def model_detail(version: ModelVersion) -> dict:
     }
 
 
+def training_worker_listens() -> bool:
+    """Whether any worker answers for the training queue (a broadcast over the broker, 1 s at most)."""
+    from config.celery_app import workers_by_queue
+
+    return bool(workers_by_queue(timeout=1.0).get("training"))
+
+
 def start_notice(run: TrainingRun) -> tuple[int, str]:
     """What to tell the person who just started `run` (a django.contrib.messages level and text): queued and
     waiting when no training worker answers (asked over the broker, 1 s at most), else taken up."""
     from django.contrib import messages
 
-    from config.celery_app import workers_by_queue
-
-    if not workers_by_queue(timeout=1.0).get("training"):
+    if not training_worker_listens():
         return messages.WARNING, (
             f"Queued {run.label}, but no training worker answered: it starts when one listens "
             "(bin/worker training on a host that reaches the database, Redis and the artifact store)."

@@ -123,7 +123,7 @@ def training_run_cancel(*, run: TrainingRun, actor=None) -> TrainingRun:
     ).update(cancel_requested_at=now)
     run.refresh_from_db()
     if not updated and run.status in TrainingRun.FINISHED_STATUSES:
-        raise ValidationError(f"Run #{run.pk} has already {run.status}.")
+        raise ValidationError(f"Run #{run.pk} has already ended ({run.get_status_display().lower()}).")
     return run
 
 

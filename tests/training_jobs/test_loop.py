@@ -383,6 +383,21 @@ def test_retrain_now_with_no_training_worker_says_the_run_waits(client, admin_us
     assert "Trigger: Started by admin." in page and "by a person" not in page, "the trigger names the person once"
     assert "Starts from the newest model when a training worker takes it" in page
     assert "Queued: waiting for a training worker to take this run" in page, "the empty log box says why"
+    assert 'data-testid="no-training-worker"' in page and "Recorded when the run starts" in page
+    # After a reload, the page still says why the run waits (the flash message is gone by then).
+    page = client.get(reverse("ops:run", args=[run.pk])).content.decode()
+    assert 'data-testid="no-training-worker"' in page and "start <code>bin/worker training</code>" in page
+    # While the run waits, the overview promises no check it will not make: the next one is after the run.
+    from django.core.cache import cache
+
+    cache.set(loop.BEAT_TICK_KEY, timezone.now())  # beat ticks
+    overview = client.get(reverse("ops:overview")).content.decode()
+    assert f"Thresholds are checked again when run #{run.pk} ends" in overview and "next at" not in overview
+    # Cancelling says the loop may start another (it did, 30 s later, in the helper's walk).
+    response = client.post(reverse("ops:cancel_run", args=[run.pk]), follow=True)
+    assert f"Run #{run.pk} is cancelled. The loop starts another at its next check" in response.content.decode()
+    response = client.post(reverse("ops:cancel_run", args=[run.pk]), follow=True)
+    assert f"Run #{run.pk} has already ended (cancelled)." in response.content.decode()
     # The same words wherever the run is listed (helper walk: three pages said it three ways).
     for listing in ("ops:runs", "ops:overview"):
         listed = client.get(reverse(listing)).content.decode()
