@@ -19,7 +19,7 @@ from models_service.models import ModelVersion
 from models_service.selectors import rollback_targets
 from models_service.services import model_version_activate, model_version_rollback
 from training_jobs import loop, selectors, services
-from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+from training_jobs.models import Evaluation, TrainingRun
 
 
 def staff_only(view):
@@ -87,7 +87,7 @@ def run_detail(request, run_id: int):
             "run": run,
             "chart_data": selectors.run_chart_data(run),
             "produced": run.produced_models.all(),
-            "loop_enabled": LoopSettings.load().enabled,
+            "cancel_consequence": selectors.cancel_consequence(),
             # Asked only while the run waits (the broadcast takes up to 1 s).
             "no_training_worker": run.status == TrainingRun.Status.QUEUED and not selectors.training_worker_listens(),
         },
@@ -109,12 +109,8 @@ def cancel_run(request, run_id: int):
     except ValidationError as error:
         return _refused(request, error, "ops:run", run_id=run_id)
     state = "cancelled" if run.status == TrainingRun.Status.CANCELLED else "stopping at its next step"
-    again = (
-        " The loop starts another at its next check if a threshold is still met; switch the loop off under"
-        " Thresholds and rules to stop that."
-        if LoopSettings.load().enabled
-        else ""
-    )
+    consequence = selectors.cancel_consequence()
+    again = f" {consequence[:1].upper()}{consequence[1:]}." if consequence else ""
     return _done(request, f"Run #{run.pk} is {state}.{again}", "ops:run", run_id=run_id)
 
 

@@ -108,8 +108,8 @@ class TrainingRun(models.Model):
 
     @property
     def started_by(self) -> str:
-        """Who or what started the run, in the same words on every page: "Started by alice", "Retraining
-        policy", "Previous stage of the chain"."""
+        """Who or what started the run, in the same words on every page: "Started by alice", "The loop (a
+        threshold was reached)", "Previous stage of the chain"."""
         if self.trigger == self.Trigger.MANUAL and self.triggered_by_id:
             return f"Started by {self.triggered_by}"
         return self.get_trigger_display()

@@ -354,6 +354,17 @@ def model_detail(version: ModelVersion) -> dict:
     }
 
 
+def cancel_consequence() -> str:
+    """What cancelling a run leads to beyond the run, for the confirmation and the message after it: with the loop
+    on, the run's data counts as new again and the loop may start the same stage again."""
+    if not LoopSettings.load().enabled:
+        return ""
+    return (
+        "the loop starts another at its next check if a threshold is still met; switch the loop off under "
+        "Thresholds and rules to stop that"
+    )
+
+
 def training_worker_listens() -> bool:
     """Whether any worker answers for the training queue (a broadcast over the broker, 1 s at most)."""
     from config.celery_app import workers_by_queue
