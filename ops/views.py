@@ -109,8 +109,7 @@ def cancel_run(request, run_id: int):
     except ValidationError as error:
         return _refused(request, error, "ops:run", run_id=run_id)
     state = "cancelled" if run.status == TrainingRun.Status.CANCELLED else "stopping at its next step"
-    consequence = selectors.cancel_consequence()
-    again = f" {consequence[:1].upper()}{consequence[1:]}." if consequence else ""
+    again = selectors.cancel_consequence_sentence()
     return _done(request, f"Run #{run.pk} is {state}.{again}", "ops:run", run_id=run_id)
 
 

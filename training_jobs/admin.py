@@ -58,10 +58,11 @@ class TrainingRunAdmin(admin.ModelAdmin):
                 self.message_user(request, " ".join(error.messages), level=messages.WARNING)
                 continue
             (cancelled if run.status == TrainingRun.Status.CANCELLED else stopping).append(f"#{run.pk}")
+        again = selectors.cancel_consequence_sentence()
         if cancelled:
-            self.message_user(request, f"Cancelled run {', '.join(cancelled)}.")
+            self.message_user(request, f"Cancelled run {', '.join(cancelled)}.{again}")
         if stopping:
-            self.message_user(request, f"Run {', '.join(stopping)} stops at its next step.")
+            self.message_user(request, f"Run {', '.join(stopping)} stops at its next step.{again}")
 
     @admin.display(description="trigger")
     def started_by(self, obj):

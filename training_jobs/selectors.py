@@ -365,6 +365,12 @@ def cancel_consequence() -> str:
     )
 
 
+def cancel_consequence_sentence() -> str:
+    """cancel_consequence() as a sentence to append to a message ("" when there is none)."""
+    consequence = cancel_consequence()
+    return f" {consequence[:1].upper()}{consequence[1:]}." if consequence else ""
+
+
 def training_worker_listens() -> bool:
     """Whether any worker answers for the training queue (a broadcast over the broker, 1 s at most)."""
     from config.celery_app import workers_by_queue

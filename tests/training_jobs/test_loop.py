@@ -387,6 +387,7 @@ def test_retrain_now_with_no_training_worker_says_the_run_waits(client, admin_us
     # After a reload, the page still says why the run waits (the flash message is gone by then).
     page = client.get(reverse("ops:run", args=[run.pk])).content.decode()
     assert 'data-testid="no-training-worker"' in page and "start <code>bin/worker training</code>" in page
+    assert "? It will not start, so the loop starts another" in page and "the data it read" not in page
     # While the run waits, the overview promises no check it will not make: the next one is after the run.
     from django.core.cache import cache
 
