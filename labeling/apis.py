@@ -173,6 +173,15 @@ class SubmitApi(APIView):
         quality_rating = serializers.IntegerField(min_value=1, max_value=7, required=False, allow_null=True)
         all_unacceptable = serializers.BooleanField(required=False, default=False)
         confirm_untouched = serializers.BooleanField(required=False, default=False)
+        improvement = StrictCharField(
+            max_length=MAX_MESSAGE_CHARS,
+            required=False,
+            allow_blank=True,
+            default="",
+            trim_whitespace=False,
+            help_text="Your own better reply when none is good enough (a demonstration, reviewed like any; once "
+            "accepted it counts as better than every candidate).",
+        )
         time_spent_ms = serializers.IntegerField(required=False, min_value=0, max_value=86_400_000)
 
         def validate_flags(self, flags):
@@ -199,8 +208,8 @@ class SubmitApi(APIView):
             resource_type_field_name=None,
         ),
         description="Write tasks: {text, language?, tags?}. Ranking: {order: [[id], [id, id], ...] with the "
-        "candidates' ids as the task gives them, flags?, "
-        "quality_rating?, all_unacceptable?, confirm_untouched?}. Review: {decision: accept|reject, reason?}.",
+        "candidates' ids as the task gives them, flags?, quality_rating?, all_unacceptable?, confirm_untouched?, "
+        "improvement?}. Review: {decision: accept|reject, reason?}.",
         responses={201: Output, 200: Output},
     )
     def post(self, request, assignment_id: int):
@@ -223,6 +232,7 @@ class SubmitApi(APIView):
                     quality_rating=data.get("quality_rating"),
                     all_unacceptable=data["all_unacceptable"],
                     confirm_untouched=data["confirm_untouched"],
+                    improvement=data["improvement"],
                 )
             }
         elif kind == TaskKind.REVIEW_DEMONSTRATION:

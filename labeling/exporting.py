@@ -3,8 +3,10 @@
 - SFT: {"messages": [{"role", "content"}, ...]}, the conversation up to an accepted demonstration.
 - Preferences (TRL's explicit-prompt conversational form): {"prompt": [...], "chosen": [...], "rejected": [...]}
   plus "ranking_id", "labeler" (a pseudonym), "model_version" and "created_at": one row per ordered pair of
-  each ranking, ties skipped.
-- Rankings as K-way lists: {"prompt": [...], "completions": [...], "ranks": [...]} (1 is best; ties share a rank).
+  each ranking, ties skipped; a labeler's accepted improvement of the best is chosen over every candidate
+  ("improvement": true on those rows).
+- Rankings as K-way lists: {"prompt": [...], "completions": [...], "ranks": [...], "improvement": text or null}
+  (1 is best; ties share a rank; the improvement, once accepted, is better than every completion).
 Every row carries its conversation's split. Filters: a date range, a model version (the policy that sampled the
 candidates), a minimum agreement with the other labelers of the same task, and accepted demonstrations only (the
 default). Held-out conversations (kept for evaluation) and the blind A/B comparisons behind the promotion gate
@@ -119,7 +121,9 @@ def sft_rows(filters: ExportFilters, *, chunk: int = 500) -> Iterator[dict]:
 
 
 def _rankings(filters: ExportFilters):
-    rankings = _dated(Ranking.objects.all(), filters).select_related("task__parent_message__conversation", "labeler")
+    rankings = _dated(Ranking.objects.all(), filters).select_related(
+        "task__parent_message__conversation", "labeler", "improvement"
+    )
     if not filters.include_heldout:
         rankings = rankings.exclude(task__parent_message__conversation__split=splits.HOLDOUT)
     if not filters.include_ab:
@@ -193,6 +197,19 @@ def preference_rows(filters: ExportFilters) -> Iterator[dict]:
                 "created_at": ranking.created_at.isoformat(),
                 "split": ranking.task.parent_message.conversation.split,
             }
+        if ranking.improvement_counts:  # the labeler's accepted improvement beats every candidate
+            for entry in entries:
+                yield {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": ranking.improvement.text}],
+                    "rejected": [{"role": "assistant", "content": entry.message.text}],
+                    "ranking_id": ranking.pk,
+                    "labeler": names[ranking.labeler_id],
+                    "model_version": entry.message.model_version.name if entry.message.model_version_id else None,
+                    "created_at": ranking.created_at.isoformat(),
+                    "split": ranking.task.parent_message.conversation.split,
+                    "improvement": True,
+                }
 
 
 def ranking_rows(filters: ExportFilters) -> Iterator[dict]:
@@ -203,6 +220,8 @@ def ranking_rows(filters: ExportFilters) -> Iterator[dict]:
             "prompt": prompt,
             "completions": [e.message.text for e in entries],
             "ranks": [e.rank for e in entries],
+            # The labeler's own better reply, once review accepted it (better than every completion); else null.
+            "improvement": ranking.improvement.text if ranking.improvement_counts else None,
             "ranking_id": ranking.pk,
             "labeler": names[ranking.labeler_id],
             "created_at": ranking.created_at.isoformat(),
@@ -239,8 +258,10 @@ Human-feedback data collected with Feedback Loop, in the formats TRL and `datase
 - `preferences.jsonl`: TRL's explicit-prompt conversational preference form, one row per ordered pair of a
   ranking (ties skipped), with `ranking_id`, `labeler` (a pseudonym, stable across exports), `model_version` (the
   policy that sampled the replies) and `created_at`. Rows of one ranking belong together: InstructGPT trains on
-  all pairs of a ranking as one batch element.
-- `rankings.jsonl`: K-way rankings, `{{"prompt", "completions", "ranks"}}`; rank 1 is best, equal ranks are ties.
+  all pairs of a ranking as one batch element. Where a labeler improved the best reply and review accepted it,
+  the improvement is chosen over every candidate (those rows have `"improvement": true`).
+- `rankings.jsonl`: K-way rankings, `{{"prompt", "completions", "ranks", "improvement"}}`; rank 1 is best, equal
+  ranks are ties; `improvement` is the labeler's accepted better reply (better than every completion) or null.
 
 ## Filters
 {conditions}

@@ -93,6 +93,7 @@ class RankingForm(TimedForm):
     )
     all_unacceptable = forms.BooleanField(required=False)
     confirm_untouched = forms.BooleanField(required=False, widget=forms.HiddenInput)
+    improvement = MessageTextField(required=False, widget=forms.Textarea(attrs={"rows": 8}))
 
     def __init__(self, *args, handles=None, **kwargs):
         """`handles`: {message id: the opaque handle the page shows for it} (selectors.candidate_handles)."""
@@ -131,6 +132,7 @@ class RankingForm(TimedForm):
             quality_rating=data["quality_rating"],
             all_unacceptable=data["all_unacceptable"],
             confirm_untouched=data["confirm_untouched"],
+            improvement=data.get("improvement") or "",
         )
 
 

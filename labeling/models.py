@@ -473,6 +473,15 @@ class Ranking(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     used_in_training_at = models.DateTimeField(null=True, blank=True)
+    improvement = models.OneToOneField(
+        Message,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="improvement_of",
+        help_text="The labeler's own better reply, written when no candidate was good enough: a demonstration "
+        "(reviewed like any) and, once accepted, preferred over every candidate of this ranking.",
+    )
 
     class Meta:
         constraints = [
@@ -485,6 +494,11 @@ class Ranking(models.Model):
 
     def __str__(self):
         return f"ranking #{self.pk} of task #{self.task_id}"
+
+    @property
+    def improvement_counts(self) -> bool:
+        """Whether the labeler's improvement is a preference: written, and accepted by review."""
+        return self.improvement is not None and self.improvement.review_status == Message.ReviewStatus.ACCEPTED
 
     @property
     def ordered_message_ids(self) -> list[list[int]]:

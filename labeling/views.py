@@ -204,6 +204,7 @@ def _work_rank(request, assignment, data):
             flag_choices=CandidateFlag.choices,
             untouched_warning=untouched_warning,
             ratings=range(1, 8),
+            max_chars=services.MAX_MESSAGE_CHARS,
         ),
         status=status,
     )

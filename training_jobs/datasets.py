@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from labeling import splits
 from labeling.limits import UNEDITED_DRAFT_MAX_EDIT_RATIO
@@ -112,16 +112,17 @@ def build_rankings(
     exclude_ids: set[int] | frozenset = frozenset(),
     stage: str = "reward model",
 ) -> DataSplit:
-    """One element per (context, labeler) ranking with its K candidates and their ranks; ties stay ties.
+    """One element per (context, labeler) ranking with its K candidates and their ranks; ties stay ties. A
+    labeler's accepted improvement of the best is one more candidate, ranked first.
 
-    Rankings whose candidates are all tied carry no preference and are left out. `sampled_by` keeps the
+    Rankings whose candidates are all tied carry no preference and are left out, unless improved. `sampled_by` keeps the
     rankings of candidates sampled by those policy versions only (imports have none); `exclude_ids` leaves out
     rankings by id (e.g. those an earlier round already trained on).
     """
     rankings = (
-        Ranking.objects.select_related("task__parent_message", "task__conversation")
+        Ranking.objects.select_related("task__parent_message", "task__conversation", "improvement")
         .annotate(distinct_ranks=Count("entries__rank", distinct=True))
-        .filter(distinct_ranks__gte=2)
+        .filter(Q(distinct_ranks__gte=2) | Q(improvement__review_status=Message.ReviewStatus.ACCEPTED))
         .exclude(task__conversation__moderation__in=UNTRAINABLE)
     )
     if dataset_prefix:
@@ -142,20 +143,27 @@ def build_rankings(
             entries[entry.ranking_id].append(entry)
         threads = threads_of([r.task.parent_message for r in chosen])
         data[name] = [
-            RankingExample(
-                ranking_id=r.pk,
-                conversation_id=r.task.conversation_id,
-                context=thread_as_chat(threads[r.task.parent_message_id]),
-                candidates=[e.message.text for e in entries[r.pk]],
-                ranks=[e.rank for e in entries[r.pk]],
-                candidate_ids=[e.message_id for e in entries[r.pk]],
-                dataset=r.task.conversation.dataset,
-            )
-            for r in chosen
+            _ranking_example(r, entries[r.pk], thread_as_chat(threads[r.task.parent_message_id])) for r in chosen
         ]
     result = DataSplit(data[splits.TRAIN], data[splits.VALIDATION])
     _require(stage, "rankings", result, minimum_train, minimum_validation)
     return result
+
+
+def _ranking_example(ranking: Ranking, entries: list[RankingEntry], context: list[dict]) -> RankingExample:
+    """A ranking as training reads it; an accepted improvement is one more candidate, ranked above all the others."""
+    candidates = [(e.message_id, e.message.text, e.rank) for e in entries]
+    if ranking.improvement_counts:
+        candidates = [(ranking.improvement_id, ranking.improvement.text, 1)] + [(i, t, r + 1) for i, t, r in candidates]
+    return RankingExample(
+        ranking_id=ranking.pk,
+        conversation_id=ranking.task.conversation_id,
+        context=context,
+        candidates=[text for _, text, _ in candidates],
+        ranks=[rank for _, _, rank in candidates],
+        candidate_ids=[i for i, _, _ in candidates],
+        dataset=ranking.task.conversation.dataset,
+    )
 
 
 def build_prompts(*, minimum: int = 1, limit: int | None = None, split: str = splits.TRAIN) -> list[PromptExample]:

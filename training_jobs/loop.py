@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from django.conf import settings as django_settings
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from labeling import splits
@@ -44,8 +44,11 @@ def new_demonstrations() -> int:
 
 
 def trainable_rankings():
-    """Rankings that give at least one (better, worse) pair: not every candidate tied."""
-    return Ranking.objects.annotate(distinct_ranks=Count("entries__rank", distinct=True)).filter(distinct_ranks__gte=2)
+    """Rankings that give at least one (better, worse) pair: not every candidate tied, or an accepted improvement
+    of the best (preferred over every candidate)."""
+    return Ranking.objects.annotate(distinct_ranks=Count("entries__rank", distinct=True)).filter(
+        Q(distinct_ranks__gte=2) | Q(improvement__review_status=Message.ReviewStatus.ACCEPTED)
+    )
 
 
 def new_rankings() -> int:
@@ -58,14 +61,15 @@ def new_rankings() -> int:
 
 
 def tied_rankings(*, newest: int = 200) -> dict:
-    """Of the newest labeler rankings (imports left out), how many tied every candidate and so gave no pair."""
+    """Of the newest labeler rankings (imports left out), how many tied every candidate and so gave no pair (an
+    accepted improvement gives pairs)."""
     recent = list(
         Ranking.objects.filter(task__conversation__split__in=TRAINING_SPLITS, task__model_version__isnull=False)
         .annotate(distinct_ranks=Count("entries__rank", distinct=True))
         .order_by("-created_at")
-        .values_list("distinct_ranks", flat=True)[:newest]
+        .values_list("distinct_ranks", "improvement__review_status")[:newest]
     )
-    tied = sum(1 for ranks in recent if ranks < 2)
+    tied = sum(1 for ranks, improved in recent if ranks < 2 and improved != Message.ReviewStatus.ACCEPTED)
     return {"rankings": len(recent), "all_tied": tied, "share": tied / len(recent) if recent else None}
 
 

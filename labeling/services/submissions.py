@@ -204,6 +204,7 @@ class RankingInput:
     quality_rating: int | None = None
     all_unacceptable: bool = False
     confirm_untouched: bool = False
+    improvement: str = ""  # the labeler's better reply ("Improve the best"); empty: none
 
 
 def validate_ranking(task: Task, labeler_id: int, ranking: RankingInput) -> None:
@@ -250,10 +251,49 @@ def _write_entries(ranking_row: Ranking, ranking: RankingInput) -> None:
     )
 
 
+def validate_improvement(task: Task, ranking: RankingInput) -> None:
+    """An improvement is a reply of the labeler's own that differs from every candidate; not on the gate's blind
+    comparisons, which compare two policies and nothing else."""
+    if not ranking.improvement.strip():
+        return
+    if "evaluation" in task.payload:
+        raise ValidationError({"improvement": "This comparison is for the promotion gate: rank it, nothing more."})
+    validate_text(ranking.improvement, field="improvement")
+    texts = {c.message_id: " ".join(c.message.text.split()) for c in task.task_candidates.select_related("message")}
+    same = [i for i, text in texts.items() if text == " ".join(ranking.improvement.split())]
+    if same:
+        raise ValidationError(
+            {"improvement": "Your improved reply is the same as one of the replies: change it, or leave it empty."}
+        )
+
+
+def _improvement_create(task: Task, assignment: Assignment, ranking: RankingInput) -> Message:
+    """The labeler's better reply: a demonstration under the same context, sent to review like any. It starts from
+    the reply they ranked best (the page copies it in), so the draft figures record how much they changed it."""
+    best = Message.objects.get(pk=ranking.order[0][0])
+    drafted = task.model_version_id is not None
+    message = message_create(
+        conversation=task.parent_message.conversation,
+        parent=task.parent_message,
+        role=Role.ASSISTANT,
+        text=ranking.improvement,
+        origin=Message.Origin.HUMAN,
+        author=assignment.labeler,
+        assignment=assignment,
+        draft_model_version=task.model_version if drafted else None,
+        draft_edit_ratio=draft_edit_ratio(best.text, ranking.improvement) if drafted else None,
+    )
+    _review_task_create(message)
+    return message
+
+
 def ranking_submit(*, assignment: Assignment, ranking: RankingInput, time_spent_ms=None) -> SubmitResult:
-    """Record a labeler's order of the candidates: ties allowed, flags per candidate, an overall 1-7 rating."""
+    """Record a labeler's order of the candidates: ties allowed, flags per candidate, an overall 1-7 rating, and
+    optionally the labeler's improvement of the best (a demonstration preferred over every candidate once
+    accepted)."""
     _expect_kind(assignment, TaskKind.RANK_REPLIES)
     validate_ranking(assignment.task, assignment.labeler_id, ranking)
+    validate_improvement(assignment.task, ranking)
 
     def work(task, current):
         row = Ranking.objects.create(
@@ -266,6 +306,9 @@ def ranking_submit(*, assignment: Assignment, ranking: RankingInput, time_spent_
             time_spent_ms=time_spent_ms,
         )
         _write_entries(row, ranking)
+        if ranking.improvement.strip():
+            row.improvement = _improvement_create(task, current, ranking)
+            row.save(update_fields=["improvement"])
         return row
 
     return _submit(assignment, work, time_spent_ms=time_spent_ms)
@@ -319,7 +362,8 @@ def _decide_demonstration(message: Message) -> None:
     if accepted and message.depth + 1 < settings.max_conversation_turns:
         if not _open_task_exists(kind=TaskKind.WRITE_USER_REPLY, parent_message=message):
             task_create(kind=TaskKind.WRITE_USER_REPLY, parent_message=message)
-    elif not accepted:
+    elif not accepted and not Ranking.objects.filter(improvement=message).exists():
+        # A rejected improvement leaves its ranking as it was; a rejected demonstration is written again.
         parent = message.parent
         has_other = parent.children.filter(
             role=Role.ASSISTANT,

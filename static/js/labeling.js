@@ -327,6 +327,25 @@
     form.addEventListener("submit", () => {
       if (orderKey(form)) sessionStorage.setItem("feedback-loop:last-submitted", orderKey(form));
     });
+    setUpImprovement(list, form);
+  }
+
+  /* --- "Improve the best": the box starts from the reply ranked first when it is opened empty --- */
+  function setUpImprovement(list, form) {
+    const box = form.querySelector("[data-improve]");
+    if (!box) return;
+    const textarea = box.querySelector("textarea");
+    const best = () => {
+      const first = list.querySelector(":scope > .candidate");
+      return first ? first.dataset.text : "";
+    };
+    const fill = () => {
+      textarea.value = best();
+      textarea.dispatchEvent(new Event("input", { bubbles: true }));
+      textarea.focus();
+    };
+    box.addEventListener("toggle", () => { if (box.open && !textarea.value.trim()) fill(); });
+    box.querySelector("[data-improve-reset]").addEventListener("click", fill);
   }
 
   function showUntouchedWarning(form) {
