@@ -154,6 +154,11 @@ class SamplingRequest(models.Model):
         ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="sampling_requests"
     )
     k = models.PositiveSmallIntegerField(default=4)
+    attempt = models.PositiveSmallIntegerField(
+        default=1,
+        help_text="Ranking pool: 1 for a context's first candidates from this policy; n > 1 for its re-sampling "
+        "after n - 1 rankings that all tied (more candidates, a higher temperature).",
+    )
     keep_message = models.ForeignKey(
         "labeling.Message",
         null=True,

@@ -85,8 +85,25 @@ def _replies(completions, params: SamplingParams, stats, loaded) -> list[service
     ]
 
 
+def pool_params(request: SamplingRequest, seed: int) -> SamplingParams:
+    """The serving parameters for a context's first candidates; a re-sample of a context whose ranking all tied
+    samples at SAMPLING_RESAMPLE_TEMPERATURE (its more candidates are in the request's k)."""
+    if request.attempt > 1:
+        return serving_params(seed=seed, temperature=settings.SAMPLING_RESAMPLE_TEMPERATURE)
+    return serving_params(seed=seed)
+
+
+def _groups(requests: list[SamplingRequest]) -> list[list[SamplingRequest]]:
+    """The batch's requests by how they are sampled (k and temperature): one padded batch each."""
+    groups: dict[tuple, list[SamplingRequest]] = {}
+    for request in requests:
+        groups.setdefault((request.k, request.attempt > 1), []).append(request)
+    return list(groups.values())
+
+
 def fill_pool_once(*, worker: str = "") -> dict:
-    """Claim one batch of contexts, sample K candidates for each in one padded batch, create the ranking tasks.
+    """Claim one batch of contexts, sample K candidates for each in one padded batch (one per k and temperature
+    when re-sampled contexts are among them), create the ranking tasks.
 
     Returns what was done. A failure marks the batch's requests failed with the error and re-raises.
     """
@@ -100,34 +117,39 @@ def fill_pool_once(*, worker: str = "") -> dict:
         return {"contexts": 0}
     if settings.SAMPLING_BACKEND == "vllm":
         return _fill_from_server(requests)
+    tokens = seconds = 0.0
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
-        params = serving_params(seed=batch_seed(requests))
-        chats = [_chat(r) for r in requests]
-        grouped, stats = sample_completions(loaded.model, loaded.tokenizer, chats, k=settings.SAMPLING_K, params=params)
-        for request, completions in zip(requests, grouped, strict=True):
-            services.pool_complete(
-                request=request, version=version, replies=_replies(completions, params, stats, loaded)
-            )
+        for group in _groups(requests):
+            params = pool_params(group[0], batch_seed(group))
+            chats = [_chat(r) for r in group]
+            grouped, stats = sample_completions(loaded.model, loaded.tokenizer, chats, k=group[0].k, params=params)
+            tokens, seconds = tokens + stats.generated_tokens, seconds + stats.wall_s
+            for request, completions in zip(group, grouped, strict=True):
+                services.pool_complete(
+                    request=request, version=version, replies=_replies(completions, params, stats, loaded)
+                )
     except Exception as exc:
         for request in requests:
             services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
         raise
+    resampled = sum(r.attempt > 1 for r in requests)
     logger.info(
-        "sampled %d contexts x %d with %s: %d tokens in %.1f s",
+        "sampled %d contexts (%d re-sampled after a tie) with %s: %d tokens in %.1f s",
         len(requests),
-        settings.SAMPLING_K,
+        resampled,
         version.name,
-        stats.generated_tokens,
-        stats.wall_s,
+        tokens,
+        seconds,
     )
     return {
         "contexts": len(requests),
+        "resampled": resampled,
         "k": settings.SAMPLING_K,
         "model_version": version.name,
-        "generated_tokens": stats.generated_tokens,
-        "seconds": round(stats.wall_s, 2),
+        "generated_tokens": int(tokens),
+        "seconds": round(seconds, 2),
     }
 
 
@@ -179,24 +201,25 @@ def _fill_from_server(requests: list[SamplingRequest]) -> dict:
             raise RuntimeError("SAMPLING_BACKEND is vllm but SAMPLING_VLLM_URL is not set.")
         backend = OpenAICompatibleBackend(settings.SAMPLING_VLLM_URL, api_key=settings.SAMPLING_VLLM_API_KEY)
         serve_on(backend, version)
-        params = serving_params(seed=batch_seed(requests))
-        grouped = backend.sample(version.name, [_chat(r) for r in requests], k=settings.SAMPLING_K, params=params)
-        for request, completions in zip(requests, grouped, strict=True):
-            replies = [
-                services.SampledReply(
-                    text=c.text,
-                    params={
-                        **params.as_dict(),
-                        "row": c.row,
-                        "finished": c.finished,
-                        "new_tokens": c.new_tokens,
-                        "backend": "vllm",
-                        "finish_reason": c.finish_reason,
-                    },
-                )
-                for c in completions
-            ]
-            services.pool_complete(request=request, version=version, replies=replies)
+        for group in _groups(requests):
+            params = pool_params(group[0], batch_seed(group))
+            grouped = backend.sample(version.name, [_chat(r) for r in group], k=group[0].k, params=params)
+            for request, completions in zip(group, grouped, strict=True):
+                replies = [
+                    services.SampledReply(
+                        text=c.text,
+                        params={
+                            **params.as_dict(),
+                            "row": c.row,
+                            "finished": c.finished,
+                            "new_tokens": c.new_tokens,
+                            "backend": "vllm",
+                            "finish_reason": c.finish_reason,
+                        },
+                    )
+                    for c in completions
+                ]
+                services.pool_complete(request=request, version=version, replies=replies)
     except Exception as exc:
         for request in requests:
             services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")

@@ -1,9 +1,10 @@
 """Reads for the model service: which contexts need candidates, what the pool holds."""
 
-from django.db.models import Case, Exists, IntegerField, OuterRef, QuerySet, Value, When
+from django.db.models import Case, Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models.functions import Coalesce
 
 from labeling import splits
-from labeling.models import Conversation, Message, Role, Task, TaskKind
+from labeling.models import Conversation, Message, Ranking, Role, Task, TaskKind
 from models_service.models import ModelVersion, SamplingRequest
 
 
@@ -51,22 +52,42 @@ def pool_sampling_estimate() -> dict:
     }
 
 
-def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
-    """User turns of training conversations that this policy has not sampled for yet, best first.
+def _tied_rounds(policy: ModelVersion):
+    """Per context (OuterRef "pk"): how many ranking tasks this policy's samples of it got."""
+    tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), model_version=policy)
+    counted = tasks.order_by().values("parent_message").annotate(n=Count("pk")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
 
-    Never ranked contexts come first, then those written in the product (fresh prompts) before imported ones,
-    newest first. Validation conversations are sampled too (the reward model is validated on their rankings);
-    held-out conversations never are: the evaluation gate needs prompts nothing was trained or validated on.
+
+def _gave_a_pair(policy: ModelVersion):
+    """Whether a ranking of this policy's samples of the context (OuterRef "pk") gave a pair: two ranks (ranks are
+    numbered 1, 2, ... by group, so an entry at rank 2 means two groups) or an accepted improvement."""
+    rankings = Ranking.objects.filter(task__parent_message=OuterRef("pk"), task__model_version=policy)
+    return Exists(rankings.filter(entries__rank__gt=1)) | Exists(
+        rankings.filter(improvement__review_status=Message.ReviewStatus.ACCEPTED)
+    )
+
+
+def contexts_needing_candidates(policy: ModelVersion, *, resample_tied: int | None = None) -> QuerySet[Message]:
+    """User turns of training conversations that this policy should sample candidates for, best first.
+
+    A context this policy has not sampled yet; or one whose ranking tasks of this policy's samples are all done and
+    whose rankings all tied (no pair), sampled again up to `resample_tied` times (SAMPLING_RESAMPLE_TIED) before it
+    is spent. Fresh contexts come first (`tied_rounds` 0), then never ranked ones, then those written in the product
+    (fresh prompts) before imported ones, newest first. Validation conversations are sampled too (the reward model
+    is validated on their rankings); held-out conversations never are: the evaluation gate needs prompts nothing was
+    trained or validated on.
     Chats never are either: a chat turn becomes a ranking task for others only when its labeler asks for
     alternatives and chooses to share them.
     """
-    ranked_by_policy = Task.objects.filter(
-        kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), model_version=policy
-    )
+    from django.conf import settings
+
+    resample_tied = settings.SAMPLING_RESAMPLE_TIED if resample_tied is None else resample_tied
     open_ranking = Task.objects.filter(
         kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"), status=Task.Status.OPEN
     )
     any_ranking = Task.objects.filter(kind=TaskKind.RANK_REPLIES, parent_message=OuterRef("pk"))
+    not_done = any_ranking.exclude(status=Task.Status.DONE)  # a cancelled task's context is not sampled again
     in_flight = SamplingRequest.objects.filter(
         context=OuterRef("pk"),
         purpose=SamplingRequest.Purpose.POOL,
@@ -76,9 +97,17 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
         Message.objects.filter(role=Role.USER, conversation__split__in=[splits.TRAIN, splits.VALIDATION])
         .exclude(conversation__source=Conversation.Source.CHAT)
         .exclude(conversation__moderation__in=[Conversation.Moderation.HIDDEN, Conversation.Moderation.REMOVED])
-        .exclude(Exists(ranked_by_policy))
         .exclude(Exists(open_ranking))
         .exclude(Exists(in_flight))
+        .annotate(tied_rounds=_tied_rounds(policy))
+        .filter(
+            Q(tied_rounds=0)
+            | (
+                Q(tied_rounds__lte=resample_tied)
+                & ~_gave_a_pair(policy)
+                & ~Exists(not_done.filter(model_version=policy))
+            )
+        )
         .annotate(
             already_ranked=Exists(any_ranking),
             imported=Case(
@@ -87,7 +116,7 @@ def contexts_needing_candidates(policy: ModelVersion) -> QuerySet[Message]:
                 output_field=IntegerField(),
             ),
         )
-        .order_by("already_ranked", "imported", "-created_at", "-pk")
+        .order_by("tied_rounds", "already_ranked", "imported", "-created_at", "-pk")
     )
 
 

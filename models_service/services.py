@@ -142,7 +142,8 @@ POOL_LOCK_KEY = 0x464C_504C  # "FLPL": one pool claim at a time across workers
 
 
 def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") -> list[SamplingRequest]:
-    """Claim up to `batch_contexts` contexts for the ranking pool, never more than the pool lacks.
+    """Claim up to `batch_contexts` contexts for the ranking pool, never more than the pool lacks: `k` candidates
+    for a fresh context, SAMPLING_RESAMPLE_K for one whose earlier rankings all tied (its `attempt` says which).
 
     Under an advisory lock: count the open pool and the requests still in flight, and claim only the shortfall.
     Two workers running this at once therefore never overfill the pool, and never claim the same context (a
@@ -165,7 +166,8 @@ def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") ->
                 status=SamplingRequest.Status.RUNNING,
                 context=context,
                 model_version=policy,
-                k=k,
+                k=k if context.tied_rounds == 0 else settings.SAMPLING_RESAMPLE_K,
+                attempt=context.tied_rounds + 1,
                 worker=worker,
                 started_at=now,
             )

@@ -316,6 +316,13 @@ SAMPLING_TOP_P = env_float("SAMPLING_TOP_P", 0.95, min_value=0.01, max_value=1.0
 SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, max_value=4096)
 SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
 SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
+# A context whose ranking by the serving policy gave no pair (every candidate tied, no accepted improvement) goes back
+# to the pool up to SAMPLING_RESAMPLE_TIED more times, sampled more diversely: SAMPLING_RESAMPLE_K candidates at
+# SAMPLING_RESAMPLE_TEMPERATURE (bench/ties.py measures which gives a pair). After that the context is spent for
+# this policy. Fresh contexts are sampled first.
+SAMPLING_RESAMPLE_TIED = env_int("SAMPLING_RESAMPLE_TIED", 2, min_value=0, max_value=5)
+SAMPLING_RESAMPLE_K = env_int("SAMPLING_RESAMPLE_K", 8, min_value=2, max_value=9)
+SAMPLING_RESAMPLE_TEMPERATURE = env_float("SAMPLING_RESAMPLE_TEMPERATURE", 1.2, min_value=0.0, max_value=5.0)
 # How many open ranking tasks the sampling worker keeps in the pool.
 # How the ranking pool is sampled: "native" (our batched decode loop, the default, and the one for a CPU) or "vllm"
 # (an OpenAI-compatible server at SAMPLING_VLLM_URL, e.g. `vllm serve <model> --served-model-name <version name>`,

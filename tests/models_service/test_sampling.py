@@ -15,6 +15,7 @@ from models_service.models import ModelVersion, SamplingRequest
 from models_service.sampling import fill_pool_once, run_request
 from models_service.services import model_version_activate
 from tests.support.factories import ConversationFactory, MessageFactory
+from tests.support.labeling import set_queue
 from tests.support.models import register_tiny_policy
 
 
@@ -188,3 +189,60 @@ def test_stale_running_requests_are_reaped(tiny_policy):
     assert services.sampling_requests_reap(older_than_s=60) == 1
     request.refresh_from_db()
     assert request.status == "failed" and "worker was lost" in request.error
+
+
+def rank_all_tied(task, labeler, *, pair=False):
+    """`labeler` ranks the task: every candidate tied, or (pair) the first better than the rest."""
+    from labeling import services as labeling_services
+    from labeling.services import RankingInput
+
+    assignment = labeling_services.task_lease_next(user=labeler)
+    assert assignment.task_id == task.pk
+    ids = list(task.candidates.values_list("pk", flat=True))
+    order = [ids[:1], ids[1:]] if pair else [ids]
+    labeling_services.ranking_submit(assignment=assignment, ranking=RankingInput(order=order, flags={}))
+
+
+@pytest.mark.django_db
+def test_a_context_whose_ranking_all_tied_is_sampled_again_more_diversely_until_spent(
+    tiny_policy, pool_settings, alice
+):
+    from models_service.selectors import contexts_needing_candidates
+
+    set_queue(rank_overlap_fraction=0)
+    pool_settings.SAMPLING_POOL_TARGET = 1
+    pool_settings.SAMPLING_RESAMPLE_TIED = 2
+    pool_settings.SAMPLING_RESAMPLE_K = 5
+    pool_settings.SAMPLING_RESAMPLE_TEMPERATURE = 1.4
+    (context,) = make_contexts(1)
+    for attempt in (1, 2, 3):
+        fill()
+        task = Task.objects.get(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN)
+        request = SamplingRequest.objects.get(task=task)
+        assert task.parent_message == context and request.attempt == attempt
+        expected = (3, 0.9) if attempt == 1 else (5, 1.4)
+        assert (task.candidates.count(), task.candidates.first().sampling_params["temperature"]) == expected
+        rank_all_tied(task, alice)
+        task.refresh_from_db()
+        assert task.status == Task.Status.DONE
+        alice.labeler_profile.last_conversation = None  # the queue would hold the same conversation back
+        alice.labeler_profile.save()
+    assert not contexts_needing_candidates(tiny_policy).exists(), "spent after two re-samples"
+    fill()
+    assert Task.objects.filter(kind=TaskKind.RANK_REPLIES).count() == 3
+
+
+@pytest.mark.django_db
+def test_fresh_contexts_come_before_re_samples_and_a_pair_ends_the_context(tiny_policy, pool_settings, alice, bob):
+    from models_service.selectors import contexts_needing_candidates
+
+    set_queue(rank_overlap_fraction=0)
+    pool_settings.SAMPLING_POOL_TARGET = 2
+    tied, paired = make_contexts(2)
+    fill()
+    tasks = {t.parent_message_id: t for t in Task.objects.filter(kind=TaskKind.RANK_REPLIES)}
+    assert set(tasks) == {tied.pk, paired.pk}
+    for task in tasks.values():
+        rank_all_tied(task, bob, pair=task.parent_message_id == paired.pk)
+    fresh = make_contexts(1)[0]
+    assert [m.pk for m in contexts_needing_candidates(tiny_policy)] == [fresh.pk, tied.pk]
