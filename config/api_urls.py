@@ -28,6 +28,8 @@ urlpatterns = [
     path("v1/model-versions/<int:version_id>/", models.ModelVersionDetailApi.as_view(), name="api-model-version"),
     path("v1/training-runs/", training.TrainingRunListApi.as_view(), name="api-training-runs"),
     path("v1/training-runs/start/", training.TrainingRunCreateApi.as_view(), name="api-training-run-start"),
+    path("v1/loop/outlook/", training.PoolOutlookApi.as_view(), name="api-loop-outlook"),
+    path("v1/loop/train-now/", training.TrainNowApi.as_view(), name="api-loop-train-now"),
     path("v1/training-runs/<int:run_id>/", training.TrainingRunDetailApi.as_view(), name="api-training-run"),
     path(
         "v1/training-runs/<int:run_id>/cancel/", training.TrainingRunCancelApi.as_view(), name="api-training-run-cancel"

@@ -68,6 +68,32 @@ def resume_loop(request):
 
 
 @staff_only
+@require_POST
+def train_on_what_there_is(request):
+    try:
+        run = services.loop_train_on_what_there_is(actor=request.user)
+    except ValidationError as error:
+        return _refused(request, error)
+    messages.add_message(request, *selectors.start_notice(run))
+    return redirect("ops:run", run_id=run.pk)
+
+
+@staff_only
+@require_POST
+def set_rm_threshold(request):
+    raw = request.POST.get("rm_threshold", "").strip()
+    try:
+        threshold = int(raw)
+    except ValueError:
+        return _refused(request, ValidationError(f"The threshold is a whole number of rankings, not {raw[:20]!r}."))
+    try:
+        settings = services.loop_rm_threshold_set(threshold=threshold, actor=request.user)
+    except ValidationError as error:
+        return _refused(request, error)
+    return _done(request, f"The reward-model threshold is now {settings.rm_threshold} rankings that give pairs.")
+
+
+@staff_only
 def runs(request):
     """Every run, newest first, 50 a page (?page=N; a page past the end shows the last one)."""
     from django.core.paginator import Paginator

@@ -55,6 +55,8 @@ RULES = {
     "labeling:write_prompt": ("post", SIGNED_IN),
     "ops:overview": ("get", ADMIN),
     "ops:resume_loop": ("post", ADMIN),
+    "ops:train_now": ("post", ADMIN),
+    "ops:set_rm_threshold": ("post", ADMIN),
     "ops:runs": ("get", ADMIN),
     "ops:start_run": ("post", ADMIN),
     "ops:run": ("get", ADMIN),
@@ -92,6 +94,8 @@ RULES = {
     "api-model-version": ("get", SIGNED_IN),
     "api-training-runs": ("get", SIGNED_IN),
     "api-training-run-start": ("post", ADMIN),
+    "api-loop-outlook": ("get", ADMIN),
+    "api-loop-train-now": ("post", ADMIN),
     "api-training-run": ("get", SIGNED_IN),
     "api-training-run-cancel": ("post", ADMIN),
 }

@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 
 from config.api import IsAdmin, StaffSeesMore
 from models_service.models import ModelVersion
-from training_jobs import services
+from training_jobs import selectors, services
 from training_jobs.models import TrainingRun
 
 
@@ -32,6 +32,7 @@ class TrainingRunOut(serializers.ModelSerializer):
             "progress_total",
             "summary",
             "error",
+            "reason",
             "data_snapshot",
             "created_at",
             "started_at",
@@ -87,3 +88,44 @@ class TrainingRunCancelApi(APIView):
     def post(self, request, run_id: int):
         run = services.training_run_cancel(run=get_object_or_404(TrainingRun, pk=run_id), actor=request.user)
         return Response(TrainingRunOut(run).data)
+
+
+class PoolOutlookOut(serializers.Serializer):
+    have = serializers.IntegerField(help_text="New rankings that give pairs.")
+    threshold = serializers.IntegerField()
+    needed = serializers.IntegerField()
+    prompts = serializers.IntegerField()
+    fresh = serializers.IntegerField(help_text="Contexts the serving policy has not sampled yet.")
+    resample = serializers.IntegerField(help_text="Contexts whose rankings all tied, waiting for new candidates.")
+    open_tasks = serializers.IntegerField()
+    in_flight = serializers.IntegerField()
+    spent = serializers.IntegerField()
+    tie_share = serializers.FloatField(allow_null=True)
+    recent_rankings = serializers.IntegerField()
+    expected = serializers.FloatField(allow_null=True, help_text="Rankings with pairs what is left should give.")
+    stalled = serializers.BooleanField(help_text="Nothing is left to rank and the threshold is not reached.")
+    short = serializers.BooleanField(help_text="The threshold is out of reach.")
+    suggested_threshold = serializers.IntegerField()
+    can_train_now = serializers.BooleanField()
+    sentence = serializers.CharField()
+
+
+class PoolOutlookApi(APIView):
+    permission_classes = [IsAdmin]
+
+    @extend_schema(responses=PoolOutlookOut, summary="Can the ranking pool reach the reward-model threshold? (admins)")
+    def get(self, request):
+        return Response(PoolOutlookOut(selectors.pool_outlook()).data)
+
+
+class TrainNowApi(APIView):
+    permission_classes = [IsAdmin]
+
+    @extend_schema(
+        request=None,
+        responses={201: TrainingRunOut},
+        summary="Train the reward model on what there is, below the threshold, recorded as a decision (admins)",
+    )
+    def post(self, request):
+        run = services.loop_train_on_what_there_is(actor=request.user)
+        return Response(TrainingRunOut(run).data, status=status.HTTP_201_CREATED)

@@ -62,6 +62,9 @@ class TrainingRun(models.Model):
         related_name="runs_as_reward",
         help_text="PPO: the reward model optimised against.",
     )
+    reason = models.TextField(
+        blank=True, help_text="Why a person started the run, when it was a decision (e.g. training below a threshold)."
+    )
     config = models.JSONField(default=dict, blank=True)
     data_snapshot = models.JSONField(default=dict, blank=True, help_text="The counts and ids of the rows used.")
     seed = models.BigIntegerField(default=0)

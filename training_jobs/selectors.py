@@ -128,6 +128,7 @@ def loop_overview() -> dict:
         "over_time": data_over_time(),
         "learning": learning_rounds(),
         "policy_paths": [(kind, TrainingRun.Kind(kind).label) for kind in TrainingRun.POLICY_KINDS],
+        "outlook": pool_outlook(settings),
     }
 
 
@@ -389,3 +390,91 @@ def start_notice(run: TrainingRun) -> tuple[int, str]:
             "(bin/worker training on a host that reaches the database, Redis and the artifact store)."
         )
     return messages.SUCCESS, f"Queued {run.label}; a training worker is listening and starts it."
+
+
+def pool_outlook(settings: LoopSettings | None = None) -> dict:
+    """Can the ranking pool still reach the reward-model threshold? What the serving policy has left to sample
+    (fresh contexts, tied ones waiting for a re-sample), what is open, and what that should give at the recent tie
+    share: each context yields a pair with probability 1 - t per try, and has 1 + SAMPLING_RESAMPLE_TIED tries
+    (those waiting for a re-sample are counted with one). `short` when the threshold is out of reach: nothing is
+    left to rank (`stalled`), or what is left should not give the missing rankings."""
+    from labeling import splits
+    from labeling.models import Task, TaskKind
+    from models_service.selectors import contexts_needing_candidates, in_flight_pool_requests
+
+    settings = settings or LoopSettings.load()
+    have = loop.new_rankings()
+    needed = max(settings.rm_threshold - have, 0)
+    policy = ModelVersion.objects.filter(kind=ModelVersion.Kind.POLICY, is_active=True).first()
+    ties = loop.tied_rankings()
+    tie_share = ties["share"]
+    tries = 1 + django_settings.SAMPLING_RESAMPLE_TIED
+    open_tasks = Task.objects.filter(
+        kind=TaskKind.RANK_REPLIES,
+        status=Task.Status.OPEN,
+        reserved_for__isnull=True,
+        conversation__split__in=[splits.TRAIN, splits.VALIDATION],
+    ).count()
+    in_flight = in_flight_pool_requests()
+    fresh = resample = 0
+    if policy is not None:
+        waiting = dict(
+            contexts_needing_candidates(policy)
+            .order_by()
+            .values_list("tied_rounds")
+            .annotate(n=Count("pk"))
+            .values_list("tied_rounds", "n")
+        )
+        fresh = waiting.pop(0, 0)
+        resample = sum(waiting.values())
+    prompts = (
+        Message.objects.filter(role=Role.USER, conversation__split__in=[splits.TRAIN, splits.VALIDATION])
+        .exclude(conversation__source=Conversation.Source.CHAT)
+        .exclude(conversation__moderation__in=[Conversation.Moderation.HIDDEN, Conversation.Moderation.REMOVED])
+        .count()
+    )
+    left = open_tasks + in_flight + fresh + resample
+    expected = None
+    if tie_share is not None:
+        expected = (open_tasks + in_flight + fresh) * (1 - tie_share**tries) + resample * (1 - tie_share)
+    stalled = needed > 0 and left == 0
+    short = needed > 0 and (stalled or (expected is not None and expected < needed))
+    outlook = {
+        "have": have,
+        "threshold": settings.rm_threshold,
+        "needed": needed,
+        "prompts": prompts,
+        "fresh": fresh,
+        "resample": resample,
+        "open_tasks": open_tasks,
+        "in_flight": in_flight,
+        "spent": max(prompts - fresh - resample - open_tasks - in_flight, 0),
+        "tie_share": tie_share,
+        "recent_rankings": ties["rankings"],
+        "expected": round(expected, 1) if expected is not None else None,
+        "stalled": stalled,
+        "short": short,
+        "suggested_threshold": max(have + int(expected or 0), django_settings.TRAINING_MIN_RANKINGS),
+        "can_train_now": have >= django_settings.TRAINING_MIN_RANKINGS,
+        "min_rankings": django_settings.TRAINING_MIN_RANKINGS,
+    }
+    outlook["sentence"] = _outlook_sentence(outlook) if short else ""
+    return outlook
+
+
+def _outlook_sentence(o: dict) -> str:
+    """Why the threshold is out of reach, in numbers."""
+    parts = [f"{o['have']} of {o['threshold']} new rankings give pairs."]
+    parts.append(
+        f"Of {o['prompts']} prompts, {o['spent']} are spent for this policy (ranked, or tied on every try), "
+        f"{o['fresh']} are fresh, {o['resample']} tied and wait for new candidates, and {o['open_tasks']} ranking "
+        f"tasks are open."
+    )
+    if o["stalled"]:
+        parts.append("Nothing is left to rank: the loop waits until new prompts arrive or the threshold changes.")
+    else:
+        parts.append(
+            f"{o['tie_share']:.0%} of the latest {o['recent_rankings']} rankings tied every candidate; at that share "
+            f"what is left should give about {o['expected']:.0f} more, {o['needed']} are missing."
+        )
+    return " ".join(parts)

@@ -35,6 +35,7 @@ def training_run_create(
     reward_model: ModelVersion | None = None,
     previous_run: TrainingRun | None = None,
     seed: int = 0,
+    reason: str = "",
 ) -> TrainingRun:
     """Queue a run and send it to the training worker. Only one run of a kind may be queued or running: the
     database refuses a second one (a partial unique index), and the refusal says which run is in the way."""
@@ -58,6 +59,7 @@ def training_run_create(
                 reward_model=reward_model,
                 previous_run=previous_run,
                 seed=seed,
+                reason=reason,
             )
             enqueue_on_commit("training_jobs.tasks.run_training", run.pk)
     except IntegrityError as exc:
@@ -215,6 +217,48 @@ def loop_resume(*, actor=None) -> None:
     settings = LoopSettings.load()
     settings.paused_reason = ""
     settings.save(update_fields=["paused_reason"])
+
+
+def loop_train_on_what_there_is(*, actor) -> TrainingRun:
+    """An admin's decision to train the reward model below its threshold, because the pool cannot reach it (the ops
+    overview's outlook): a run whose reason records the decision with the numbers it was taken on. The loop's chain
+    then takes the new reward model through the policy step as usual."""
+    from training_jobs.selectors import pool_outlook
+
+    outlook = pool_outlook()
+    if not outlook["can_train_now"]:
+        raise ValidationError(
+            f"Only {outlook['have']} new rankings give pairs; a reward model needs at least "
+            f"{outlook['min_rankings']} (TRAINING_MIN_RANKINGS)."
+        )
+    why = outlook["sentence"] or f"{outlook['have']} of {outlook['threshold']} new rankings give pairs."
+    return training_run_create(
+        kind=TrainingRun.Kind.RM,
+        triggered_by=actor,
+        reason=f"{actor} trained the reward model on what there was, below the threshold. {why}",
+    )
+
+
+def loop_rm_threshold_set(*, threshold: int, actor) -> LoopSettings:
+    """Change the reward-model threshold from the ops overview; admin's history of the loop settings keeps who changed
+    it, from what, to what."""
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
+        raise ValidationError({"rm_threshold": "The threshold is a whole number of rankings, at least 1."})
+    with transaction.atomic():
+        current = LoopSettings.objects.select_for_update().get_or_create(pk=1)[0]
+        before = current.rm_threshold
+        current.rm_threshold = threshold
+        current.save(update_fields=["rm_threshold", "updated_at"])
+        LogEntry.objects.log_actions(
+            user_id=actor.pk,
+            queryset=LoopSettings.objects.filter(pk=current.pk),
+            action_flag=CHANGE,
+            change_message=f"Reward-model threshold {before} -> {threshold} (from the ops overview).",
+            single_object=True,
+        )
+    return current
 
 
 def evaluation_decide(*, evaluation: Evaluation, settings: LoopSettings | None = None) -> str:
