@@ -146,6 +146,7 @@ class SamplingRequest(models.Model):
         RUNNING = "running", "Sampling"
         DONE = "done", "Done"
         FAILED = "failed", "Failed"
+        PASSED_OVER = "passed_over", "Passed over: its candidates differed less than others of its batch"
 
     purpose = models.CharField(max_length=16, choices=Purpose.choices)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)

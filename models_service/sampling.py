@@ -101,51 +101,95 @@ def _groups(requests: list[SamplingRequest]) -> list[list[SamplingRequest]]:
     return list(groups.values())
 
 
+def _selecting() -> bool:
+    """Active selection runs once a reward model serves (it is what tells candidates apart as the labelers would),
+    on the native backend (the vLLM one offers every context it samples)."""
+    from models_service.selectors import active_version
+
+    if not settings.SAMPLING_ACTIVE_SELECTION or settings.SAMPLING_SELECT_FROM < 2:
+        return False
+    return settings.SAMPLING_BACKEND == "native" and active_version(ModelVersion.Kind.REWARD) is not None
+
+
+def informativeness(scores: list[float]) -> float:
+    """How far apart the reward model puts a context's candidates (the spread of its scores): the wider, the more
+    likely the labelers see a difference too, where a ranking that ties every candidate would teach nothing."""
+    return max(scores) - min(scores) if scores else 0.0
+
+
+def _select(sampled: list[tuple], keep: int) -> tuple[list[tuple], list[tuple], str]:
+    """Score every context's candidates with the serving reward model; the `keep` most informative first."""
+    from ml.scoring import score_pairs
+
+    reward = active_holder(ModelVersion.Kind.REWARD).get()
+    rated = []
+    for request, chat, replies, params in sampled:
+        scores = score_pairs(reward.model, reward.tokenizer, [(chat, r.text) for r in replies])
+        rated.append((informativeness(scores), request, chat, replies, params))
+    rated.sort(key=lambda item: -item[0])
+    return rated[:keep], rated[keep:], reward.version_name
+
+
 def fill_pool_once(*, worker: str = "") -> dict:
     """Claim one batch of contexts, sample K candidates for each in one padded batch (one per k and temperature
-    when re-sampled contexts are among them), create the ranking tasks.
+    when re-sampled contexts are among them), create the ranking tasks. With active selection (a reward model
+    serves), SAMPLING_SELECT_FROM contexts are sampled for each task offered and the others are passed over.
 
     Returns what was done. A failure marks the batch's requests failed with the error and re-raises.
     """
+    select_from = settings.SAMPLING_SELECT_FROM if _selecting() else 1
     requests = services.pool_claim(
         target=settings.SAMPLING_POOL_TARGET,
         batch_contexts=settings.SAMPLING_BATCH_CONTEXTS,
         k=settings.SAMPLING_K,
         worker=worker,
+        select_from=select_from,
     )
     if not requests:
         return {"contexts": 0}
     if settings.SAMPLING_BACKEND == "vllm":
         return _fill_from_server(requests)
     tokens = seconds = 0.0
+    passed = []
     try:
         loaded = active_holder(ModelVersion.Kind.POLICY).get()
         version = ModelVersion.objects.get(pk=loaded.version_id)
+        sampled = []
         for group in _groups(requests):
             params = pool_params(group[0], batch_seed(group))
             chats = [_chat(r) for r in group]
             grouped, stats = sample_completions(loaded.model, loaded.tokenizer, chats, k=group[0].k, params=params)
             tokens, seconds = tokens + stats.generated_tokens, seconds + stats.wall_s
-            for request, completions in zip(group, grouped, strict=True):
-                services.pool_complete(
-                    request=request, version=version, replies=_replies(completions, params, stats, loaded)
-                )
+            for request, chat, completions in zip(group, chats, grouped, strict=True):
+                sampled.append((request, chat, _replies(completions, params, stats, loaded), params))
+        offered = [(None, *item) for item in sampled]
+        if select_from > 1:
+            offered, passed, judge = _select(sampled, keep=-(-len(sampled) // select_from))
+        for score, request, _, replies, _ in offered:
+            selection = {"reward_model": judge, "spread": round(score, 4)} if score is not None else None
+            services.pool_complete(request=request, version=version, replies=replies, selection=selection)
+        for score, request, *_ in passed:
+            services.pool_pass_over(
+                request=request, version=version, note=f"{judge} spread {score:.4f}, below the offered contexts'"
+            )
     except Exception as exc:
         for request in requests:
             services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
         raise
     resampled = sum(r.attempt > 1 for r in requests)
     logger.info(
-        "sampled %d contexts (%d re-sampled after a tie) with %s: %d tokens in %.1f s",
+        "sampled %d contexts (%d re-sampled after a tie, %d passed over) with %s: %d tokens in %.1f s",
         len(requests),
         resampled,
+        len(passed),
         version.name,
         tokens,
         seconds,
     )
     return {
-        "contexts": len(requests),
+        "contexts": len(requests) - len(passed),
         "resampled": resampled,
+        "passed_over": len(passed),
         "k": settings.SAMPLING_K,
         "model_version": version.name,
         "generated_tokens": int(tokens),

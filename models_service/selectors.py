@@ -59,6 +59,15 @@ def _tied_rounds(policy: ModelVersion):
     return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
 
 
+def _passed_over(policy: ModelVersion):
+    """Per context: how often active selection sampled it from this policy and offered others instead."""
+    passed = SamplingRequest.objects.filter(
+        context=OuterRef("pk"), model_version=policy, status=SamplingRequest.Status.PASSED_OVER
+    )
+    counted = passed.order_by().values("context").annotate(n=Count("pk")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
+
+
 def _gave_a_pair(policy: ModelVersion):
     """Whether a ranking of this policy's samples of the context (OuterRef "pk") gave a pair: two ranks (ranks are
     numbered 1, 2, ... by group, so an entry at rank 2 means two groups) or an accepted improvement."""
@@ -73,7 +82,8 @@ def contexts_needing_candidates(policy: ModelVersion, *, resample_tied: int | No
 
     A context this policy has not sampled yet; or one whose ranking tasks of this policy's samples are all done and
     whose rankings all tied (no pair), sampled again up to `resample_tied` times (SAMPLING_RESAMPLE_TIED) before it
-    is spent. Fresh contexts come first (`tied_rounds` 0), then never ranked ones, then those written in the product
+    is spent. Fresh contexts come first (`tied_rounds` 0), those active selection never passed over before the others
+    (`passed_over`), then never ranked ones, then those written in the product
     (fresh prompts) before imported ones, newest first. Validation conversations are sampled too (the reward model
     is validated on their rankings); held-out conversations never are: the evaluation gate needs prompts nothing was
     trained or validated on.
@@ -99,7 +109,7 @@ def contexts_needing_candidates(policy: ModelVersion, *, resample_tied: int | No
         .exclude(conversation__moderation__in=[Conversation.Moderation.HIDDEN, Conversation.Moderation.REMOVED])
         .exclude(Exists(open_ranking))
         .exclude(Exists(in_flight))
-        .annotate(tied_rounds=_tied_rounds(policy))
+        .annotate(tied_rounds=_tied_rounds(policy), passed_over=_passed_over(policy))
         .filter(
             Q(tied_rounds=0)
             | (
@@ -116,7 +126,7 @@ def contexts_needing_candidates(policy: ModelVersion, *, resample_tied: int | No
                 output_field=IntegerField(),
             ),
         )
-        .order_by("tied_rounds", "already_ranked", "imported", "-created_at", "-pk")
+        .order_by("tied_rounds", "passed_over", "already_ranked", "imported", "-created_at", "-pk")
     )
 
 

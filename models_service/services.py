@@ -141,9 +141,13 @@ def model_version_rollback(*, kind: str, actor=None, reason: str = "") -> ModelA
 POOL_LOCK_KEY = 0x464C_504C  # "FLPL": one pool claim at a time across workers
 
 
-def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") -> list[SamplingRequest]:
+def pool_claim(
+    *, target: int, batch_contexts: int, k: int, worker: str = "", select_from: int = 1
+) -> list[SamplingRequest]:
     """Claim up to `batch_contexts` contexts for the ranking pool, never more than the pool lacks: `k` candidates
     for a fresh context, SAMPLING_RESAMPLE_K for one whose earlier rankings all tied (its `attempt` says which).
+    With `select_from` n > 1 (active selection), n contexts are claimed for each task the pool lacks: the worker
+    offers the most informative and passes the others over (pool_pass_over).
 
     Under an advisory lock: count the open pool and the requests still in flight, and claim only the shortfall.
     Two workers running this at once therefore never overfill the pool, and never claim the same context (a
@@ -158,7 +162,7 @@ def pool_claim(*, target: int, batch_contexts: int, k: int, worker: str = "") ->
         shortfall = target - open_pool_size(policy) - in_flight_pool_requests()
         if shortfall <= 0:
             return []
-        contexts = list(contexts_needing_candidates(policy)[: min(shortfall, batch_contexts)])
+        contexts = list(contexts_needing_candidates(policy)[: min(shortfall, batch_contexts) * select_from])
         now = timezone.now()
         return SamplingRequest.objects.bulk_create(
             SamplingRequest(
@@ -219,8 +223,22 @@ class SampledReply:
     params: dict  # the sampling parameters as used, including seed and batch row
 
 
-def pool_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:
-    """Store the sampled candidates under the context and open a ranking task for them."""
+def pool_pass_over(*, request: SamplingRequest, version: ModelVersion, note: str) -> None:
+    """Active selection offered other contexts of the batch: this one goes back to the pool (its samples are not
+    kept), after the contexts not passed over yet."""
+    SamplingRequest.objects.filter(pk=request.pk, status=SamplingRequest.Status.RUNNING).update(
+        status=SamplingRequest.Status.PASSED_OVER,
+        model_version=version,
+        sampling_params={"passed_over": note},
+        finished_at=timezone.now(),
+    )
+
+
+def pool_complete(
+    *, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply], selection: dict | None = None
+) -> Task:
+    """Store the sampled candidates under the context and open a ranking task for them (with `selection`: why
+    active selection offered it, kept in the task's payload)."""
     with transaction.atomic():
         current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
         if current.status != SamplingRequest.Status.RUNNING:
@@ -232,7 +250,7 @@ def pool_complete(*, request: SamplingRequest, version: ModelVersion, replies: l
             candidates=candidates,
             overlap=ranking_overlap(seed=f"context-{current.context_id}-policy-{version.pk}"),
             model_version=version,
-            payload={"sampling_request": current.pk},
+            payload={"sampling_request": current.pk, **({"selection": selection} if selection else {})},
         )
         current.status = SamplingRequest.Status.DONE
         current.task = task

@@ -315,14 +315,22 @@ SAMPLING_TEMPERATURE = env_float("SAMPLING_TEMPERATURE", 1.0, min_value=0.0, max
 SAMPLING_TOP_P = env_float("SAMPLING_TOP_P", 0.95, min_value=0.01, max_value=1.0)
 SAMPLING_MAX_NEW_TOKENS = env_int("SAMPLING_MAX_NEW_TOKENS", 128, min_value=1, max_value=4096)
 SAMPLING_SEED = env_int("SAMPLING_SEED", 0, min_value=0)
-SAMPLING_K = env_int("SAMPLING_K", 4, min_value=2, max_value=9)
+# Candidates per ranking task: 8 give C(8, 2) = 28 pairs a ranking and tie less often than 4 (bench/ties.py).
+SAMPLING_K = env_int("SAMPLING_K", 8, min_value=2, max_value=9)
 # A context whose ranking by the serving policy gave no pair (every candidate tied, no accepted improvement) goes back
 # to the pool up to SAMPLING_RESAMPLE_TIED more times, sampled more diversely: SAMPLING_RESAMPLE_K candidates at
 # SAMPLING_RESAMPLE_TEMPERATURE (bench/ties.py measures which gives a pair). After that the context is spent for
 # this policy. Fresh contexts are sampled first.
 SAMPLING_RESAMPLE_TIED = env_int("SAMPLING_RESAMPLE_TIED", 2, min_value=0, max_value=5)
 SAMPLING_RESAMPLE_K = env_int("SAMPLING_RESAMPLE_K", 8, min_value=2, max_value=9)
-SAMPLING_RESAMPLE_TEMPERATURE = env_float("SAMPLING_RESAMPLE_TEMPERATURE", 1.2, min_value=0.0, max_value=5.0)
+SAMPLING_RESAMPLE_TEMPERATURE = env_float(
+    "SAMPLING_RESAMPLE_TEMPERATURE", SAMPLING_TEMPERATURE, min_value=0.0, max_value=5.0
+)
+# Active selection: once a reward model serves, the sampling worker samples SAMPLING_SELECT_FROM contexts for each
+# ranking task it offers and offers those whose candidates the reward model tells apart the most (a ranking whose
+# candidates all tie teaches nothing); the others go back to the pool, after every context not yet passed over.
+SAMPLING_ACTIVE_SELECTION = env_bool("SAMPLING_ACTIVE_SELECTION", True)
+SAMPLING_SELECT_FROM = env_int("SAMPLING_SELECT_FROM", 2, min_value=1, max_value=8)
 # How many open ranking tasks the sampling worker keeps in the pool.
 # How the ranking pool is sampled: "native" (our batched decode loop, the default, and the one for a CPU) or "vllm"
 # (an OpenAI-compatible server at SAMPLING_VLLM_URL, e.g. `vllm serve <model> --served-model-name <version name>`,

@@ -246,3 +246,61 @@ def test_fresh_contexts_come_before_re_samples_and_a_pair_ends_the_context(tiny_
         rank_all_tied(task, bob, pair=task.parent_message_id == paired.pk)
     fresh = make_contexts(1)[0]
     assert [m.pk for m in contexts_needing_candidates(tiny_policy)] == [fresh.pk, tied.pk]
+
+
+@pytest.fixture
+def tiny_reward(tiny_model_dirs):
+    """A tiny reward model (a scalar head on the second tiny policy), serving."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    staging = tiny_model_dirs[1].parent / "selection-reward"
+    if not staging.exists():
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dirs[1], num_labels=1)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs[1])
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return register_tiny_policy(staging, name="reward-rm-v0", stage="rm", kind="reward", activate=True)
+
+
+@pytest.mark.django_db
+def test_active_selection_offers_the_contexts_the_reward_model_tells_apart_most(
+    tiny_policy, tiny_reward, pool_settings
+):
+    from ml.scoring import score_pairs
+    from models_service.sampling import informativeness
+    from models_service.selectors import contexts_needing_candidates
+
+    pool_settings.SAMPLING_POOL_TARGET = 2
+    pool_settings.SAMPLING_BATCH_CONTEXTS = 2
+    pool_settings.SAMPLING_SELECT_FROM = 3
+    make_contexts(8)
+    done = fill_pool_once(worker="test")
+    assert (done["contexts"], done["passed_over"]) == (2, 4), "six sampled for the two tasks the pool lacks"
+    passed = SamplingRequest.objects.filter(status=SamplingRequest.Status.PASSED_OVER)
+    assert passed.count() == 4 and all("spread" in r.sampling_params["passed_over"] for r in passed)
+    reward = loading.load_version(tiny_reward, for_inference=True)
+    spreads = {}
+    for task in Task.objects.filter(kind=TaskKind.RANK_REPLIES):
+        chat = [{"role": "user", "content": task.parent_message.text}]
+        scores = score_pairs(reward.model, reward.tokenizer, [(chat, c.text) for c in task.candidates.all()])
+        assert task.payload["selection"]["reward_model"] == "reward-rm-v0"
+        assert task.payload["selection"]["spread"] == pytest.approx(informativeness(scores), abs=1e-3)
+        spreads[task.pk] = task.payload["selection"]["spread"]
+    noted = [float(r.sampling_params["passed_over"].split("spread ")[1].split(",")[0]) for r in passed]
+    assert min(spreads.values()) >= max(noted) - 1e-4, "the offered contexts are the most informative"
+    # Passed-over contexts go back to the pool, after those never tried.
+    order = list(contexts_needing_candidates(tiny_policy).values_list("passed_over", flat=True))
+    assert order == [0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.django_db
+def test_with_active_selection_off_every_context_sampled_is_offered(
+    tiny_policy, tiny_reward, pool_settings
+):
+    pool_settings.SAMPLING_POOL_TARGET = 2
+    pool_settings.SAMPLING_BATCH_CONTEXTS = 2
+    pool_settings.SAMPLING_ACTIVE_SELECTION = False
+    make_contexts(6)
+    assert fill_pool_once(worker="test")["passed_over"] == 0
+    assert Task.objects.filter(kind=TaskKind.RANK_REPLIES).count() == 2
