@@ -139,8 +139,8 @@ class LoopSettings(models.Model):
     )
     rm_threshold = models.PositiveIntegerField(
         "reward-model threshold",
-        default=100,
-        help_text="New rankings (not yet trained on) that start a reward-model run.",
+        default=80,
+        help_text="New rankings that give pairs (not yet trained on) that start a reward-model run.",
     )
     ppo_after_new_models = models.BooleanField(
         "policy step after new models",
@@ -150,7 +150,7 @@ class LoopSettings(models.Model):
     policy_path = models.CharField(
         max_length=8,
         choices=[(TrainingRun.Kind.PPO, "PPO"), (TrainingRun.Kind.DPO, "DPO"), (TrainingRun.Kind.RLOO, "RLOO")],
-        default=TrainingRun.Kind.PPO,
+        default=TrainingRun.Kind.DPO,
         help_text="How rankings improve the policy: PPO (reward model, then PPO with a value model and KL to SFT), "
         "DPO (directly from the ranked pairs of the current policy's samples, each round) or RLOO (K samples per "
         "prompt scored by the reward model, leave-one-out baseline). The gate judges all three alike.",

@@ -59,8 +59,13 @@ def test_a_cancelled_run_waits_for_the_next_regular_check(tiny_policy, client, a
     assert loop.loop_tick().action == "sft"
 
 
+def test_the_default_path_is_dpo_at_80_rankings():
+    settings = LoopSettings.load()
+    assert (settings.policy_path, settings.rm_threshold) == ("dpo", 80)
+
+
 def test_a_reward_model_then_ppo_on_the_newest_models(tiny_policy):
-    set_loop(sft_threshold=1000, rm_threshold=2)
+    set_loop(sft_threshold=1000, rm_threshold=2, policy_path="ppo")
     labeler = UserFactory(username="ranker")
     for _ in range(2):
         task = make_rank_task(k=2)
@@ -490,7 +495,7 @@ def test_rankings_whose_candidates_all_tie_never_count_as_new_data(tiny_policy):
 def test_the_chain_finishes_before_the_reward_model_threshold_is_checked_again(tiny_policy):
     """Seen in issue 14: rankings that kept counting as new started a second reward model right after the first,
     and PPO never ran. The chain's policy step now comes first."""
-    set_loop(sft_threshold=1000, rm_threshold=1)
+    set_loop(sft_threshold=1000, rm_threshold=1, policy_path="ppo")
     labeler = UserFactory(username="ranker")
     rank(labeler, make_rank_task(k=2), lambda ids: [[ids[0]], [ids[1]]])
     Conversation.objects.update(split="train")
