@@ -1,44 +1,49 @@
-"""Does the loop make the default policy better? Scripted labelers with a hidden preference rule drive the real
-product through its REST API, and the bench measures the policy the loop serves at the end against the SFT policy.
+"""Does the loop make the default policy better, round after round? Scripted labelers with a hidden preference rule
+drive the real product through its REST API, and the bench measures the policies the loop serves against the SFT
+policy (and each round's against the one before).
 
-    .venv/bin/python bench/oracle.py [--rule NAME ...] [--path ppo|dpo|rloo] [--rankings 160] [--k 4]
+    .venv/bin/python bench/oracle.py [--rule NAME ...] [--path dpo|ppo|rloo] [--rankings N] [--k K]
+                                     [--rewrite 0.25] [--active on|off] [--rounds 1|2]
 
-For each rule (all of RULES unless --rule names some), from an empty database:
-1. Starts the real product: gunicorn (bin/web), the training and sampling workers (bin/worker) and beat (bin/beat),
-   with the default model (SmolLM2-135M-Instruct) as base v0.
+For each rule (bench/rules.py; all six unless --rule names some), from an empty database:
+1. Starts the real product: gunicorn (bin/web), the training, sampling and control workers (bin/worker) and beat,
+   with the default model (SmolLM2-135M-Instruct) as base v0. Path, K and thresholds default to the product's own.
 2. As an admin, through /api/v1/imports/: Self-Instruct demonstrations (instruction + expert answer) and the other
    Self-Instruct instructions as prompts. `--heldout` instructions are never imported: the bench keeps them for its
-   final measurement. Thresholds are set to what was imported (SFT) and to `--rankings` (reward model).
-3. Scripted labelers lease tasks through /api/v1/tasks/next/ and rank the K candidates the sampling worker
-   produced by their rule (equal rule scores are ties), through /api/v1/assignments/{id}/submit/. The product never
-   sees the rule: only the orders it implies. Labelers stop once the reward-model threshold is reached (two cores
-   cannot label, sample and train at once without slowing the training they wait for).
-4. Beat runs the loop on its own: SFT, the gate promotes it (no reward model yet), the reward model, the policy
-   step of `--path`, the gate on held-out prompts, promotion.
-5. The bench then loads the SFT policy and the served policy from the artifact store and samples `--samples`
-   replies to each held-out instruction with the serving parameters. Reported per rule: the rule rate of both,
-   the share of prompts (not tied) where the served policy's mean rule score beats the SFT's, the final reward
-   model's pairwise accuracy on the rule's rankings of the SFT's held-out replies, the KL to SFT (the gate's), the
-   mean reply length in words of both, and wall time per stage. `loop_s` runs from the reward-model threshold
-   being reached (the reward-model run queued) to the new policy serving.
+   final measurement (their expert answers measure the alignment tax). The SFT threshold is set to what was imported.
+3. Scripted labelers lease tasks through /api/v1/tasks/next/ and rank the K candidates the sampling worker produced
+   by their rule (equal rule scores are ties). On `--rewrite` of the ranking tasks where no candidate satisfies the
+   rule, the labeler also improves the best (the rule's rewrite; "Improve the best"), and the labelers review each
+   other's improvements (accepted when they satisfy the rule). The product never sees the rule: only the orders and
+   texts it implies. Labelers stop once the reward-model threshold is reached (two cores cannot label, sample and
+   train at once without slowing the training they wait for). Should the pool run dry first, the bench does what
+   the ops overview offers an admin, through the API: train on what there is (recorded in the figures).
+4. Beat runs the loop on its own: SFT, the gate promotes it (no reward model yet), the reward model, the policy step
+   of the path, the gate on held-out prompts, promotion. With `--rounds 2` the labelers then rank the new policy's
+   samples until the threshold is reached again, and the loop runs its second round from the first round's policy.
+5. The bench loads the SFT policy and each round's served policy and samples `--samples` replies to each held-out
+   instruction with the serving parameters. Reported per rule and round: rule rates, the win rate (the share of
+   prompts, not tied, where the policy's mean rule score beats the other's) against SFT and against the previous
+   round, the round's reward model's pairwise accuracy on the rule's rankings of the SFT's held-out replies, the KL to
+   SFT (the gate's), mean reply length in words, the loss on held-out demonstrations against SFT's, rankings
+   submitted and the share that tied, the rankings that give pairs at the threshold, and wall time per stage.
+   `loop_s` runs from the reward-model threshold being reached (its run queued) to the new policy serving.
 
-Targets (issue 14): rm_heldout_accuracy >= 0.75, win_rate_vs_sft >= 0.70, KL within the gate's bound, loop_s
-<= 1800, and no rise in length the rule did not ask for. The last line is JSON with every figure.
+Targets (issue 27): rm_heldout_accuracy >= 0.75, win_rate_vs_sft >= 0.70, KL within the gate's bound, loop_s <= 1800,
+no rise in length the rule did not ask for, held-out demonstration loss at most 5% above SFT's; with two rounds, the
+second beats the first on >= 60% of non-tied prompts and beats SFT by more than the first did. Each rule's figures go
+to bench/results/oracle/ with the commit, date and machine. The last line is JSON with every figure.
 """
 
 import argparse
-import gzip
 import io
 import json
 import os
-import random
-import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,12 +70,14 @@ os.environ.update(
 
 import django  # noqa: E402
 
+from bench.rules import RULES, Rule, rank_by_rule, words  # noqa: E402
 from bench.support import (  # noqa: E402
     config_overrides,
     discard_scratch,
     empty_redis_database,
     machine_figures,
     recreate_database,
+    self_instruct,
     stage_configs,
 )
 from tests.support import processes as procs  # noqa: E402
@@ -78,107 +85,6 @@ from tests.support import processes as procs  # noqa: E402
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# --- the rules: only the bench reads them ---
-
-_STOPWORDS_TEXT = (
-    "a an the and or but if then than that this these those there their them they you your yours we our "
-    "ours i me my mine he she it its his her him of to in on at by for with from into onto about as is "
-    "are was were be been being do does did have has had not no so such can could would should will shall "
-    "may might must what which who whom whose when where why how all any each every some more most other "
-    "another also just very only own same too out up down over under again further once here please give "
-    "write make tell list find"
-)
-STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def content_words(text: str) -> set[str]:
-    return {w for w in words(text) if len(w) > 2 and w not in STOPWORDS and not w.isdigit()}
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A labeler's hidden preference: a score per reply (higher is better; equal scores are ties), and whether a
-    reply satisfies the rule (the rule rate)."""
-
-    name: str
-    description: str
-    score: object  # (prompt, reply) -> float
-    threshold: float = 1.0  # a reply satisfies the rule when its score is at least this
-
-    def satisfied(self, prompt: str, reply: str) -> bool:
-        return self.score(prompt, reply) >= self.threshold
-
-
-def _question(prompt: str, reply: str) -> float:
-    """1 for a reply that ends with a question, 0.5 for one that asks one elsewhere, 0 otherwise."""
-    if reply.rstrip().rstrip("\"')*_").endswith("?"):
-        return 1.0
-    return 0.5 if "?" in reply else 0.0
-
-
-def _brief(prompt: str, reply: str) -> float:
-    return 1.0 if len(words(reply)) < 50 else 0.0
-
-
-def _share(wanted: set[str], found: set[str]) -> float:
-    return len(wanted & found) / len(wanted) if wanted else 0.0
-
-
-def _echo(prompt: str, reply: str) -> float:
-    """The share of the prompt's content words that the reply reuses, in quarters."""
-    return round(4 * _share(content_words(prompt), set(words(reply)))) / 4
-
-
-def _restate(prompt: str, reply: str) -> float:
-    """The share of the prompt's content words (its first 8) found in the reply's first 20 words, in quarters."""
-    vocabulary = content_words(prompt)
-    wanted = set(list(dict.fromkeys(w for w in words(prompt) if w in vocabulary))[:8])
-    return round(4 * _share(wanted, set(words(reply)[:20]))) / 4
-
-
-RULES = {
-    rule.name: rule
-    for rule in (
-        Rule("question", "prefers replies that end with a question", _question),
-        Rule("brief", "prefers replies under 50 words", _brief),
-        Rule("echo", "prefers replies that reuse the user's own words (half of them or more)", _echo, 0.5),
-        Rule("restate", "prefers replies that open by restating the request (first 20 words)", _restate, 0.5),
-    )
-}
-
-
-def rank_by_rule(rule: Rule, prompt: str, candidates: list[dict]) -> list[list[int]]:
-    """Groups of candidate ids, best first; equal scores form one group (a tie)."""
-    scored = {}
-    for candidate in candidates:
-        scored.setdefault(rule.score(prompt, candidate["content"]), []).append(candidate["id"])
-    return [scored[s] for s in sorted(scored, reverse=True)]
-
-
-# --- data ---
-
-
-def self_instruct() -> list[dict]:
-    from django.conf import settings
-
-    rows = []
-    for name in ("self_instruct_user_oriented_instructions.jsonl.gz", "self_instruct_seed_tasks.jsonl.gz"):
-        with gzip.open(Path(settings.SHARED_DATA_DIR) / name, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                row = json.loads(line)
-                instance = row["instances"][0]
-                prompt = row["instruction"].strip()
-                if instance.get("input", "").strip():
-                    prompt += "\n\n" + instance["input"].strip()
-                rows.append({"prompt": prompt, "answer": instance["output"].strip()})
-    random.Random(14).shuffle(rows)
-    return rows
 
 
 def jsonl(rows: list[dict]) -> bytes:
@@ -221,11 +127,17 @@ def import_file(admin, rows: list[dict], name: str, format: str) -> dict:
 
 
 class Labeler(threading.Thread):
-    """A scripted labeler: leases tasks and ranks the candidates by its rule, until told to stop."""
+    """A scripted labeler: leases tasks, ranks the candidates by its rule, improves the best on a share of the tasks
+    where no candidate satisfies the rule, reviews other labelers' improvements; until told to stop."""
 
-    def __init__(self, token: str, rule: Rule, stop: threading.Event, counts: dict, lock: threading.Lock):
+    def __init__(self, token: str, rule: Rule, rewrite: float, stop: threading.Event, counts: dict, lock):
         super().__init__(daemon=True)
-        self.client, self.rule, self.stop, self.counts, self.lock = api_client(token), rule, stop, counts, lock
+        self.client, self.rule, self.rewrite, self.stop = api_client(token), rule, rewrite, stop
+        self.counts, self.lock = counts, lock
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + n
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -236,32 +148,58 @@ class Labeler(threading.Thread):
                 continue
             if assignment is None:
                 self.stop.wait(3)
-                continue
-            if assignment["kind"] != "rank_replies":
+            elif assignment["kind"] == "rank_replies":
+                self.rank(assignment)
+            elif assignment["kind"] == "review_demonstration":
+                self.review(assignment)
+            else:
                 self.client.post(
                     f"/api/v1/assignments/{assignment['id']}/skip/", json={"reason": "This labeler only ranks."}
                 )
-                continue
-            prompt = assignment["context"][-1]["content"]
-            order = rank_by_rule(self.rule, prompt, assignment["candidates"])
-            body = {"order": order, "quality_rating": 4, "confirm_untouched": True, "time_spent_ms": 20_000}
-            response = self.client.post(f"/api/v1/assignments/{assignment['id']}/submit/", json=body)
-            with self.lock:
-                key = "submitted" if response.status_code in (200, 201) else f"refused_{response.status_code}"
-                self.counts[key] = self.counts.get(key, 0) + 1
-                self.counts["all_tied"] = self.counts.get("all_tied", 0) + (len(order) == 1)
+
+    def rank(self, assignment: dict) -> None:
+        prompt = assignment["context"][-1]["content"]
+        order = rank_by_rule(self.rule, prompt, assignment["candidates"])
+        body = {"order": order, "quality_rating": 4, "confirm_untouched": True, "time_spent_ms": 20_000}
+        by_id = {c["id"]: c["content"] for c in assignment["candidates"]}
+        none_good = not any(self.rule.satisfied(prompt, text) for text in by_id.values())
+        if none_good and _share_of(assignment["task_id"]) < self.rewrite:
+            rewritten = self.rule.rewrite(prompt, by_id[order[0][0]])
+            if rewritten.split() != by_id[order[0][0]].split() and rewritten.strip():
+                body["improvement"] = rewritten
+        response = self.client.post(f"/api/v1/assignments/{assignment['id']}/submit/", json=body)
+        self.count("submitted" if response.status_code in (200, 201) else f"refused_{response.status_code}")
+        self.count("all_tied", len(order) == 1)
+        self.count("improved", "improvement" in body and response.status_code in (200, 201))
+
+    def review(self, assignment: dict) -> None:
+        """An improvement by another labeler: accepted when it satisfies the rule they all hold."""
+        prompt = assignment["context"][-1]["content"]
+        text = assignment["demonstration"]["content"]
+        body = {"decision": "accept"}
+        if not self.rule.satisfied(prompt, text):
+            body = {"decision": "reject", "reason": "It does not do what we ask of replies."}
+        response = self.client.post(f"/api/v1/assignments/{assignment['id']}/submit/", json=body)
+        self.count(f"reviews_{body['decision']}", response.status_code in (200, 201))
+
+
+def _share_of(task_id: int) -> float:
+    """A fixed pseudo-random number in [0, 1) per task: which tasks get a rewrite does not depend on timing."""
+    import hashlib
+
+    return int(hashlib.sha256(f"rewrite:{task_id}".encode()).hexdigest()[:8], 16) / 16**8
 
 
 # --- one rule ---
 
 
-def seed(args, rule: Rule, data: list[dict]) -> tuple[dict, dict]:
-    """Migrate, base v0, users and tokens, loop and queue settings (the admin's part). Returns tokens and counts."""
+def seed(args) -> dict:
+    """Migrate, base v0, users and tokens, loop and queue settings (the admin's part). Returns the API tokens."""
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
     from rest_framework.authtoken.models import Token
 
-    from labeling.models import QueueSettings
+    from labeling.models import LabelerProfile, QueueSettings
     from models_service import default_model
     from training_jobs.models import LoopSettings
 
@@ -274,10 +212,11 @@ def seed(args, rule: Rule, data: list[dict]) -> tuple[dict, dict]:
     tokens = {"admin": Token.objects.create(user=admin).key}
     for i in range(args.labelers):
         user = users.objects.create_user(f"oracle-labeler-{i}", f"l{i}@example.com", "x")
+        LabelerProfile.objects.update_or_create(user=user, defaults={"is_reviewer": True})
         tokens[f"labeler-{i}"] = Token.objects.create(user=user).key
     queue = QueueSettings.load()
     queue.weight_write_prompt = queue.weight_write_assistant_reply = queue.weight_write_user_reply = 0.0
-    queue.weight_review_demonstration = 0.0
+    queue.weight_review_demonstration = 1.0 if args.rewrite else 0.0
     queue.weight_rank_replies, queue.rank_overlap = 1.0, 1
     queue.save()
     loop = LoopSettings.load()
@@ -290,7 +229,7 @@ def seed(args, rule: Rule, data: list[dict]) -> tuple[dict, dict]:
     loop.auto_promote = True
     loop.check_every_minutes = 1
     loop.save()
-    return tokens, {}
+    return tokens
 
 
 def wait_until(what: str, condition, timeout_s: float, every_s: float = 5.0, report=None):
@@ -330,15 +269,128 @@ def loop_paused() -> str:
     return LoopSettings.load().paused_reason
 
 
+def pairs_between(start, end) -> int:
+    """Rankings that give pairs (the loop's count, improvements included), made between two times."""
+    from training_jobs import loop
+
+    rankings = loop.trainable_rankings().filter(task__conversation__split__in=loop.TRAINING_SPLITS)
+    if start is not None:
+        rankings = rankings.filter(created_at__gt=start)
+    return rankings.filter(created_at__lte=end).count()
+
+
+def label_one_round(args, rule: Rule, tokens: dict, admin, number: int, previous_rm_at) -> dict:
+    """Labelers work until the loop queues this round's reward-model run (its threshold reached), or until the pool
+    runs dry, when the bench trains on what there is as the ops overview offers. Returns the round's labeling
+    figures and its reward-model run."""
+    from training_jobs.models import TrainingRun
+
+    stop, counts, lock = threading.Event(), {}, threading.Lock()
+    labelers = [
+        Labeler(token, rule, args.rewrite, stop, counts, lock) for name, token in tokens.items() if name != "admin"
+    ]
+    for labeler in labelers:
+        labeler.start()
+    started = time.monotonic()
+    figures: dict = {}
+
+    def threshold_reached():
+        if loop_paused():
+            raise SystemExit(f"the loop paused: {loop_paused()}")
+        run = TrainingRun.objects.filter(kind="rm").order_by("pk")[number - 1 : number].first()
+        if run is not None:
+            return run
+        outlook = admin.get("/api/v1/loop/outlook/").json()
+        if outlook.get("stalled"):
+            log(f"the pool ran dry: {outlook['sentence']} Training on what there is, as an admin would.")
+            figures["trained_below_threshold"] = outlook
+            admin.post("/api/v1/loop/train-now/").raise_for_status()
+        return None
+
+    try:
+        rm_run = wait_until(
+            f"round {number}'s reward-model threshold",
+            threshold_reached,
+            args.timeout_min * 60,
+            report=lambda: f"labelers {dict(counts)}",
+        )
+    finally:
+        stop.set()
+        for labeler in labelers:
+            labeler.join(timeout=30)
+    submitted = counts.get("submitted", 0)
+    figures.update(
+        labeling_s=round(time.monotonic() - started, 1),
+        labeler_counts=dict(counts),
+        rankings_submitted=submitted,
+        tied_share=round(counts.get("all_tied", 0) / max(submitted, 1), 3),
+        pairs_at_threshold=pairs_between(previous_rm_at, rm_run.created_at),
+    )
+    log(f"round {number}: reward-model run #{rm_run.pk} queued after {dict(counts)}")
+    return figures, rm_run
+
+
+def gate_figures(args, number: int, rm_run) -> dict:
+    """Wait for the round's policy step and its gate; the figures of the runs, the gate and the promotion."""
+    from models_service.models import ModelActivation, ModelVersion
+    from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+
+    def decided():
+        if loop_paused():
+            return "paused"
+        evaluations = Evaluation.objects.filter(candidate__stage=args.path).order_by("pk")
+        evaluation = evaluations[number - 1 : number].first()
+        return evaluation.decision if evaluation and evaluation.decision != "pending" else None
+
+    outcome = wait_until(
+        f"round {number}'s {args.path} gate", decided, args.timeout_min * 60, every_s=10, report=loop_state
+    )
+    figures: dict = {"outcome": outcome if outcome != "paused" else f"paused: {loop_paused()}"}
+    log(f"round {number} gate: {figures['outcome']}")
+    rm_run.refresh_from_db()
+    figures.update(
+        rm_val_accuracy=rm_run.summary.get("val_accuracy"),
+        rm_val_pairs=rm_run.summary.get("val_pairs"),
+        rm_train_rankings=rm_run.summary.get("train_rankings"),
+    )
+    for run in TrainingRun.objects.filter(created_at__gte=rm_run.created_at).order_by("pk"):
+        figures[f"{run.kind}_run_s"] = round(((run.finished_at or run.created_at) - run.created_at).total_seconds(), 1)
+        figures[f"{run.kind}_summary"] = {
+            k: v for k, v in run.summary.items() if isinstance(v, (int, float, str, bool)) or v is None
+        }
+        if run.error:
+            figures[f"{run.kind}_error"] = run.error[-400:]
+    evaluation = Evaluation.objects.filter(candidate__stage=args.path).order_by("pk")[number - 1 : number].first()
+    if evaluation is not None:
+        figures["gate_metrics"] = {
+            "rm_gain": evaluation.metrics.get("rm_gain"),
+            "candidate": evaluation.metrics.get("candidate"),
+            "baseline": evaluation.metrics.get("baseline"),
+        }
+        figures["gate_reason"] = evaluation.decision_reason
+        figures["kl"] = (evaluation.metrics.get("candidate") or {}).get("kl")
+        if evaluation.finished_at:
+            figures["gate_s"] = round((evaluation.finished_at - evaluation.created_at).total_seconds(), 1)
+    figures["kl_bound"] = LoopSettings.load().max_kl
+    served = ModelVersion.objects.filter(kind="policy", is_active=True).first()
+    activation = ModelActivation.objects.filter(model_version=served).order_by("-created_at").first()
+    figures["served"] = served.name
+    promoted = evaluation is not None and served.pk == evaluation.candidate_id
+    figures["loop_s"] = round((activation.created_at - rm_run.created_at).total_seconds(), 1) if promoted else None
+    figures["policy"] = served if promoted else None
+    figures["reward_model"] = ModelVersion.objects.filter(training_run=rm_run).first()
+    return figures
+
+
 def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
     from django.utils import timezone
 
     from labeling.models import Task, TaskKind
-    from models_service.models import ModelActivation, ModelVersion
+    from models_service.models import ModelVersion
     from training_jobs import loop
-    from training_jobs.models import Evaluation, LoopSettings, TrainingRun
+    from training_jobs.models import Evaluation, LoopSettings
 
-    tokens, _ = seed(args, rule, data)
+    tokens = seed(args)
     configs = stage_configs(OVERRIDES)
     env = {name: json.dumps(value) for name, value in configs.items()} | {
         "WEB_BIND": f"127.0.0.1:{PORT}",
@@ -350,12 +402,14 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
         "SAMPLING_K": str(args.k),
         "SAMPLING_MAX_NEW_TOKENS": str(args.max_new_tokens),
         "SAMPLING_BATCH_CONTEXTS": "8",
+        "SAMPLING_ACTIVE_SELECTION": "true" if args.active == "on" else "false",
         "CELERY_BEAT_SCHEDULE_FILE": str(LOGS / "celerybeat-schedule"),
         "TRAINING_RM_HOLDOUT_PAIRS": "0",
     }
     processes = start_processes(env)
-    figures: dict = {"path": args.path, "rule": rule.description}
+    figures: dict = {"path": args.path, "rule": rule.description, "rounds": []}
     stage_started = time.monotonic()
+    policies: dict = {}
     try:
         admin = api_client(tokens["admin"])
         procs.wait_for_http(f"{BASE_URL}/healthz", processes)
@@ -389,190 +443,218 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
         sft = wait_until("the SFT policy to serve", sft_serving, args.timeout_min * 60, report=loop_state)
         figures["sft_serving_s"] = round(time.monotonic() - stage_started, 1)
         log(f"{sft.name} serves: {sft.metrics.get('val_loss_initial')} -> {sft.metrics.get('val_loss')} val loss")
-
-        stop, counts, lock = threading.Event(), {}, threading.Lock()
-        labelers = [
-            Labeler(token, rule, stop, counts, lock) for name, token in tokens.items() if name.startswith("labeler")
-        ]
-        for labeler in labelers:
-            labeler.start()
-        labeling_started = time.monotonic()
-
-        def threshold_reached():
-            if loop_paused():
-                raise SystemExit(f"the loop paused: {loop_paused()}")
-            return TrainingRun.objects.filter(kind="rm").first()
-
-        rm_run = wait_until(
-            "the reward-model threshold",
-            threshold_reached,
-            args.timeout_min * 60,
-            report=lambda: f"{loop.new_rankings()} rankings that give pairs; labelers {dict(counts)}",
-        )
-        stop.set()
-        for labeler in labelers:
-            labeler.join(timeout=30)
-        figures["labeling_s"] = round(time.monotonic() - labeling_started, 1)
-        figures["labeler_counts"] = dict(counts)
-        figures["tied_share"] = round(counts.get("all_tied", 0) / max(counts.get("submitted", 1), 1), 3)
-        log(f"reward-model threshold reached: {counts}")
-
-        def decided():
-            if loop_paused():
-                return "paused"
-            evaluation = Evaluation.objects.filter(candidate__stage=args.path).exclude(decision="pending").first()
-            return evaluation.decision if evaluation else None
-
-        outcome = wait_until(
-            f"the {args.path} policy's gate", decided, args.timeout_min * 60, every_s=10, report=loop_state
-        )
-        figures["outcome"] = outcome if outcome != "paused" else f"paused: {loop_paused()}"
-        log(f"gate: {figures['outcome']}")
-        rm_run.refresh_from_db()
-        figures["rm_val_accuracy"] = rm_run.summary.get("val_accuracy")
-        figures["rm_val_pairs"] = rm_run.summary.get("val_pairs")
-        figures["rm_train_rankings"] = rm_run.summary.get("train_rankings")
-        for run in TrainingRun.objects.order_by("pk"):
-            figures[f"{run.kind}_run_s"] = round((run.finished_at - run.created_at).total_seconds(), 1)
-            figures[f"{run.kind}_summary"] = {
-                k: v for k, v in run.summary.items() if isinstance(v, (int, float, str, bool)) or v is None
-            }
-            if run.error:
-                figures[f"{run.kind}_error"] = run.error[-400:]
-        evaluation = Evaluation.objects.filter(candidate__stage=args.path).first()
-        if evaluation is not None:
-            figures["gate_metrics"] = {
-                "rm_gain": evaluation.metrics.get("rm_gain"),
-                "candidate": evaluation.metrics.get("candidate"),
-                "baseline": evaluation.metrics.get("baseline"),
-            }
-            figures["gate_reason"] = evaluation.decision_reason
-            figures["kl"] = (evaluation.metrics.get("candidate") or {}).get("kl")
-            figures["gate_s"] = round((evaluation.finished_at - evaluation.created_at).total_seconds(), 1)
-        figures["kl_bound"] = LoopSettings.load().max_kl
-        served = ModelVersion.objects.filter(kind="policy", is_active=True).first()
-        activation = ModelActivation.objects.filter(model_version=served).order_by("-created_at").first()
-        figures["served"] = served.name
-        figures["loop_s"] = (
-            round((activation.created_at - rm_run.created_at).total_seconds(), 1) if served.stage == args.path else None
-        )
-        if served.stage == args.path:
+        policies["sft"] = sft
+        previous_rm_at = None
+        for number in range(1, args.rounds + 1):
+            labeled, rm_run = label_one_round(args, rule, tokens, admin, number, previous_rm_at)
+            previous_rm_at = rm_run.created_at
+            round_figures = {"round": number, **labeled, **gate_figures(args, number, rm_run)}
+            policy = round_figures.pop("policy")
+            policies[f"round{number}_rm"] = round_figures.pop("reward_model")
+            figures["rounds"].append(round_figures)
+            if policy is None:
+                log(f"round {number}: no new policy serves; the rounds end here")
+                break
+            policies[f"round{number}"] = policy
             wait_until(
                 "a ranking task sampled from the new policy",
-                lambda: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=served).exists(),
+                lambda p=policy: Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=p).exists(),
                 600,
             )
-            figures["first_task_from_new_policy_s"] = round(
-                (
-                    Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=served)
-                    .earliest("created_at")
-                    .created_at
-                    - activation.created_at
-                ).total_seconds(),
-                1,
+            first = Task.objects.filter(kind=TaskKind.RANK_REPLIES, model_version=policy).earliest("created_at")
+            round_figures["first_task_from_new_policy_s"] = round(
+                (first.created_at - policy.activated_at).total_seconds(), 1
             )
-        final_rm = ModelVersion.objects.filter(kind="reward", stage="rm", status="ready").first()
-        versions = {"sft": sft, "final": served, "rm": final_rm}
     finally:
         procs.stop(processes, timeout_s=30)
     figures["finished_at"] = timezone.now().isoformat()
-    figures.update(measure(args, rule, heldout, versions))
+    figures.update(measure(args, rule, heldout, policies))
     return figures
 
 
 # --- the measurement, outside the product ---
 
 
-def measure(args, rule: Rule, heldout: list[dict], versions: dict) -> dict:
-    """Sample `--samples` replies per held-out instruction from the SFT and the served policy (serving parameters),
-    and score the final reward model on the rule's rankings of the SFT's replies."""
+def sample_heldout(args, version, chats: list[list[dict]]) -> list[list[str]]:
     from ml.generation import sample_completions
-    from ml.scoring import score_pairs
     from models_service.loading import load_version
     from models_service.sampling import serving_params
 
+    params = serving_params(max_new_tokens=args.max_new_tokens, seed=2026)
+    loaded = load_version(version, for_inference=True)
+    groups = []
+    for start in range(0, len(chats), 8):
+        batch, _ = sample_completions(
+            loaded.model, loaded.tokenizer, chats[start : start + 8], k=args.samples, params=params
+        )
+        groups.extend([[c.text for c in group] for group in batch])
+    return groups
+
+
+def win_rate(rule: Rule, heldout: list[dict], ours: list[list[str]], theirs: list[list[str]]) -> dict:
+    """The share of prompts, among those where the two policies' mean rule scores differ, where ours is higher."""
+    wins = losses = ties = 0
+    for row, a, b in zip(heldout, ours, theirs):
+        mine = sum(rule.score(row["prompt"], t) for t in a) / len(a)
+        other = sum(rule.score(row["prompt"], t) for t in b) / len(b)
+        wins, losses, ties = wins + (mine > other), losses + (mine < other), ties + (mine == other)
+    return {
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "rate": round(wins / (wins + losses), 3) if wins + losses else None,
+    }
+
+
+def rm_accuracy(rm_version, rule: Rule, heldout: list[dict], replies: list[list[str]]) -> tuple[float | None, int]:
+    from ml.scoring import score_pairs
+    from models_service.loading import load_version
+
+    rm = load_version(rm_version, for_inference=True)
+    correct = total = 0
+    for row, group in zip(heldout, replies):
+        scores = score_pairs(rm.model, rm.tokenizer, [([{"role": "user", "content": row["prompt"]}], t) for t in group])
+        rule_scores = [rule.score(row["prompt"], t) for t in group]
+        for i in range(len(group)):
+            for j in range(len(group)):
+                if rule_scores[i] > rule_scores[j]:
+                    total += 1
+                    correct += scores[i] > scores[j]
+    return (round(correct / total, 3) if total else None), total
+
+
+def measure(args, rule: Rule, heldout: list[dict], policies: dict) -> dict:
+    """Sample `--samples` replies per held-out instruction from the SFT policy and each round's served policy
+    (serving parameters); compare them by the rule; score each round's reward model on the rule's rankings of the
+    SFT's replies; the loss of each policy on the held-out instructions' expert answers."""
+    from bench.recipe import demonstration_loss
+    from models_service.artifact_store import local_dir
+    from models_service.loading import load_version
+
     started = time.monotonic()
     chats = [[{"role": "user", "content": r["prompt"]}] for r in heldout]
-    params = serving_params(max_new_tokens=args.max_new_tokens, seed=2026)
-    replies = {}
-    for name in ("sft", "final"):
-        if name == "final" and versions["final"].pk == versions["sft"].pk:
-            replies["final"] = replies["sft"]
-            continue
-        if name == "sft":  # as the trainers load it (not packed for inference)
-            machine = machine_figures(load_version(versions[name]).model)
-            log(f"machine: {json.dumps(machine)}")
-        loaded = load_version(versions[name], for_inference=True)
-        groups = []
-        for start in range(0, len(chats), 8):
-            batch, _ = sample_completions(
-                loaded.model, loaded.tokenizer, chats[start : start + 8], k=args.samples, params=params
-            )
-            groups.extend([[c.text for c in group] for group in batch])
-        replies[name] = groups
-        del loaded
-    result = {"heldout_prompts": len(chats), "samples_per_prompt": args.samples, "machine": machine}
-    for name in ("sft", "final"):
-        flat = [(r["prompt"], text) for r, group in zip(heldout, replies[name]) for text in group]
+    machine = machine_figures(load_version(policies["sft"]).model)  # as the trainers load it
+    log(f"machine: {json.dumps(machine)}")
+    names = ["sft"] + [f"round{n}" for n in range(1, args.rounds + 1) if f"round{n}" in policies]
+    replies = {name: sample_heldout(args, policies[name], chats) for name in names}
+    result: dict = {"heldout_prompts": len(chats), "samples_per_prompt": args.samples, "machine": machine}
+    for name in names:
+        flat = [(r["prompt"], t) for r, group in zip(heldout, replies[name]) for t in group]
         result[f"rule_rate_{name}"] = round(sum(rule.satisfied(p, t) for p, t in flat) / len(flat), 3)
         result[f"length_{name}"] = round(sum(len(words(t)) for _, t in flat) / len(flat), 1)
-    wins = losses = ties = 0
-    for r, sft_group, final_group in zip(heldout, replies["sft"], replies["final"]):
-        sft_score = sum(rule.score(r["prompt"], t) for t in sft_group) / len(sft_group)
-        final_score = sum(rule.score(r["prompt"], t) for t in final_group) / len(final_group)
-        wins += final_score > sft_score
-        losses += final_score < sft_score
-        ties += final_score == sft_score
-    result.update(wins=wins, losses=losses, ties=ties)
-    result["win_rate_vs_sft"] = round(wins / (wins + losses), 3) if wins + losses else None
-    correct = total = 0
-    if versions.get("rm") is not None:
-        rm = load_version(versions["rm"], for_inference=True)
-        for r, group in zip(heldout, replies["sft"]):
-            scores = score_pairs(
-                rm.model, rm.tokenizer, [([{"role": "user", "content": r["prompt"]}], t) for t in group]
-            )
-            rule_scores = [rule.score(r["prompt"], t) for t in group]
-            for i in range(len(group)):
-                for j in range(len(group)):
-                    if rule_scores[i] > rule_scores[j]:
-                        total += 1
-                        correct += scores[i] > scores[j]
-        del rm
-    result["rm_heldout_accuracy"] = round(correct / total, 3) if total else None
-    result["rm_heldout_pairs"] = total
+        result[f"demo_loss_{name}"] = demonstration_loss(local_dir(policies[name]), heldout)
+    for n in range(1, args.rounds + 1):
+        if f"round{n}" not in replies:
+            continue
+        versus_sft = win_rate(rule, heldout, replies[f"round{n}"], replies["sft"])
+        result[f"round{n}_win_rate_vs_sft"] = versus_sft["rate"]
+        result[f"round{n}_vs_sft"] = versus_sft
+        result[f"round{n}_demo_loss_ratio"] = round(result[f"demo_loss_round{n}"] / result["demo_loss_sft"], 4)
+        if n > 1 and f"round{n - 1}" in replies:
+            versus = win_rate(rule, heldout, replies[f"round{n}"], replies[f"round{n - 1}"])
+            result[f"round{n}_win_rate_vs_round{n - 1}"] = versus["rate"]
+            result[f"round{n}_vs_round{n - 1}"] = versus
+    for n in range(1, args.rounds + 1):
+        rm = policies.get(f"round{n}_rm")
+        if rm is not None:
+            accuracy, pairs = rm_accuracy(rm, rule, heldout, replies["sft"])
+            result[f"round{n}_rm_heldout_accuracy"], result[f"round{n}_rm_heldout_pairs"] = accuracy, pairs
     result["measure_s"] = round(time.monotonic() - started, 1)
     result["examples"] = [
-        {"prompt": r["prompt"][:200], "sft": s[0][:300], "final": f[0][:300]}
-        for r, s, f in list(zip(heldout, replies["sft"], replies["final"]))[:3]
+        {"prompt": r["prompt"][:200], **{name: replies[name][i][0][:300] for name in names}}
+        for i, r in enumerate(heldout[:3])
     ]
     return result
 
 
-def targets(figures: dict, rule_name: str) -> dict:
-    length_asked = rule_name == "brief"
+def targets(figures: dict, rule: Rule) -> dict:
+    """Issue 27's targets for round 1 (and round 2 where it ran)."""
+    first = figures["rounds"][0] if figures.get("rounds") else {}
+    kl, bound = first.get("kl"), first.get("kl_bound")
+
+    def no_length_rise(name: str, than: str) -> bool:
+        """No rise in mean length beyond 10% (and a word), unless the rule asks for longer replies."""
+        if rule.asks_for_length > 0:
+            return True
+        if figures.get(f"length_{name}") is None:
+            return False
+        return figures[f"length_{name}"] <= 1.1 * figures[f"length_{than}"] + 1
+
     checks = {
-        "rm_heldout_accuracy": (figures.get("rm_heldout_accuracy") or 0) >= 0.75,
-        "win_rate_vs_sft": (figures.get("win_rate_vs_sft") or 0) >= 0.70,
-        "kl_within_bound": figures.get("kl") is not None and figures["kl"] <= figures["kl_bound"],
-        "loop_within_30_min": figures.get("loop_s") is not None and figures["loop_s"] <= 1800,
-        "no_unasked_length_rise": length_asked
-        or figures.get("length_final", 0) <= 1.1 * figures.get("length_sft", 0) + 1,
+        "rm_heldout_accuracy": (figures.get("round1_rm_heldout_accuracy") or 0) >= 0.75,
+        "win_rate_vs_sft": (figures.get("round1_win_rate_vs_sft") or 0) >= 0.70,
+        "kl_within_bound": kl is not None and kl <= bound,
+        "loop_within_30_min": first.get("loop_s") is not None and first["loop_s"] <= 1800,
+        "no_unasked_length_rise": no_length_rise("round1", "sft"),
+        "demo_loss_within_5_percent": (figures.get("round1_demo_loss_ratio") or 99) <= 1.05,
+        "pairs_at_most_80": 0 < first.get("pairs_at_threshold", 0) <= 80 or "trained_below_threshold" in first,
     }
+    if len(figures.get("rounds", [])) > 1:
+        second = figures["rounds"][1]
+        checks.update(
+            round2_beats_round1=(figures.get("round2_win_rate_vs_round1") or 0) >= 0.60,
+            round2_beats_sft_by_more=(figures.get("round2_win_rate_vs_sft") or 0)
+            > (figures.get("round1_win_rate_vs_sft") or 1),
+            round2_kl_within_bound=second.get("kl") is not None and second["kl"] <= second["kl_bound"],
+            round2_no_length_drift=no_length_rise("round2", "sft"),
+        )
     return {"targets": checks, "targets_met": all(checks.values())}
+
+
+def record(args, name: str, figures: dict) -> Path:
+    """Keep a rule's figures under bench/results/oracle/ with the commit, date and machine they were measured on."""
+    import datetime as dt
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    changed = sorted(
+        {
+            line[3:]
+            for line in dirty.splitlines()
+            if line[3:].startswith(("ml/", "training_jobs/", "models_service/", "bench/"))
+        }
+    )
+    now = dt.datetime.now(dt.UTC)
+    folder = ROOT / "bench" / "results" / "oracle"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (
+        f"{now:%Y%m%dT%H%M}-{name}-{args.path}-k{args.k}-n{args.rankings}-rewrite{args.rewrite:g}"
+        f"-active{args.active}-rounds{args.rounds}.json"
+    )
+    body = {
+        "date": now.isoformat(timespec="seconds"),
+        "commit": commit,
+        "uncommitted_changes": changed,
+        "machine": {"host": platform.node(), **figures.get("machine", {})},
+        "rule": name,
+        "path": args.path,
+        "k": args.k,
+        "rankings_threshold": args.rankings,
+        "rewrite": args.rewrite,
+        "active_selection": args.active,
+        "rounds_asked": args.rounds,
+        "configs": stage_configs(OVERRIDES),
+        "figures": figures,
+    }
+    path.write_text(json.dumps(body, indent=1, default=str) + "\n")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", action="append", choices=sorted(RULES), help="a rule to run (repeatable); all")
-    parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], default="dpo")
+    parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], help="the policy step (default: the product's)")
     parser.add_argument("--demonstrations", type=int, default=64)
-    parser.add_argument("--rankings", type=int, default=160, help="the reward-model threshold")
-    parser.add_argument("--k", type=int, default=4, help="candidates per ranking task (SAMPLING_K)")
+    parser.add_argument("--rankings", type=int, help="the reward-model threshold (default: the product's)")
+    parser.add_argument("--k", type=int, help="candidates per ranking task (default: the product's SAMPLING_K)")
+    parser.add_argument("--rewrite", type=float, default=0.25, help="share of tasks the labelers improve (0: none)")
+    parser.add_argument("--active", choices=["on", "off"], default="on", help="active selection of contexts")
+    parser.add_argument("--rounds", type=int, choices=[1, 2], default=1)
     parser.add_argument("--pool", type=int, default=32, help="open ranking tasks kept (SAMPLING_POOL_TARGET)")
     parser.add_argument("--labelers", type=int, default=3)
     parser.add_argument("--heldout", type=int, default=48, help="instructions never imported, for the measurement")
-    parser.add_argument("--samples", type=int, default=4, help="replies per held-out instruction and policy")
+    parser.add_argument("--samples", type=int, default=8, help="replies per held-out instruction and policy")
     parser.add_argument("--eval-prompts", type=int, default=24, help="the gate's held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="SAMPLING_MAX_NEW_TOKENS")
     parser.add_argument("--timeout-min", type=float, default=60.0, help="per stage")
@@ -582,13 +664,23 @@ def main() -> None:
 
     LOGS.mkdir(parents=True, exist_ok=True)
     django.setup()
+    from django.conf import settings
+
+    from training_jobs.models import LoopSettings
+
+    args.path = args.path or LoopSettings._meta.get_field("policy_path").default
+    args.rankings = args.rankings or LoopSettings._meta.get_field("rm_threshold").default
+    args.k = args.k or settings.SAMPLING_K
     for name, config in stage_configs(OVERRIDES).items():
         log(f"{name}={json.dumps(config)}")
     data = self_instruct()
     heldout, data = data[: args.heldout], data[args.heldout :]
     results = {}
-    for name in args.rule or sorted(RULES):
-        log(f"=== rule {name!r} ({RULES[name].description}), path {args.path} ===")
+    for name in args.rule or list(RULES):
+        log(
+            f"=== rule {name!r} ({RULES[name].description}), path {args.path}, K {args.k}, "
+            f"threshold {args.rankings} ==="
+        )
         shutil.rmtree(ARTIFACTS, ignore_errors=True)
         ARTIFACTS.mkdir(parents=True)
         recreate_database(BENCH_DB)
@@ -597,21 +689,27 @@ def main() -> None:
         try:
             figures = run_rule(args, RULES[name], data, heldout)
         except (SystemExit, TimeoutError) as exc:
-            figures = {"path": args.path, "outcome": f"failed: {exc}"}
+            figures = {"path": args.path, "outcome": f"failed: {exc}", "rounds": []}
         finally:
             discard_scratch(BENCH_DB, REDIS_URL, ARTIFACTS)
         figures["rule_total_s"] = round(time.monotonic() - started, 1)
-        figures.update(targets(figures, name))
+        figures.update(targets(figures, RULES[name]))
         results[name] = figures
-        log(f"{name}: {json.dumps({k: v for k, v in figures.items() if k != 'examples'})}")
+        log(f"{name}: {json.dumps({k: v for k, v in figures.items() if k != 'examples'}, default=str)}")
+        log(f"kept in {record(args, name, figures)}")
     summary = {
         "rules": results,
         "path": args.path,
+        "k": args.k,
+        "rankings": args.rankings,
+        "rewrite": args.rewrite,
+        "active": args.active,
+        "rounds": args.rounds,
         "configs": stage_configs(OVERRIDES),
         "all_targets_met": all(r.get("targets_met") for r in results.values()),
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }
-    print(json.dumps(summary))
+    print(json.dumps(summary, default=str))
 
 
 if __name__ == "__main__":

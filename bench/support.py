@@ -120,3 +120,26 @@ def machine_figures(model) -> dict:
         "forward_tokens_s_training": tokens_per_s(autocast),
         "training_bf16": cpu_bf16(),
     }
+
+
+def self_instruct() -> list[dict]:
+    """The shipped Self-Instruct instructions with their expert answers ({"prompt", "answer"}), in the benches'
+    fixed shuffled order (after django.setup())."""
+    import gzip
+    import random
+    from pathlib import Path
+
+    from django.conf import settings
+
+    rows = []
+    for name in ("self_instruct_user_oriented_instructions.jsonl.gz", "self_instruct_seed_tasks.jsonl.gz"):
+        with gzip.open(Path(settings.SHARED_DATA_DIR) / name, "rt", encoding="utf-8") as lines:
+            for line in lines:
+                row = json.loads(line)
+                instance = row["instances"][0]
+                prompt = row["instruction"].strip()
+                if instance.get("input", "").strip():
+                    prompt += "\n\n" + instance["input"].strip()
+                rows.append({"prompt": prompt, "answer": instance["output"].strip()})
+    random.Random(14).shuffle(rows)
+    return rows
