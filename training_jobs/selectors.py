@@ -462,19 +462,24 @@ def pool_outlook(settings: LoopSettings | None = None) -> dict:
     return outlook
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _outlook_sentence(o: dict) -> str:
     """Why the threshold is out of reach, in numbers."""
     parts = [f"{o['have']} of {o['threshold']} new rankings give pairs."]
     parts.append(
-        f"Of {o['prompts']} prompts, {o['spent']} are spent for this policy (ranked, or tied on every try), "
-        f"{o['fresh']} are fresh, {o['resample']} tied and wait for new candidates, and {o['open_tasks']} ranking "
-        f"tasks are open."
+        f"Of {_count(o['prompts'], 'prompt', 'prompts')}, {o['spent']} spent for this policy (ranked, or tied on every "
+        f"try), {o['fresh']} fresh, {o['resample']} tied and waiting for new candidates; "
+        f"{_count(o['open_tasks'], 'ranking task is', 'ranking tasks are')} open."
     )
     if o["stalled"]:
-        parts.append("Nothing is left to rank: the loop waits until new prompts arrive or the threshold changes.")
+        parts.append("The loop waits until new prompts arrive or the threshold changes.")
     else:
         parts.append(
-            f"{o['tie_share']:.0%} of the latest {o['recent_rankings']} rankings tied every candidate; at that share "
-            f"what is left should give about {o['expected']:.0f} more, {o['needed']} are missing."
+            f"{o['tie_share']:.0%} of the latest {_count(o['recent_rankings'], 'ranking', 'rankings')} tied every "
+            f"candidate; at that share what is left should give about {o['expected']:.0f} more, and "
+            f"{o['needed']} are missing."
         )
     return " ".join(parts)

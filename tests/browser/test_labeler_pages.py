@@ -203,3 +203,30 @@ def test_write_a_prompt_and_other_pages(page, labeler):
     for path, name in [("/guidelines/", "guidelines"), ("/profile/", "profile")]:
         page.goto(path)
         screenshot(page, name)
+
+
+def test_improve_the_best_starts_from_the_reply_ranked_first(page, labeler):
+    task = make_rank_task(k=3, texts=["Reply one.", "Reply two.", "Reply three."])
+    log_in(page, "lena")
+    page.click("[data-testid=start]")
+    page.wait_for_selector("[data-testid=candidates]")
+    first = candidate_letters(page)[0]
+    drag(
+        page,
+        page.locator("[data-testid=candidate-C] .candidate-head"),
+        page.locator(f"[data-testid=candidate-{first}]"),
+    )
+    assert candidate_letters(page)[0] == "C"
+    best = page.locator("[data-testid=candidate-C]").get_attribute("data-text")
+    page.get_by_test_id("improve").locator("summary").click()
+    box = page.get_by_test_id("improvement")
+    assert box.input_value() == best, "the box starts from the reply ranked first"
+    box.fill(best + " And here is what it left out.")
+    page.locator("[data-testid=rating-3] + span").click()
+    screenshot(page, "rank-improve-the-best")
+    page.click("[data-testid=submit]")
+    page.wait_for_selector(".flash-success")
+    ranking = Ranking.objects.get(labeler=labeler)
+    assert ranking.improvement.text == best + " And here is what it left out."
+    assert ranking.improvement.review_status == Message.ReviewStatus.PENDING
+    assert ranking.ordered_message_ids[0] == [display_order(task, labeler.pk)[2]]

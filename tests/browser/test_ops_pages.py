@@ -28,3 +28,51 @@ def test_ops_pages_fit_a_phone(page, admin_user, tiny_policy, path):
         assert page.get_by_test_id("beat-missing").is_visible()
         assert page.get_by_test_id("loop-no-beat").is_visible()
         screenshot(page, "ops-phone")
+
+
+def test_the_overview_says_when_the_pool_cannot_reach_the_threshold(page, admin_user, tiny_policy, settings):
+    """Nothing left to rank: the overview says so with the numbers and the admin trains on what there is."""
+    from labeling import services as labeling_services
+    from labeling.models import Message, Role, TaskKind
+    from labeling.services import RankingInput
+    from tests.support.factories import ConversationFactory, MessageFactory, UserFactory
+    from tests.support.labeling import set_queue
+    from tests.support.training import set_loop
+    from training_jobs.models import TrainingRun
+
+    settings.TRAINING_MIN_RANKINGS = 1
+    settings.SAMPLING_RESAMPLE_TIED = 0
+    set_queue(rank_overlap_fraction=0)
+    set_loop(rm_threshold=80)
+    labeler = UserFactory(username="rita")
+    context = MessageFactory(conversation=ConversationFactory(split="train"), text="What is a good first pet?")
+    candidates = [
+        labeling_services.message_create(
+            conversation=context.conversation,
+            parent=context,
+            role=Role.ASSISTANT,
+            text=f"Reply {i}.",
+            origin=Message.Origin.MODEL,
+            model_version=tiny_policy,
+            sampling_params={"temperature": 1.0},
+        )
+        for i in range(2)
+    ]
+    labeling_services.task_create(
+        kind=TaskKind.RANK_REPLIES, parent_message=context, candidates=candidates, model_version=tiny_policy
+    )
+    labeling_services.ranking_submit(
+        assignment=labeling_services.task_lease_next(user=labeler),
+        ranking=RankingInput(order=[[candidates[1].pk], [candidates[0].pk]], flags={}, confirm_untouched=True),
+    )
+    log_in(page, admin_user.username)
+    page.goto("/ops/")
+    outlook = page.get_by_test_id("pool-outlook")
+    assert "nothing is left to rank" in outlook.inner_text()
+    assert "1 of 80 new rankings give pairs" in outlook.inner_text()
+    screenshot(page, "ops-pool-outlook")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_test_id("outlook-train-now").click()
+    page.get_by_test_id("run-reason").wait_for()
+    run = TrainingRun.objects.get()
+    assert run.kind == "rm" and "below the threshold" in run.reason

@@ -69,7 +69,10 @@ def test_nothing_left_to_rank_is_a_stall_with_the_numbers(tiny_policy, loop_sett
     assert (outlook["have"], outlook["needed"], outlook["prompts"], outlook["spent"]) == (1, 4, 3, 3)
     assert (outlook["fresh"], outlook["resample"], outlook["open_tasks"]) == (0, 0, 0)
     assert outlook["stalled"] and outlook["short"] and outlook["can_train_now"]
-    assert "1 of 5 new rankings give pairs" in outlook["sentence"] and "Nothing is left to rank" in outlook["sentence"]
+    assert (
+        "1 of 5 new rankings give pairs" in outlook["sentence"]
+        and "waits until new prompts arrive" in outlook["sentence"]
+    )
 
 
 def test_a_tied_context_waiting_for_a_re_sample_is_not_a_stall(tiny_policy, loop_settings, alice):
@@ -80,7 +83,7 @@ def test_a_tied_context_waiting_for_a_re_sample_is_not_a_stall(tiny_policy, loop
     outlook = pool_outlook()
     assert outlook["resample"] == 1 and not outlook["stalled"]
     assert outlook["tie_share"] == 1.0 and outlook["expected"] == 0 and outlook["short"]
-    assert "100% of the latest 1 rankings tied" in outlook["sentence"]
+    assert "100% of the latest 1 ranking tied" in outlook["sentence"]
 
 
 def test_enough_fresh_prompts_at_the_tie_share_give_no_warning(tiny_policy, loop_settings, alice):
