@@ -295,9 +295,7 @@ def test_active_selection_offers_the_contexts_the_reward_model_tells_apart_most(
 
 
 @pytest.mark.django_db
-def test_with_active_selection_off_every_context_sampled_is_offered(
-    tiny_policy, tiny_reward, pool_settings
-):
+def test_with_active_selection_off_every_context_sampled_is_offered(tiny_policy, tiny_reward, pool_settings):
     pool_settings.SAMPLING_POOL_TARGET = 2
     pool_settings.SAMPLING_BATCH_CONTEXTS = 2
     pool_settings.SAMPLING_ACTIVE_SELECTION = False
