@@ -4,6 +4,7 @@ policy (and each round's against the one before).
 
     .venv/bin/python bench/oracle.py [--rule NAME ...] [--path dpo|ppo|rloo] [--rankings N] [--k K]
                                      [--rewrite 0.25] [--active on|off] [--rounds 1|2]
+    .venv/bin/python bench/oracle.py --table     (the latest kept result of each setting, as Markdown)
 
 For each rule (bench/rules.py; all six unless --rule names some), from an empty database:
 1. Starts the real product: gunicorn (bin/web), the training, sampling and control workers (bin/worker) and beat,
@@ -279,6 +280,20 @@ def pairs_between(start, end) -> int:
     return rankings.filter(created_at__lte=end).count()
 
 
+def rankings_by_policy(start, end) -> dict:
+    """How many of the rankings made between two times ranked which policy's samples (a new round's pool still
+    holds the open tasks sampled from the policy before)."""
+    from django.db.models import Count
+
+    from labeling.models import Ranking
+
+    rankings = Ranking.objects.filter(created_at__lte=end, task__model_version__isnull=False)
+    if start is not None:
+        rankings = rankings.filter(created_at__gt=start)
+    counted = rankings.values("task__model_version__name").annotate(n=Count("pk"))
+    return {row["task__model_version__name"]: row["n"] for row in counted}
+
+
 def label_one_round(args, rule: Rule, tokens: dict, admin, number: int, previous_rm_at) -> dict:
     """Labelers work until the loop queues this round's reward-model run (its threshold reached), or until the pool
     runs dry, when the bench trains on what there is as the ops overview offers. Returns the round's labeling
@@ -325,6 +340,7 @@ def label_one_round(args, rule: Rule, tokens: dict, admin, number: int, previous
         rankings_submitted=submitted,
         tied_share=round(counts.get("all_tied", 0) / max(submitted, 1), 3),
         pairs_at_threshold=pairs_between(previous_rm_at, rm_run.created_at),
+        rankings_by_sampling_policy=rankings_by_policy(previous_rm_at, rm_run.created_at),
     )
     log(f"round {number}: reward-model run #{rm_run.pk} queued after {dict(counts)}")
     return figures, rm_run
@@ -587,7 +603,6 @@ def targets(figures: dict, rule: Rule) -> dict:
         "loop_within_30_min": first.get("loop_s") is not None and first["loop_s"] <= 1800,
         "no_unasked_length_rise": no_length_rise("round1", "sft"),
         "demo_loss_within_5_percent": (figures.get("round1_demo_loss_ratio") or 99) <= 1.05,
-        "pairs_at_most_80": 0 < first.get("pairs_at_threshold", 0) <= 80 or "trained_below_threshold" in first,
     }
     if len(figures.get("rounds", [])) > 1:
         second = figures["rounds"][1]
@@ -616,9 +631,8 @@ def record(args, name: str, figures: dict) -> Path:
         }
     )
     now = dt.datetime.now(dt.UTC)
-    folder = ROOT / "bench" / "results" / "oracle"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / (
         f"{now:%Y%m%dT%H%M}-{name}-{args.path}-k{args.k}-n{args.rankings}-rewrite{args.rewrite:g}"
         f"-active{args.active}-rounds{args.rounds}.json"
     )
@@ -641,7 +655,79 @@ def record(args, name: str, figures: dict) -> Path:
     return path
 
 
+RESULTS = ROOT / "bench" / "results" / "oracle"
+
+
+def table() -> str:
+    """The latest result of each (rule, path, K, threshold, rewrite, active selection, rounds) kept in
+    bench/results/oracle/, as a Markdown table (docs/benchmarks.md shows it)."""
+    latest: dict[tuple, dict] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        body = json.loads(path.read_text())
+        key = (
+            body["rule"],
+            body["path"],
+            body["k"],
+            body["rankings_threshold"],
+            body["rewrite"],
+            body["active_selection"],
+            body["rounds_asked"],
+        )
+        latest[key] = {**body, "file": path.name}
+
+    def cell(value, digits=3):
+        if value is None:
+            return "–"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| rule | path | K | N | rewrite | active | rankings submitted | tied | pairs at threshold | RM held out | "
+        "win vs SFT | rule rate SFT → policy | words SFT → policy | KL (bound) | demo loss ratio | loop min | "
+        "round 2 vs round 1 | round 2 vs SFT | targets met | commit, date |",
+        "|" + "---|" * 20,
+    ]
+    for key in sorted(latest):
+        body = latest[key]
+        f = body["figures"]
+        first = (f.get("rounds") or [{}])[0]
+        second_vs_first = f.get("round2_win_rate_vs_round1")
+        loop_min = first.get("loop_s") / 60 if first.get("loop_s") else None
+        missed = [name for name, ok in (f.get("targets") or {}).items() if not ok]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    body["rule"],
+                    body["path"],
+                    str(body["k"]),
+                    str(body["rankings_threshold"]),
+                    f"{body['rewrite']:g}",
+                    body["active_selection"],
+                    cell(first.get("rankings_submitted")),
+                    cell(first.get("tied_share"), 2),
+                    cell(first.get("pairs_at_threshold")),
+                    cell(f.get("round1_rm_heldout_accuracy"), 2),
+                    cell(f.get("round1_win_rate_vs_sft"), 2),
+                    f"{cell(f.get('rule_rate_sft'), 2)} → {cell(f.get('rule_rate_round1'), 2)}",
+                    f"{cell(f.get('length_sft'), 1)} → {cell(f.get('length_round1'), 1)}",
+                    f"{cell(first.get('kl'), 2)} ({cell(first.get('kl_bound'), 0)})",
+                    cell(f.get("round1_demo_loss_ratio")),
+                    cell(loop_min, 1),
+                    cell(second_vs_first, 2),
+                    cell(f.get("round2_win_rate_vs_sft"), 2),
+                    "yes" if f.get("targets_met") else f"no ({', '.join(missed) or f.get('outcome', '')})",
+                    f"{body['commit'][:8]}, {body['date'][:10]}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--table"]:
+        print(table())
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", action="append", choices=sorted(RULES), help="a rule to run (repeatable); all")
     parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], help="the policy step (default: the product's)")

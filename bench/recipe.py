@@ -122,6 +122,15 @@ def compare(rule, prompts: list[str], sft: list[list[str]], final: list[list[str
     return figures
 
 
+def _discard(args, tag: str) -> None:
+    """Remove the models a rule's run trained (unless --keep)."""
+    import shutil
+
+    if not args.keep:
+        for folder in CACHE.glob(f"*-{tag}"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_rule(args, rule, policy: Path, data: dict) -> dict:
     from django.conf import settings
 
@@ -147,6 +156,9 @@ def run_rule(args, rule, policy: Path, data: dict) -> dict:
         )
         figures["rm_s"] = round(time.monotonic() - started, 1)
         log(f"{rule.name}: reward model {figures['rm_heldout_accuracy']} held out ({figures['rm_s']} s)")
+    if args.no_dpo:
+        _discard(args, tag)
+        return figures
     started = time.monotonic()
     dpo_config = config_from(DPOConfig, {**settings.TRAINING_DPO_DEFAULTS, **args.dpo})
     dpo_dir = CACHE / f"dpo-{tag}"
@@ -159,11 +171,7 @@ def run_rule(args, rule, policy: Path, data: dict) -> dict:
     figures["demo_loss_final"] = demonstration_loss(dpo_dir, data["heldout"])
     figures["demo_loss_ratio"] = round(figures["demo_loss_final"] / figures["demo_loss_sft"], 4)
     figures["examples"] = [{"prompt": p[:120], "final": g[0][:200]} for p, g in zip(data["heldout_prompts"][:2], final)]
-    if not args.keep:
-        import shutil
-
-        for folder in CACHE.glob(f"*-{tag}"):
-            shutil.rmtree(folder, ignore_errors=True)
+    _discard(args, tag)
     log(f"{rule.name}: {json.dumps({k: v for k, v in figures.items() if k != 'examples'})}")
     return figures
 
@@ -177,6 +185,7 @@ def main() -> None:
     parser.add_argument("--rm", type=json.loads, default={}, help="reward-model config on top of the defaults")
     parser.add_argument("--dpo", type=json.loads, default={}, help="DPO config on top of the defaults")
     parser.add_argument("--no-rm", action="store_true", help="DPO only")
+    parser.add_argument("--no-dpo", action="store_true", help="the reward model only")
     parser.add_argument("--keep", action="store_true", help="keep the trained models in var/bench-ties/")
     args = parser.parse_args()
     django.setup()

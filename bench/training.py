@@ -1,8 +1,11 @@
 """Training speed and memory with the default model (SmolLM2-135M-Instruct) on this machine.
 
-    .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 3]
+    .venv/bin/python bench/training.py [--skip-trl] [--ppo-iterations 3] [--hh-only] [--hh-config JSON ...]
 
 Measured in this run:
+- the reward model on the shipped HH-RLHF sample, trained as the product trains it: its pairwise accuracy on its
+  validation pairs and on held-out pairs it never saw (the last 150 of the file); `--hh-config` tries other
+  reward-model configs beside the defaults, `--hh-only` stops there;
 - SFT tokens/s of our loop (ml/sft.py) and of TRL's SFTTrainer on the same demonstrations and
   settings;
 - reward-model training time per ranking with K = 9: grouped (the K candidates through the model once, all
@@ -287,14 +290,73 @@ def policy_timing(kind: str, model_dir: Path, iterations: int, lora_top: int = 0
     return result
 
 
+def hh_pairs() -> list:
+    """The shipped HH-RLHF pairs as rankings of two (chosen first), in the file's order; lines that do not parse are
+    left out as the import leaves them out."""
+    from labeling.importing import RecordError, hh_pair_record
+    from ml.reward import Ranked
+
+    pairs = []
+    with gzip.open(Path(settings.SHARED_DATA_DIR) / "hh_rlhf_harmless_base_sample.jsonl.gz", "rt") as lines:
+        for line in lines:
+            try:
+                record = hh_pair_record(json.loads(line))
+            except RecordError:
+                continue
+            context = [{"role": t.role, "content": t.content} for t in record.context]
+            pairs.append(Ranked(context, [record.chosen, record.rejected], [1, 2]))
+    return pairs
+
+
+def hh_reward(base_dir: Path, overrides: dict, *, heldout: int = 150, validation: int = 90) -> dict:
+    """The reward model on the shipped HH-RLHF sample, as the product trains it (the stage defaults with
+    `overrides` on top): the last `heldout` pairs are never trained or validated on, `validation` before them
+    validate, the rest train. Pairwise accuracy on both, and the time."""
+    from ml.common import config_from
+    from ml.reward import RewardConfig, train_reward
+
+    pairs = hh_pairs()
+    train, val, held = pairs[: -heldout - validation], pairs[-heldout - validation : -heldout], pairs[-heldout:]
+    config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **overrides})
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as output:
+        result = train_reward(config, train, val, base_dir=base_dir, output_dir=Path(output), holdout=held)
+    return {
+        "config": config.__dict__,
+        "train_pairs": len(train),
+        "val_accuracy": result.metrics["val_accuracy"],
+        "heldout_accuracy": result.metrics.get("holdout_accuracy"),
+        "heldout_pairs": result.metrics.get("holdout_pairs"),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--ppo-iterations", type=int, default=3)
     parser.add_argument("--sft-examples", type=int, default=32)
+    parser.add_argument("--hh-only", action="store_true", help="only the reward model on the HH-RLHF sample")
+    parser.add_argument(
+        "--hh-config",
+        type=json.loads,
+        action="append",
+        default=[],
+        help="reward-model config to try on HH (repeatable)",
+    )
     args = parser.parse_args()
     model_dir = default_model_dir()
     figures = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads()}
+
+    for overrides in [{}, *args.hh_config]:
+        log(f"reward model on the HH-RLHF sample, the defaults with {json.dumps(overrides)}")
+        hh = hh_reward(model_dir, overrides)
+        log(f"  validation {hh['val_accuracy']}, held out {hh['heldout_accuracy']} ({hh['heldout_pairs']} pairs)")
+        figures.setdefault("hh_reward", []).append(hh)
+    figures.update(hh_heldout_accuracy=figures["hh_reward"][0]["heldout_accuracy"])
+    if args.hh_only:
+        print(json.dumps(figures))
+        return
 
     chats = demonstrations(args.sft_examples)
     log(f"SFT: {len(chats)} demonstrations, 1 epoch, batch 4, max length 256")
