@@ -153,7 +153,7 @@ def my_work(user) -> dict:
         message.rejection_reason = reasons.get(message.pk, "")
     rankings = list(
         Ranking.objects.filter(labeler=user)
-        .select_related("task__parent_message")
+        .select_related("task__parent_message", "improvement")
         .prefetch_related("entries__message")
         .order_by("-created_at")[:200]
     )
@@ -164,6 +164,18 @@ def my_work(user) -> dict:
         ranking.groups = [by_rank[rank] for rank in sorted(by_rank)]
     reviews = Review.objects.filter(reviewer=user).select_related("message").order_by("-created_at")[:200]
     return {"written": written, "rankings": rankings, "reviews": reviews}
+
+
+def improved_ranking(message: Message) -> dict | None:
+    """For a demonstration written as an improvement of the best reply on a ranking task: the replies it is meant
+    to beat, in the labeler's order (groups, best first), so that a reviewer can judge it against them."""
+    ranking = Ranking.objects.filter(improvement=message).prefetch_related("entries__message").first()
+    if ranking is None:
+        return None
+    by_rank: dict[int, list] = {}
+    for entry in sorted(ranking.entries.all(), key=lambda e: (e.rank, e.message_id)):
+        by_rank.setdefault(entry.rank, []).append(entry.message)
+    return {"ranking": ranking, "groups": [by_rank[rank] for rank in sorted(by_rank)]}
 
 
 def moderation_queue(limit: int = 100) -> list[dict]:

@@ -16,6 +16,7 @@ from labeling.models import Assignment, CandidateFlag, LabelerProfile, Message, 
 from labeling.selectors import (
     candidate_handles,
     current_assignment,
+    improved_ranking,
     labeler_counts,
     message_thread,
     my_work,
@@ -192,7 +193,8 @@ def _work_rank(request, assignment, data):
     else:
         form = forms.RankingForm(handles=handles)
     posted_flags = {c.pk: data.getlist(f"flags-{handles[c.pk]}") for c in candidates} if data is not None else {}
-    rows = _ranking_rows(candidates, handles, _posted_order(form, candidate_ids), posted_flags)
+    posted = _posted_order(form, candidate_ids)
+    rows = _ranking_rows(candidates, handles, posted, posted_flags)
     return render(
         request,
         "labeling/work_rank.html",
@@ -203,6 +205,8 @@ def _work_rank(request, assignment, data):
             display_handles=[handles[i] for i in candidate_ids],
             flag_choices=CandidateFlag.choices,
             untouched_warning=untouched_warning,
+            # The page comes back after a refusal with the order the labeler had arranged: not the order shown.
+            rearranged=posted is not None and posted != [[i] for i in candidate_ids],
             ratings=range(1, 8),
             max_chars=services.MAX_MESSAGE_CHARS,
         ),
@@ -257,7 +261,12 @@ def _work_review(request, assignment, data):
     return render(
         request,
         "labeling/work_review.html",
-        _context(assignment, form=form, demonstration=assignment.task.target_message),
+        _context(
+            assignment,
+            form=form,
+            demonstration=assignment.task.target_message,
+            improved=improved_ranking(assignment.task.target_message),
+        ),
         status=status,
     )
 

@@ -83,11 +83,11 @@ def train_on_what_there_is(request):
 def set_rm_threshold(request):
     raw = request.POST.get("rm_threshold", "").strip()
     try:
-        threshold = int(raw)
+        settings = services.loop_rm_threshold_set(threshold=int(raw), actor=request.user)
     except ValueError:
-        return _refused(request, ValidationError(f"The threshold is a whole number of rankings, not {raw[:20]!r}."))
-    try:
-        settings = services.loop_rm_threshold_set(threshold=threshold, actor=request.user)
+        return _refused(
+            request, ValidationError(f"Give the threshold as a whole number of rankings, not “{raw[:20]}”.")
+        )
     except ValidationError as error:
         return _refused(request, error)
     return _done(request, f"The reward-model threshold is now {settings.rm_threshold} rankings that give pairs.")

@@ -438,7 +438,9 @@ def pool_outlook(settings: LoopSettings | None = None) -> dict:
     if tie_share is not None:
         expected = (open_tasks + in_flight + fresh) * (1 - tie_share**tries) + resample * (1 - tie_share)
     stalled = needed > 0 and left == 0
-    short = needed > 0 and (stalled or (expected is not None and expected < needed))
+    # A reward-model run already queued or running answers the question (an admin trained on what there was).
+    training = TrainingRun.objects.filter(kind=TrainingRun.Kind.RM, status__in=TrainingRun.ACTIVE_STATUSES).first()
+    short = training is None and needed > 0 and (stalled or (expected is not None and expected < needed))
     outlook = {
         "have": have,
         "threshold": settings.rm_threshold,
@@ -454,7 +456,8 @@ def pool_outlook(settings: LoopSettings | None = None) -> dict:
         "expected": round(expected, 1) if expected is not None else None,
         "stalled": stalled,
         "short": short,
-        "suggested_threshold": max(have + int(expected or 0), django_settings.TRAINING_MIN_RANKINGS),
+        "suggested_threshold": max(have + round(expected or 0), django_settings.TRAINING_MIN_RANKINGS),
+        "tries": tries,
         "can_train_now": have >= django_settings.TRAINING_MIN_RANKINGS,
         "min_rankings": django_settings.TRAINING_MIN_RANKINGS,
     }
@@ -468,18 +471,18 @@ def _count(n: int, one: str, many: str) -> str:
 
 def _outlook_sentence(o: dict) -> str:
     """Why the threshold is out of reach, in numbers."""
-    parts = [f"{o['have']} of {o['threshold']} new rankings give pairs."]
-    parts.append(
-        f"Of {_count(o['prompts'], 'prompt', 'prompts')}, {o['spent']} spent for this policy (ranked, or tied on every "
-        f"try), {o['fresh']} fresh, {o['resample']} tied and waiting for new candidates; "
-        f"{_count(o['open_tasks'], 'ranking task is', 'ranking tasks are')} open."
-    )
+    parts = [
+        f"{o['have']} of {o['threshold']} new rankings give pairs: the threshold needs {o['needed']} more.",
+        f"Of {_count(o['prompts'], 'prompt', 'prompts')}, {o['spent']} are spent for this policy (ranked, or tied on "
+        f"every try), {o['fresh']} fresh, {o['resample']} tied and waiting for new candidates; "
+        f"{_count(o['open_tasks'], 'ranking task is', 'ranking tasks are')} open.",
+    ]
     if o["stalled"]:
         parts.append("The loop waits until new prompts arrive or the threshold changes.")
     else:
         parts.append(
             f"{o['tie_share']:.0%} of the latest {_count(o['recent_rankings'], 'ranking', 'rankings')} tied every "
-            f"candidate; at that share what is left should give about {o['expected']:.0f} more, and "
-            f"{o['needed']} are missing."
+            f"candidate; at that share, counting up to {o['tries'] - 1} re-samples of a context that ties, what is "
+            f"left should give about {o['expected']:.0f} more."
         )
     return " ".join(parts)

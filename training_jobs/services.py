@@ -23,6 +23,7 @@ from training_jobs import gate
 from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 LOG_TAIL_LINES = 200
+MAX_THRESHOLD = 1_000_000  # rankings; the column holds up to 2**31 - 1, no loop needs more than this
 
 
 def training_run_create(
@@ -235,7 +236,7 @@ def loop_train_on_what_there_is(*, actor) -> TrainingRun:
     return training_run_create(
         kind=TrainingRun.Kind.RM,
         triggered_by=actor,
-        reason=f"{actor} trained the reward model on what there was, below the threshold. {why}",
+        reason=f"{actor} chose to train the reward model on what there was, below its threshold. At the time: {why}",
     )
 
 
@@ -244,8 +245,10 @@ def loop_rm_threshold_set(*, threshold: int, actor) -> LoopSettings:
     it, from what, to what."""
     from django.contrib.admin.models import CHANGE, LogEntry
 
-    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
-        raise ValidationError({"rm_threshold": "The threshold is a whole number of rankings, at least 1."})
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= MAX_THRESHOLD:
+        raise ValidationError(
+            {"rm_threshold": f"Give the threshold as a whole number of rankings from 1 to {MAX_THRESHOLD:,}."}
+        )
     with transaction.atomic():
         current = LoopSettings.objects.select_for_update().get_or_create(pk=1)[0]
         before = current.rm_threshold

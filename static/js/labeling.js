@@ -330,22 +330,43 @@
     setUpImprovement(list, form);
   }
 
-  /* --- "Improve the best": the box starts from the reply ranked first when it is opened empty --- */
+  /* --- "Improve the best": the box starts from the reply ranked first when it is opened empty, follows the
+     ranking while the labeler has not edited it, and says which reply it started from --- */
   function setUpImprovement(list, form) {
     const box = form.querySelector("[data-improve]");
     if (!box) return;
     const textarea = box.querySelector("textarea");
-    const best = () => {
-      const first = list.querySelector(":scope > .candidate");
-      return first ? first.dataset.text : "";
+    const source = box.querySelector("[data-improve-source]");
+    let filled = null;  // {letter, text} the box was last filled with
+    const first = () => list.querySelector(":scope > .candidate");
+    const describe = () => {
+      if (!source) return;
+      const top = first();
+      if (!filled || !textarea.value.trim()) { source.textContent = ""; return; }
+      source.textContent = top && top.dataset.letter === filled.letter
+        ? `Started from reply ${filled.letter}, ranked first.`
+        : `Started from reply ${filled.letter}, which is no longer ranked first.`;
     };
     const fill = () => {
-      textarea.value = best();
+      const top = first();
+      if (!top) return;
+      filled = { letter: top.dataset.letter, text: top.dataset.text };
+      textarea.value = filled.text;
       textarea.dispatchEvent(new Event("input", { bubbles: true }));
-      textarea.focus();
+      describe();
     };
-    box.addEventListener("toggle", () => { if (box.open && !textarea.value.trim()) fill(); });
-    box.querySelector("[data-improve-reset]").addEventListener("click", fill);
+    box.addEventListener("toggle", () => {
+      if (box.open && !textarea.value.trim()) { fill(); textarea.focus(); }
+    });
+    box.querySelector("[data-improve-reset]").addEventListener("click", () => { fill(); textarea.focus(); });
+    new MutationObserver(() => {
+      if (filled && textarea.value === filled.text) fill();  // not edited yet: follow the reply ranked first
+      else describe();
+    }).observe(list, { childList: true });
+    textarea.addEventListener("input", () => {
+      const error = box.querySelector("[data-testid=improvement-error]");
+      if (error && (!filled || textarea.value !== filled.text)) error.hidden = true;
+    });
   }
 
   function showUntouchedWarning(form) {

@@ -75,4 +75,4 @@ def test_the_overview_says_when_the_pool_cannot_reach_the_threshold(page, admin_
     page.get_by_test_id("outlook-train-now").click()
     page.get_by_test_id("run-reason").wait_for()
     run = TrainingRun.objects.get()
-    assert run.kind == "rm" and "below the threshold" in run.reason
+    assert run.kind == "rm" and "below its threshold" in run.reason

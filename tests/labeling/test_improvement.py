@@ -160,3 +160,30 @@ def test_an_improvement_through_the_page_and_its_error_keeps_the_text(client, al
     response = client.post(work_url, {"order": order, "quality_rating": "3", "improvement": BETTER})
     assert response.status_code == 200 and "Saved." in response.content.decode()
     assert Ranking.objects.get(labeler=alice).improvement.text == BETTER
+
+
+def test_the_reviewer_sees_the_replies_an_improvement_should_beat(client, leased, bob):
+    a, b, c, d = display_order(leased.task, leased.labeler_id)
+    ranking = rank(leased, [[c], [a, b], [d]], improvement=BETTER).result
+    reviewer = UserFactory(username="rosa", profile__is_reviewer=True)
+    client.force_login(reviewer)
+    page = client.get(client.get(reverse("labeling:next")).url).content.decode()
+    assert "The improvement to review" in page and 'data-testid="improved-from"' in page
+    text = {i: Message.objects.get(pk=i).text for i in (a, c, d)}
+    assert page.index(text[c]) < page.index(text[a]) < page.index(text[d]), "in the labeler's order"
+    assert BETTER in page
+    client.force_login(leased.labeler)
+    mine = client.get(reverse("labeling:mine")).content.decode()
+    assert "Improvement of the best reply" in mine and f'data-testid="ranking-improvement-{ranking.pk}"' in mine
+
+
+def test_a_refused_ranking_comes_back_marked_as_rearranged(client, alice):
+    task = make_rank_task(k=3)
+    client.force_login(alice)
+    work_url = client.get(reverse("labeling:next")).url
+    a, b, c = display_order(task, alice.pk)
+    rearranged = json.dumps(handle_order(task, alice, [[c], [a], [b]]))
+    page = client.post(work_url, {"order": rearranged}).content.decode()  # no rating: refused
+    assert "Rate the overall quality" in page and 'data-touched="true"' in page
+    shown = json.dumps(handle_order(task, alice, [[a], [b], [c]]))
+    assert 'data-touched="true"' not in client.post(work_url, {"order": shown}).content.decode()

@@ -113,8 +113,11 @@ def test_the_overview_offers_what_can_be_done_and_train_now_records_the_decision
     run = TrainingRun.objects.get()
     assert response.url == reverse("ops:run", args=[run.pk])
     assert run.kind == "rm" and run.triggered_by == admin_user and run.trigger == TrainingRun.Trigger.MANUAL
-    assert "below the threshold" in run.reason and "1 of 5 new rankings give pairs" in run.reason
+    assert "below its threshold" in run.reason and "1 of 5 new rankings give pairs" in run.reason
     assert "Decision:" in client.get(response.url).content.decode()
+    # The queued run answers the question: the box no longer offers to train again.
+    page = client.get(reverse("ops:overview")).content.decode()
+    assert 'data-testid="pool-outlook"' not in page and not pool_outlook()["short"]
 
 
 def test_train_now_below_the_minimum_is_refused_with_the_numbers(client, tiny_policy, loop_settings, admin_user):
@@ -131,7 +134,7 @@ def test_train_now_below_the_minimum_is_refused_with_the_numbers(client, tiny_po
 def test_lowering_the_threshold_is_kept_in_admins_history(client, loop_settings, admin_user):
     set_loop(rm_threshold=80)
     client.force_login(admin_user)
-    for bad in ("", "ten", "0", "-3"):
+    for bad in ("", "ten", "0", "-3", "2.5", "3000000000", "99999999999999999999"):
         response = client.post(reverse("ops:set_rm_threshold"), {"rm_threshold": bad}, follow=True)
         assert response.status_code == 200 and "whole number" in response.content.decode(), bad
     assert LoopSettings.load().rm_threshold == 80
