@@ -13,7 +13,10 @@ Length (R-DPO, Park et al. 2024, "Disentangling Length from Quality in DPO"): wh
 longer on average, plain DPO learns "longer" along with whatever they preferred, and the served replies grow. With
 `length_penalty` alpha > 0 each pair's margin becomes `r_w - r_l + alpha (|y_w| - |y_l|)` (|y| in reply tokens):
 the length share of a preference is explained by the alpha term, so the policy's implicit reward does not have to
-grow with length. 0 is plain DPO.
+grow with length. 0 is plain DPO. With `length_normalize` (length-normalised DPO, as Tulu 3 trains with it) the
+implicit reward is beta times the mean log-ratio per reply token instead of the sum: a longer reply no longer
+accumulates reward token by token, so lengthening replies stops being the easy way to widen a margin. The mean is
+a fiftieth of the sum for a 50-token reply, hence a beta of about 5 instead of 0.1.
 
 The reference is the policy as loaded from `policy_dir` (the SFT policy). Its log-probs never change, so they are
 computed once, before the first update, for every train, validation and holdout ranking. That is what the policy
@@ -72,6 +75,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # conservative DPO (cDPO): the share of labels assumed flipped; 0 = plain DPO
     sft_coef: float = 0.0  # NLL on each ranking's best candidate(s), an RPO-style regulariser; 0 = off
     length_penalty: float = 0.0  # R-DPO's alpha, per reply token: + alpha (|y_w| - |y_l|) in each margin; 0 = off
+    length_normalize: bool = False  # the implicit reward on the mean log-ratio per reply token (LN-DPO; beta ~5)
 
 
 # --- log-probs, losses and accuracy ---
@@ -180,9 +184,16 @@ def implicit_reward_accuracy(
 
 @torch.no_grad()
 def _all_logprobs(
-    model, tokenizer, rankings: list[Ranked], max_length: int, progress: Progress, frozen: FrozenBlocks | None = None
+    model,
+    tokenizer,
+    rankings: list[Ranked],
+    max_length: int,
+    progress: Progress,
+    frozen: FrozenBlocks | None = None,
+    normalize: bool = False,
 ) -> list[torch.Tensor]:
-    """Log-prob sums of every candidate, in eval mode, without gradients; stops when the run is cancelled.
+    """Log-prob sums of every candidate (with `normalize`, means per reply token), in eval mode, without gradients;
+    stops when the run is cancelled.
 
     One ranking per forward pass, as in training: the rows are padded exactly as when the policy sees them, so the
     policy's first log-probs match the reference's (exactly on the CPU: every implicit reward is 0 at step 0), and
@@ -193,14 +204,15 @@ def _all_logprobs(
     if frozen is not None:
         frozen.add(_rows(tokenizer, rankings, max_length)[0], progress=progress)  # batched by length, once
     for ranking in rankings:
-        logps.append(sequence_logprobs(model, tokenizer, [ranking], max_length, frozen)[0].cpu())
+        sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], max_length, frozen)
+        logps.append((sums[0] / lengths[0] if normalize else sums[0]).cpu())
         progress.advance(0)  # raises Cancelled (a long pass over the data with the default model)
     model.train(was_training)
     return logps
 
 
 def _accuracy(model, tokenizer, rankings, reference, config: DPOConfig, progress: Progress, frozen=None) -> dict:
-    logps = _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen)
+    logps = _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen, config.length_normalize)
     return implicit_reward_accuracy(logps, reference, [r.ranks for r in rankings])
 
 
@@ -271,7 +283,7 @@ def train_dpo(
             progress.message("kept states do not reproduce the full model here: every step runs all blocks")
     # The reference: the policy before any update. Its log-probs never change, so they are computed once.
     reference = {
-        name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen)
+        name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen, config.length_normalize)
         for name, rankings in (("train", train), ("validation", validation), ("holdout", holdout))
     }
     release_freed_memory()
@@ -302,6 +314,8 @@ def train_dpo(
                 ranking = train[index]
                 sums, lengths = _candidate_logprobs(model, tokenizer, [ranking], config.max_length, frozen)
                 logps, reference_logps = sums[0], reference["train"][index].to(device)
+                if config.length_normalize:
+                    logps = logps / lengths[0]
                 loss = dpo_ranking_loss(
                     logps,
                     reference_logps,
@@ -314,7 +328,7 @@ def train_dpo(
                 figures["loss"] += loss.item() / len(picked)
                 if config.sft_coef > 0:
                     best = [i for i, rank in enumerate(ranking.ranks) if rank == min(ranking.ranks)]
-                    nll = -logps[best].sum() / lengths[0][best].sum()
+                    nll = -sums[0][best].sum() / lengths[0][best].sum()
                     figures["sft_loss"] += nll.item() / len(picked)
                     loss = loss + config.sft_coef * nll
                 (loss / len(picked)).backward()

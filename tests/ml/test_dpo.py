@@ -126,6 +126,10 @@ def assert_merged_safetensors_policy(output_dir):
     [
         pytest.param({"train_top_layers": 1, "learning_rate": 3e-3}, id="top-layer"),
         pytest.param(
+            {"train_top_layers": 1, "learning_rate": 3e-3, "length_normalize": True, "beta": 5.0},
+            id="length-normalised",
+        ),
+        pytest.param(
             {"lora": True, "lora_rank": 8, "lora_alpha": 16, "learning_rate": 3e-3, "label_smoothing": 0.1,
              "sft_coef": 0.1},
             id="lora-cdpo-rpo",
