@@ -41,6 +41,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -658,6 +659,11 @@ def record(args, name: str, figures: dict) -> Path:
 RESULTS = ROOT / "bench" / "results" / "oracle"
 
 
+def _interrupt(*_) -> None:
+    """SIGTERM as Ctrl+C: the finally blocks stop the product's processes and drop the scratch database."""
+    raise KeyboardInterrupt
+
+
 def table() -> str:
     """The latest result of each (rule, path, K, threshold, rewrite, active selection, rounds) kept in
     bench/results/oracle/, as a Markdown table (docs/benchmarks.md shows it)."""
@@ -749,6 +755,8 @@ def main() -> None:
     OVERRIDES.update(config_overrides(args.config, parser.error))
 
     LOGS.mkdir(parents=True, exist_ok=True)
+    # A stopped bench (SIGTERM) stops the product's processes and drops its scratch database on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     django.setup()
     from django.conf import settings
 
