@@ -16,7 +16,10 @@ the length share of a preference is explained by the alpha term, so the policy's
 grow with length. 0 is plain DPO. With `length_normalize` (length-normalised DPO, as Tulu 3 trains with it) the
 implicit reward is beta times the mean log-ratio per reply token instead of the sum: a longer reply no longer
 accumulates reward token by token, so lengthening replies stops being the easy way to widen a margin. The mean is
-a fiftieth of the sum for a 50-token reply, hence a beta of about 5 instead of 0.1.
+a fiftieth of the sum for a 50-token reply, hence a beta of about 5 instead of 0.1. With `length_balance` the pairs
+whose winner is the longer reply are weighed down until, over the training pairs, winners are no longer than losers
+on average (`longer_winner_weight`): where labelers' preferred replies happen to be longer, the policy cannot learn
+"longer" as the shortcut to their preference, while a preference for shorter replies is left whole.
 
 The reference is the policy as loaded from `policy_dir` (the SFT policy). Its log-probs never change, so they are
 computed once, before the first update, for every train, validation and holdout ranking. That is what the policy
@@ -76,6 +79,7 @@ class DPOConfig:
     sft_coef: float = 0.0  # NLL on each ranking's best candidate(s), an RPO-style regulariser; 0 = off
     length_penalty: float = 0.0  # R-DPO's alpha, per reply token: + alpha (|y_w| - |y_l|) in each margin; 0 = off
     length_normalize: bool = False  # the implicit reward on the mean log-ratio per reply token (LN-DPO; beta ~5)
+    length_balance: bool = False  # weigh down pairs whose winner is longer until winners are not longer on average
 
 
 # --- log-probs, losses and accuracy ---
@@ -145,10 +149,12 @@ def dpo_ranking_loss(
     *,
     lengths: torch.Tensor | None = None,
     length_penalty: float = 0.0,
+    longer_winner_weight: float = 1.0,
 ) -> torch.Tensor | None:
     """DPO's loss for ONE ranking: the mean over its ordered non-tied pairs (w, l) of
     `-(1 - ls) log sigma(d) - ls log sigma(-d)`, d = r_w - r_l, plus R-DPO's `length_penalty * (|y_w| - |y_l|)`
-    with the candidates' reply `lengths` in tokens. None when every candidate is tied (no pair)."""
+    with the candidates' reply `lengths` in tokens; a pair whose winner is longer counts `longer_winner_weight`
+    (length balancing, below). None when every candidate is tied (no pair)."""
     winners, losers = ranking_pairs(ranks)
     if not winners:
         return None
@@ -160,7 +166,26 @@ def dpo_ranking_loss(
         sizes = lengths.to(margin.dtype)
         margin = margin + length_penalty * (sizes[winners] - sizes[losers])
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    if longer_winner_weight != 1.0:
+        if lengths is None:
+            raise ValueError("length balancing needs the candidates' reply lengths")
+        longer = lengths[winners] > lengths[losers]
+        weights = torch.where(longer, longer_winner_weight, 1.0).to(loss.dtype)
+        return (loss * weights).sum() / len(winners)
     return loss.mean()
+
+
+def longer_winner_weight(rankings: list[Ranked], lengths: list[list[int]]) -> float:
+    """Length balancing: the weight of the pairs whose winner is the longer reply, so that over all pairs the
+    winners are no longer than the losers on average (sum of the weighted length differences 0). 1 when winners
+    are not longer on average: only a bias toward length is taken out (verbosity, the way DPO's replies grow when
+    labelers' preferred replies happen to be longer); a preference for shorter replies is left to be learnt."""
+    longer = shorter = 0
+    for ranking, sizes in zip(rankings, lengths, strict=True):
+        for winner, loser in zip(*ranking_pairs(ranking.ranks), strict=True):
+            difference = sizes[winner] - sizes[loser]
+            longer, shorter = longer + max(difference, 0), shorter + max(-difference, 0)
+    return shorter / longer if longer > shorter else 1.0
 
 
 def implicit_reward_accuracy(
@@ -281,6 +306,13 @@ def train_dpo(
         if not _frozen_matches(model, tokenizer, train[0], config.max_length, frozen):
             frozen = None
             progress.message("kept states do not reproduce the full model here: every step runs all blocks")
+    balance = 1.0
+    if config.length_balance:
+        flat, sizes = iter(_rows(tokenizer, train, config.max_length)[1]), []
+        for ranking in train:
+            sizes.append([next(flat) for _ in ranking.candidates])
+        balance = longer_winner_weight(train, sizes)
+        progress.message(f"length balancing: pairs whose winner is longer count {balance:.3f}")
     # The reference: the policy before any update. Its log-probs never change, so they are computed once.
     reference = {
         name: _all_logprobs(model, tokenizer, rankings, config.max_length, progress, frozen, config.length_normalize)
@@ -324,6 +356,7 @@ def train_dpo(
                     config.label_smoothing,
                     lengths=lengths[0],
                     length_penalty=config.length_penalty,
+                    longer_winner_weight=balance,
                 )
                 figures["loss"] += loss.item() / len(picked)
                 if config.sft_coef > 0:
@@ -379,6 +412,7 @@ def train_dpo(
         "holdout_pairs": held["pairs"],
         "train_rankings": len(train),
         "train_pairs": train_pairs,
+        "longer_winner_weight": round(balance, 4),
         "validation_rankings": len(validation),
         "reward_margin_last": round(last["reward_margin"], 6),
         "chosen_reward_last": round(last["chosen_reward"], 6),

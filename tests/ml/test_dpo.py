@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ml.common import Cancelled, Progress
 from ml.dpo import (
@@ -60,6 +61,22 @@ def test_r_dpo_explains_the_length_share_of_a_preference_by_its_length_term():
     assert 0 < -penalised_policy.grad[0] < -plain_policy.grad[0]
     with pytest.raises(ValueError, match="reply lengths"):
         dpo_ranking_loss(policy, reference, [1, 3, 2], beta=0.5, length_penalty=alpha)
+
+
+def test_length_balancing_weighs_longer_winners_until_winners_are_not_longer_on_average():
+    from ml.dpo import longer_winner_weight
+
+    rankings = [Ranked([], ["a", "b", "c"], [1, 2, 3]), Ranked([], ["d", "e"], [1, 2])]
+    # Pairs (winner - loser length): 10-4=+6, 10-2=+8, 4-2=+2; and 3-9=-6. Longer: 16, shorter: 6.
+    lengths = [[10, 4, 2], [3, 9]]
+    assert longer_winner_weight(rankings, lengths) == pytest.approx(6 / 16)
+    assert longer_winner_weight(rankings, [[2, 4, 10], [3, 9]]) == 1.0, "winners shorter: nothing to take out"
+    # In the loss, the pairs whose winner is longer count that weight; the mean is over all of the ranking's pairs.
+    policy, reference = torch.tensor([0.0, -1.0, -3.0]), torch.tensor([0.0, 0.0, 0.0])
+    sizes = torch.tensor([10, 4, 12])
+    plain = [-F.logsigmoid(torch.tensor(0.1 * d)) for d in (1.0, 3.0, 2.0)]  # margins of (0,1), (0,2), (1,2)
+    weighted = dpo_ranking_loss(policy, reference, [1, 2, 3], 0.1, lengths=sizes, longer_winner_weight=0.5)
+    assert float(weighted) == pytest.approx(float((0.5 * plain[0] + plain[1] + plain[2]) / 3), rel=1e-5)
 
 
 def test_implicit_reward_accuracy_counts_ordered_pairs_and_ties_as_half():
@@ -129,6 +146,7 @@ def assert_merged_safetensors_policy(output_dir):
             {"train_top_layers": 1, "learning_rate": 3e-3, "length_normalize": True, "beta": 5.0},
             id="length-normalised",
         ),
+        pytest.param({"train_top_layers": 1, "learning_rate": 3e-3, "length_balance": True}, id="length-balanced"),
         pytest.param(
             {"lora": True, "lora_rank": 8, "lora_alpha": 16, "learning_rate": 3e-3, "label_smoothing": 0.1,
              "sft_coef": 0.1},
