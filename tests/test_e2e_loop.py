@@ -208,6 +208,7 @@ def test_labels_in_a_better_policy_out(tiny_policy, store, tmp_path):
     loop.sft_threshold, loop.rm_threshold, loop.check_every_minutes = 40, 140, 1
     loop.eval_prompts, loop.eval_max_new_tokens, loop.human_comparisons = 40, 12, 0
     loop.min_rm_gain, loop.max_kl, loop.auto_promote = 0.0, 1000.0, True
+    loop.policy_path = "ppo"  # the path with the most moving parts; the default (DPO) runs in test_policy_paths
     loop.save()
     queue = QueueSettings.load()
     queue.open_prompt_tasks, queue.rank_overlap_fraction, queue.max_conversation_turns = 12, 0.0, 2

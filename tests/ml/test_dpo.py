@@ -187,8 +187,12 @@ def test_dpo_learns_a_visible_preference(tiny_model_dirs, tmp_path, overrides):
     )
     losses = [value for _, value in result.series["dpo/train_loss"]]
     assert len(losses) == 3 * 8 and seen[-1] == 24
-    # The first step: the policy is its reference, to the bit (same rows, same padding), so every reward is 0.
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    # The first step: the policy is its reference, to the bit (same rows, same padding), so every reward is 0
+    # and each pair's loss is log 2 (length balancing weighs the pairs whose winner is longer down).
+    if config.length_balance:
+        assert 0 < losses[0] < math.log(2) and metrics["longer_winner_weight"] < 1, (losses[0], metrics)
+    else:
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert result.series["dpo/reward_margin"][0][1] == result.series["dpo/chosen_reward"][0][1] == 0.0
     assert result.series["dpo/reward_accuracy"][0][1] == 0.5
     assert min(losses) < 0.6 * math.log(2), losses
