@@ -299,6 +299,8 @@ def label_one_round(args, rule: Rule, tokens: dict, admin, number: int, previous
     """Labelers work until the loop queues this round's reward-model run (its threshold reached), or until the pool
     runs dry, when the bench trains on what there is as the ops overview offers. Returns the round's labeling
     figures and its reward-model run."""
+    from django.utils import timezone
+
     from training_jobs.models import TrainingRun
 
     stop, counts, lock = threading.Event(), {}, threading.Lock()
@@ -316,6 +318,14 @@ def label_one_round(args, rule: Rule, tokens: dict, admin, number: int, previous
         run = TrainingRun.objects.filter(kind="rm").order_by("pk")[number - 1 : number].first()
         if run is not None:
             return run
+        if stop.is_set():
+            return None
+        if pairs_between(previous_rm_at, timezone.now()) >= args.rankings:
+            # Scripted labelers are far faster than the loop's check (once a minute): the labels a round needs
+            # are in, and those made while the loop has yet to notice would only inflate rankings_submitted.
+            stop.set()
+            log(f"round {number}: {args.rankings} rankings give pairs; labelers stop until the loop queues its run")
+            return None
         outlook = admin.get("/api/v1/loop/outlook/").json()
         if outlook.get("stalled"):
             log(f"the pool ran dry: {outlook['sentence']} Training on what there is, as an admin would.")
