@@ -405,6 +405,7 @@ def gate_figures(args, number: int, rm_run) -> dict:
     promoted = evaluation is not None and served.pk == evaluation.candidate_id
     figures["loop_s"] = round((activation.created_at - rm_run.created_at).total_seconds(), 1) if promoted else None
     figures["policy"] = served if promoted else None
+    figures["refused"] = evaluation.candidate if evaluation is not None and not promoted else None
     figures["reward_model"] = ModelVersion.objects.filter(training_run=rm_run).first()
     return figures
 
@@ -476,9 +477,11 @@ def run_rule(args, rule: Rule, data: list[dict], heldout: list[dict]) -> dict:
             labeled, rm_run = label_one_round(args, rule, tokens, admin, number, previous_rm_at)
             previous_rm_at = rm_run.created_at
             round_figures = {"round": number, **labeled, **gate_figures(args, number, rm_run)}
-            policy = round_figures.pop("policy")
+            policy, refused = round_figures.pop("policy"), round_figures.pop("refused")
             policies[f"round{number}_rm"] = round_figures.pop("reward_model")
             figures["rounds"].append(round_figures)
+            if refused is not None:
+                policies[f"round{number}_refused"] = refused  # measured too: was the gate right to refuse it?
             if policy is None:
                 log(f"round {number}: no new policy serves; the rounds end here")
                 break
@@ -551,9 +554,9 @@ def rm_accuracy(rm_version, rule: Rule, heldout: list[dict], replies: list[list[
 
 
 def measure(args, rule: Rule, heldout: list[dict], policies: dict) -> dict:
-    """Sample `--samples` replies per held-out instruction from the SFT policy and each round's served policy
-    (serving parameters); compare them by the rule; score each round's reward model on the rule's rankings of the
-    SFT's replies; the loss of each policy on the held-out instructions' expert answers."""
+    """Sample `--samples` replies per held-out instruction from the SFT policy and each round's served policy, or
+    the policy its gate refused (serving parameters); compare them by the rule; score each round's reward model on
+    the rule's rankings of the SFT's replies; the loss of each policy on the held-out instructions' expert answers."""
     from bench.recipe import demonstration_loss
     from models_service.artifact_store import local_dir
     from models_service.loading import load_version
@@ -562,7 +565,8 @@ def measure(args, rule: Rule, heldout: list[dict], policies: dict) -> dict:
     chats = [[{"role": "user", "content": r["prompt"]}] for r in heldout]
     machine = machine_figures(load_version(policies["sft"]).model)  # as the trainers load it
     log(f"machine: {json.dumps(machine)}")
-    names = ["sft"] + [f"round{n}" for n in range(1, args.rounds + 1) if f"round{n}" in policies]
+    rounds = [f"round{n}{refused}" for n in range(1, args.rounds + 1) for refused in ("", "_refused")]
+    names = ["sft"] + [name for name in rounds if name in policies]
     replies = {name: sample_heldout(args, policies[name], chats) for name in names}
     result: dict = {"heldout_prompts": len(chats), "samples_per_prompt": args.samples, "machine": machine}
     for name in names:
@@ -570,6 +574,11 @@ def measure(args, rule: Rule, heldout: list[dict], policies: dict) -> dict:
         result[f"rule_rate_{name}"] = round(sum(rule.satisfied(p, t) for p, t in flat) / len(flat), 3)
         result[f"length_{name}"] = round(sum(len(words(t)) for _, t in flat) / len(flat), 1)
         result[f"demo_loss_{name}"] = demonstration_loss(local_dir(policies[name]), heldout)
+    for name in names[1:]:
+        if name.endswith("_refused"):  # the gate's refusal against the rule's own verdict
+            versus_sft = win_rate(rule, heldout, replies[name], replies["sft"])
+            result[f"{name}_win_rate_vs_sft"], result[f"{name}_vs_sft"] = versus_sft["rate"], versus_sft
+            result[f"{name}_demo_loss_ratio"] = round(result[f"demo_loss_{name}"] / result["demo_loss_sft"], 4)
     for n in range(1, args.rounds + 1):
         if f"round{n}" not in replies:
             continue
@@ -688,8 +697,32 @@ def table() -> str:
             body["rewrite"],
             body["active_selection"],
             body["rounds_asked"],
+            json.dumps(body.get("configs", {}), sort_keys=True),
         )
         latest[key] = {**body, "file": path.name}
+    defaults = stage_configs({})
+
+    def changes(configs: dict) -> str:
+        """What a run's stage configs changed from today's defaults, e.g. `DPO length_balance=true`."""
+        changed = [
+            f"{name.removeprefix('TRAINING_').removesuffix('_CONFIG')} {key}={json.dumps(value)}"
+            for name, config in sorted(configs.items())
+            for key, value in sorted(config.items())
+            if defaults.get(name, {}).get(key) != value
+        ]
+        return ", ".join(changed) or "defaults"
+
+    def verdict(figures: dict, first: dict, missed: list[str]) -> str:
+        """The targets missed; where the gate refused the round's policy, the gate's reason and the rule's verdict."""
+        if first.get("outcome") != "not_promoted":
+            return ", ".join(missed)
+        rule_says = ""
+        if figures.get("round1_refused_win_rate_vs_sft") is not None:
+            rule_says = (
+                f"; by the rule it won {figures['round1_refused_win_rate_vs_sft']:.2f} against SFT, "
+                f"{figures.get('length_round1_refused')} words"
+            )
+        return f"the gate refused it: {first.get('gate_reason', '')}{rule_says}"
 
     def cell(value, digits=3):
         if value is None:
@@ -697,10 +730,11 @@ def table() -> str:
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| rule | path | K | N | rewrite | active | rankings submitted | tied | pairs at threshold | RM held out | "
+        "| rule | path | stage configs | K | N | rewrite | active | rankings submitted | tied | pairs at threshold | "
+        "RM held out | "
         "win vs SFT | rule rate SFT → policy | words SFT → policy | KL (bound) | demo loss ratio | loop min | "
         "round 2 vs round 1 | round 2 vs SFT | targets met | commit, date |",
-        "|" + "---|" * 20,
+        "|" + "---|" * 21,
     ]
     for key in sorted(latest):
         body = latest[key]
@@ -715,6 +749,7 @@ def table() -> str:
                 [
                     body["rule"],
                     body["path"],
+                    changes(body.get("configs", {})),
                     str(body["k"]),
                     str(body["rankings_threshold"]),
                     f"{body['rewrite']:g}",
@@ -731,7 +766,7 @@ def table() -> str:
                     cell(loop_min, 1),
                     cell(second_vs_first, 2),
                     cell(f.get("round2_win_rate_vs_sft"), 2),
-                    "yes" if f.get("targets_met") else f"no ({', '.join(missed) or f.get('outcome', '')})",
+                    "yes" if f.get("targets_met") else f"no ({verdict(f, first, missed) or f.get('outcome', '')})",
                     f"{body['commit'][:8]}, {body['date'][:10]}",
                 ]
             )
@@ -742,6 +777,7 @@ def table() -> str:
 
 def main() -> None:
     if sys.argv[1:] == ["--table"]:
+        django.setup()
         print(table())
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
