@@ -273,6 +273,7 @@ TRAINING_DPO_DEFAULTS = env_json_object(
         "rankings_per_batch": 4,
         "max_length": 256,
         "train_top_layers": 8,
+        "length_balance": True,  # labelers' preferred replies run longer; without it DPO learns "longer" too
     },
 )
 # Training under `accelerate launch` (ml/launch.py): empty = in the training worker's own process (the default); the
