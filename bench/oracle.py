@@ -574,19 +574,12 @@ def measure(args, rule: Rule, heldout: list[dict], policies: dict) -> dict:
         result[f"rule_rate_{name}"] = round(sum(rule.satisfied(p, t) for p, t in flat) / len(flat), 3)
         result[f"length_{name}"] = round(sum(len(words(t)) for _, t in flat) / len(flat), 1)
         result[f"demo_loss_{name}"] = demonstration_loss(local_dir(policies[name]), heldout)
-    for name in names[1:]:
-        if name.endswith("_refused"):  # the gate's refusal against the rule's own verdict
-            versus_sft = win_rate(rule, heldout, replies[name], replies["sft"])
-            result[f"{name}_win_rate_vs_sft"], result[f"{name}_vs_sft"] = versus_sft["rate"], versus_sft
-            result[f"{name}_demo_loss_ratio"] = round(result[f"demo_loss_{name}"] / result["demo_loss_sft"], 4)
-    for n in range(1, args.rounds + 1):
-        if f"round{n}" not in replies:
-            continue
-        versus_sft = win_rate(rule, heldout, replies[f"round{n}"], replies["sft"])
-        result[f"round{n}_win_rate_vs_sft"] = versus_sft["rate"]
-        result[f"round{n}_vs_sft"] = versus_sft
-        result[f"round{n}_demo_loss_ratio"] = round(result[f"demo_loss_round{n}"] / result["demo_loss_sft"], 4)
-        if n > 1 and f"round{n - 1}" in replies:
+    for name in names[1:]:  # each round's policy, served or refused (the gate against the rule's own verdict)
+        versus_sft = win_rate(rule, heldout, replies[name], replies["sft"])
+        result[f"{name}_win_rate_vs_sft"], result[f"{name}_vs_sft"] = versus_sft["rate"], versus_sft
+        result[f"{name}_demo_loss_ratio"] = round(result[f"demo_loss_{name}"] / result["demo_loss_sft"], 4)
+    for n in range(2, args.rounds + 1):
+        if f"round{n}" in replies and f"round{n - 1}" in replies:
             versus = win_rate(rule, heldout, replies[f"round{n}"], replies[f"round{n - 1}"])
             result[f"round{n}_win_rate_vs_round{n - 1}"] = versus["rate"]
             result[f"round{n}_vs_round{n - 1}"] = versus
@@ -705,10 +698,11 @@ def table() -> str:
     def changes(configs: dict) -> str:
         """What a run's stage configs changed from today's defaults, e.g. `DPO length_balance=true`."""
         changed = [
-            f"{name.removeprefix('TRAINING_').removesuffix('_CONFIG')} {key}={json.dumps(value)}"
+            f"{name.removeprefix('TRAINING_').removesuffix('_CONFIG')} {key}="
+            + (json.dumps(config[key]) if key in config else "unset")
             for name, config in sorted(configs.items())
-            for key, value in sorted(config.items())
-            if defaults.get(name, {}).get(key) != value
+            for key in sorted(config.keys() | defaults.get(name, {}).keys())
+            if config.get(key, "unset") != defaults.get(name, {}).get(key, "unset")
         ]
         return ", ".join(changed) or "defaults"
 

@@ -308,9 +308,7 @@ def train_dpo(
             progress.message("kept states do not reproduce the full model here: every step runs all blocks")
     balance = 1.0
     if config.length_balance:
-        flat, sizes = iter(_rows(tokenizer, train, config.max_length)[1]), []
-        for ranking in train:
-            sizes.append([next(flat) for _ in ranking.candidates])
+        sizes = [_rows(tokenizer, [ranking], config.max_length)[1] for ranking in train]
         balance = longer_winner_weight(train, sizes)
         progress.message(f"length balancing: pairs whose winner is longer count {balance:.3f}")
     # The reference: the policy before any update. Its log-probs never change, so they are computed once.
