@@ -135,11 +135,13 @@ def reward_model_accuracy(reward_model) -> tuple[float | None, int, str]:
     if reward_model is None:
         return None, 0, ""
     metrics = reward_model.metrics or {}
+    rankings = metrics.get("validation_rankings")
+    source = f"pairs of {rankings} validation rankings" if rankings else "validation pairs"
     if metrics.get("val_accuracy") is not None and (metrics.get("val_pairs") or 0) >= 20:
-        return metrics["val_accuracy"], metrics["val_pairs"], "validation rankings"
+        return metrics["val_accuracy"], metrics["val_pairs"], source
     if metrics.get("holdout_accuracy") is not None:
         return metrics["holdout_accuracy"], metrics.get("holdout_pairs") or 0, "held-out pairs"
-    return metrics.get("val_accuracy"), metrics.get("val_pairs") or 0, "validation rankings"
+    return metrics.get("val_accuracy"), metrics.get("val_pairs") or 0, source
 
 
 def reward_model_at_chance(reward_model, settings: LoopSettings) -> str:

@@ -137,7 +137,7 @@ def test_a_reward_model_at_chance_warns(chain):
     (round_,) = selectors.learning_rounds()["rounds"]
     assert keys(round_) == ["at_chance"]
     assert round_["warnings"][0]["sentence"].startswith(
-        "The reward model reward-rm-chance is at chance (52% pairwise accuracy on 300 validation rankings"
+        "The reward model reward-rm-chance is at chance (52% pairwise accuracy on 300 validation pairs,"
     )
     assert (round_["rm_val_accuracy"], round_["rm_holdout_accuracy"]) == (0.52, None)
 

@@ -551,12 +551,15 @@ def test_the_gate_says_when_the_reward_model_is_at_chance(tiny_policy):
     set_loop(min_rm_gain=0.0, max_kl=20.0, auto_promote=True, min_rm_accuracy=0.6)
     evaluation = evaluation_with(0.4, 3.0)
     evaluation.reward_model = ready(
-        "reward-rm-chance", "rm", kind="reward", metrics={"val_accuracy": 0.52, "val_pairs": 300}
+        "reward-rm-chance",
+        "rm",
+        kind="reward",
+        metrics={"val_accuracy": 0.52, "val_pairs": 300, "validation_rankings": 12},
     )
     evaluation.save()
     assert services.evaluation_decide(evaluation=evaluation) == "not_promoted"
     evaluation.refresh_from_db()
-    assert "is at chance (52% pairwise accuracy on 300 validation rankings" in evaluation.decision_reason
+    assert "is at chance (52% pairwise accuracy on 300 pairs of 12 validation rankings," in evaluation.decision_reason
     assert not ModelVersion.objects.get(pk=evaluation.candidate_id).is_active
 
 
