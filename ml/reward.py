@@ -57,6 +57,9 @@ class RewardConfig:
     lora_alpha: int = 32
     seed: int = 0
     normalise_on_demonstrations: bool = True
+    # Keep the weights of the epoch with the best validation accuracy (the earliest among equals), not the last:
+    # a reward model on a few hundred rankings can overfit after its first epoch.
+    keep_best_epoch: bool = True
 
 
 @dataclass
@@ -285,6 +288,7 @@ def train_reward(
         f"{len(validation)} for validation"
     )
     generator = torch.Generator().manual_seed(config.seed)
+    best = None  # (accuracy, epoch, the trainable parameters then)
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in range(0, len(order), config.rankings_per_batch):
@@ -315,9 +319,21 @@ def train_reward(
         if measured["accuracy"] is not None:
             progress.metric("rm/val_accuracy", measured["accuracy"])
         progress.message(f"epoch {epoch}/{config.epochs}: validation pairwise accuracy {measured['accuracy']}")
+        kept = config.keep_best_epoch and config.epochs > 1 and measured["accuracy"] is not None
+        if kept and (best is None or measured["accuracy"] > best[0]):
+            best = (measured["accuracy"], epoch, [p.detach().clone() for p in trainable])
+    last_accuracy = measured["accuracy"]
+    if best is not None and best[1] != config.epochs:
+        with torch.no_grad():
+            for parameter, value in zip(trainable, best[2], strict=True):
+                parameter.copy_(value)
+        measured = {**measured, "accuracy": best[0]}
+        progress.message(f"kept epoch {best[1]}'s weights (validation accuracy {best[0]}, last {last_accuracy})")
 
     metrics = {
         "val_accuracy": measured["accuracy"],
+        "val_accuracy_last_epoch": last_accuracy,
+        "kept_epoch": best[1] if best is not None else config.epochs,
         "val_pairs": measured["pairs"],
         "train_rankings": len(train),
         "validation_rankings": len(validation),

@@ -133,3 +133,36 @@ def test_the_frozen_block_pass_reports_progress_and_stops_when_cancelled(tiny_mo
         train_reward(config, rankings, [], base_dir=tiny_model_dirs[0], output_dir=tmp_path / "rm", progress=progress)
     assert len(flushes) == 4 and flushes[-1] == 0, "stopped during the frozen pass, before the first step"
     assert not (tmp_path / "rm").exists()
+
+
+@pytest.mark.parametrize(("series", "kept"), [([0.9, 0.6, 0.7], 1), ([0.5, 0.8, 0.8], 2), ([0.5, 0.6, 0.7], 3)])
+def test_the_epoch_with_the_best_validation_accuracy_is_kept(tiny_model_dirs, tmp_path, monkeypatch, series, kept):
+    """Training and scoring are real; the validation accuracy each epoch reports is scripted (where the real one
+    would be whatever the tiny model learns), so that which epoch is best is known. The saved weights must be those
+    the model had when that epoch's validation ran, and the metrics say so."""
+    import ml.reward
+
+    real, states, scripted = ml.reward.pairwise_accuracy, [], iter(series)
+
+    def scripted_accuracy(model, tokenizer, rankings, **kwargs):
+        states.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return {**real(model, tokenizer, rankings, **kwargs), "accuracy": next(scripted)}
+
+    monkeypatch.setattr(ml.reward, "pairwise_accuracy", scripted_accuracy)
+    config = RewardConfig(epochs=3, learning_rate=2e-3, rankings_per_batch=8, max_length=64, train_top_layers=1)
+    result = train_reward(
+        config,
+        synthetic_rankings(32, seed=1),
+        synthetic_rankings(8, seed=2),
+        base_dir=tiny_model_dirs[0],
+        output_dir=tmp_path / "rm",
+    )
+    assert (result.metrics["kept_epoch"], result.metrics["val_accuracy"]) == (kept, max(series))
+    assert result.metrics["val_accuracy_last_epoch"] == series[-1]
+    assert len(states) == 3 and all(not torch.equal(states[0][n], states[-1][n]) for n in states[0]), "all learn"
+
+    from transformers import AutoModelForSequenceClassification
+
+    saved = dict(AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").named_parameters())
+    for name, value in states[kept - 1].items():
+        assert torch.allclose(saved[name], value), name
