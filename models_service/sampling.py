@@ -134,12 +134,15 @@ def fill_pool_once(*, worker: str = "") -> dict:
     """Claim one batch of contexts, sample K candidates for each in one padded batch (one per k and temperature
     when re-sampled contexts are among them), create the ranking tasks. With active selection (a reward model
     serves), SAMPLING_SELECT_FROM contexts are sampled for each task offered and the others are passed over.
+    While a run trains, the pool is filled only to SAMPLING_POOL_WHILE_TRAINING (selectors.pool_target).
 
     Returns what was done. A failure marks the batch's requests failed with the error and re-raises.
     """
     select_from = settings.SAMPLING_SELECT_FROM if _selecting() else 1
+    from models_service.selectors import pool_target
+
     requests = services.pool_claim(
-        target=settings.SAMPLING_POOL_TARGET,
+        target=pool_target(),
         batch_contexts=settings.SAMPLING_BATCH_CONTEXTS,
         k=settings.SAMPLING_K,
         worker=worker,

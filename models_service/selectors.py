@@ -1,11 +1,32 @@
 """Reads for the model service: which contexts need candidates, what the pool holds."""
 
+from django.conf import settings
 from django.db.models import Case, Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
 
 from labeling import splits
 from labeling.models import Conversation, Message, Ranking, Role, Task, TaskKind
 from models_service.models import ModelVersion, SamplingRequest
+
+TRAINING_BUSY_KEY = "training-busy"
+
+
+def training_busy() -> bool:
+    """Whether a training run is running now (its heartbeat marks it in the cache, which every process shares):
+    the pool then keeps only SAMPLING_POOL_WHILE_TRAINING tasks open. A cache that cannot be read says no."""
+    from django.core.cache import cache
+
+    try:
+        return cache.get(TRAINING_BUSY_KEY) is not None
+    except Exception:
+        return False
+
+
+def pool_target() -> int:
+    """The open ranking tasks the pool keeps now: SAMPLING_POOL_TARGET, or SAMPLING_POOL_WHILE_TRAINING (if
+    smaller) while a run trains, so that sampling for the policy about to be replaced leaves the cores to it."""
+    target = settings.SAMPLING_POOL_TARGET
+    return min(target, settings.SAMPLING_POOL_WHILE_TRAINING) if training_busy() else target
 
 
 def open_pool_size(policy: ModelVersion | None = None) -> int:

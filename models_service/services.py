@@ -3,6 +3,7 @@
 No torch here: the web process calls these (activate and roll back from admin and the ops pages).
 """
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,11 +20,14 @@ from labeling.services import assignment_model_draft_record, message_create, ran
 from models_service.artifact_store import artifact_problems, configured_store
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import (
+    TRAINING_BUSY_KEY,
     active_version,
     contexts_needing_candidates,
     in_flight_pool_requests,
     open_pool_size,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def artifact_relative_path(path: Path) -> str:
@@ -139,6 +143,28 @@ def model_version_rollback(*, kind: str, actor=None, reason: str = "") -> ModelA
 # --- sampling requests ---
 
 POOL_LOCK_KEY = 0x464C_504C  # "FLPL": one pool claim at a time across workers
+
+
+def training_busy_mark(*, run_id: int, seconds: float) -> None:
+    """A training run is running, for the next `seconds` unless marked again (its heartbeat does): the sampling
+    workers keep the pool small meanwhile (selectors.pool_target). Best effort: a cache error is ignored."""
+    from django.core.cache import cache
+
+    try:
+        cache.set(TRAINING_BUSY_KEY, run_id, timeout=seconds)
+    except Exception:
+        logger.warning("could not mark run %s as training in the cache", run_id, exc_info=True)
+
+
+def training_busy_clear(*, run_id: int) -> None:
+    """The run ended: drop the mark, unless another run has marked it since."""
+    from django.core.cache import cache
+
+    try:
+        if cache.get(TRAINING_BUSY_KEY) == run_id:
+            cache.delete(TRAINING_BUSY_KEY)
+    except Exception:
+        logger.warning("could not clear run %s's training mark in the cache", run_id, exc_info=True)
 
 
 def pool_claim(

@@ -59,13 +59,14 @@ def tiny_policy(db, tiny_model_dirs):
 @pytest.fixture(autouse=True)
 def _fresh_queue_settings():
     """Queue settings are cached in Redis and in process memory; each test starts from the database's. So do beat's
-    last tick and the workers the ops page saw (kept in Redis too)."""
+    last tick, the workers the ops page saw and the mark of a training run (kept in Redis too)."""
     from django.core.cache import cache
 
     from labeling.models import QueueSettings
+    from models_service.selectors import TRAINING_BUSY_KEY
     from training_jobs.loop import BEAT_TICK_KEY
 
-    keys = [QueueSettings.CACHE_KEY, BEAT_TICK_KEY, "ops:queue-last-seen"]
+    keys = [QueueSettings.CACHE_KEY, BEAT_TICK_KEY, "ops:queue-last-seen", TRAINING_BUSY_KEY]
     cache.delete_many(keys)
     QueueSettings._local = None
     yield

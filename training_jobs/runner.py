@@ -30,7 +30,12 @@ from ml.launch import Launch, train
 from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.selectors import active_version, newest_ready
-from models_service.services import model_version_activate, model_version_register
+from models_service.services import (
+    model_version_activate,
+    model_version_register,
+    training_busy_clear,
+    training_busy_mark,
+)
 from training_jobs import datasets, loop, services
 from training_jobs.models import TrainingRun
 
@@ -97,9 +102,14 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-run-{run_id}", daemon=True)
 
+    def _mark(self) -> None:
+        # The sampling workers keep the ranking pool small while this is set (models_service.selectors.pool_target).
+        training_busy_mark(run_id=self.run_id, seconds=3 * self.interval_s + 5)
+
     def _beat(self) -> None:
         try:
             while not self._stop.wait(self.interval_s):
+                self._mark()
                 try:
                     close_old_connections()
                     services.training_run_heartbeat(run_id=self.run_id)
@@ -109,12 +119,14 @@ class Heartbeat:
             connection.close()
 
     def __enter__(self) -> "Heartbeat":
+        self._mark()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        training_busy_clear(run_id=self.run_id)
 
 
 def heartbeat_interval_s() -> float:

@@ -345,6 +345,11 @@ SAMPLING_VLLM_ARTIFACTS_DIR = env_str("SAMPLING_VLLM_ARTIFACTS_DIR", "")
 # A sampling worker starts filling the ranking pool as soon as it has loaded the policy (not at beat's first tick).
 SAMPLING_FILL_ON_START = env_bool("SAMPLING_FILL_ON_START", True)
 SAMPLING_POOL_TARGET = env_int("SAMPLING_POOL_TARGET", 20, min_value=0, max_value=10_000)
+# While a training run runs, the pool is filled only to this many open tasks: on a host where sampling and training
+# share the cores, sampling more for the policy about to be replaced halves the run's speed (the kernel's autogroups
+# share the cores between the two workers whatever their niceness). Where sampling has cores of its own, set it to
+# SAMPLING_POOL_TARGET.
+SAMPLING_POOL_WHILE_TRAINING = env_int("SAMPLING_POOL_WHILE_TRAINING", 8, min_value=0, max_value=10_000)
 # Contexts sampled together in one padded batch (each with SAMPLING_K rows).
 SAMPLING_BATCH_CONTEXTS = env_int("SAMPLING_BATCH_CONTEXTS", 16, min_value=1, max_value=512)
 SAMPLING_POOL_SCHEDULE_S = env_int("SAMPLING_POOL_SCHEDULE_S", 30, min_value=5)

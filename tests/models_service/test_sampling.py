@@ -302,3 +302,24 @@ def test_with_active_selection_off_every_context_sampled_is_offered(tiny_policy,
     make_contexts(6)
     assert fill_pool_once(worker="test")["passed_over"] == 0
     assert Task.objects.filter(kind=TaskKind.RANK_REPLIES).count() == 2
+
+
+@pytest.mark.django_db
+def test_while_a_run_trains_the_pool_fills_only_to_its_smaller_target(tiny_policy, pool_settings):
+    """Sampling and training share the cores of one host: while a run trains (its heartbeat marks it), the pool is
+    filled to SAMPLING_POOL_WHILE_TRAINING, and to SAMPLING_POOL_TARGET once the run ends."""
+    from models_service.selectors import pool_target
+
+    pool_settings.SAMPLING_POOL_TARGET, pool_settings.SAMPLING_POOL_WHILE_TRAINING = 4, 1
+    make_contexts(6)
+    services.training_busy_mark(run_id=7, seconds=60)
+    assert pool_target() == 1
+    fill()
+    tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN)
+    assert tasks.count() == 1
+    services.training_busy_clear(run_id=8)
+    assert tasks.count() == 1 and pool_target() == 1, "only the run that marked clears its mark"
+    services.training_busy_clear(run_id=7)
+    assert pool_target() == 4
+    fill()
+    assert tasks.count() == 4

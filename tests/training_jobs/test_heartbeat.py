@@ -92,3 +92,30 @@ def test_the_heartbeat_stops_with_the_run(tiny_policy, tiny_model_dirs, settings
     time.sleep(0.5)
     run.refresh_from_db()
     assert run.heartbeat_at == beat and run.status == TrainingRun.Status.SUCCEEDED
+
+
+def test_a_running_run_marks_training_busy_for_the_sampling_workers(
+    tiny_policy, tiny_model_dirs, settings, monkeypatch
+):
+    """The pool keeps only SAMPLING_POOL_WHILE_TRAINING tasks while a run trains: the run's heartbeat says so in the
+    cache from its start (and on every beat, past the mark's own lifetime) until its end."""
+    from models_service.selectors import TRAINING_BUSY_KEY, training_busy
+
+    settings.TRAINING_HEARTBEAT_TIMEOUT_S = 1.2  # beats every 0.2 s; the mark lives 5.6 s unless renewed
+    seen = []
+    monkeypatch.setitem(
+        runner.TRAINERS,
+        "sft",
+        silent_trainer(tiny_model_dirs[1], silent_s=0.5, during=lambda run: seen.append(training_busy())),
+    )
+    assert not training_busy()
+    run = services.training_run_create(kind="sft")
+    assert runner.execute(run.pk, worker="training@busy") == TrainingRun.Status.SUCCEEDED
+    assert seen == [True] and not training_busy()
+
+    from django.core.cache import cache
+
+    with runner.Heartbeat(run.pk, 60.0):
+        cache.set(TRAINING_BUSY_KEY, run.pk + 1, timeout=60)  # another run, on another worker, marked since
+    assert cache.get(TRAINING_BUSY_KEY) == run.pk + 1, "a run ending leaves another run's mark"
+    cache.delete(TRAINING_BUSY_KEY)
