@@ -1,12 +1,13 @@
 """Model artifacts in a store that every host reaches: a folder (`file://`, the default) or any S3-compatible
-object store (`s3://bucket/prefix`: AWS, MinIO, Ceph, R2), behind fsspec. Issue 18, first step: the store itself;
-the registry and the workers move onto it next.
+object store (`s3://bucket/prefix`: AWS, MinIO, Ceph, R2), behind fsspec.
 
 Publishing is atomic for readers: the files go up under the artifact's prefix, then a manifest (every file's
 size and SHA-256) is written last as the marker `_MANIFEST.json`. An artifact without its marker does not exist
 (a writer that died half-way left files nobody loads). Readers keep a local cache keyed by the artifact's name,
 verify it against the manifest (sizes and checksums) before handing it out, and fetch it again when it does not
-match (a torn or corrupted copy).
+match (a torn or corrupted copy). Whoever can write the store can write a manifest, so a reader checks it before
+writing anything: plain file names of a model folder inside the artifact (manifest_key_problems), sizes the disk
+can hold, and no stored file longer than its manifest says.
 
 No torch here: the web process may list artifacts.
 """
@@ -14,6 +15,7 @@ No torch here: the web process may list artifacts.
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -27,6 +29,16 @@ CHUNK = 1 << 20
 
 REQUIRED_FILES = ("config.json",)
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+# What a manifest may name: the files of a save_pretrained folder (weights, configs, tokenizer), at most one folder
+# deep (a LoRA policy's adapter/), each path segment a plain name. No code (.py), nothing pickled, no way out of
+# the artifact's folder: a manifest is read from a store that others may write to.
+MANIFEST_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".md", ".tiktoken")
+MANIFEST_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MANIFEST_MAX_DEPTH = 2
+MANIFEST_MAX_FILES = 512
+MANIFEST_MAX_BYTES = 1 << 20  # the manifest file itself
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def artifact_problems(path: Path) -> list[str]:
@@ -50,6 +62,41 @@ class ArtifactMissing(LookupError):
 
 class ArtifactCorrupt(RuntimeError):
     """A copy that does not match its manifest, even after fetching it again."""
+
+
+class ArtifactRefused(ArtifactCorrupt):
+    """A manifest or a stored file that this host will not write: a path out of the artifact's folder, a file a
+    model folder does not have, too many or too large files, a link. Nothing of it was written."""
+
+
+def manifest_key_problems(manifest) -> list[str]:
+    """Why `manifest` cannot be fetched as it is (empty when it can): its shape, and every file it names must be a
+    plain relative path inside the artifact (no "..", no absolute path, no backslash), at most
+    MANIFEST_MAX_DEPTH deep, with a suffix a model folder has, a whole size and a SHA-256."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return ["the manifest has no 'files' object"]
+    files = manifest["files"]
+    if not files:
+        return ["the manifest names no file"]
+    if len(files) > MANIFEST_MAX_FILES:
+        return [f"the manifest names {len(files)} files (at most {MANIFEST_MAX_FILES})"]
+    found = []
+    for key, entry in files.items():
+        shown = repr(key)[:80]
+        segments = key.split("/") if isinstance(key, str) else []
+        if not segments or not all(MANIFEST_SEGMENT.fullmatch(segment) for segment in segments):
+            found.append(f"{shown}: not a plain relative path inside the artifact")
+        elif len(segments) > MANIFEST_MAX_DEPTH:
+            found.append(f"{shown}: more than {MANIFEST_MAX_DEPTH - 1} folder deep")
+        elif key == MANIFEST or not key.endswith(MANIFEST_SUFFIXES):
+            found.append(f"{shown}: not a file a model folder has ({', '.join(MANIFEST_SUFFIXES)})")
+        elif not isinstance(entry, dict):
+            found.append(f"{shown}: no size and checksum")
+        elif type(entry.get("size")) is not int or entry["size"] < 0:
+            found.append(f"{shown}: size {entry.get('size')!r} is not a whole number of bytes")
+        elif not isinstance(entry.get("sha256"), str) or not SHA256_HEX.fullmatch(entry["sha256"]):
+            found.append(f"{shown}: no SHA-256")
+    return found
 
 
 def sha256_of(path: Path) -> str:
@@ -120,6 +167,9 @@ class ArtifactStore:
         manifest = manifest_of(folder)
         if not manifest["files"]:
             raise ValueError(f"{folder} holds no files")
+        refused = manifest_key_problems(manifest)
+        if refused:  # what no host would fetch is not published
+            raise ValueError(f"{folder} cannot be published: {'; '.join(refused[:5])}")
         for relative in manifest["files"]:
             target = self._remote(name, relative)
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
@@ -139,10 +189,16 @@ class ArtifactStore:
     def manifest(self, name: str) -> dict:
         self.fs.invalidate_cache()
         try:
-            with self.fs.open(self._remote(name, MANIFEST), "r") as stream:
-                return json.load(stream)
+            with self.fs.open(self._remote(name, MANIFEST), "rb") as stream:
+                raw = stream.read(MANIFEST_MAX_BYTES + 1)
         except FileNotFoundError:
             raise ArtifactMissing(f"no complete artifact {name!r} in {self.url}") from None
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise ArtifactRefused(f"artifact {name}'s manifest is over {MANIFEST_MAX_BYTES} bytes")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ArtifactRefused(f"artifact {name}'s manifest is not JSON: {exc}") from None
 
     def names(self) -> list[str]:
         """The published artifacts (those with their marker)."""
@@ -157,17 +213,21 @@ class ArtifactStore:
         download (into a temporary folder, verified, then moved into place). Raises ArtifactMissing or
         ArtifactCorrupt."""
         manifest = self.manifest(name)
+        refused = manifest_key_problems(manifest)
+        if refused:
+            raise ArtifactRefused(f"artifact {name}'s manifest is refused: {'; '.join(refused[:5])}")
         local = self.cache_dir / name
         if local.is_dir() and not manifest_problems(local, manifest):
             os.utime(local)  # used now: the eviction keeps the most recently used
             return local
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        total, free = sum(e["size"] for e in manifest["files"].values()), shutil.disk_usage(self.cache_dir).free
+        if total > free:
+            raise ArtifactRefused(f"artifact {name} is {total} bytes; {self.cache_dir} has {free} free")
         staging = self.cache_dir / f".{name}.{uuid.uuid4().hex[:8]}.partial"
         try:
-            for relative in manifest["files"]:
-                target = staging / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._remote(name, relative), str(target))
+            for relative, expected in manifest["files"].items():
+                self._download(name, relative, staging / relative, expected["size"])
             wrong = manifest_problems(staging, manifest)
             if wrong:
                 raise ArtifactCorrupt(f"artifact {name} does not match its manifest: {'; '.join(wrong[:5])}")
@@ -185,6 +245,22 @@ class ArtifactStore:
         os.utime(local)
         self.evict(keep=name)
         return local
+
+    def _download(self, name: str, relative: str, target: Path, size: int) -> None:
+        """Copy one stored file to `target`, a plain file, never more than the `size` bytes its manifest gives
+        (a store that serves more is refused before the disk fills); a link in the store is refused."""
+        remote = self._remote(name, relative)
+        info = self.fs.info(remote)
+        if info.get("type") != "file" or info.get("islink") or getattr(self.fs, "islink", lambda _: False)(remote):
+            raise ArtifactRefused(f"artifact {name}: {relative} is not a plain file in the store")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with self.fs.open(remote, "rb") as source, open(target, "xb") as sink:
+            for block in iter(lambda: source.read(CHUNK), b""):
+                written += len(block)
+                if written > size:
+                    raise ArtifactRefused(f"artifact {name}: {relative} is larger than its manifest's {size} bytes")
+                sink.write(block)
 
     def evict(self, *, keep: str = "") -> list[str]:
         """Remove the cached versions beyond the `cache_keep` most recently used, never `keep` nor one used within

@@ -4,12 +4,14 @@ Upload, atomic publish (the manifest written last), a cache hit that needs no st
 detected and fetched again, and a half-uploaded artifact that is never loaded.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
-from models_service.artifact_store import MANIFEST, ArtifactCorrupt, ArtifactMissing, ArtifactStore
+from models_service import artifact_store
+from models_service.artifact_store import MANIFEST, ArtifactCorrupt, ArtifactMissing, ArtifactRefused, ArtifactStore
 from tests.support.s3 import create_bucket, running_s3_server, storage_options
 
 
@@ -32,13 +34,13 @@ def s3_server():
 @pytest.fixture(params=["file", "s3"])
 def store(request, tmp_path):
     if request.param == "file":
-        yield ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
+        yield ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "host" / "cache")
         return
     endpoint = request.getfixturevalue("s3_server")
     bucket = f"artifacts-{tmp_path.name.lower().replace('_', '-')[-40:]}"
     create_bucket(endpoint, bucket)
     yield ArtifactStore(
-        url=f"s3://{bucket}/models", cache_dir=tmp_path / "cache", storage_options=storage_options(endpoint)
+        url=f"s3://{bucket}/models", cache_dir=tmp_path / "host" / "cache", storage_options=storage_options(endpoint)
     )
 
 
@@ -69,8 +71,8 @@ def test_a_cache_hit_needs_no_store_and_a_corrupted_cache_is_fetched_again(store
     store.publish(_model_folder(tmp_path), "reward-rm-v1")
     local = store.fetch("reward-rm-v1")
     downloads = []
-    real_get = store.fs.get_file
-    store.fs.get_file = lambda *a, **k: (downloads.append(a), real_get(*a, **k))[1]
+    real_download = store._download
+    store._download = lambda name, relative, *a: (downloads.append(relative), real_download(name, relative, *a))[1]
     assert store.fetch("reward-rm-v1") == local and downloads == [], "a verified copy is used as it is"
 
     weights = local / "model.safetensors"
@@ -78,7 +80,7 @@ def test_a_cache_hit_needs_no_store_and_a_corrupted_cache_is_fetched_again(store
     data[1000] ^= 0xFF  # same size, one byte flipped
     weights.write_bytes(bytes(data))
     assert store.fetch("reward-rm-v1") == local
-    assert [Path(a[1]).name for a in downloads] == ["config.json", "model.safetensors", "vocab.json"]
+    assert downloads == ["config.json", "model.safetensors", "tokenizer/vocab.json"]
     assert weights.read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
 
 
@@ -166,3 +168,140 @@ def test_the_cache_keeps_the_most_recently_used_versions(tmp_path):
     for name in names[:3]:
         young.fetch(name)  # each used just now: none is old enough to remove
     assert len(list((tmp_path / "cache-2").iterdir())) == 3
+
+
+def _plant(store, name: str, files: dict, payload: bytes = b'{"x": 1}') -> None:
+    """A manifest written straight into the store, as whoever can write the bucket could: each named file is put
+    there too (where the store can hold it), with its true size and checksum."""
+    import hashlib
+
+    entries = {}
+    store.fs.makedirs(store._remote(name), exist_ok=True)
+    for key in files:
+        entries[key] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        if isinstance(key, str) and not key.startswith("/"):
+            with contextlib.suppress(OSError, ValueError):
+                _put(store, name, key, payload)
+    entries |= {k: v for k, v in files.items() if v is not None}
+    with store.fs.open(store._remote(name, MANIFEST), "w") as stream:
+        json.dump({"name": name, "files": entries}, stream)
+
+
+def _put(store, name: str, relative: str, data: bytes) -> None:
+    remote = store._remote(name, relative)
+    store.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe(remote, data)
+
+
+def _written_outside(tmp_path) -> list[str]:
+    """What a fetch wrote on the host (tmp_path/host) outside its cache: the hostile keys all say "escaped"."""
+    return sorted(str(p) for p in (tmp_path / "host").rglob("*escaped*"))
+
+
+HOSTILE_KEYS = {
+    "parent": "../../escaped.json",
+    "parent inside a folder": "adapter/../../../escaped.json",
+    "absolute": "{tmp}/host/abs-escaped.json",
+    "backslashes": "..\\..\\escaped.json",
+    "code": "escaped.py",
+    "pickle": "escaped.pth",
+    "hidden": ".escaped.json",
+    "too deep": "a/b/escaped.json",
+    "empty segment": "adapter//escaped.json",
+}
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS.values(), ids=HOSTILE_KEYS.keys())
+def test_a_hostile_manifest_is_refused_before_a_byte_is_written(store, tmp_path, key):
+    key = key.format(tmp=tmp_path)
+    _plant(store, "policy-evil-v1", {"config.json": None, key: None})
+    with pytest.raises(ArtifactRefused, match="manifest is refused"):
+        store.fetch("policy-evil-v1")
+    assert _written_outside(tmp_path) == []
+    assert not store.cache_dir.exists() or not any(store.cache_dir.rglob("*")), "nothing was written to the cache"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"size": -1}, {"size": "8"}, {"size": 8.0}, {"sha256": "not-a-digest"}, {"size": 8, "sha256": None}],
+    ids=["negative size", "size as text", "size as float", "bad digest", "no digest"],
+)
+def test_a_manifest_entry_without_a_whole_size_and_digest_is_refused(store, tmp_path, entry):
+    _plant(store, "policy-evil-v2", {"config.json": None})
+    manifest = json.loads(store.fs.cat(store._remote("policy-evil-v2", MANIFEST)))
+    manifest["files"]["config.json"] |= entry
+    _put(store, "policy-evil-v2", MANIFEST, json.dumps(manifest).encode())
+    with pytest.raises(ArtifactRefused):
+        store.fetch("policy-evil-v2")
+    assert not store.cache_dir.exists() or not any(store.cache_dir.rglob("*"))
+
+
+def test_too_many_files_or_more_bytes_than_the_disk_has_are_refused(store, tmp_path):
+    from models_service.artifact_store import MANIFEST_MAX_FILES
+
+    many = {f"shard-{i}.safetensors": {"size": 1, "sha256": "0" * 64} for i in range(MANIFEST_MAX_FILES + 1)}
+    _put(store, "policy-evil-v3", MANIFEST, json.dumps({"files": many}).encode())
+    with pytest.raises(ArtifactRefused, match=f"names {MANIFEST_MAX_FILES + 1} files"):
+        store.fetch("policy-evil-v3")
+    huge = {"model.safetensors": {"size": 1 << 60, "sha256": "0" * 64}}
+    _put(store, "policy-evil-v4", MANIFEST, json.dumps({"files": huge}).encode())
+    with pytest.raises(ArtifactRefused, match="free"):
+        store.fetch("policy-evil-v4")
+    _put(store, "policy-evil-v5", MANIFEST, b"[" * (2 << 20))
+    with pytest.raises(ArtifactRefused, match="manifest is over"):
+        store.fetch("policy-evil-v5")
+    assert not any(store.cache_dir.rglob("*"))
+
+
+def test_a_stored_file_larger_than_its_manifest_says_stops_the_download(store, tmp_path, monkeypatch):
+    """The manifest says 8 bytes; the store serves 4 MiB: the copy stops after the eighth byte, not at the end."""
+    _plant(store, "policy-evil-v6", {"config.json": None})
+    _put(store, "policy-evil-v6", "config.json", b"x" * (4 << 20))
+    written = []
+
+    class Counting:
+        def __init__(self, stream):
+            self.stream, self.bytes = stream, 0
+
+        def write(self, block):
+            self.bytes += len(block)
+            return self.stream.write(block)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        stream = open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by Counting or by the caller)
+        if "x" in mode:
+            written.append(Counting(stream))
+            return written[-1]
+        return stream
+
+    monkeypatch.setattr(artifact_store, "open", counting_open, raising=False)
+    with pytest.raises(ArtifactRefused, match="larger than its manifest's 8 bytes"):
+        store.fetch("policy-evil-v6")
+    assert written and all(sink.bytes <= 8 for sink in written)
+    assert not any(store.cache_dir.rglob("*")), "the partial copy is removed"
+
+
+def test_a_link_in_a_folder_store_is_refused(tmp_path):
+    store = ArtifactStore(url=f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"x": 1}')
+    _plant(store, "policy-evil-v7", {"config.json": None})
+    remote = Path(store._remote("policy-evil-v7", "config.json"))
+    remote.unlink()
+    remote.symlink_to(secret)
+    with pytest.raises(ArtifactRefused, match="not a plain file"):
+        store.fetch("policy-evil-v7")
+
+
+def test_a_folder_no_host_would_fetch_is_not_published(store, tmp_path):
+    folder = _model_folder(tmp_path)
+    (folder / "sitecustomize.py").write_text("import os\n")
+    with pytest.raises(ValueError, match="sitecustomize.py"):
+        store.publish(folder, "policy-sft-v9")
+    assert not store.exists("policy-sft-v9")
