@@ -118,6 +118,15 @@ def manifest_of(folder: Path) -> dict:
     return {"files": files}
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    """The manifest as it is written to the store: its SHA-256 is what the registry records."""
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+
+
 def manifest_problems(folder: Path, manifest: dict) -> list[str]:
     """How `folder` differs from `manifest` (empty when it matches): missing files, sizes, checksums."""
     found = []
@@ -176,8 +185,7 @@ class ArtifactStore:
             self.fs.put_file(str(folder / relative), target)
         manifest |= {"name": name}
         # The marker, written last: with it the artifact exists; an upload cut short leaves none.
-        with self.fs.open(self._remote(name, MANIFEST), "w") as stream:
-            json.dump(manifest, stream, indent=1, sort_keys=True)
+        self.fs.pipe(self._remote(name, MANIFEST), manifest_bytes(manifest))
         return manifest
 
     # --- readers ---
@@ -186,7 +194,9 @@ class ArtifactStore:
         self.fs.invalidate_cache()  # another host may have published since (s3fs caches listings)
         return self.fs.exists(self._remote(name, MANIFEST))
 
-    def manifest(self, name: str) -> dict:
+    def manifest(self, name: str, *, digest: str | None = None) -> dict:
+        """The artifact's manifest; with `digest` (the SHA-256 the registry recorded when it was published), only
+        that one: a manifest swapped in the store since, with its files, is refused."""
         self.fs.invalidate_cache()
         try:
             with self.fs.open(self._remote(name, MANIFEST), "rb") as stream:
@@ -195,10 +205,25 @@ class ArtifactStore:
             raise ArtifactMissing(f"no complete artifact {name!r} in {self.url}") from None
         if len(raw) > MANIFEST_MAX_BYTES:
             raise ArtifactRefused(f"artifact {name}'s manifest is over {MANIFEST_MAX_BYTES} bytes")
+        found = hashlib.sha256(raw).hexdigest()
+        if digest is not None and found != digest:
+            raise ArtifactRefused(
+                f"artifact {name}'s manifest in the store is not the one registered for {name} "
+                f"(SHA-256 {found[:12]}…, registered {digest[:12]}…): its files were replaced after it was published"
+            )
         try:
             return json.loads(raw)
         except ValueError as exc:
             raise ArtifactRefused(f"artifact {name}'s manifest is not JSON: {exc}") from None
+
+    def manifest_digest(self, name: str) -> str:
+        """The SHA-256 of the artifact's manifest as the store holds it now."""
+        self.fs.invalidate_cache()
+        try:
+            with self.fs.open(self._remote(name, MANIFEST), "rb") as stream:
+                return hashlib.sha256(stream.read(MANIFEST_MAX_BYTES + 1)).hexdigest()
+        except FileNotFoundError:
+            raise ArtifactMissing(f"no complete artifact {name!r} in {self.url}") from None
 
     def names(self) -> list[str]:
         """The published artifacts (those with their marker)."""
@@ -208,11 +233,11 @@ class ArtifactStore:
             found.append(path.rstrip("/").split("/")[-2])
         return sorted(found)
 
-    def fetch(self, name: str) -> Path:
+    def fetch(self, name: str, *, digest: str | None = None) -> Path:
         """A verified local copy of artifact `name`: the cached one when it matches the manifest, else a fresh
-        download (into a temporary folder, verified, then moved into place). Raises ArtifactMissing or
-        ArtifactCorrupt."""
-        manifest = self.manifest(name)
+        download (into a temporary folder, verified, then moved into place). With `digest`, only the manifest
+        the registry recorded (see manifest()). Raises ArtifactMissing, ArtifactCorrupt or ArtifactRefused."""
+        manifest = self.manifest(name, digest=digest)
         refused = manifest_key_problems(manifest)
         if refused:
             raise ArtifactRefused(f"artifact {name}'s manifest is refused: {'; '.join(refused[:5])}")
@@ -231,8 +256,7 @@ class ArtifactStore:
             wrong = manifest_problems(staging, manifest)
             if wrong:
                 raise ArtifactCorrupt(f"artifact {name} does not match its manifest: {'; '.join(wrong[:5])}")
-            with open(staging / MANIFEST, "w") as stream:
-                json.dump(manifest, stream, indent=1, sort_keys=True)
+            (staging / MANIFEST).write_bytes(manifest_bytes(manifest))
             if local.exists():  # a stale or corrupted copy: replaced as a whole
                 shutil.rmtree(local, ignore_errors=True)
             try:
@@ -299,9 +323,17 @@ def configured_store() -> ArtifactStore | None:
 
 def local_dir(version) -> Path:
     """A folder on this host holding `version`'s files: its own folder under ARTIFACTS_DIR where this host wrote
-    it (or the disk is shared), else a verified copy from the store (fetched once, then cached)."""
+    it (or the disk is shared), else a verified copy from the store (fetched once, then cached) of the manifest
+    whose SHA-256 the version's row records. A version registered before rows recorded it records the manifest
+    it finds the first time (and is held to it from then on)."""
     own = version.artifact_dir
     store = configured_store()
     if store is None or not artifact_problems(own):
         return own
-    return store.fetch(version.name)
+    digest = version.manifest_sha256
+    if not digest:
+        digest = store.manifest_digest(version.name)
+        type(version).objects.filter(pk=version.pk, manifest_sha256="").update(manifest_sha256=digest)
+        digest = type(version).objects.values_list("manifest_sha256", flat=True).get(pk=version.pk)
+        version.manifest_sha256 = digest
+    return store.fetch(version.name, digest=digest)

@@ -48,6 +48,11 @@ class ModelVersion(models.Model):
         max_length=512, unique=True, help_text="Folder under ARTIFACTS_DIR, in save_pretrained layout."
     )
     source = models.CharField(max_length=512, blank=True, help_text="Hub id, local path or wheel it came from.")
+    manifest_sha256 = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="SHA-256 of the artifact store's manifest as published: a host fetches only the files it names.",
+    )
     metrics = models.JSONField(default=dict, blank=True)
     is_active = models.BooleanField(default=False)
     activated_at = models.DateTimeField(null=True, blank=True)

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from labeling.models import Message, Role, Task, TaskKind
 from labeling.services import assignment_model_draft_record, message_create, ranking_overlap, task_create
-from models_service.artifact_store import artifact_problems, configured_store
+from models_service.artifact_store import artifact_problems, configured_store, manifest_digest
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
 from models_service.selectors import (
     TRAINING_BUSY_KEY,
@@ -69,9 +69,11 @@ def model_version_register(
     name = name or next_version_name(kind=kind, stage=stage)
     relative = artifact_relative_path(artifact_dir)
     store = configured_store()
+    digest = ""
     if store is not None:
-        # Published before the row exists (its manifest last), so no host ever sees a version it cannot fetch.
-        store.publish(Path(artifact_dir), name)
+        # Published before the row exists (its manifest last), so no host ever sees a version it cannot fetch;
+        # the row keeps the manifest's digest, so no host fetches files swapped into the store after.
+        digest = manifest_digest(store.publish(Path(artifact_dir), name))
     return ModelVersion.objects.create(
         name=name,
         kind=kind,
@@ -80,6 +82,7 @@ def model_version_register(
         parent=parent,
         training_run=training_run,
         artifact_path=relative,
+        manifest_sha256=digest,
         source=source,
         metrics=metrics or {},
         notes=notes,

@@ -125,6 +125,76 @@ def test_a_host_with_an_empty_disk_loads_a_version_from_the_store(tiny_model_dir
     assert (cached / "config.json").stat().st_mtime_ns == before, "the second load is a cache hit"
 
 
+def _swap(store, name: str, relative: str, data: bytes) -> None:
+    """Whoever can write the store replaces one of a version's files and rewrites its manifest to match."""
+    from models_service.artifact_store import manifest_bytes
+
+    manifest = store.manifest(name)
+    store.fs.pipe(store._remote(name, relative), data)
+    import hashlib
+
+    manifest["files"][relative] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    store.fs.pipe(store._remote(name, MANIFEST), manifest_bytes(manifest))
+
+
+@pytest.mark.django_db
+def test_weights_and_manifest_swapped_together_are_refused_and_the_ops_page_says_so(
+    tiny_model_dirs, settings, tmp_path, client
+):
+    """The registry row keeps the manifest's digest from when the version was published: a host with an empty
+    disk refuses a store whose files and manifest were replaced together, and the serving holder records why."""
+    from models_service import loading
+    from models_service.artifact_store import configured_store
+    from models_service.models import ModelVersion
+    from tests.support.factories import UserFactory
+    from tests.support.models import register_tiny_policy
+
+    settings.ARTIFACTS_URL = f"file://{tmp_path / 'store'}"
+    settings.ARTIFACTS_DIR = tmp_path / "host-a"
+    version = register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v5", stage="sft", activate=True)
+    assert len(version.manifest_sha256) == 64
+    assert version.manifest_sha256 == configured_store().manifest_digest("policy-sft-v5")
+    config = json.loads(configured_store().fs.cat(configured_store()._remote("policy-sft-v5", "config.json")))
+    _swap(configured_store(), "policy-sft-v5", "config.json", json.dumps({**config, "swapped": True}).encode())
+
+    settings.ARTIFACTS_DIR = tmp_path / "host-b"
+    with pytest.raises(ArtifactRefused, match="not the one registered for policy-sft-v5"):
+        loading.load_version(version)
+    assert not (tmp_path / "host-b" / "cache" / "policy-sft-v5").exists()
+    with pytest.raises(ArtifactRefused):
+        loading.ActiveModelHolder(ModelVersion.Kind.POLICY).get()
+    version.refresh_from_db()
+    assert "not the one registered for policy-sft-v5" in version.load_error
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    page = client.get(f"/ops/models/{version.pk}/").content.decode()
+    assert "not the one registered for policy-sft-v5" in page
+
+
+@pytest.mark.django_db
+def test_a_version_registered_without_a_digest_is_held_to_the_first_manifest_a_host_fetched(
+    tiny_model_dirs, settings, tmp_path
+):
+    from models_service import loading
+    from models_service.artifact_store import configured_store
+    from models_service.models import ModelVersion
+    from tests.support.models import register_tiny_policy
+
+    settings.ARTIFACTS_URL = f"file://{tmp_path / 'store'}"
+    settings.ARTIFACTS_DIR = tmp_path / "host-a"
+    version = register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v6", stage="sft")
+    published = version.manifest_sha256
+    ModelVersion.objects.filter(pk=version.pk).update(manifest_sha256="")  # a row from before digests
+    version.refresh_from_db()
+
+    settings.ARTIFACTS_DIR = tmp_path / "host-b"
+    loading.load_version(version)
+    assert ModelVersion.objects.get(pk=version.pk).manifest_sha256 == published
+    _swap(configured_store(), "policy-sft-v6", "generation_config.json", b"{}")
+    settings.ARTIFACTS_DIR = tmp_path / "host-c"
+    with pytest.raises(ArtifactRefused, match="not the one registered"):
+        loading.load_version(ModelVersion.objects.get(pk=version.pk))
+
+
 @pytest.mark.django_db
 def test_a_version_whose_upload_fails_is_not_registered(tiny_model_dirs, settings, tmp_path, monkeypatch):
     from models_service.artifact_store import ArtifactStore
