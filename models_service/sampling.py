@@ -298,6 +298,8 @@ def run_request(request: SamplingRequest) -> None:
             services.draft_complete(request=request, version=version, reply=replies[0])
         else:
             services.alternatives_complete(request=request, version=version, replies=replies)
+    except services.RequestNotRunning as exc:  # finished late: the request already ended (reaped), nothing to do
+        logger.warning("dropped a late result: %s", exc)
     except Exception as exc:
         services.sampling_request_fail(request=request, error=f"{type(exc).__name__}: {exc}")
         raise

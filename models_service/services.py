@@ -229,7 +229,9 @@ def sampling_request_progress(*, request_id: int, text: str) -> bool:
 
 
 def sampling_request_fail(*, request: SamplingRequest, error: str) -> None:
-    SamplingRequest.objects.filter(pk=request.pk).exclude(status=SamplingRequest.Status.DONE).update(
+    """A pending or running request failed with `error`; a finished one (done, or failed earlier) keeps its end."""
+    unfinished = (SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING)
+    SamplingRequest.objects.filter(pk=request.pk, status__in=unfinished).update(
         status=SamplingRequest.Status.FAILED, error=error[:4000] or "unknown error", finished_at=timezone.now()
     )
 
@@ -263,15 +265,26 @@ def pool_pass_over(*, request: SamplingRequest, version: ModelVersion, note: str
     )
 
 
+class RequestNotRunning(ValidationError):
+    """A result for a request that is no longer running (the reaper failed it, or another worker finished it):
+    it completes nothing."""
+
+
+def _running(request_id: int, *, related=()) -> SamplingRequest:
+    """The request, locked, if it is still running; else RequestNotRunning."""
+    current = SamplingRequest.objects.select_for_update(of=("self",)).select_related(*related).get(pk=request_id)
+    if current.status != SamplingRequest.Status.RUNNING:
+        raise RequestNotRunning(f"sampling request #{request_id} is {current.status}, not running")
+    return current
+
+
 def pool_complete(
     *, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply], selection: dict | None = None
 ) -> Task:
     """Store the sampled candidates under the context and open a ranking task for them (with `selection`: why
     active selection offered it, kept in the task's payload)."""
     with transaction.atomic():
-        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
-        if current.status != SamplingRequest.Status.RUNNING:
-            raise ValidationError(f"sampling request #{request.pk} is {current.status}, not running")
+        current = _running(request.pk)
         candidates = [_sampled_message(current, version=version, text=r.text, params=r.params) for r in replies]
         task = task_create(
             kind=TaskKind.RANK_REPLIES,
@@ -291,8 +304,10 @@ def pool_complete(
 
 
 def chat_complete(*, request: SamplingRequest, version: ModelVersion, reply: SampledReply) -> Message:
+    """The chat's reply is written: a message under the context. Only while the request runs (RequestNotRunning
+    for a late reply after the reaper failed it: the labeler was already told, and may have asked again)."""
     with transaction.atomic():
-        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
+        current = _running(request.pk)
         message = _sampled_message(current, version=version, text=reply.text, params=reply.params)
         current.status, current.reply, current.model_version = SamplingRequest.Status.DONE, message, version
         current.sampling_params, current.finished_at, current.partial_text = reply.params, timezone.now(), reply.text
@@ -315,9 +330,7 @@ def draft_complete(*, request: SamplingRequest, version: ModelVersion, reply: Sa
     """A labeler's model draft is written: the request keeps its text, and the assignment keeps it with the version
     that wrote it (the submission then records how much the labeler changed it)."""
     with transaction.atomic():
-        current = SamplingRequest.objects.select_for_update().get(pk=request.pk)
-        if current.status != SamplingRequest.Status.RUNNING:
-            raise ValidationError(f"sampling request #{request.pk} is {current.status}, not running")
+        current = _running(request.pk)
         current.status, current.model_version, current.partial_text = SamplingRequest.Status.DONE, version, reply.text
         current.sampling_params, current.finished_at = reply.params, timezone.now()
         current.first_token_at = current.first_token_at or current.finished_at
@@ -328,10 +341,9 @@ def draft_complete(*, request: SamplingRequest, version: ModelVersion, reply: Sa
 
 
 def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, replies: list[SampledReply]) -> Task:
+    """A ranking task of the kept reply and the new samples. Only while the request runs (see chat_complete)."""
     with transaction.atomic():
-        current = (
-            SamplingRequest.objects.select_for_update(of=("self",)).select_related("keep_message").get(pk=request.pk)
-        )
+        current = _running(request.pk, related=("keep_message",))
         fresh = [_sampled_message(current, version=version, text=r.text, params=r.params) for r in replies]
         task = task_create(
             kind=TaskKind.RANK_REPLIES,

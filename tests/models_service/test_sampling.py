@@ -191,6 +191,39 @@ def test_stale_running_requests_are_reaped(tiny_policy):
     assert request.status == "failed" and "worker was lost" in request.error
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("purpose", ["chat", "alternatives"])
+def test_a_late_result_after_the_reaper_failed_the_request_completes_nothing(tiny_policy, alice, settings, purpose):
+    """The worker finishes after the reaper gave the request up: no reply and no ranking task appear under a
+    request the labeler was told had failed, and the reaper's reason stays."""
+    settings.CHAT_MAX_NEW_TOKENS = settings.SAMPLING_MAX_NEW_TOKENS = 4
+    prompt = MessageFactory(author=alice, text="Hi!")
+    if purpose == "chat":
+        request = SamplingRequest.objects.create(purpose="chat", context=prompt, k=1, requested_by=alice)
+    else:
+        kept = services.message_create(
+            conversation=prompt.conversation,
+            parent=prompt,
+            role=Role.ASSISTANT,
+            text="Hello.",
+            origin=Message.Origin.MODEL,
+            model_version=tiny_policy,
+            sampling_params={"seed": 1},
+        )
+        request = chat_services.alternatives_request_create(
+            model_message=kept, user=alice, k=3, reserve_for_requester=True
+        )
+    claimed = services.sampling_request_claim(request_id=request.pk)
+    SamplingRequest.objects.filter(pk=request.pk).update(started_at="2020-01-01T00:00:00Z")
+    assert services.sampling_requests_reap(older_than_s=60) == 1
+    replies_before, tasks_before = Message.objects.filter(parent=prompt).count(), Task.objects.count()
+    run_request(claimed)
+    request.refresh_from_db()
+    assert request.status == "failed" and "worker was lost" in request.error
+    assert request.reply_id is None and request.task_id is None
+    assert (Message.objects.filter(parent=prompt).count(), Task.objects.count()) == (replies_before, tasks_before)
+
+
 def rank_all_tied(task, labeler, *, pair=False):
     """`labeler` ranks the task: every candidate tied, or (pair) the first better than the rest."""
     from labeling import services as labeling_services
