@@ -148,26 +148,27 @@ def model_version_rollback(*, kind: str, actor=None, reason: str = "") -> ModelA
 POOL_LOCK_KEY = 0x464C_504C  # "FLPL": one pool claim at a time across workers
 
 
-def training_busy_mark(*, run_id: int, seconds: float) -> None:
-    """A training run is running, for the next `seconds` unless marked again (its heartbeat does): the sampling
-    workers keep the pool small meanwhile (selectors.pool_target). Best effort: a cache error is ignored."""
+def training_busy_mark(*, owner: str, seconds: float) -> None:
+    """A training run or an evaluation (`owner`) keeps the training worker's cores busy for the next `seconds`
+    unless marked again: the sampling workers keep the pool small meanwhile (selectors.pool_target). Best effort:
+    a cache error is ignored."""
     from django.core.cache import cache
 
     try:
-        cache.set(TRAINING_BUSY_KEY, run_id, timeout=seconds)
+        cache.set(TRAINING_BUSY_KEY, owner, timeout=seconds)
     except Exception:
-        logger.warning("could not mark run %s as training in the cache", run_id, exc_info=True)
+        logger.warning("could not mark %s as training in the cache", owner, exc_info=True)
 
 
-def training_busy_clear(*, run_id: int) -> None:
-    """The run ended: drop the mark, unless another run has marked it since."""
+def training_busy_clear(*, owner: str) -> None:
+    """`owner` ended: drop the mark, unless another has marked it since."""
     from django.core.cache import cache
 
     try:
-        if cache.get(TRAINING_BUSY_KEY) == run_id:
+        if cache.get(TRAINING_BUSY_KEY) == owner:
             cache.delete(TRAINING_BUSY_KEY)
     except Exception:
-        logger.warning("could not clear run %s's training mark in the cache", run_id, exc_info=True)
+        logger.warning("could not clear %s's training mark in the cache", owner, exc_info=True)
 
 
 def pool_claim(

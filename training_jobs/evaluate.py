@@ -83,8 +83,11 @@ def run_evaluation(evaluation_id: int) -> str | None:
     if not claimed:
         return None
     evaluation = Evaluation.objects.select_related("candidate", "baseline", "reward_model").get(pk=evaluation_id)
+    from training_jobs.runner import CoresBusy, heartbeat_interval_s
+
     try:
-        _evaluate(evaluation, LoopSettings.load())
+        with CoresBusy(f"evaluation-{evaluation_id}", heartbeat_interval_s()):
+            _evaluate(evaluation, LoopSettings.load())
     except Exception as exc:
         logger.exception("evaluation %s failed", evaluation_id)
         Evaluation.objects.filter(pk=evaluation_id).update(

@@ -93,40 +93,55 @@ class RunReporter:
         return self.gone or services.training_run_cancel_requested(run_id=self.run_id)
 
 
-class Heartbeat:
-    """Stamps the run's heartbeat from a thread of its own every `interval_s` while the block runs (the worker
-    process is alive), on its own database connection, closed when it stops."""
+class CoresBusy:
+    """Tells the sampling workers that this worker's cores are busy (models_service.services.training_busy_mark:
+    they keep the ranking pool small meanwhile), from a thread of its own every `interval_s` while the block
+    runs, and that they are free when it ends."""
 
-    def __init__(self, run_id: int, interval_s: float):
-        self.run_id, self.interval_s = run_id, interval_s
+    def __init__(self, owner: str, interval_s: float):
+        self.owner, self.interval_s = owner, interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-run-{run_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"busy-{owner}", daemon=True)
 
-    def _mark(self) -> None:
-        # The sampling workers keep the ranking pool small while this is set (models_service.selectors.pool_target).
-        training_busy_mark(run_id=self.run_id, seconds=3 * self.interval_s + 5)
+    def mark(self) -> None:
+        training_busy_mark(owner=self.owner, seconds=3 * self.interval_s + 5)
 
-    def _beat(self) -> None:
+    def beat(self) -> None:
+        self.mark()
+
+    def _run(self) -> None:
         try:
             while not self._stop.wait(self.interval_s):
-                self._mark()
-                try:
-                    close_old_connections()
-                    services.training_run_heartbeat(run_id=self.run_id)
-                except Exception:  # a database blip: the next beat tries again; the reaper allows several
-                    logger.warning("heartbeat of run %s failed", self.run_id, exc_info=True)
+                self.beat()
         finally:
             connection.close()
 
-    def __enter__(self) -> "Heartbeat":
-        self._mark()
+    def __enter__(self):
+        self.mark()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        training_busy_clear(run_id=self.run_id)
+        training_busy_clear(owner=self.owner)
+
+
+class Heartbeat(CoresBusy):
+    """Also stamps the run's heartbeat on each beat (the worker process is alive), on the thread's own database
+    connection, closed when it stops."""
+
+    def __init__(self, run_id: int, interval_s: float):
+        super().__init__(f"run-{run_id}", interval_s)
+        self.run_id = run_id
+
+    def beat(self) -> None:
+        self.mark()
+        try:
+            close_old_connections()
+            services.training_run_heartbeat(run_id=self.run_id)
+        except Exception:  # a database blip: the next beat tries again; the reaper allows several
+            logger.warning("heartbeat of run %s failed", self.run_id, exc_info=True)
 
 
 def heartbeat_interval_s() -> float:

@@ -345,14 +345,14 @@ def test_while_a_run_trains_the_pool_fills_only_to_its_smaller_target(tiny_polic
 
     pool_settings.SAMPLING_POOL_TARGET, pool_settings.SAMPLING_POOL_WHILE_TRAINING = 4, 1
     make_contexts(6)
-    services.training_busy_mark(run_id=7, seconds=60)
+    services.training_busy_mark(owner="run-7", seconds=60)
     assert pool_target() == 1
     fill()
     tasks = Task.objects.filter(kind=TaskKind.RANK_REPLIES, status=Task.Status.OPEN)
     assert tasks.count() == 1
-    services.training_busy_clear(run_id=8)
+    services.training_busy_clear(owner="run-8")
     assert tasks.count() == 1 and pool_target() == 1, "only the run that marked clears its mark"
-    services.training_busy_clear(run_id=7)
+    services.training_busy_clear(owner="run-7")
     assert pool_target() == 4
     fill()
     assert tasks.count() == 4

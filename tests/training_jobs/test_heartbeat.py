@@ -116,6 +116,19 @@ def test_a_running_run_marks_training_busy_for_the_sampling_workers(
     from django.core.cache import cache
 
     with runner.Heartbeat(run.pk, 60.0):
-        cache.set(TRAINING_BUSY_KEY, run.pk + 1, timeout=60)  # another run, on another worker, marked since
-    assert cache.get(TRAINING_BUSY_KEY) == run.pk + 1, "a run ending leaves another run's mark"
+        cache.set(TRAINING_BUSY_KEY, "evaluation-1", timeout=60)  # another worker's evaluation, marked since
+    assert cache.get(TRAINING_BUSY_KEY) == "evaluation-1", "a run ending leaves another's mark"
     cache.delete(TRAINING_BUSY_KEY)
+
+
+def test_an_evaluation_marks_training_busy_while_it_runs(tiny_policy, monkeypatch):
+    """The gate's evaluation samples and scores on the training worker's cores: the pool stays small meanwhile."""
+    from models_service.selectors import training_busy
+    from training_jobs import evaluate
+    from training_jobs.models import Evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluate, "_evaluate", lambda evaluation, settings: seen.append(training_busy()))
+    evaluation = Evaluation.objects.create(candidate=tiny_policy, status=Evaluation.Status.QUEUED)
+    evaluate.run_evaluation(evaluation.pk)
+    assert seen == [True] and not training_busy()
