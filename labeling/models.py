@@ -421,6 +421,12 @@ class Assignment(models.Model):
         related_name="+",
         help_text="The policy version that wrote the model draft.",
     )
+    model_drafts = models.JSONField(
+        default=list,
+        db_default=[],  # the queue's PL/pgSQL inserts assignments without naming it
+        blank=True,
+        help_text="Every reply the model drafted for this task ({text, model_version}), the last one last.",
+    )
     time_spent_ms = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:

@@ -155,6 +155,7 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
     def work(task, current):
         role = Role.ASSISTANT if task.kind == TaskKind.WRITE_ASSISTANT_REPLY else Role.USER
         drafted = current.model_draft_version_id is not None
+        ratio, version = closest_draft(current, text) if drafted else (None, None)
         message = message_create(
             conversation=task.parent_message.conversation,
             parent=task.parent_message,
@@ -163,8 +164,8 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
             origin=Message.Origin.HUMAN,
             author=current.labeler,
             assignment=current,
-            draft_model_version=current.model_draft_version if drafted else None,
-            draft_edit_ratio=draft_edit_ratio(current.model_draft, text) if drafted else None,
+            draft_model_version=version,
+            draft_edit_ratio=ratio,
         )
         if role == Role.ASSISTANT:
             _review_task_create(message)
@@ -184,15 +185,36 @@ def draft_edit_ratio(draft: str, text: str) -> float:
     return round(1.0 - difflib.SequenceMatcher(None, before, after, autojunk=False).ratio(), 4)
 
 
+def closest_draft(assignment: Assignment, text: str):
+    """(edit ratio, version) of the model draft of `assignment` that `text` is closest to: a labeler who asked for
+    two drafts and submitted the first as it was has submitted a draft unedited, whichever came last."""
+    drafts = assignment.model_drafts or [{"text": assignment.model_draft, "model_version": None}]
+    ratio, version_id = min(
+        (draft_edit_ratio(d["text"], text), d["model_version"] or assignment.model_draft_version_id) for d in drafts
+    )
+    if version_id == assignment.model_draft_version_id:
+        return ratio, assignment.model_draft_version
+    return ratio, Assignment._meta.get_field("model_draft_version").related_model.objects.get(pk=version_id)
+
+
 def assignment_model_draft_record(*, assignment_id: int, text: str, model_version) -> bool:
     """Keep the draft the model wrote for a labeler's write task (the interactive worker calls this when a draft is
-    done), so that the submission can record which version wrote it and how much the labeler changed it. A draft
-    that arrives after the task was submitted, skipped or reported changes nothing. Returns whether it was kept."""
-    return bool(
-        Assignment.objects.filter(pk=assignment_id, status__in=[Assignment.Status.LEASED, Assignment.Status.EXPIRED])
-        .filter(task__kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY])
-        .update(model_draft=text, model_draft_version=model_version)
-    )
+    done), beside the earlier ones, so that the submission can record which version wrote the one it is closest to
+    and how much the labeler changed it. A draft that arrives after the task was submitted, skipped or reported
+    changes nothing. Returns whether it was kept."""
+    with transaction.atomic():
+        assignment = (
+            Assignment.objects.select_for_update()
+            .filter(pk=assignment_id, status__in=[Assignment.Status.LEASED, Assignment.Status.EXPIRED])
+            .filter(task__kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY])
+            .first()
+        )
+        if assignment is None:
+            return False
+        assignment.model_draft, assignment.model_draft_version = text, model_version
+        assignment.model_drafts = [*assignment.model_drafts, {"text": text, "model_version": model_version.pk}]
+        assignment.save(update_fields=["model_draft", "model_draft_version", "model_drafts"])
+        return True
 
 
 @dataclass

@@ -199,3 +199,24 @@ def test_drafted_replies_reach_the_quality_page_the_export_and_the_sft_setting(
     settings.TRAINING_SFT_UNEDITED_DRAFTS = "drop"
     dropped = {m.pk for m in datasets.demonstrations(split="train")}
     assert edited.pk in dropped and unedited.pk not in dropped
+
+
+def test_a_reply_submitted_as_an_earlier_draft_counts_as_unedited(alice, tiny_policy, settings):
+    """Two drafts asked for, the first submitted as it was: the reply is an unedited draft (ratio 0 against the
+    first), so TRAINING_SFT_UNEDITED_DRAFTS=drop leaves it out, whichever draft came last."""
+    from training_jobs import datasets
+
+    assignment = _leased_write_task(alice)
+    first, second = "Boil it for seven minutes.", "Steam the eggs for six minutes, then cool them in water."
+    for draft in (first, second):
+        assert labeling_services.assignment_model_draft_record(
+            assignment_id=assignment.pk, text=draft, model_version=tiny_policy
+        )
+    labeling_services.reply_submit(assignment=labeling_services.task_lease_next(user=alice), text=first)
+    reply = Message.objects.get(assignment=assignment)
+    assert (reply.draft_edit_ratio, reply.draft_model_version) == (0.0, tiny_policy)
+    Message.objects.filter(pk=reply.pk).update(review_status="accepted")
+    reply.conversation.split = "train"
+    reply.conversation.save(update_fields=["split"])
+    settings.TRAINING_SFT_UNEDITED_DRAFTS = "drop"
+    assert reply.pk not in {m.pk for m in datasets.demonstrations(split="train")}
