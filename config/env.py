@@ -6,13 +6,38 @@ variable and says what was expected, so a bad deployment stops at start-up inste
 
 import json
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
 _env = environ.Env()
 _MISSING = object()
+
+
+# Variables whose value is a secret as a whole (or carries one, as storage options do): an error names them and
+# says how long the value is, never what it is.
+SECRET_NAMES = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|CREDENTIAL|STORAGE_OPTIONS")
+
+
+def shown(name: str, value: str) -> str:
+    """`value` as an error message may show it: a secret variable's value hidden, a URL's password masked."""
+    if SECRET_NAMES.search(name):
+        return f"<{len(value)} characters, not shown>"
+    return repr(mask_url_password(value))
+
+
+def mask_url_password(text: str) -> str:
+    """scheme://user:password@host... with the password replaced by ***; other text as it is."""
+    try:
+        password = urlsplit(text.strip()).password
+    except ValueError:
+        password = None
+    if password:
+        return text.replace(f":{password}@", ":***@")
+    return re.sub(r"(://[^/@\s:]*:)[^/@\s]+@", r"\1***@", text)
 
 
 def read_env_file(path: Path) -> None:
@@ -35,7 +60,7 @@ def env_str(name: str, default=_MISSING, *, choices=None) -> str:
     if value is None:
         return default
     if choices is not None and value not in choices:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected one of {', '.join(choices)}.")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: expected one of {', '.join(choices)}.")
     return value
 
 
@@ -46,7 +71,7 @@ def parse_bool(name: str, value: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected true/false, yes/no, on/off or 1/0.")
+    raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: expected true/false, yes/no, on/off or 1/0.")
 
 
 def parse_bool_or_auto(name: str, value: str) -> bool | None:
@@ -57,7 +82,7 @@ def parse_bool_or_auto(name: str, value: str) -> bool | None:
         return parse_bool(name, value)
     except ImproperlyConfigured:
         raise ImproperlyConfigured(
-            f"{name}={value!r} is invalid: expected auto, true/false, yes/no, on/off or 1/0."
+            f"{name}={shown(name, value)} is invalid: expected auto, true/false, yes/no, on/off or 1/0."
         ) from None
 
 
@@ -81,11 +106,11 @@ def _number(name, default, parse, kind, min_value, max_value):
     try:
         number = parse(value.strip())
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected {kind}.") from None
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: expected {kind}.") from None
     if min_value is not None and number < min_value:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: must be at least {min_value}.")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: must be at least {min_value}.")
     if max_value is not None and number > max_value:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: must be at most {max_value}.")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: must be at most {max_value}.")
     return number
 
 
@@ -112,9 +137,9 @@ def env_json_object(name: str, default=_MISSING) -> dict:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: not JSON ({exc.msg}).") from None
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: not JSON ({exc.msg}).") from None
     if not isinstance(parsed, dict):
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected a JSON object.")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: expected a JSON object.")
     return parsed
 
 
@@ -125,16 +150,16 @@ def env_db(name: str, default=_MISSING) -> dict:
     try:
         config = _env.db_url_config(value)
     except Exception as exc:
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: {exc}") from None
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: {mask_url_password(str(exc))}") from None
     if config.get("ENGINE") != "django.db.backends.postgresql":
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: Feedback Loop needs PostgreSQL (postgres://...).")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: Feedback Loop needs PostgreSQL (postgres://...).")
     return config
 
 
 def env_redis_url(name: str, default=_MISSING) -> str:
     value = env_str(name, default)
     if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ImproperlyConfigured(f"{name}={value!r} is invalid: expected a redis:// URL.")
+        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: expected a redis:// URL.")
     return value
 
 

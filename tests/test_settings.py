@@ -57,6 +57,25 @@ def test_a_bad_environment_fails_at_start_up_naming_the_variable(overrides, mess
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"DATABASE_URL": "mysql://app:hunter2-secret@db/x"}, "DATABASE_URL='mysql://app:***@db/x' is invalid"),
+        ({"DATABASE_URL": "postgres://app:hunter2-secret@db:port/x"}, "DATABASE_URL='postgres://app:***@db:port/x'"),
+        ({"REDIS_URL": "http://:hunter2-secret@redis:6379/0"}, "REDIS_URL='http://:***@redis:6379/0' is invalid"),
+        (
+            {"ARTIFACTS_STORAGE_OPTIONS": '{"key": "k", "secret": "hunter2-secret"'},
+            "ARTIFACTS_STORAGE_OPTIONS=<39 characters, not shown> is invalid: not JSON",
+        ),
+        ({"ARTIFACTS_STORAGE_OPTIONS": '["hunter2-secret"]'}, "expected a JSON object"),
+    ],
+)
+def test_a_bad_environment_never_echoes_a_secret(overrides, message):
+    result = start_django(**overrides)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-600:]
+    assert "hunter2" not in result.stderr
+
+
 def test_env_helpers(monkeypatch):
     monkeypatch.setenv("FL_TEST_INT", "12")
     monkeypatch.setenv("FL_TEST_LIST", "a, b,,c")
