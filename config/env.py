@@ -152,7 +152,9 @@ def env_db(name: str, default=_MISSING) -> dict:
     except Exception as exc:
         raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: {mask_url_password(str(exc))}") from None
     if config.get("ENGINE") != "django.db.backends.postgresql":
-        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: Feedback Loop needs PostgreSQL (postgres://...).")
+        raise ImproperlyConfigured(
+            f"{name}={shown(name, value)} is invalid: Feedback Loop needs PostgreSQL (postgres://...)."
+        )
     return config
 
 

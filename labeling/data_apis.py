@@ -7,11 +7,10 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.generics import RetrieveAPIView
-from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import IsAdmin
+from config.api import ImportMultiPartParser, IsAdmin
 from labeling import exporting, services
 from labeling.importing import FORMATS
 from labeling.models import ImportJob
@@ -42,7 +41,7 @@ class ImportJobOut(serializers.ModelSerializer):
 
 class ImportCreateApi(APIView):
     permission_classes = [IsAdmin]
-    parser_classes = [MultiPartParser, FormParser]
+    parser_classes = [ImportMultiPartParser]
 
     class ImportInput(serializers.Serializer):
         file = serializers.FileField()

@@ -342,6 +342,26 @@ def test_a_json_body_over_the_limit_is_a_413(ranking_assignment, settings):
     assert Ranking.objects.count() == 0
 
 
+@pytest.mark.parametrize("content_type", ["multipart", "form"])
+def test_a_multipart_or_form_body_over_the_limit_is_a_413(ranking_assignment, settings, content_type):
+    """Django bounds a form's fields, not its files: a 3 MB file posted to the submit endpoint must not be read."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.API_MAX_JSON_BYTES = 1_000_000
+    client, assignment = ranking_assignment
+    url = f"/api/v1/assignments/{assignment['id']}/submit/"
+    if content_type == "multipart":
+        big = SimpleUploadedFile("big.bin", b"x" * 3_000_000)
+        response = client.post(url, {"order": "[[1]]", "file": big}, format="multipart")
+    else:
+        from urllib.parse import urlencode
+
+        body = urlencode({"order": "[[1]]", "reason": "x" * 1_500_000})  # under Django's own 2.5 MB
+        response = client.post(url, body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 413 and "larger than 1000000 bytes" in response.json()["detail"]
+    assert Ranking.objects.count() == 0
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -173,11 +173,11 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "config.api.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
         "config.api.BoundedJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
+        "config.api.BoundedFormParser",
+        "config.api.BoundedMultiPartParser",
     ],
 }
-# JSON request bodies of the API (file uploads are multipart and have their own limits). A reply is at most
+# Every API request body, JSON, form or multipart (imports have their own limit below). A reply is at most
 # 20,000 characters, a few hundred kB escaped.
 API_MAX_JSON_BYTES = env_int("API_MAX_JSON_BYTES", 1_000_000, min_value=10_000)
 # Imports (the ops page, the API, manage.py import_data): the largest uploaded file and the longest line.
