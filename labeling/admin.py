@@ -61,6 +61,14 @@ class MessageAdmin(admin.ModelAdmin):
     readonly_fields = ["depth", "sibling_count", "created_at", "updated_at", "used_in_training_at"]
     list_select_related = ["model_version"]
 
+    # A record to read: a message's text and provenance change only through the services (a labeler's edit makes a
+    # revision; a reply, once trained on, never changes), never in place here where the old text would be lost.
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
     @admin.display(description="alternatives for this turn")
     def sibling_count(self, obj):
         if obj.pk is None:

@@ -79,3 +79,21 @@ def test_a_runs_record_cannot_be_edited_by_hand_in_admin(client, admin_user):
     )
     notice = " ".join(str(m) for m in response.context["messages"])
     assert notice.startswith(f"Cancelled run #{new_run.pk}. The loop starts another at its next check"), notice
+
+
+def test_a_messages_text_and_provenance_cannot_be_edited_in_admin(client, admin_user):
+    """Editing a message in place would lose the text that trained a model and break its provenance: admin shows
+    messages read-only, and adds none."""
+    from labeling.models import Message
+    from tests.support.factories import MessageFactory
+
+    message = MessageFactory(text="What the labeler wrote.")
+    client.force_login(admin_user)
+    url = f"/admin/labeling/message/{message.pk}/change/"
+    page = client.get(url).content.decode()
+    assert "What the labeler wrote." in page and 'name="text"' not in page and 'name="_save"' not in page
+    client.post(url, {"text": "Changed in admin.", "origin": "model", "role": message.role})
+    message.refresh_from_db()
+    assert (message.text, message.origin) == ("What the labeler wrote.", "human")
+    assert client.get("/admin/labeling/message/add/").status_code == 403
+    assert Message.objects.count() == 1
