@@ -36,6 +36,10 @@ def start_django(**overrides) -> subprocess.CompletedProcess:
 def test_base_settings_start_with_a_complete_environment():
     result = start_django()
     assert result.returncode == 0, result.stderr
+    with_a_key = start_django(SAMPLING_BACKEND="vllm", SAMPLING_VLLM_API_KEY="k", SAMPLING_VLLM_URL="http://gpu:8000")
+    assert with_a_key.returncode == 0, with_a_key.stderr
+    while_developing = start_django(SAMPLING_BACKEND="vllm", DJANGO_DEBUG="true")
+    assert while_developing.returncode == 0, while_developing.stderr
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,7 @@ def test_base_settings_start_with_a_complete_environment():
         ({"DATABASE_URL": "sqlite:///db.sqlite3"}, "Feedback Loop needs PostgreSQL"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' is invalid: expected a redis:// URL"),
         ({"SAMPLING_TOP_P": "1.5"}, "SAMPLING_TOP_P='1.5' is invalid: must be at most 1.0"),
+        ({"SAMPLING_BACKEND": "vllm"}, "SAMPLING_BACKEND=vllm needs SAMPLING_VLLM_API_KEY outside DEBUG"),
     ],
 )
 def test_a_bad_environment_fails_at_start_up_naming_the_variable(overrides, message):

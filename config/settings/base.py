@@ -339,6 +339,13 @@ SAMPLING_SELECT_FROM = env_int("SAMPLING_SELECT_FROM", 2, min_value=1, max_value
 SAMPLING_BACKEND = env_str("SAMPLING_BACKEND", "native", choices=["native", "vllm"])
 SAMPLING_VLLM_URL = env_str("SAMPLING_VLLM_URL", "")
 SAMPLING_VLLM_API_KEY = env_str("SAMPLING_VLLM_API_KEY", "")
+# The server loads LoRA adapters at run time under the name it is given: without a key, anyone who reaches its port
+# could load one under the active version's name. Outside DEBUG, the vLLM backend needs a key (vllm serve --api-key).
+if SAMPLING_BACKEND == "vllm" and not SAMPLING_VLLM_API_KEY and not DEBUG:
+    raise ImproperlyConfigured(
+        "SAMPLING_BACKEND=vllm needs SAMPLING_VLLM_API_KEY outside DEBUG: start the server with --api-key and give "
+        "the same key here, and keep its port unreachable by others."
+    )
 # Where the server finds this sampling worker's ARTIFACTS_DIR (a volume both mount), to load a promoted LoRA policy's
 # adapter without a restart (models_service.sampling.serve_on); empty = at the same path.
 SAMPLING_VLLM_ARTIFACTS_DIR = env_str("SAMPLING_VLLM_ARTIFACTS_DIR", "")
