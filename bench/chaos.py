@@ -113,7 +113,6 @@ def _wait(condition, timeout_s: float, every_s: float = 0.2) -> None:
 
 def seed(labelers: int, tasks: int) -> dict:
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
     from labeling import services
     from labeling.models import Conversation, LabelerProfile, Message, QueueSettings, Role, TaskKind
@@ -134,9 +133,9 @@ def seed(labelers: int, tasks: int) -> dict:
     for i in range(labelers):
         user = User.objects.create(username=f"chaos-{i:03d}")
         LabelerProfile.objects.create(user=user, languages=["en"])
-        tokens.append(Token.objects.create(user=user).key)
+        tokens.append(services.api_token_rotate(user=user))
     admin = User.objects.create(username="chaos-admin", is_staff=True, is_superuser=True)
-    admin_token = Token.objects.create(user=admin).key
+    admin_token = services.api_token_rotate(user=admin)
     conversations = Conversation.objects.bulk_create(Conversation(split="train") for _ in range(tasks))
     prompts = Message.objects.bulk_create(
         Message(conversation=c, depth=0, role=Role.USER, text=f"Chaos prompt {i}?", origin="human", author=author)
@@ -146,7 +145,7 @@ def seed(labelers: int, tasks: int) -> dict:
         services.task_create(
             kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=prompt, overlap=2 if i % 10 == 0 else 1
         )
-    return {"tokens": tokens, "admin": admin_token, "labeler_user": "chaos-000"}
+    return {"tokens": tokens, "admin": admin_token}
 
 
 # --- labelers ---
@@ -451,10 +450,7 @@ def main() -> None:
             prefix = "" if name == "steady" else f"{name}_"
             figures.update({f"{prefix}{key}": value for key, value in result.items()})
         if "fuzz" not in args.skip:
-            from django.contrib.auth import get_user_model
-            from rest_framework.authtoken.models import Token
-
-            labeler = Token.objects.get(user=get_user_model().objects.get(username=seeded["labeler_user"])).key
+            labeler = seeded["tokens"][0]  # chaos-000's
             log("fuzz: schemathesis as a labeler and as an admin")
             figures.update(fuzz({"labeler": labeler, "admin": seeded["admin"]}, args.fuzz_examples))
             log(f"fuzz: {figures['fuzz_requests']} requests, {figures['fuzz_5xx']} 5xx")

@@ -199,9 +199,9 @@ def seed(args) -> dict:
     """Migrate, base v0, users and tokens, loop and queue settings (the admin's part). Returns the API tokens."""
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
-    from rest_framework.authtoken.models import Token
 
     from labeling.models import LabelerProfile, QueueSettings
+    from labeling.services import api_token_rotate
     from models_service import default_model
     from training_jobs.models import LoopSettings
 
@@ -211,11 +211,11 @@ def seed(args) -> dict:
     log(f"base v0 ready ({time.monotonic() - started:.0f} s)")
     users = get_user_model()
     admin = users.objects.create_superuser("oracle-admin", "admin@example.com", "x")
-    tokens = {"admin": Token.objects.create(user=admin).key}
+    tokens = {"admin": api_token_rotate(user=admin)}
     for i in range(args.labelers):
         user = users.objects.create_user(f"oracle-labeler-{i}", f"l{i}@example.com", "x")
         LabelerProfile.objects.update_or_create(user=user, defaults={"is_reviewer": True})
-        tokens[f"labeler-{i}"] = Token.objects.create(user=user).key
+        tokens[f"labeler-{i}"] = api_token_rotate(user=user)
     queue = QueueSettings.load()
     queue.weight_write_prompt = queue.weight_write_assistant_reply = queue.weight_write_user_reply = 0.0
     queue.weight_review_demonstration = 1.0 if args.rewrite else 0.0

@@ -62,3 +62,49 @@ class UserLookupBackend(ModelBackend):
                     row[index] = function(row[index], column, connections[database])
         user = model.from_db(database, attnames, row)
         return user if self.user_can_authenticate(user) else None
+
+
+class HashedTokenAuthentication:
+    """DRF authentication by `Authorization: Token <key>`, as DRF's TokenAuthentication, against the key's SHA-256
+    (labeling.models.ApiToken): the database holds no usable key."""
+
+    keyword = "Token"
+
+    def authenticate(self, request):
+        from rest_framework import exceptions
+        from rest_framework.authentication import get_authorization_header
+
+        from labeling.models import ApiToken
+
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword.lower().encode():
+            return None
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed("Invalid token header: give one token, without spaces.")
+        try:
+            key = parts[1].decode()
+        except UnicodeError:
+            raise exceptions.AuthenticationFailed("Invalid token header: the token has invalid characters.") from None
+        token = ApiToken.objects.select_related("user").filter(digest=ApiToken.digest_of(key)).first()
+        if token is None or not token.user.is_active:
+            raise exceptions.AuthenticationFailed("Invalid token, or its user is inactive.")
+        return token.user, token
+
+    def authenticate_header(self, request):
+        return self.keyword
+
+
+def _describe_in_the_schema() -> None:
+    """The OpenAPI schema names this scheme as it named DRF's: tokenAuth, `Authorization: Token <key>`."""
+    from drf_spectacular.extensions import OpenApiAuthenticationExtension
+    from drf_spectacular.plumbing import build_bearer_security_scheme_object
+
+    class HashedTokenScheme(OpenApiAuthenticationExtension):
+        target_class = HashedTokenAuthentication
+        name = "tokenAuth"
+
+        def get_security_definition(self, auto_schema):
+            return build_bearer_security_scheme_object(header_name="Authorization", token_prefix="Token")
+
+
+_describe_in_the_schema()

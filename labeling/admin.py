@@ -3,6 +3,7 @@ from django.db.models import Count
 from django.utils.html import format_html, format_html_join
 
 from labeling.models import (
+    ApiToken,
     Assignment,
     Conversation,
     LabelerProfile,
@@ -223,3 +224,28 @@ class QueueSettingsAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Which users have a token and since when; the key itself is kept nowhere (its owner saw it once)."""
+
+    list_display = ["user", "prefix", "created"]
+    search_fields = ["user__username"]
+    readonly_fields = ["user", "prefix", "created"]
+    exclude = ["digest"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+# DRF's own token admin would list plain keys of the tokens this product no longer makes.
+try:
+    from rest_framework.authtoken.models import TokenProxy
+
+    admin.site.unregister(TokenProxy)
+except (ImportError, admin.sites.NotRegistered):
+    pass

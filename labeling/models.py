@@ -30,6 +30,28 @@ ALLOWED_CHILD_ROLES = {
 }
 
 
+class ApiToken(models.Model):
+    """A user's REST API token, kept as its SHA-256 only: the key is shown once, when it is made, and a copy of the
+    database gives no one a way in. `prefix` (its first characters) tells tokens apart in admin."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_token")
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=8)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+    @staticmethod
+    def digest_of(key: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(key.encode()).hexdigest()
+
+
 class LabelerProfile(models.Model):
     """What a labeler is good at (routing) and whether they may review."""
 

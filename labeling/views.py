@@ -7,6 +7,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from config.ratelimit import per_user_per_minute
@@ -427,6 +428,7 @@ def edit_ranking(request, ranking_id: int):
     )
 
 
+@never_cache  # the page shows a new API token once: no cache may keep it
 @login_required
 def profile(request):
     instance, _ = LabelerProfile.objects.get_or_create(user=request.user)
@@ -441,13 +443,14 @@ def profile(request):
 
 
 def _profile_page(request, form, *, status=200, new_token: str = ""):
-    from rest_framework.authtoken.models import Token
+    from labeling.models import ApiToken
 
-    token = Token.objects.filter(user=request.user).first()
+    token = ApiToken.objects.filter(user=request.user).first()
     context = {"form": form, "new_token": new_token, "token_created": token.created if token else None}
     return render(request, "labeling/profile.html", context, status=status)
 
 
+@never_cache
 @login_required
 @require_POST
 def api_token(request):

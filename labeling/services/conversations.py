@@ -263,9 +263,14 @@ def labeler_profile_update(*, user, languages: Sequence[str], topics: Sequence[s
 
 
 def api_token_rotate(*, user) -> str:
-    """Replace `user`'s REST API token (DRF's TokenAuthentication) with a new one; returns its key."""
-    from rest_framework.authtoken.models import Token
+    """Replace `user`'s REST API token with a new one; returns its key, which is kept nowhere (only its SHA-256):
+    the caller shows it once."""
+    import secrets
 
+    from labeling.models import ApiToken
+
+    key = secrets.token_hex(20)
     with transaction.atomic():
-        Token.objects.filter(user=user).delete()
-        return Token.objects.create(user=user).key
+        ApiToken.objects.filter(user=user).delete()
+        ApiToken.objects.create(user=user, digest=ApiToken.digest_of(key), prefix=key[:6])
+    return key

@@ -490,12 +490,18 @@ def test_a_profile_needs_a_language_and_gives_an_api_token(client, alice):
     client.force_login(alice)
     response = client.post(reverse("labeling:profile"), {"topics": "cooking"})
     assert response.status_code == 422 and "Choose at least one language" in response.content.decode()
-    page = client.post(reverse("labeling:api_token")).content.decode()
-    from rest_framework.authtoken.models import Token
+    response = client.post(reverse("labeling:api_token"))
+    page = response.content.decode()
+    import re
 
-    key = Token.objects.get(user=alice).key
-    assert 'data-testid="new-token"' in page and key in page
-    assert client.get(reverse("labeling:profile")).content.decode().count(key) == 0, "shown once"
+    from labeling.models import ApiToken
+
+    key = re.search(r'data-testid="new-token".*?<code>([0-9a-f]{40})</code>', page, re.S).group(1)
+    assert "no-store" in response["Cache-Control"], "no cache keeps the page that shows the token"
+    token = ApiToken.objects.get(user=alice)
+    assert token.digest == ApiToken.digest_of(key) and key not in str(vars(token)), "only its SHA-256 is kept"
+    profile = client.get(reverse("labeling:profile"))
+    assert profile.content.decode().count(key) == 0 and "no-store" in profile["Cache-Control"], "shown once"
     api = client.__class__()
     assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
     client.post(reverse("labeling:api_token"))
@@ -511,3 +517,21 @@ def test_a_rejected_reply_shows_the_reviewers_reason_in_my_work(client, alice, b
     client.force_login(alice)
     page = client.get(reverse("labeling:mine")).content.decode()
     assert 'data-testid="rejection-reason"' in page and "It does not answer the question." in page
+
+
+def test_plain_tokens_from_before_are_hashed_and_keep_working(alice):
+    """The migration to hashed tokens keeps every existing script working and leaves no plain key behind."""
+    from importlib import import_module
+
+    from django.apps import apps
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    Token.objects.create(user=alice, key="0123456789abcdef0123456789abcdef01234567")
+    import_module("labeling.migrations.0022_api_token_hashed").hash_existing_tokens(apps, None)
+    assert not Token.objects.exists()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token 0123456789abcdef0123456789abcdef01234567")
+    assert client.get("/api/v1/assignments/").status_code == 200
+    client.credentials(HTTP_AUTHORIZATION="Token 0123456789abcdef0123456789abcdef01234568")
+    assert client.get("/api/v1/assignments/").status_code in (401, 403)
