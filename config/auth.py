@@ -11,7 +11,11 @@ settings.AUTHENTICATION_BACKENDS lists ModelBackend after this backend only so t
 """
 
 import functools
+import hashlib
+import ipaddress
+import time
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
 from django.core.exceptions import PermissionDenied
@@ -40,8 +44,57 @@ def _user_query() -> tuple[type, str, str, list[str], list[tuple[int, list, obje
     return model, database, sql, [field.attname for field in fields], converters
 
 
+def client_ip(request) -> str:
+    """The client's address (django-axes keys its lockouts on it): REMOTE_ADDR, or behind TRUSTED_PROXY_COUNT
+    proxies the X-Forwarded-For entry that many places from the right, the one the outermost trusted proxy saw.
+    Entries further left are the client's own to write and are never used."""
+    remote = request.META.get("REMOTE_ADDR", "")
+    count = settings.TRUSTED_PROXY_COUNT
+    if count:
+        chain = [entry.strip() for entry in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if entry.strip()]
+        if len(chain) >= count:
+            try:
+                return str(ipaddress.ip_address(chain[-count]))
+            except ValueError:
+                pass
+    return remote
+
+
+def _failures_key(username: str) -> str:
+    return "login-failures:" + hashlib.sha256(username.strip().lower().encode()).hexdigest()
+
+
+def count_failed_sign_in(sender, credentials, request=None, **kwargs) -> None:
+    """user_login_failed: one more failure of this username, from any address, within the lockout period."""
+    from django.core.cache import cache
+
+    username = (credentials or {}).get("username")
+    if not username:
+        return
+    key = _failures_key(username)
+    cache.add(key, 0, timeout=int(settings.AXES_COOLOFF_TIME.total_seconds()))
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, timeout=int(settings.AXES_COOLOFF_TIME.total_seconds()))
+
+
+def slow_down(username: str) -> float:
+    """Wait before checking a password for a username that failed more than LOGIN_FAILURE_LIMIT times from any
+    addresses: a quarter second per failure beyond, at most LOGIN_SLOWDOWN_MAX_S. Returns the wait."""
+    from django.core.cache import cache
+
+    failures = cache.get(_failures_key(username)) or 0
+    wait = min(settings.LOGIN_SLOWDOWN_MAX_S, 0.25 * max(0, failures - settings.AXES_FAILURE_LIMIT))
+    if wait > 0:
+        time.sleep(wait)
+    return wait
+
+
 class UserLookupBackend(ModelBackend):
     def authenticate(self, request, username=None, password=None, **kwargs):
+        if username and password is not None:
+            slow_down(username)
         user = super().authenticate(request, username=username, password=password, **kwargs)
         if user is None and password is not None:
             raise PermissionDenied  # stops here: ModelBackend, listed next for old sessions, would check it again
@@ -62,6 +115,15 @@ class UserLookupBackend(ModelBackend):
                     row[index] = function(row[index], column, connections[database])
         user = model.from_db(database, attnames, row)
         return user if self.user_can_authenticate(user) else None
+
+
+def _connect() -> None:
+    from django.contrib.auth.signals import user_login_failed
+
+    user_login_failed.connect(count_failed_sign_in, dispatch_uid="config.auth.count_failed_sign_in")
+
+
+_connect()
 
 
 class HashedTokenAuthentication:

@@ -59,7 +59,7 @@ def tiny_policy(db, tiny_model_dirs):
 @pytest.fixture(autouse=True)
 def _fresh_queue_settings():
     """Queue settings are cached in Redis and in process memory; each test starts from the database's. So do beat's
-    last tick, the workers the ops page saw and the mark of a training run (kept in Redis too)."""
+    last tick, the workers the ops page saw, the mark of a training run and sign-in failures (kept in Redis too)."""
     from django.core.cache import cache
 
     from labeling.models import QueueSettings
@@ -67,8 +67,15 @@ def _fresh_queue_settings():
     from training_jobs.loop import BEAT_TICK_KEY
 
     keys = [QueueSettings.CACHE_KEY, BEAT_TICK_KEY, "ops:queue-last-seen", TRAINING_BUSY_KEY]
-    cache.delete_many(keys)
-    QueueSettings._local = None
+
+    def forget():
+        cache.delete_many(keys)
+        client = cache._cache.get_client(write=True)  # sign-in failures per username (config.auth.slow_down)
+        stale = list(client.scan_iter(match=cache.make_key("login-failures:*")))
+        if stale:
+            client.delete(*stale)
+        QueueSettings._local = None
+
+    forget()
     yield
-    cache.delete_many(keys)
-    QueueSettings._local = None
+    forget()

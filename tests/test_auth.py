@@ -81,3 +81,62 @@ def test_repeated_wrong_passwords_lock_the_account_out_from_that_address(client,
     assert again.status_code == 429 and spy.call_count == 0 and "_auth_user_id" not in client.session
     elsewhere = client.post(url, {"username": "target", "password": "right"}, REMOTE_ADDR="10.1.2.3")
     assert elsewhere.status_code == 302
+
+
+def _sign_in(client, password: str, **meta):
+    return client.post(reverse("login"), {"username": "target", "password": password}, **meta)
+
+
+@pytest.fixture
+def target():
+    user = UserFactory(username="target")
+    user.set_password("right")
+    user.save()
+    return user
+
+
+def test_behind_a_proxy_a_strangers_failures_lock_only_the_strangers_address(client, settings, target):
+    """Every request comes from the proxy (REMOTE_ADDR); with TRUSTED_PROXY_COUNT=1 the client is the address the
+    proxy appended to X-Forwarded-For, so a stranger's failures do not lock the account's owner out."""
+    settings.AXES_FAILURE_LIMIT, settings.TRUSTED_PROXY_COUNT = 3, 1
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+    for _ in range(3):
+        _sign_in(client, "wrong", HTTP_X_FORWARDED_FOR="198.51.100.7", **proxy)
+    assert _sign_in(client, "right", HTTP_X_FORWARDED_FOR="198.51.100.7", **proxy).status_code == 429
+    owner = client.__class__()
+    assert _sign_in(owner, "right", HTTP_X_FORWARDED_FOR="203.0.113.5", **proxy).status_code == 302
+
+
+def test_a_client_cannot_pick_its_address_in_x_forwarded_for(client, settings, target):
+    """Entries left of the trusted proxies' are the client's own to write: changing them does not escape a lockout;
+    without trusted proxies the header is ignored altogether."""
+    from config.auth import client_ip
+
+    settings.AXES_FAILURE_LIMIT, settings.TRUSTED_PROXY_COUNT = 3, 1
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+    for i in range(3):
+        _sign_in(client, "wrong", HTTP_X_FORWARDED_FOR=f"192.0.2.{i}, 198.51.100.7", **proxy)
+    assert _sign_in(client, "right", HTTP_X_FORWARDED_FOR="192.0.2.99, 198.51.100.7", **proxy).status_code == 429
+
+    class Request:
+        META = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "192.0.2.1, 198.51.100.7"}
+
+    assert client_ip(Request) == "198.51.100.7"
+    settings.TRUSTED_PROXY_COUNT = 0
+    assert client_ip(Request) == "10.0.0.2"
+    settings.TRUSTED_PROXY_COUNT = 2
+    assert client_ip(Request) == "192.0.2.1"
+    Request.META["HTTP_X_FORWARDED_FOR"] = "not-an-address, 198.51.100.7"
+    assert client_ip(Request) == "10.0.0.2", "a malformed entry falls back to the proxy's address"
+
+
+def test_failures_from_many_addresses_slow_the_username_down_without_locking_it(client, settings, target):
+    """Strangers at many addresses fail for a known username: each address is locked for it, and the username is
+    slowed (a growing wait before its password is checked), but its owner still signs in."""
+    settings.AXES_FAILURE_LIMIT, settings.LOGIN_SLOWDOWN_MAX_S = 3, 2.0
+    waits = []
+    with mock.patch("config.auth.time.sleep", side_effect=waits.append):
+        for i in range(8):
+            _sign_in(client.__class__(), "wrong", REMOTE_ADDR=f"192.0.2.{i}")
+        assert _sign_in(client, "right", REMOTE_ADDR="203.0.113.5").status_code == 302
+    assert waits and waits[-1] == pytest.approx(1.25) and max(waits) <= 2.0

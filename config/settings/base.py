@@ -117,6 +117,16 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
+# The client's address behind TLS-terminating proxies: how many proxies in front of the web process append to
+# X-Forwarded-For (1 for one nginx; 0: none, REMOTE_ADDR is the client). Only that many entries from the right are
+# trusted, so a client cannot pick its address; with the wrong count every client has the proxy's address and one
+# stranger's failures lock everyone out of an account.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, min_value=0, max_value=5)
+AXES_CLIENT_IP_CALLABLE = "config.auth.client_ip"
+# A username that failed LOGIN_FAILURE_LIMIT times from any addresses within LOGIN_LOCKOUT_MINUTES is slowed down,
+# not locked (so that a stranger cannot lock a known account out): each later attempt waits a quarter second more
+# per failure, up to this many seconds.
+LOGIN_SLOWDOWN_MAX_S = env_float("LOGIN_SLOWDOWN_MAX_S", 2.0, min_value=0.0, max_value=10.0)
 # Expensive pages, per signed-in user and minute (a 429 with a message beyond): the Markdown preview, starting or
 # continuing a chat (each costs a model reply) and asking for alternatives (each costs K samples).
 PAGE_RATE_PREVIEW = env_int("PAGE_RATE_PREVIEW", 120, min_value=1)
