@@ -3,6 +3,7 @@
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,17 +134,21 @@ def test_production_settings_need_a_secret_and_are_secure_from_the_environment()
     assert (figures["SECURE_HSTS_SECONDS"], figures["SESSION_COOKIE_SECURE"]) == (0, False)
 
 
+STORE_WRITERS, STORE_READERS = {"setup", "worker-training"}, {"worker-interactive", "worker-sampling"}
+
+
 def test_the_multihost_layout_shares_only_the_database_redis_and_the_store():
-    """Issue 18: in docker-compose.multihost.yml every process has a disk of its own and finds the models in the
-    S3-compatible store; the training worker asks for the GPUs."""
+    """Issue 18: in docker-compose.multihost.yml every process has a disk of its own and the ones that load models
+    find them in the S3-compatible store; the training worker asks for the GPUs."""
     multihost = yaml.safe_load((ROOT / "docker-compose.multihost.yml").read_text())
     services = multihost["services"]
     assert PROCESSES | {"setup"} <= set(services) and {"minio", "minio-bucket"} <= set(services)
     disks = {}
     for name in PROCESSES | {"setup"}:
         service = services[name]
-        assert service["environment"]["ARTIFACTS_URL"].startswith("s3://"), name
-        assert "endpoint_url" in service["environment"]["ARTIFACTS_STORAGE_OPTIONS"], name
+        if name in STORE_WRITERS | STORE_READERS:
+            assert service["environment"]["ARTIFACTS_URL"].startswith("s3://"), name
+            assert "endpoint_url" in service["environment"]["ARTIFACTS_STORAGE_OPTIONS"], name
         artifacts = [v for v in service["volumes"] if v.endswith(":/data/artifacts")]
         assert len(artifacts) == 1, name
         disks[name] = artifacts[0].split(":")[0]
@@ -152,6 +157,93 @@ def test_the_multihost_layout_shares_only_the_database_redis_and_the_store():
     assert gpu["capabilities"] == ["gpu"]
     training = services["worker-training"]["environment"]
     assert (ROOT / training["TRAINING_ACCELERATE_CONFIG"]).is_file(), "the training worker launches with accelerate"
+
+
+def interpolate(text: str, environment: dict) -> str:
+    """Compose's variable interpolation (${VAR}, ${VAR:-default}, ${VAR:?error}, $$): a missing required variable
+    raises KeyError naming it, as `docker compose config` fails."""
+    import re
+
+    def value(match):
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        present = environment.get(name) or None
+        if operator == ":?" and present is None:
+            raise KeyError(f"{name}: {argument}")
+        if operator == ":-" and present is None:
+            return argument
+        return present or ""
+
+    return re.sub(r"\$\$|\$\{([A-Z0-9_]+)(?:(:\?|:-)([^}]*))?\}", value, text)
+
+
+SECRETS = {
+    "DJANGO_SECRET_KEY": STRONG_KEY,
+    "DJANGO_ALLOWED_HOSTS": "labels.example.com",
+    "POSTGRES_PASSWORD": "pg-Secret-1",
+    "REDIS_PASSWORD": "redis-Secret-2",
+    "MINIO_ROOT_USER": "minio-root",
+    "MINIO_ROOT_PASSWORD": "minio-Secret-3",
+    "STORE_WRITE_KEY": "store-writer",
+    "STORE_WRITE_SECRET": "write-Secret-4",
+    "STORE_READ_KEY": "store-reader",
+    "STORE_READ_SECRET": "read-Secret-5",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "needed"),
+    [
+        (
+            "docker-compose.prod.yml",
+            {"DJANGO_SECRET_KEY", "DJANGO_ALLOWED_HOSTS", "POSTGRES_PASSWORD", "REDIS_PASSWORD"},
+        ),
+        ("docker-compose.multihost.yml", set(SECRETS)),
+    ],
+)
+def test_the_deployment_files_refuse_to_start_without_their_secrets(name, needed):
+    """Every secret comes from the environment with no default: leaving any one out fails, naming it; none is
+    written in the file."""
+    text = (ROOT / name).read_text()
+    for secret in needed:
+        with pytest.raises(KeyError, match=secret):
+            interpolate(text, {k: v for k, v in SECRETS.items() if k != secret})
+    interpolate(text, SECRETS)  # with all of them, it starts
+    import re
+
+    for service, body in yaml.safe_load(text)["services"].items():
+        environment = body.get("environment") or {}
+        for variable, value in environment.items() if isinstance(environment, dict) else []:
+            if re.search(r"PASSWORD|SECRET|_KEY$|_USER$|STORAGE_OPTIONS|DATABASE_URL|REDIS_URL", variable):
+                assert "${" in str(value), f"{service}: {variable} is written in the file"
+
+
+def test_the_multihost_layout_runs_the_production_settings_with_least_privilege():
+    files = [
+        yaml.safe_load(interpolate((ROOT / n).read_text(), SECRETS))
+        for n in ("docker-compose.yml", "docker-compose.multihost.yml")
+    ]
+    base, multihost = files[0]["services"], files[1]["services"]
+    for name in PROCESSES | {"setup"}:
+        environment = base[name].get("environment", {}) | multihost[name]["environment"]
+        assert environment["DJANGO_SETTINGS_MODULE"] == "config.settings.production", name
+        assert environment["LOAD_DEMO_DATA"] == "false", name
+        assert environment["REDIS_URL"] == "redis://:redis-Secret-2@redis:6379/0", name
+        options = environment.get("ARTIFACTS_STORAGE_OPTIONS", "")
+        if name in STORE_WRITERS:
+            assert "write-Secret-4" in options and "read-Secret" not in options, name
+        elif name in STORE_READERS:
+            assert "read-Secret-5" in options and "write-Secret" not in options, name
+        else:
+            assert not options and "ARTIFACTS_URL" not in multihost[name]["environment"], (
+                f"{name} never reads the store"
+            )
+        assert "minio-Secret-3" not in str(environment), f"{name} never gets MinIO's root credentials"
+    assert "--requirepass" in str(multihost["redis"]["command"])
+    production = yaml.safe_load(interpolate((ROOT / "docker-compose.prod.yml").read_text(), SECRETS))["services"]
+    assert "--requirepass" in str(production["redis"]["command"])
+    assert production["web"]["environment"]["REDIS_URL"] == "redis://:redis-Secret-2@redis:6379/0"
 
 
 def test_the_shipped_accelerate_configs_are_valid():
