@@ -2,6 +2,7 @@
 for admins are in data_apis.py). Each view parses with an InputSerializer, calls one service, and renders an
 OutputSerializer."""
 
+from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -323,10 +324,12 @@ class StaffConversationOut(ConversationOut):
 
 
 def visible_conversations(user):
-    """Admins see every conversation; labelers those they started or wrote in."""
-    conversations = Conversation.objects.prefetch_related("messages__model_version")
+    """Admins see every conversation; labelers those they started or wrote in, without the blind A/B replies of
+    the gate's evaluations (a labeler who saw them could tell the policies apart in the next comparison)."""
     if user.is_staff:
-        return conversations
+        return Conversation.objects.prefetch_related("messages__model_version")
+    shown = Message.objects.exclude(sampling_params__has_key="evaluation").select_related("model_version")
+    conversations = Conversation.objects.prefetch_related(Prefetch("messages", queryset=shown))
     return conversations.filter(
         pk__in=Message.objects.filter(author=user).values("conversation_id")
     ) | conversations.filter(created_by=user)
@@ -353,4 +356,7 @@ class MessageDetailApi(StaffSeesMore, RetrieveAPIView):
 
     def get_queryset(self):
         visible = visible_conversations(self.request.user).values("pk")
-        return Message.objects.filter(conversation_id__in=visible).select_related("model_version")
+        messages = Message.objects.filter(conversation_id__in=visible).select_related("model_version")
+        if not self.request.user.is_staff:
+            messages = messages.exclude(sampling_params__has_key="evaluation")  # blind A/B replies
+        return messages

@@ -432,3 +432,28 @@ def test_an_outage_is_a_503_with_retry_after_not_a_500(alice, client, error):
         client.force_login(alice)
         page = client.get("/work/next/")
         assert page.status_code == 503 and "Try again" in page.content.decode()
+
+
+def test_no_labelers_api_shows_the_blind_a_b_replies(alice, admin_user, tiny_policy):
+    """Issue 28, item 5: a labeler who wrote in a held-out conversation saw every earlier A/B reply under it through
+    /api/v1/conversations/, and could then tell the policies apart in the next comparison."""
+    from labeling.models import Role
+    from tests.support.labeling import make_prompt
+
+    prompt = make_prompt(author=alice)
+    prompt.conversation.split = "holdout"
+    prompt.conversation.save(update_fields=["split"])
+    a_b = services.message_create(
+        conversation=prompt.conversation,
+        parent=prompt,
+        role=Role.ASSISTANT,
+        text="A reply for the blind comparison.",
+        origin=Message.Origin.MODEL,
+        model_version=tiny_policy,
+        sampling_params={"seed": 1, "row": 0, "evaluation": 7},
+    )
+    for path in (f"/api/v1/conversations/{prompt.conversation_id}/", "/api/v1/conversations/"):
+        body = json.dumps(api(alice).get(path).json())
+        assert prompt.text in body and a_b.text not in body, path
+    assert api(alice).get(f"/api/v1/messages/{a_b.pk}/").status_code == 404
+    assert a_b.text in json.dumps(api(admin_user).get(f"/api/v1/conversations/{prompt.conversation_id}/").json())

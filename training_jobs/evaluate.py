@@ -11,6 +11,7 @@ Models are loaded one at a time, so the evaluation needs the memory of one model
 import gc
 import logging
 import random
+import secrets
 
 import torch
 from django.conf import settings as django_settings
@@ -29,7 +30,6 @@ from training_jobs import datasets, services
 from training_jobs.models import Evaluation, LoopSettings
 
 logger = logging.getLogger(__name__)
-EVAL_SEED = 1234
 SIDE_BY_SIDE = 12
 
 
@@ -98,10 +98,26 @@ def run_evaluation(evaluation_id: int) -> str | None:
     return Evaluation.Status.DONE
 
 
+def draw(settings: LoopSettings) -> tuple[list, int]:
+    """This evaluation's held-out prompts and sampling seed, drawn afresh from a secret source (recorded in its
+    metrics and prompt_ids, so that it can be repeated): a baseline evaluated again gives other replies to other
+    prompts than last round, so that a labeler who voted then cannot recognise it in a blind A/B."""
+    seed = secrets.randbits(31)
+    return held_out_prompts(settings, seed), seed
+
+
+def held_out_prompts(settings: LoopSettings, seed: int) -> list:
+    """`settings.eval_prompts` held-out prompts drawn with `seed` (all of them when there are no more)."""
+    prompts = datasets.build_prompts(minimum=1, split=splits.HOLDOUT)
+    if len(prompts) > settings.eval_prompts:
+        prompts = sorted(random.Random(seed).sample(prompts, settings.eval_prompts), key=lambda p: p.message_id)
+    return prompts
+
+
 def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
-    prompts = datasets.build_prompts(minimum=1, limit=settings.eval_prompts, split=splits.HOLDOUT)
+    prompts, seed = draw(settings)
     chats = [p.chat for p in prompts]
-    params = serving_params(max_new_tokens=settings.eval_max_new_tokens, seed=EVAL_SEED)
+    params = serving_params(max_new_tokens=settings.eval_max_new_tokens, seed=seed)
     reference = reference_of(evaluation.candidate)
     arms = {"candidate": evaluation.candidate}
     if evaluation.baseline is not None:
@@ -124,7 +140,12 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
         del rm
         gc.collect()
 
-    metrics = {"prompts": len(chats), "reference": reference.name, "sampling": params.as_dict()}
+    metrics = {
+        "prompts": len(chats),
+        "prompt_draw_seed": seed,
+        "reference": reference.name,
+        "sampling": params.as_dict(),
+    }
     for name, (completions, own, ref) in sampled.items():
         metrics[name] = {
             "model": arms[name].name,
@@ -159,7 +180,9 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
             finished_at=timezone.now(),
         )
         if "baseline" in sampled and settings.human_comparisons:
-            _comparison_tasks(evaluation, prompts, sampled, settings.human_comparisons, settings.votes_per_labeler)
+            _comparison_tasks(
+                evaluation, prompts, sampled, settings.human_comparisons, settings.votes_per_labeler, params_seed=seed
+            )
     evaluation.refresh_from_db()
 
 
@@ -185,10 +208,11 @@ def paired_figures(candidate: list[float], baseline: list[float], candidate_len:
     }
 
 
-def _comparison_tasks(evaluation, prompts, sampled, count: int, votes_per_labeler: int = 0) -> None:
+def _comparison_tasks(evaluation, prompts, sampled, count: int, votes_per_labeler: int = 0, params_seed=None) -> None:
     """Blind A/B: for each of the first `count` prompts, a ranking task over one reply from each policy.
-    Labelers see the two in their own random order; the payload says which is which."""
-    rng = random.Random(evaluation.pk)
+    Labelers see the two in their own random order; the payload says which is which. The order comes from the
+    system's secret source, not from anything a labeler could know (such as the evaluation's id)."""
+    rng = secrets.SystemRandom()
     for i, prompt in enumerate(prompts[:count]):
         context = Message.objects.get(pk=prompt.message_id)
         replies = {}
@@ -204,7 +228,7 @@ def _comparison_tasks(evaluation, prompts, sampled, count: int, votes_per_labele
                 text=completion.text,
                 origin=Message.Origin.MODEL,
                 model_version=version,
-                sampling_params={"seed": EVAL_SEED, "row": completion.row, "evaluation": evaluation.pk},
+                sampling_params={"seed": params_seed, "row": completion.row, "evaluation": evaluation.pk},
             )
         order = list(replies.values())
         rng.shuffle(order)

@@ -229,19 +229,38 @@ def test_a_b_replies_are_created_in_random_order_and_not_for_the_prompts_author(
     from training_jobs.evaluate import _comparison_tasks
 
     evaluation = evaluation_with(0.5, 1.0)
-    prompts = [SimpleNamespace(message_id=make_prompt(author=alice).pk) for _ in range(12)]
+    prompts = [SimpleNamespace(message_id=make_prompt(author=alice).pk) for _ in range(20)]
     sampled = {
-        arm: ([SimpleNamespace(text=f"{arm} reply {i}", row=i) for i in range(12)],)
+        arm: ([SimpleNamespace(text=f"{arm} reply {i}", row=i) for i in range(20)],)
         for arm in ("candidate", "baseline")
     }
-    _comparison_tasks(evaluation, prompts, sampled, count=12)
+    _comparison_tasks(evaluation, prompts, sampled, count=20)
     candidate_first = []
     for task in gate.comparison_tasks(evaluation):
         arms = {int(k): v for k, v in task.payload["arms"].items()}
         candidate_first.append(arms[min(arms)] == "candidate")
         assert task.payload["not_for"] == [alice.pk]
-    assert len(candidate_first) == 12 and 0 < sum(candidate_first) < 12
+    assert len(candidate_first) == 20 and 0 < sum(candidate_first) < 20  # a secret order: all alike 1 in 2**19
     assert labeling_services.task_lease_next(user=alice) is None
+
+
+def test_each_evaluation_draws_its_own_held_out_prompts_and_seed(tiny_policy, alice):
+    """Issue 28, item 5: a baseline evaluated again in the next round is sampled on other prompts with another
+    seed, so its replies are not word for word those a labeler voted on; the draw is recorded and repeatable."""
+    from labeling import splits
+    from tests.support.labeling import make_prompt
+    from training_jobs.evaluate import draw, held_out_prompts
+
+    for _ in range(30):
+        prompt = make_prompt(author=alice)
+        prompt.conversation.split = splits.HOLDOUT
+        prompt.conversation.save(update_fields=["split"])
+    settings = LoopSettings.load()
+    settings.eval_prompts = 10
+    (first, first_seed), (second, second_seed) = draw(settings), draw(settings)
+    assert len(first) == len(second) == 10 and first_seed != second_seed
+    assert [p.message_id for p in first] != [p.message_id for p in second]
+    assert [p.message_id for p in held_out_prompts(settings, first_seed)] == [p.message_id for p in first]
 
 
 def test_one_labeler_takes_at_most_votes_per_labeler_comparisons_of_an_evaluation(tiny_policy, alice, bob):
