@@ -18,13 +18,19 @@ def score_with_active_reward_model(pairs: Sequence[tuple[list[dict], str]]) -> t
 
 
 def score_rankings_with_active_model(*, limit: int) -> int:
-    """Fill RankingEntry.rm_score for replies not yet scored by the active reward model. Returns how many."""
+    """Fill RankingEntry.rm_score for replies not yet scored by the active reward model. Returns how many.
+    Nothing while a run trains (selectors.training_busy): these scores are for a figure on the ops page, and on
+    shared cores scoring 400 replies took half of them from the run for minutes."""
     from django.db.models import Q
 
     from labeling.models import RankingEntry
     from labeling.selectors import message_thread, thread_as_chat
     from models_service.loading import NoActiveModel, active_holder
     from models_service.models import ModelVersion
+    from models_service.selectors import training_busy
+
+    if training_busy():
+        return 0
 
     try:
         loaded = active_holder(ModelVersion.Kind.REWARD).get()

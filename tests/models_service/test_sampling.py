@@ -356,3 +356,19 @@ def test_while_a_run_trains_the_pool_fills_only_to_its_smaller_target(tiny_polic
     assert pool_target() == 4
     fill()
     assert tasks.count() == 4
+
+
+@pytest.mark.django_db
+def test_ranked_replies_are_scored_for_the_ops_page_but_not_while_a_run_trains(tiny_policy, tiny_reward, alice):
+    """The scores behind the labeler-agreement figure wait while a run trains on the shared cores."""
+    from labeling.models import RankingEntry
+    from models_service.scoring import score_rankings_with_active_model
+    from tests.support.training import ranked_task
+
+    ranked_task("train", 1, alice)
+    services.training_busy_mark(owner="run-3", seconds=60)
+    assert score_rankings_with_active_model(limit=50) == 0
+    assert not RankingEntry.objects.filter(rm_score__isnull=False).exists()
+    services.training_busy_clear(owner="run-3")
+    assert score_rankings_with_active_model(limit=50) == 3
+    assert RankingEntry.objects.filter(rm_score__isnull=False, rm_version=tiny_reward).count() == 3
