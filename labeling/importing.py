@@ -295,12 +295,49 @@ def _strings(value):
             stack.extend(item)
 
 
+class LongLine(bytes):
+    """The first bytes of a line longer than the limit (bounded_lines), with its whole length."""
+
+    length: int
+
+
+def bounded_lines(blocks, limit: int):
+    """The byte lines (each with its newline) of a stream given as blocks of bytes, holding at most `limit` + 1
+    bytes of any line: a longer one is a LongLine of its first bytes, so that a one-line 2 GB upload is never
+    held in memory whole."""
+    kept, length = bytearray(), 0
+    for block in blocks:
+        start = 0
+        while start < len(block):
+            newline = block.find(b"\n", start)
+            end = len(block) if newline < 0 else newline + 1
+            piece = memoryview(block)[start:end]
+            length += len(piece)
+            if len(kept) <= limit:
+                kept += piece[: limit + 1 - len(kept)]
+            start = end
+            if newline >= 0:
+                yield _line(kept, length, limit)
+                kept, length = bytearray(), 0
+    if length:
+        yield _line(kept, length, limit)
+
+
+def _line(kept: bytearray, length: int, limit: int) -> bytes:
+    if length <= limit:
+        return bytes(kept)
+    line = LongLine(kept)
+    line.length = length
+    return line
+
+
 def parse_jsonl(lines, *, format: str = "auto", dataset: str = ""):
     """Yield (line number, ImportRecord or RecordError) for each non-blank line of a JSONL byte stream."""
     limit = settings.IMPORT_MAX_LINE_BYTES
     for number, raw in enumerate(lines, start=1):
         if len(raw) > limit:
-            yield number, RecordError(f"the line is {len(raw):,} bytes long; the limit is {limit:,}")
+            length = getattr(raw, "length", len(raw))
+            yield number, RecordError(f"the line is {length:,} bytes long; the limit is {limit:,}")
             continue
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw

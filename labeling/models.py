@@ -730,7 +730,9 @@ class ImportJob(models.Model):
         SKIP = "skip", "Skip malformed lines"
         ABORT = "abort", "Abort the whole import"
 
-    file_path = models.CharField(max_length=512)
+    file_path = models.CharField(
+        max_length=512, blank=True, help_text="A file on the worker's disk (demo data); uploads are ImportChunks."
+    )
     original_name = models.CharField(max_length=255)
     format = models.CharField(max_length=32, default="auto")
     dataset = models.CharField(max_length=64, blank=True)
@@ -758,3 +760,16 @@ class ImportJob(models.Model):
     @property
     def fraction(self) -> float:
         return self.lines_done / self.lines_total if self.lines_total else 0.0
+
+
+class ImportChunk(models.Model):
+    """A piece of an uploaded import file, kept in the database so that a worker on any host can read it (the web
+    host's disk is its own); deleted once the import has run."""
+
+    job = models.ForeignKey(ImportJob, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="import_chunk_once")]
+        ordering = ["job", "index"]

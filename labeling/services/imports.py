@@ -1,6 +1,5 @@
 """Uploads of JSONL files to import, and the worker job that imports them (labeling/importing.py parses)."""
 
-import uuid
 from pathlib import Path
 
 from django.conf import settings as django_settings
@@ -9,51 +8,66 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
-from labeling.importing import FORMATS, import_jsonl
+from labeling.importing import FORMATS, bounded_lines, import_jsonl
 from labeling.limits import (
     IMPORT_ERRORS_KEPT,
 )
 from labeling.models import (
+    ImportChunk,
     ImportJob,
 )
 
+CHUNK_BYTES = 4 << 20  # an upload is kept in the database in pieces of this size
+
 
 def import_job_create(*, upload, format: str, on_error: str, dataset: str, user) -> ImportJob:
-    """Save an uploaded JSONL file and queue its import on a worker."""
+    """Keep an uploaded JSONL file in the database (ImportChunk: a worker on another host reads it) and queue its
+    import on a worker. A file over IMPORT_MAX_FILE_BYTES, or empty, is refused and nothing is kept."""
     if format != "auto" and format not in FORMATS:
         raise ValidationError({"format": f"Unknown format {format!r}; use auto, {', '.join(FORMATS)}."})
     if on_error not in ImportJob.OnError.values:
         raise ValidationError({"on_error": "Choose skip or abort."})
     if len(dataset) > 64:
         raise ValidationError({"dataset": "At most 64 characters."})
-    folder = Path(django_settings.ARTIFACTS_DIR) / "imports"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex}.jsonl"
-    size, limit = 0, django_settings.IMPORT_MAX_FILE_BYTES
-    with path.open("wb") as out:
-        for chunk in upload.chunks():
-            out.write(chunk)
-            size += len(chunk)
-            if size > limit:
-                break
-    if size > limit:
-        path.unlink()
-        raise ValidationError({"file": f"The file is larger than {limit:,} bytes (IMPORT_MAX_FILE_BYTES); split it."})
-    if size == 0:
-        path.unlink()
-        raise ValidationError({"file": "The file is empty."})
+    limit = django_settings.IMPORT_MAX_FILE_BYTES
     with transaction.atomic():
         job = ImportJob.objects.create(
-            file_path=str(path),
             original_name=getattr(upload, "name", "upload.jsonl")[:255],
             format=format,
             on_error=on_error,
             dataset=dataset,
-            size_bytes=size,
             created_by=user,
         )
+        size, index, pending = 0, 0, bytearray()
+        for piece in upload.chunks():
+            size += len(piece)
+            if size > limit:  # the job and its chunks so far are rolled back with the transaction
+                raise ValidationError(
+                    {"file": f"The file is larger than {limit:,} bytes (IMPORT_MAX_FILE_BYTES); split it."}
+                )
+            pending += piece
+            while len(pending) >= CHUNK_BYTES:
+                ImportChunk.objects.create(job=job, index=index, data=bytes(pending[:CHUNK_BYTES]))
+                del pending[:CHUNK_BYTES]
+                index += 1
+        if pending:
+            ImportChunk.objects.create(job=job, index=index, data=bytes(pending))
+        if size == 0:
+            raise ValidationError({"file": "The file is empty."})
+        ImportJob.objects.filter(pk=job.pk).update(size_bytes=size)
         enqueue_on_commit("labeling.tasks.run_import", job.pk)
+    job.size_bytes = size
     return job
+
+
+def _blocks(job: ImportJob):
+    """The uploaded file's bytes, one chunk at a time (or, for a job that names a file, that file's blocks)."""
+    if job.file_path and not job.chunks.exists():
+        with Path(job.file_path).open("rb") as stream:
+            yield from iter(lambda: stream.read(CHUNK_BYTES), b"")
+        return
+    for chunk_id in job.chunks.order_by("index").values_list("pk", flat=True):
+        yield bytes(ImportChunk.objects.values_list("data", flat=True).get(pk=chunk_id))
 
 
 def import_job_record(
@@ -84,9 +98,15 @@ def import_job_run(*, job_id: int) -> ImportJob | None:
     ):
         return None
     job = ImportJob.objects.get(pk=job_id)
-    path = Path(job.file_path)
-    with path.open("rb") as lines:
-        total = sum(1 for _ in lines)
+    try:
+        return _run(job)
+    finally:  # the upload is not kept once its import ran, however it ended
+        job.chunks.all().delete()
+
+
+def _run(job: ImportJob) -> ImportJob:
+    limit = django_settings.IMPORT_MAX_LINE_BYTES
+    total = sum(1 for _ in bounded_lines(_blocks(job), limit))
     ImportJob.objects.filter(pk=job.pk).update(lines_total=total)
 
     def progress(lines_done, report):
@@ -95,7 +115,7 @@ def import_job_run(*, job_id: int) -> ImportJob | None:
         )
 
     def open_lines():
-        return path.open("rb")
+        return bounded_lines(_blocks(job), limit)
 
     try:
         report = import_jsonl(

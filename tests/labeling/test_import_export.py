@@ -247,7 +247,56 @@ def test_an_upload_over_the_limit_is_refused(settings, tmp_path, admin_user):
     upload = SimpleUploadedFile("big.jsonl", b'{"prompt": "x"}\n' * 200)
     with pytest.raises(ValidationError, match="larger than 1,000 bytes"):
         import_job_create(upload=upload, format="prompts", on_error="skip", dataset="", user=admin_user)
-    assert not list((tmp_path / "imports").iterdir())
+    from labeling.models import ImportChunk, ImportJob
+
+    assert not ImportJob.objects.exists() and not ImportChunk.objects.exists(), "nothing of it is kept"
+    assert not (tmp_path / "imports").exists()
+
+
+def test_an_upload_is_kept_in_the_database_read_in_bounded_lines_and_deleted_after(settings, tmp_path, admin_user):
+    """Issue 28, items 6 and 10: the worker that imports may be on another host than the web process that took the
+    upload, so the file is kept in the database (in chunks), never on the web host's disk; a line over the limit is
+    reported without being held whole; the upload is deleted once the import ran."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from labeling import services
+    from labeling.models import Conversation, ImportChunk
+
+    monkey_chunk = 64  # small chunks, so that lines cross them
+    settings.ARTIFACTS_DIR = tmp_path
+    settings.IMPORT_MAX_LINE_BYTES = 1_000
+    lines = [json.dumps({"prompt": f"Question number {i} about chunked uploads?"}) for i in range(20)]
+    lines.insert(7, json.dumps({"prompt": "x" * 5_000}))
+    body = ("\n".join(lines) + "\n").encode()
+    import labeling.services.imports as imports
+
+    saved, imports.CHUNK_BYTES = imports.CHUNK_BYTES, monkey_chunk
+    try:
+        job = services.import_job_create(
+            upload=SimpleUploadedFile("prompts.jsonl", body),
+            format="prompts",
+            on_error="skip",
+            dataset="",
+            user=admin_user,
+        )
+    finally:
+        imports.CHUNK_BYTES = saved
+    assert ImportChunk.objects.filter(job=job).count() == -(-len(body) // monkey_chunk)
+    assert job.size_bytes == len(body) and not (tmp_path / "imports").exists(), "nothing on the web host's disk"
+    done = services.import_job_run(job_id=job.pk)
+    assert (done.status, done.added, done.lines_total, done.error_count) == ("done", 20, 21, 1)
+    assert done.errors == [[8, "the line is 5,015 bytes long; the limit is 1,000"]]
+    assert Conversation.objects.filter(messages__text__startswith="Question number").distinct().count() == 20
+    assert not ImportChunk.objects.exists(), "the upload is deleted once imported"
+
+
+def test_bounded_lines_never_holds_more_than_the_limit_of_a_line():
+    from labeling.importing import LongLine, bounded_lines
+
+    blocks = [b"ab\nc", b"d" * 100, b"e\n", b"fg"]
+    lines = list(bounded_lines(blocks, limit=10))
+    assert lines[0] == b"ab\n" and lines[2] == b"fg"
+    assert isinstance(lines[1], LongLine) and len(lines[1]) == 11 and lines[1].length == 103
 
 
 def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
