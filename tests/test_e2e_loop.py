@@ -11,6 +11,7 @@ empty disk of its own (ARTIFACTS_DIR) and shares only PostgreSQL, Redis and an S
 started here): every model a host did not write itself comes from the store.
 """
 
+import io
 import json
 import random
 import re
@@ -18,16 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import connection
 
 from labeling import services
-from labeling.models import Conversation, Message, QueueSettings, Ranking, Role, Task, TaskKind
+from labeling.models import Conversation, ImportJob, Message, QueueSettings, Ranking, Role, Task, TaskKind
 from ml.generation import SamplingParams, sample_completions
 from ml.scoring import score_pairs
 from models_service.artifact_store import MANIFEST, configured_store, manifest_problems
 from models_service.loading import load_version
 from models_service.models import ModelVersion, SamplingRequest
+from models_service.services import model_version_rollback
 from models_service.tasks import fill_ranking_pool
+from tests.support.api import api
 from tests.support.factories import UserFactory
 from tests.support.s3 import create_bucket, running_s3_server, storage_options
 from tests.support.workers import running_hosts
@@ -288,6 +292,27 @@ def test_labels_in_a_better_policy_out(tiny_policy, store, tmp_path):
             labelers=labelers,
             what="ranking tasks sampled from the PPO policy",
         )
+        # A file uploaded to the web host (this process) is imported by a worker on another host (the sampling
+        # queue's): the upload is in the database, not on the web host's disk.
+        admin = UserFactory(username="e2e-admin", is_staff=True, is_superuser=True)
+        upload = io.BytesIO(b'{"prompt": "An imported question, uploaded to the web host?"}\n')
+        upload.name = "prompts.jsonl"
+        response = api(admin).post("/api/v1/imports/", {"file": upload, "format": "prompts"}, format="multipart")
+        assert response.status_code == 202, response.content
+        job = wait_until(
+            lambda: (
+                ImportJob.objects.filter(pk=response.json()["id"]).exclude(status__in=["queued", "running"]).first()
+            ),
+            timeout=120,
+            labelers=[],
+            what="the import on another host",
+        )
+        assert (job.status, job.added) == ("done", 1), (job.status, job.failure, job.errors)
+
+    # The web host (this process, whose disk never held a model) rolls the policy back to the SFT version.
+    model_version_rollback(kind="policy", reason="rolled back from the web host")
+    assert ModelVersion.objects.get(kind="policy", is_active=True) == sft
+    assert not (Path(django_settings.ARTIFACTS_DIR) / sft.artifact_path).exists()
 
     # Every step happened, in order, each with its data snapshot.
     runs = list(TrainingRun.objects.filter(status="succeeded").order_by("created_at"))

@@ -375,3 +375,31 @@ def test_a_folder_no_host_would_fetch_is_not_published(store, tmp_path):
     with pytest.raises(ValueError, match="sitecustomize.py"):
         store.publish(folder, "policy-sft-v9")
     assert not store.exists("policy-sft-v9")
+
+
+@pytest.mark.django_db
+def test_the_web_host_promotes_and_rolls_back_versions_it_never_had(tiny_model_dirs, settings, tmp_path):
+    """Issue 28, item 6: in the multi-host layout the web host keeps no models; a version published to the store
+    (its row keeps the manifest's digest) is activated and rolled back from there, while one whose folder exists
+    nowhere and was never published is still refused."""
+    from django.core.exceptions import ValidationError
+
+    from models_service.models import ModelVersion
+    from models_service.services import model_version_activate, model_version_rollback
+    from tests.support.models import register_tiny_policy
+
+    settings.ARTIFACTS_URL = f"file://{tmp_path / 'store'}"
+    settings.ARTIFACTS_DIR = tmp_path / "training-host"
+    first = register_tiny_policy(tiny_model_dirs[0], name="policy-sft-v1", stage="sft", activate=True)
+    second = register_tiny_policy(tiny_model_dirs[1], name="policy-dpo-v1", stage="dpo")
+
+    settings.ARTIFACTS_DIR = tmp_path / "web-host"  # an empty disk
+    model_version_activate(version=second, reason="promoted from the ops page")
+    assert ModelVersion.objects.get(is_active=True, kind="policy") == second
+    model_version_rollback(kind="policy", reason="rolled back from the ops page")
+    assert ModelVersion.objects.get(is_active=True, kind="policy") == first
+    unpublished = ModelVersion.objects.create(
+        name="policy-sft-v9", kind="policy", stage="sft", status="ready", artifact_path="models/nowhere"
+    )
+    with pytest.raises(ValidationError, match="cannot serve"):
+        model_version_activate(version=unpublished)
