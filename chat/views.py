@@ -173,7 +173,7 @@ def draft_poll(request, request_id: int):
             "status": sampling.status,
             "text": sampling.partial_text,
             "done": sampling.status == SamplingRequest.Status.DONE,
-            "error": sampling.error if sampling.status == SamplingRequest.Status.FAILED else "",
+            "error": sampling.plain_error if sampling.status == SamplingRequest.Status.FAILED else "",
             "model_version": sampling.model_version.name if sampling.model_version else "",
         }
     )

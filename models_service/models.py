@@ -228,3 +228,17 @@ class SamplingRequest(models.Model):
 
     def __str__(self):
         return f"{self.get_purpose_display()} for message #{self.context_id} ({self.status})"
+
+    @property
+    def plain_error(self) -> str:
+        """The failure as a labeler may read it: what happened in plain words, never an exception's name or a
+        traceback's tail (`error` keeps those for the ops pages)."""
+        if not self.error:
+            return ""
+        if "TimeLimit" in self.error or "No result after" in self.error:
+            what = "The model took too long to answer."
+        elif "No active" in self.error or "NoActiveModel" in self.error:
+            what = "No model is serving right now."
+        else:
+            what = "The model could not answer because of a problem on the server."
+        return f"{what} Try again; if it keeps happening, an admin can see the details on the ops pages."

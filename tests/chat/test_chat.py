@@ -121,13 +121,26 @@ def test_another_labelers_chat_is_private(client, alice, bob, tiny_policy):
     assert not Message.objects.filter(text="hijack").exists()
 
 
-def test_a_failed_reply_is_shown(client, alice, tiny_policy):
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ("NoActiveModel: No active policy model.", "No model is serving right now."),
+        ("SoftTimeLimitExceeded: SoftTimeLimitExceeded()", "The model took too long to answer."),
+        ("No result after 1020 s: the worker was lost or timed out.", "The model took too long to answer."),
+        ('RuntimeError: CUDA out of memory at File "/app/ml/generation.py", line 88', "a problem on the server"),
+    ],
+)
+def test_a_failed_reply_is_shown_in_plain_words(client, alice, tiny_policy, error, said):
+    """Issue 28, item 15: labelers read what happened, never an exception's name or a traceback's tail."""
     client.force_login(alice)
     client.post(reverse("chat:chat_index"), {"text": "Hi"})
     request = SamplingRequest.objects.get()
-    services.sampling_request_fail(request=request, error="No active policy model.")
+    services.sampling_request_fail(request=request, error=error)
     page = client.get(reverse("chat:chat", args=[request.context.conversation_id])).content.decode()
-    assert 'data-testid="chat-failed"' in page and "No active policy model." in page
+    failed = page.split('data-testid="chat-failed">')[1].split("</div>")[0]
+    assert said in failed and "Try again" in failed
+    for leak in ("Exceeded", "NoActiveModel", "RuntimeError", "File ", "/app/"):
+        assert leak not in failed, leak
 
 
 def test_chats_stay_with_their_labeler_unless_shared_and_are_never_held_out(client, alice, tiny_policy, settings):

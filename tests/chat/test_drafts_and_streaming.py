@@ -220,3 +220,14 @@ def test_a_reply_submitted_as_an_earlier_draft_counts_as_unedited(alice, tiny_po
     reply.conversation.save(update_fields=["split"])
     settings.TRAINING_SFT_UNEDITED_DRAFTS = "drop"
     assert reply.pk not in {m.pk for m in datasets.demonstrations(split="train")}
+
+
+def test_a_failed_draft_says_so_in_plain_words(client, alice, tiny_policy):
+    assignment = _leased_write_task(alice)
+    client.force_login(alice)
+    body = client.post(reverse("chat:draft_start", args=[assignment.pk])).json()
+    request = SamplingRequest.objects.get(pk=body["request"])
+    services.sampling_request_fail(request=request, error="SoftTimeLimitExceeded: SoftTimeLimitExceeded()")
+    polled = client.get(body["poll"]).json()
+    assert polled["status"] == "failed" and polled["error"].startswith("The model took too long to answer.")
+    assert "Exceeded" not in polled["error"]
