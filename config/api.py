@@ -110,12 +110,13 @@ class StaffSeesMore:
 
 
 class IsAdmin(permissions.BasePermission):
-    """Admins are staff users: they use Django admin and the ops pages."""
+    """Admins hold the permission to operate the loop (the Ops group, or superusers): the ops pages and this API."""
 
     message = "Only admins may do this."
 
     def has_permission(self, request, view):
-        return bool(request.user and request.user.is_authenticated and request.user.is_staff)
+        user = request.user
+        return bool(user and user.is_authenticated and user.has_perm("training_jobs.operate_loop"))
 
 
 class StrictCharField(serializers.CharField):

@@ -19,15 +19,19 @@ from models_service.models import ModelVersion
 from models_service.selectors import rollback_targets
 from models_service.services import model_version_activate, model_version_rollback
 from training_jobs import loop, selectors, services
-from training_jobs.models import Evaluation, TrainingRun
+from training_jobs.models import OPERATE_LOOP, Evaluation, TrainingRun
+
+
+def can_operate(user) -> bool:
+    return bool(user.is_authenticated and user.has_perm(OPERATE_LOOP))
 
 
 def staff_only(view):
     @login_required
     @wraps(view)
     def wrapper(request, *args, **kwargs):
-        if not request.user.is_staff:
-            raise PermissionDenied("The ops pages are for admins.")
+        if not can_operate(request.user):
+            raise PermissionDenied("The ops pages are for admins (the Ops group).")
         return view(request, *args, **kwargs)
 
     return wrapper

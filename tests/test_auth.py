@@ -140,3 +140,21 @@ def test_failures_from_many_addresses_slow_the_username_down_without_locking_it(
             _sign_in(client.__class__(), "wrong", REMOTE_ADDR=f"192.0.2.{i}")
         assert _sign_in(client, "right", REMOTE_ADDR="203.0.113.5").status_code == 302
     assert waits and waits[-1] == pytest.approx(1.25) and max(waits) <= 2.0
+
+
+def test_ops_powers_come_from_the_ops_group_not_from_staff_status(client):
+    """Issue 28, item 15: staff status lets someone into Django admin (for what their model permissions allow); the
+    ops pages and the admin API need the operate_loop permission, which the Ops group (made by a migration) holds."""
+    from django.contrib.auth.models import Group
+
+    from tests.support.api import api
+
+    staff = UserFactory(username="staff-only", is_staff=True)
+    client.force_login(staff)
+    assert client.get(reverse("ops:overview")).status_code == 403
+    assert api(staff).get("/api/v1/exports/card/").status_code == 403
+    staff.groups.add(Group.objects.get(name="Ops"))
+    staff = type(staff).objects.get(pk=staff.pk)  # permissions are cached on the user object
+    client.force_login(staff)
+    assert client.get(reverse("ops:overview")).status_code == 200
+    assert api(staff).get("/api/v1/exports/card/").status_code == 200

@@ -129,6 +129,9 @@ class TrainingRun(models.Model):
         return (end - self.started_at).total_seconds()
 
 
+OPERATE_LOOP = "training_jobs.operate_loop"  # the permission behind the ops pages and the admin API
+
+
 class LoopSettings(models.Model):
     """The retraining policy and the promotion rules. One row, edited in admin or on the ops page."""
 
@@ -201,6 +204,9 @@ class LoopSettings(models.Model):
 
     class Meta:
         verbose_name = verbose_name_plural = "loop settings"
+        # The ops pages and the admin API: given by this permission (the "Ops" group has it; superusers have every
+        # permission), not by staff status alone, which also lets someone into Django admin for other reasons.
+        permissions = [("operate_loop", "Can use the ops pages and the admin API")]
         constraints = [
             models.CheckConstraint(condition=Q(id=1), name="loop_settings_singleton"),
             models.CheckConstraint(condition=Q(check_every_minutes__gte=1), name="loop_settings_interval_positive"),
