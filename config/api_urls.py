@@ -1,6 +1,6 @@
 from django.contrib.auth.decorators import login_required
 from django.urls import path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from labeling import apis as labeling
 from labeling import data_apis as labeling_data
@@ -9,7 +9,7 @@ from training_jobs import apis as training
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs/", login_required(SpectacularSwaggerView.as_view(url_name="api-schema")), name="api-docs"),
+    path("docs/", login_required(SpectacularSwaggerSplitView.as_view(url_name="api-schema")), name="api-docs"),
     path("v1/tasks/next/", labeling.NextTaskApi.as_view(), name="api-next-task"),
     path("v1/assignments/", labeling.AssignmentListApi.as_view(), name="api-assignments"),
     path("v1/assignments/<int:assignment_id>/", labeling.AssignmentDetailApi.as_view(), name="api-assignment"),

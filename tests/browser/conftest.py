@@ -25,7 +25,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, live_server):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=live_server.url)
+    # Playwright's own waits evaluate strings in the page, which the Content-Security-Policy (no eval) refuses: these
+    # tests bypass it; test_content_security_policy.py walks the pages under it (strict_page).
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=live_server.url, bypass_csp=True)
     context.set_default_timeout(10_000)
     page = context.new_page()
     errors = []
@@ -33,3 +35,20 @@ def page(browser, live_server):
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def strict_page(browser, live_server):
+    """A page under the site's Content-Security-Policy: `page.csp_violations` collects what Chromium refused, and
+    the test fails on any it did not clear."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=live_server.url)
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    errors, blocked = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+    page.csp_violations = blocked
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not blocked, f"the Content-Security-Policy blocked something on the page: {blocked}"
