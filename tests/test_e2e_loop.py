@@ -309,11 +309,6 @@ def test_labels_in_a_better_policy_out(tiny_policy, store, tmp_path):
         )
         assert (job.status, job.added) == ("done", 1), (job.status, job.failure, job.errors)
 
-    # The web host (this process, whose disk never held a model) rolls the policy back to the SFT version.
-    model_version_rollback(kind="policy", reason="rolled back from the web host")
-    assert ModelVersion.objects.get(kind="policy", is_active=True) == sft
-    assert not (Path(django_settings.ARTIFACTS_DIR) / sft.artifact_path).exists()
-
     # Every step happened, in order, each with its data snapshot.
     runs = list(TrainingRun.objects.filter(status="succeeded").order_by("created_at"))
     assert [r.kind for r in runs][:3] == ["sft", "rm", "ppo"]
@@ -355,3 +350,8 @@ def test_labels_in_a_better_policy_out(tiny_policy, store, tmp_path):
         assert manifest == configured_store().manifest(ppo.name) and not manifest_problems(cached, manifest)
         assert not (disk / "models").exists() and not (disk / "staging").exists(), sorted(disk.iterdir())
     print("PPO policy trained on host B, sampled on", sorted(samplers), flush=True)
+
+    # The web host (this process, whose disk never held a model) rolls the policy back to the SFT version.
+    model_version_rollback(kind="policy", reason="rolled back from the web host")
+    assert ModelVersion.objects.get(kind="policy", is_active=True) == sft
+    assert not (Path(django_settings.ARTIFACTS_DIR) / sft.artifact_path).exists()
