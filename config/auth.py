@@ -13,6 +13,7 @@ settings.AUTHENTICATION_BACKENDS lists ModelBackend after this backend only so t
 import functools
 import hashlib
 import ipaddress
+import threading
 import time
 
 from django.conf import settings
@@ -79,15 +80,26 @@ def count_failed_sign_in(sender, credentials, request=None, **kwargs) -> None:
         cache.set(key, 1, timeout=int(settings.AXES_COOLOFF_TIME.total_seconds()))
 
 
+_SLOWED = threading.BoundedSemaphore(1)  # one slowed sign-in waits at a time in a process, so waits never hold
+# every web thread
+
+
 def slow_down(username: str) -> float:
     """Wait before checking a password for a username that failed more than LOGIN_FAILURE_LIMIT times from any
-    addresses: a quarter second per failure beyond, at most LOGIN_SLOWDOWN_MAX_S. Returns the wait."""
+    addresses: a quarter second per failure beyond, at most LOGIN_SLOWDOWN_MAX_S. While another slowed sign-in
+    waits in this process, this one is refused unchecked (PermissionDenied, a failed sign-in), so that strangers
+    cannot tie up the web threads nor guess faster by asking in parallel. Returns the wait."""
     from django.core.cache import cache
 
     failures = cache.get(_failures_key(username)) or 0
     wait = min(settings.LOGIN_SLOWDOWN_MAX_S, 0.25 * max(0, failures - settings.AXES_FAILURE_LIMIT))
     if wait > 0:
-        time.sleep(wait)
+        if not _SLOWED.acquire(blocking=False):
+            raise PermissionDenied
+        try:
+            time.sleep(wait)
+        finally:
+            _SLOWED.release()
     return wait
 
 

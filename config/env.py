@@ -8,7 +8,6 @@ import json
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -19,7 +18,7 @@ _MISSING = object()
 
 # Variables whose value is a secret as a whole (or carries one, as storage options do): an error names them and
 # says how long the value is, never what it is.
-SECRET_NAMES = re.compile(r"SECRET|PASSWORD|TOKEN|API_KEY|CREDENTIAL|STORAGE_OPTIONS")
+SECRET_NAMES = re.compile(r"(^|_)(SECRET|PASSWORD|TOKEN|API_KEY|CREDENTIALS?)(_|$)|STORAGE_OPTIONS")
 
 
 def shown(name: str, value: str) -> str:
@@ -30,14 +29,19 @@ def shown(name: str, value: str) -> str:
 
 
 def mask_url_password(text: str) -> str:
-    """scheme://user:password@host... with the password replaced by ***; other text as it is."""
-    try:
-        password = urlsplit(text.strip()).password
-    except ValueError:
-        password = None
-    if password:
-        return text.replace(f":{password}@", ":***@")
-    return re.sub(r"(://[^/@\s:]*:)[^/@\s]+@", r"\1***@", text)
+    """scheme://user:password@host... with everything between the user's colon and the last "@" (the password,
+    whatever it holds, "/" included) replaced by ***; other text as it is."""
+    return re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", text)
+
+
+def mask_password_parts(message: str, url: str) -> str:
+    """`message` (a parser's error about `url`) with every piece of the URL's password replaced by ***: a parser
+    that split the password at a "/" may quote a piece of it as a port or a path."""
+    match = re.search(r"://[^:/@\s]*:(\S*)@", url)
+    for piece in sorted(re.split(r"[/:@?#]", match.group(1)) if match else [], key=len, reverse=True):
+        if piece:
+            message = message.replace(piece, "***")
+    return mask_url_password(message)
 
 
 def read_env_file(path: Path) -> None:
@@ -150,7 +154,9 @@ def env_db(name: str, default=_MISSING) -> dict:
     try:
         config = _env.db_url_config(value)
     except Exception as exc:
-        raise ImproperlyConfigured(f"{name}={shown(name, value)} is invalid: {mask_url_password(str(exc))}") from None
+        raise ImproperlyConfigured(
+            f"{name}={shown(name, value)} is invalid: {mask_password_parts(str(exc), value)}"
+        ) from None
     if config.get("ENGINE") != "django.db.backends.postgresql":
         raise ImproperlyConfigured(
             f"{name}={shown(name, value)} is invalid: Feedback Loop needs PostgreSQL (postgres://...)."

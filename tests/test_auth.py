@@ -144,7 +144,8 @@ def test_failures_from_many_addresses_slow_the_username_down_without_locking_it(
 
 def test_ops_powers_come_from_the_ops_group_not_from_staff_status(client):
     """Issue 28, item 15: staff status lets someone into Django admin (for what their model permissions allow); the
-    ops pages and the admin API need the operate_loop permission, which the Ops group (made by a migration) holds."""
+    ops pages and the admin API need the operate_loop permission, which the Ops group (made after every migrate)
+    holds."""
     from django.contrib.auth.models import Group
 
     from tests.support.api import api
@@ -158,3 +159,25 @@ def test_ops_powers_come_from_the_ops_group_not_from_staff_status(client):
     client.force_login(staff)
     assert client.get(reverse("ops:overview")).status_code == 200
     assert api(staff).get("/api/v1/exports/card/").status_code == 200
+
+
+def test_one_slowed_sign_in_waits_at_a_time_and_the_others_are_refused_unchecked(settings, target):
+    """Slowed attempts in parallel would hold every web thread asleep: while one waits, the others fail at once,
+    without their password being checked."""
+    from django.core.cache import cache
+    from django.core.exceptions import PermissionDenied
+
+    from config import auth
+
+    settings.AXES_FAILURE_LIMIT = 3
+    cache.set(auth._failures_key("target"), 9, 60)
+    assert auth._SLOWED.acquire(blocking=False)  # another request is waiting
+    try:
+        with pytest.raises(PermissionDenied), mock.patch("config.auth.time.sleep") as sleep:
+            auth.slow_down("target")
+        assert sleep.call_count == 0
+    finally:
+        auth._SLOWED.release()
+    with mock.patch("config.auth.time.sleep") as sleep:
+        assert auth.slow_down("target") == pytest.approx(1.5)
+    assert sleep.call_count == 1

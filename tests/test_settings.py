@@ -73,12 +73,21 @@ def test_a_bad_environment_fails_at_start_up_naming_the_variable(overrides, mess
             "ARTIFACTS_STORAGE_OPTIONS=<39 characters, not shown> is invalid: not JSON",
         ),
         ({"ARTIFACTS_STORAGE_OPTIONS": '["hunter2-secret"]'}, "expected a JSON object"),
+        ({"DATABASE_URL": "mysql://app:hunter2/se@cret@db/x"}, "DATABASE_URL='mysql://app:***@db/x' is invalid"),
     ],
 )
 def test_a_bad_environment_never_echoes_a_secret(overrides, message):
     result = start_django(**overrides)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-600:]
     assert "hunter2" not in result.stderr
+
+
+def test_only_secret_variables_are_hidden():
+    from config.env import shown
+
+    assert shown("SAMPLING_MAX_NEW_TOKENS", "-1") == "'-1'", "a token count is no secret"
+    for name in ("DJANGO_SECRET_KEY", "SAMPLING_VLLM_API_KEY", "REDIS_PASSWORD", "STORE_READ_SECRET", "API_TOKEN"):
+        assert shown(name, "hunter2") == "<7 characters, not shown>", name
 
 
 def test_env_helpers(monkeypatch):

@@ -133,8 +133,8 @@ AXES_VERBOSE = False
 TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, min_value=0, max_value=5)
 AXES_CLIENT_IP_CALLABLE = "config.auth.client_ip"
 # A username that failed LOGIN_FAILURE_LIMIT times from any addresses within LOGIN_LOCKOUT_MINUTES is slowed down,
-# not locked (so that a stranger cannot lock a known account out): each later attempt waits a quarter second more
-# per failure, up to this many seconds.
+# not locked (so that a stranger cannot lock a known account out): its password is checked only after a wait of a
+# quarter second per failure beyond the limit, up to this many seconds (one such wait at a time per web process).
 LOGIN_SLOWDOWN_MAX_S = env_float("LOGIN_SLOWDOWN_MAX_S", 2.0, min_value=0.0, max_value=10.0)
 # Expensive pages, per signed-in user and minute (a 429 with a message beyond): the Markdown preview, starting or
 # continuing a chat (each costs a model reply) and asking for alternatives (each costs K samples).
@@ -190,6 +190,8 @@ REST_FRAMEWORK = {
         "anon": env_str("API_RATE_ANON", "60/hour"),
     },
     "EXCEPTION_HANDLER": "config.api.exception_handler",
+    # The throttles key on the same X-Forwarded-For entry as config.auth.client_ip (0: REMOTE_ADDR).
+    "NUM_PROXIES": TRUSTED_PROXY_COUNT,
     "DEFAULT_PARSER_CLASSES": [
         "config.api.BoundedJSONParser",
         "config.api.BoundedFormParser",

@@ -267,10 +267,13 @@ def api_token_rotate(*, user) -> str:
     the caller shows it once."""
     import secrets
 
+    from django.contrib.auth import get_user_model
+
     from labeling.models import ApiToken
 
     key = secrets.token_hex(20)
     with transaction.atomic():
+        get_user_model().objects.select_for_update().filter(pk=user.pk).first()  # two at once: one after the other
         ApiToken.objects.filter(user=user).delete()
         ApiToken.objects.create(user=user, digest=ApiToken.digest_of(key), prefix=key[:6])
     return key
