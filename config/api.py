@@ -104,7 +104,8 @@ class StaffSeesMore:
 
     def get_serializer_class(self):
         user = getattr(self.request, "user", None)
-        if user is not None and user.is_staff and self.staff_serializer_class is not None:
+        admin = user is not None and user.is_authenticated and user.has_perm("training_jobs.operate_loop")
+        if admin and self.staff_serializer_class is not None:
             return self.staff_serializer_class
         return self.serializer_class
 

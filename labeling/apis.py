@@ -324,9 +324,10 @@ class StaffConversationOut(ConversationOut):
 
 
 def visible_conversations(user):
-    """Admins see every conversation; labelers those they started or wrote in, without the blind A/B replies of
+    """Admins (the ops permission) see every conversation; labelers those they started or wrote in, without the
+    blind A/B replies of
     the gate's evaluations (a labeler who saw them could tell the policies apart in the next comparison)."""
-    if user.is_staff:
+    if user.has_perm("training_jobs.operate_loop"):
         return Conversation.objects.prefetch_related("messages__model_version")
     shown = Message.objects.exclude(sampling_params__has_key="evaluation").select_related("model_version")
     conversations = Conversation.objects.prefetch_related(Prefetch("messages", queryset=shown))
@@ -357,6 +358,6 @@ class MessageDetailApi(StaffSeesMore, RetrieveAPIView):
     def get_queryset(self):
         visible = visible_conversations(self.request.user).values("pk")
         messages = Message.objects.filter(conversation_id__in=visible).select_related("model_version")
-        if not self.request.user.is_staff:
+        if not self.request.user.has_perm("training_jobs.operate_loop"):
             messages = messages.exclude(sampling_params__has_key="evaluation")  # blind A/B replies
         return messages

@@ -204,8 +204,9 @@ class LoopSettings(models.Model):
 
     class Meta:
         verbose_name = verbose_name_plural = "loop settings"
-        # The ops pages and the admin API: given by this permission (the "Ops" group has it; superusers have every
-        # permission), not by staff status alone, which also lets someone into Django admin for other reasons.
+        # The ops pages and the admin API: given by this permission (the "Ops" group, made after every migrate by
+        # training_jobs.apps, has it; superusers have every permission), not by staff status alone, which also
+        # lets someone into Django admin for other reasons.
         permissions = [("operate_loop", "Can use the ops pages and the admin API")]
         constraints = [
             models.CheckConstraint(condition=Q(id=1), name="loop_settings_singleton"),

@@ -3,24 +3,9 @@
 from django.db import migrations
 
 
-def ops_group(apps, schema_editor):
-    """The Ops group, holding the permission to use the ops pages and the admin API: admins add people to it."""
-    from django.contrib.auth.management import create_permissions
-
-    config = apps.get_app_config("training_jobs")
-    config.models_module = True
-    create_permissions(config, apps=apps, verbosity=0)
-    Group = apps.get_model("auth", "Group")
-    Permission = apps.get_model("auth", "Permission")
-    group, _ = Group.objects.get_or_create(name="Ops")
-    group.permissions.add(Permission.objects.get(content_type__app_label="training_jobs", codename="operate_loop"))
-
-
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("auth", "0012_alter_user_first_name_max_length"),
-        ("contenttypes", "0002_remove_content_type_name"),
         ('training_jobs', '0009_loop_defaults_dpo_80'),
     ]
 
@@ -29,5 +14,4 @@ class Migration(migrations.Migration):
             name='loopsettings',
             options={'permissions': [('operate_loop', 'Can use the ops pages and the admin API')], 'verbose_name': 'loop settings', 'verbose_name_plural': 'loop settings'},
         ),
-        migrations.RunPython(ops_group, migrations.RunPython.noop),
     ]
