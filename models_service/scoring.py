@@ -19,8 +19,10 @@ def score_with_active_reward_model(pairs: Sequence[tuple[list[dict], str]]) -> t
 
 def score_rankings_with_active_model(*, limit: int) -> int:
     """Fill RankingEntry.rm_score for replies not yet scored by the active reward model. Returns how many.
-    Nothing while a run trains (selectors.training_busy): these scores are for a figure on the ops page, and on
-    shared cores scoring 400 replies took half of them from the run for minutes."""
+    Nothing while a run trains (selectors.training_busy) where sampling shares its cores (a smaller pool while
+    training): these scores are for a figure on the ops page, and scoring 400 replies took half the cores from the
+    run for minutes."""
+    from django.conf import settings
     from django.db.models import Q
 
     from labeling.models import RankingEntry
@@ -29,7 +31,8 @@ def score_rankings_with_active_model(*, limit: int) -> int:
     from models_service.models import ModelVersion
     from models_service.selectors import training_busy
 
-    if training_busy():
+    shares_cores = settings.SAMPLING_POOL_WHILE_TRAINING < settings.SAMPLING_POOL_TARGET
+    if shares_cores and training_busy():
         return 0
 
     try:

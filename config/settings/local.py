@@ -2,7 +2,8 @@
 
 import os
 
-os.environ.setdefault("DJANGO_SECRET_KEY", "local-development-only-not-secret")
+if not os.environ.get("DJANGO_SECRET_KEY"):  # unset, or empty as in a copy of .env.example
+    os.environ["DJANGO_SECRET_KEY"] = "local-development-only-not-secret"
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/feedback_loop")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -204,7 +204,7 @@ def assignment_model_draft_record(*, assignment_id: int, text: str, model_versio
     changes nothing. Returns whether it was kept."""
     with transaction.atomic():
         assignment = (
-            Assignment.objects.select_for_update()
+            Assignment.objects.select_for_update(of=("self",))  # the assignment only, as a submission locks it
             .filter(pk=assignment_id, status__in=[Assignment.Status.LEASED, Assignment.Status.EXPIRED])
             .filter(task__kind__in=[TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY])
             .first()

@@ -359,7 +359,9 @@ def test_while_a_run_trains_the_pool_fills_only_to_its_smaller_target(tiny_polic
 
 
 @pytest.mark.django_db
-def test_ranked_replies_are_scored_for_the_ops_page_but_not_while_a_run_trains(tiny_policy, tiny_reward, alice):
+def test_ranked_replies_are_scored_for_the_ops_page_but_not_while_a_run_trains(
+    tiny_policy, tiny_reward, alice, settings
+):
     """The scores behind the labeler-agreement figure wait while a run trains on the shared cores."""
     from labeling.models import RankingEntry
     from models_service.scoring import score_rankings_with_active_model
@@ -371,4 +373,9 @@ def test_ranked_replies_are_scored_for_the_ops_page_but_not_while_a_run_trains(t
     assert not RankingEntry.objects.filter(rm_score__isnull=False).exists()
     services.training_busy_clear(owner="run-3")
     assert score_rankings_with_active_model(limit=50) == 3
+    RankingEntry.objects.update(rm_score=None, rm_version=None)
+    services.training_busy_mark(owner="run-4", seconds=60)
+    settings.SAMPLING_POOL_WHILE_TRAINING = settings.SAMPLING_POOL_TARGET  # sampling on a host of its own
+    assert score_rankings_with_active_model(limit=50) == 3, "there, scoring takes nothing from the run"
+    services.training_busy_clear(owner="run-4")
     assert RankingEntry.objects.filter(rm_score__isnull=False, rm_version=tiny_reward).count() == 3
