@@ -20,8 +20,8 @@ def score_with_active_reward_model(pairs: Sequence[tuple[list[dict], str]]) -> t
 def score_rankings_with_active_model(*, limit: int) -> int:
     """Fill RankingEntry.rm_score for replies not yet scored by the active reward model. Returns how many.
     Nothing while a run trains (selectors.training_busy) where sampling shares its cores (a smaller pool while
-    training): these scores are for a figure on the ops page, and scoring 400 replies took half the cores from the
-    run for minutes."""
+    training), nor while the pool lacks tasks: these scores are for a figure on the ops page, and scoring 400
+    replies took half the cores from a run, or the sampling worker from the pool (labelers waited), for minutes."""
     from django.conf import settings
     from django.db.models import Q
 
@@ -29,10 +29,12 @@ def score_rankings_with_active_model(*, limit: int) -> int:
     from labeling.selectors import message_thread, thread_as_chat
     from models_service.loading import NoActiveModel, active_holder
     from models_service.models import ModelVersion
-    from models_service.selectors import training_busy
+    from models_service.selectors import pool_short, training_busy
 
     shares_cores = settings.SAMPLING_POOL_WHILE_TRAINING < settings.SAMPLING_POOL_TARGET
     if shares_cores and training_busy():
+        return 0
+    if pool_short():  # the sampling worker's first job is the labelers' next tasks
         return 0
 
     try:

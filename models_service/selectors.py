@@ -29,6 +29,15 @@ def pool_target() -> int:
     return min(target, settings.SAMPLING_POOL_WHILE_TRAINING) if training_busy() else target
 
 
+def pool_short() -> bool:
+    """Whether the pool holds fewer open tasks (with those being sampled) than it should now: the sampling
+    worker's time then goes to the pool first."""
+    policy = active_version(ModelVersion.Kind.POLICY)
+    if policy is None:
+        return False
+    return open_pool_size(policy) + in_flight_pool_requests() < pool_target()
+
+
 def open_pool_size(policy: ModelVersion | None = None) -> int:
     """Open ranking tasks that any labeler may take (reserved ones, e.g. chat alternatives, do not count).
 

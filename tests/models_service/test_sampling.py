@@ -360,22 +360,35 @@ def test_while_a_run_trains_the_pool_fills_only_to_its_smaller_target(tiny_polic
 
 @pytest.mark.django_db
 def test_ranked_replies_are_scored_for_the_ops_page_but_not_while_a_run_trains(
-    tiny_policy, tiny_reward, alice, settings
+    tiny_policy, tiny_reward, alice, pool_settings
 ):
-    """The scores behind the labeler-agreement figure wait while a run trains on the shared cores."""
+    """The scores behind the labeler-agreement figure wait while a run trains on the shared cores, and while the
+    pool lacks tasks (the sampling worker's first job); where sampling has a host of its own, training does not
+    hold them up."""
     from labeling.models import RankingEntry
     from models_service.scoring import score_rankings_with_active_model
     from tests.support.training import ranked_task
 
+    def rescore():
+        RankingEntry.objects.update(rm_score=None, rm_version=None)
+        return score_rankings_with_active_model(limit=50)
+
+    pool_settings.SAMPLING_POOL_TARGET, pool_settings.SAMPLING_POOL_WHILE_TRAINING = 2, 1
     ranked_task("train", 1, alice)
+    make_contexts(2)
+    fill()  # the pool is full
     services.training_busy_mark(owner="run-3", seconds=60)
     assert score_rankings_with_active_model(limit=50) == 0
     assert not RankingEntry.objects.filter(rm_score__isnull=False).exists()
     services.training_busy_clear(owner="run-3")
     assert score_rankings_with_active_model(limit=50) == 3
-    RankingEntry.objects.update(rm_score=None, rm_version=None)
-    services.training_busy_mark(owner="run-4", seconds=60)
-    settings.SAMPLING_POOL_WHILE_TRAINING = settings.SAMPLING_POOL_TARGET  # sampling on a host of its own
-    assert score_rankings_with_active_model(limit=50) == 3, "there, scoring takes nothing from the run"
-    services.training_busy_clear(owner="run-4")
     assert RankingEntry.objects.filter(rm_score__isnull=False, rm_version=tiny_reward).count() == 3
+    services.training_busy_mark(owner="run-4", seconds=60)
+    pool_settings.SAMPLING_POOL_WHILE_TRAINING = 2  # sampling on a host of its own
+    assert rescore() == 3, "there, scoring takes nothing from the run"
+    services.training_busy_clear(owner="run-4")
+    pool_settings.SAMPLING_POOL_TARGET = pool_settings.SAMPLING_POOL_WHILE_TRAINING = 4
+    assert rescore() == 0, "the pool lacks two tasks: sampling them comes first"
+    make_contexts(2)
+    fill()
+    assert rescore() == 3
