@@ -312,7 +312,8 @@ def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
     for labeler, order in ((alice, [[c], [a, b], [d]]), (bob, [[a], [b], [c], [d]])):
         services.ranking_submit(
             assignment=services.task_lease_next(user=labeler),
-            ranking=services.RankingInput(order=order, flags={}, quality_rating=4),
+            # bob's own display order may be a, b, c, d: the order is meant, confirmed as such
+            ranking=services.RankingInput(order=order, flags={}, quality_rating=4, confirm_untouched=True),
         )
 
     def comparable(rows):
