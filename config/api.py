@@ -30,17 +30,22 @@ class BodyTooLarge(exceptions.APIException):
     default_code = "too_large"
 
 
+def read_bounded(stream, parser_context) -> tuple[bytes, str]:
+    """The request body, at most API_MAX_JSON_BYTES (a 413 beyond), and its encoding."""
+    limit = settings.API_MAX_JSON_BYTES
+    raw = stream.read(limit + 1) if stream is not None else b""
+    if len(raw) > limit:
+        raise BodyTooLarge(f"The request body is larger than {limit} bytes.")
+    return raw, (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+
+
 class BoundedJSONParser(parsers.JSONParser):
     """DRF's JSON parser reads the request stream itself, past Django's DATA_UPLOAD_MAX_MEMORY_SIZE: this one reads
     at most API_MAX_JSON_BYTES (a 413 beyond), and answers JSON nested too deeply for Python's parser with a 400
     instead of a RecursionError."""
 
     def parse(self, stream, media_type=None, parser_context=None):
-        limit = settings.API_MAX_JSON_BYTES
-        raw = stream.read(limit + 1) if stream is not None else b""
-        if len(raw) > limit:
-            raise BodyTooLarge(f"The request body is larger than {limit} bytes.")
-        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        raw, encoding = read_bounded(stream, parser_context)
         try:
             text = codecs.decode(raw, encoding)
             return json.loads(text, parse_constant=_no_constant) if text.strip() else {}
@@ -64,11 +69,7 @@ class BoundedFormParser(parsers.FormParser):
     def parse(self, stream, media_type=None, parser_context=None):
         from django.http import QueryDict
 
-        limit = settings.API_MAX_JSON_BYTES
-        raw = stream.read(limit + 1) if stream is not None else b""
-        if len(raw) > limit:
-            raise BodyTooLarge(f"The request body is larger than {limit} bytes.")
-        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        raw, encoding = read_bounded(stream, parser_context)
         return QueryDict(raw, encoding=encoding)
 
 
