@@ -83,6 +83,7 @@ def _beat_schedule() -> dict:
             "schedule": 60.0,
             "options": {"expires": 60},
         },
+        "reap-lost-imports": {"task": "labeling.tasks.reap_imports", "schedule": 60.0, "options": {"expires": 60}},
         "reap-lost-training-runs": {
             "task": "training_jobs.tasks.reap_lost_runs",
             "schedule": 60.0,

@@ -14,6 +14,7 @@ from config.api import ImportMultiPartParser, IsAdmin
 from labeling import exporting, services
 from labeling.importing import FORMATS
 from labeling.models import ImportJob
+from labeling.selectors import import_job_live
 
 
 class ImportJobOut(serializers.ModelSerializer):
@@ -71,6 +72,9 @@ class ImportDetailApi(RetrieveAPIView):
     serializer_class = ImportJobOut
     queryset = ImportJob.objects.all()
     lookup_url_kwarg = "job_id"
+
+    def get_object(self):
+        return import_job_live(super().get_object())
 
 
 class ExportFiltersInput(serializers.Serializer):

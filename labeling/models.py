@@ -750,6 +750,10 @@ class ImportJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life from the worker importing it (reaped when it stops)."
+    )
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Workers that started it.")
 
     class Meta:
         ordering = ["-created_at"]

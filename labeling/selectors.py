@@ -14,6 +14,7 @@ from django.utils import timezone
 from labeling.models import (
     Assignment,
     Conversation,
+    ImportJob,
     LabelerProfile,
     Message,
     Ranking,
@@ -215,3 +216,29 @@ def display_order(task: Task, labeler_id: int) -> list[int]:
     ids = list(task.task_candidates.order_by("position").values_list("message_id", flat=True))
     random.Random(f"{task.pk}:{labeler_id}").shuffle(ids)
     return ids
+
+
+def import_alive_key(job_id: int) -> str:
+    return f"import-alive:{job_id}"
+
+
+def import_job_live(job: ImportJob) -> ImportJob:
+    """`job` with its worker's latest progress and sign of life (services.import_job_alive), which its row only
+    shows once the import's transaction commits. Cache errors leave the row as it is."""
+    if job.status != ImportJob.Status.RUNNING:
+        return job
+    from django.core.cache import cache
+
+    try:
+        live = cache.get(import_alive_key(job.pk))
+    except Exception:
+        return job
+    if not isinstance(live, dict):
+        return job
+    at = dt.datetime.fromtimestamp(float(live.get("at", 0)), tz=dt.UTC)
+    if job.heartbeat_at is None or at > job.heartbeat_at:
+        job.heartbeat_at = at
+    for field in ("lines_done", "added", "existing", "error_count"):
+        if isinstance(live.get(field), int):
+            setattr(job, field, max(getattr(job, field), live[field]))
+    return job

@@ -24,3 +24,9 @@ def replenish_prompt_tasks() -> int:
 def run_import(job_id: int) -> None:
     """An uploaded JSONL import, on the sampling worker (it needs no model)."""
     services.import_job_run(job_id=job_id)
+
+
+@shared_task(name="labeling.tasks.reap_imports", ignore_result=True, soft_time_limit=60, time_limit=90)
+def reap_imports() -> list[int]:
+    """Imports whose worker was lost: started again, or failed with what to do (services.import_jobs_reap)."""
+    return services.import_jobs_reap()

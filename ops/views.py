@@ -13,7 +13,7 @@ from django_htmx.http import HttpResponseStopPolling
 from labeling.importing import FORMATS
 from labeling.models import Conversation, ImportJob
 from labeling.quality import labeler_quality
-from labeling.selectors import moderation_queue
+from labeling.selectors import import_job_live, moderation_queue
 from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
 from models_service.selectors import rollback_targets
@@ -238,7 +238,7 @@ def imports(request):
 
 @staff_only
 def import_detail(request, job_id: int):
-    job = get_object_or_404(ImportJob, pk=job_id)
+    job = import_job_live(get_object_or_404(ImportJob, pk=job_id))
     if request.htmx:
         response = render(request, "ops/import.html#progress", {"job": job})
         if job.status not in (ImportJob.Status.QUEUED, ImportJob.Status.RUNNING):

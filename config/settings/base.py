@@ -204,6 +204,10 @@ API_MAX_JSON_BYTES = env_int("API_MAX_JSON_BYTES", 1_000_000, min_value=10_000)
 # Imports (the ops page, the API, manage.py import_data): the largest uploaded file and the longest line.
 IMPORT_MAX_FILE_BYTES = env_int("IMPORT_MAX_FILE_BYTES", 2_000_000_000, min_value=1_000)
 IMPORT_MAX_LINE_BYTES = env_int("IMPORT_MAX_LINE_BYTES", 1_000_000, min_value=1_000)
+# An import whose worker shows no sign of life for this long was lost (killed, host gone): it is started again, at
+# most IMPORT_MAX_ATTEMPTS times in all, then failed and its upload dropped.
+IMPORT_STALE_S = env_int("IMPORT_STALE_S", 600, min_value=60)
+IMPORT_MAX_ATTEMPTS = env_int("IMPORT_MAX_ATTEMPTS", 2, min_value=1)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Feedback Loop API",
     "DESCRIPTION": "Labeling, model registry and training runs for the RLHF loop.",

@@ -26,7 +26,13 @@ from labeling.services.conversations import (
     message_edit,
     release_used_in_training,
 )
-from labeling.services.imports import import_job_create, import_job_record, import_job_run
+from labeling.services.imports import (
+    import_job_alive,
+    import_job_create,
+    import_job_record,
+    import_job_run,
+    import_jobs_reap,
+)
 from labeling.services.queue import (
     assignment_save_draft,
     leases_expire,
@@ -74,9 +80,11 @@ __all__ = [
     "depends_on",
     "display_order",
     "draft_edit_ratio",
+    "import_job_alive",
     "import_job_create",
     "import_job_record",
     "import_job_run",
+    "import_jobs_reap",
     "labeler_profile_update",
     "leases_expire",
     "lock_for_training_snapshot",

@@ -1,10 +1,13 @@
 """Uploads of JSONL files to import, and the worker job that imports them (labeling/importing.py parses)."""
 
+import logging
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
@@ -16,6 +19,9 @@ from labeling.models import (
     ImportChunk,
     ImportJob,
 )
+from labeling.selectors import import_alive_key, import_job_live
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20  # an upload is kept in the database in pieces of this size
 
@@ -61,13 +67,31 @@ def import_job_create(*, upload, format: str, on_error: str, dataset: str, user)
 
 
 def _blocks(job: ImportJob):
-    """The uploaded file's bytes, one chunk at a time (or, for a job that names a file, that file's blocks)."""
+    """The uploaded file's bytes, one chunk at a time (or, for a job that names a file, that file's blocks). Each
+    chunk read is a sign of life for the reaper (import_jobs_reap)."""
     if job.file_path and not job.chunks.exists():
         with Path(job.file_path).open("rb") as stream:
             yield from iter(lambda: stream.read(CHUNK_BYTES), b"")
         return
     for chunk_id in job.chunks.order_by("index").values_list("pk", flat=True):
+        import_job_alive(job.pk)
         yield bytes(ImportChunk.objects.values_list("data", flat=True).get(pk=chunk_id))
+
+
+def import_job_alive(job_id: int, **progress) -> None:
+    """A sign of life (and the progress so far) from the worker importing `job_id`. The import is one transaction,
+    so its row's updates are invisible until it commits: the sign and the progress go to the shared cache, where
+    the reaper and the pages read them (selectors.import_job_live). Outside that transaction the row is touched
+    too. Best effort: a cache error is ignored."""
+    from django.core.cache import cache
+
+    now = timezone.now()
+    if not transaction.get_connection().in_atomic_block:
+        ImportJob.objects.filter(pk=job_id).update(heartbeat_at=now)
+    try:
+        cache.set(import_alive_key(job_id), {"at": now.timestamp(), **progress}, django_settings.IMPORT_STALE_S)
+    except Exception:
+        logger.warning("could not record import %s's progress in the cache", job_id, exc_info=True)
 
 
 def import_job_record(
@@ -92,9 +116,13 @@ def import_job_record(
 
 
 def import_job_run(*, job_id: int) -> ImportJob | None:
-    """Import a queued job's file, recording progress as it goes. None if another worker has it."""
+    """Import a queued job's file, recording progress as it goes. None if another worker has it (or it ended).
+
+    A run may repeat one that a lost worker left half done: importing is idempotent (records already there count
+    as `existing`), so the second run adds only what the first did not."""
+    now = timezone.now()
     if not ImportJob.objects.filter(pk=job_id, status=ImportJob.Status.QUEUED).update(
-        status=ImportJob.Status.RUNNING, started_at=timezone.now()
+        status=ImportJob.Status.RUNNING, started_at=now, heartbeat_at=now, attempts=F("attempts") + 1
     ):
         return None
     job = ImportJob.objects.get(pk=job_id)
@@ -104,15 +132,57 @@ def import_job_run(*, job_id: int) -> ImportJob | None:
         job.chunks.all().delete()
 
 
+LOST_IMPORT = (
+    "The import stopped {attempts} times without finishing (its worker was lost). What it imported is kept; "
+    "upload the file again to import the rest: lines already imported count as existing."
+)
+
+
+def import_jobs_reap(*, stale_s: int | None = None, max_attempts: int | None = None) -> list[int]:
+    """Imports whose worker stopped without a word (killed, host lost): no sign of life for `stale_s`. Each goes
+    back to the queue while it has attempts left and its upload is still kept, else it fails with what to do, and
+    its upload is dropped. Returns the ids it requeued or failed."""
+    stale_s = django_settings.IMPORT_STALE_S if stale_s is None else stale_s
+    max_attempts = django_settings.IMPORT_MAX_ATTEMPTS if max_attempts is None else max_attempts
+    cutoff = timezone.now() - timedelta(seconds=stale_s)
+    reaped = []
+    for job in ImportJob.objects.filter(status=ImportJob.Status.RUNNING, heartbeat_at__lt=cutoff):
+        if import_job_live(job).heartbeat_at >= cutoff:  # alive inside its transaction
+            continue
+        with transaction.atomic():
+            stale = ImportJob.objects.filter(
+                pk=job.pk, status=ImportJob.Status.RUNNING, heartbeat_at__lt=cutoff
+            ).select_for_update()
+            if not stale.exists():
+                continue
+            if job.attempts < max_attempts and (job.chunks.exists() or job.file_path):
+                stale.update(status=ImportJob.Status.QUEUED, heartbeat_at=None)
+                enqueue_on_commit("labeling.tasks.run_import", job.pk)
+            else:
+                stale.update(
+                    status=ImportJob.Status.FAILED,
+                    failure=LOST_IMPORT.format(attempts=job.attempts),
+                    finished_at=timezone.now(),
+                )
+                job.chunks.all().delete()
+        reaped.append(job.pk)
+    return reaped
+
+
 def _run(job: ImportJob) -> ImportJob:
     limit = django_settings.IMPORT_MAX_LINE_BYTES
     total = sum(1 for _ in bounded_lines(_blocks(job), limit))
     ImportJob.objects.filter(pk=job.pk).update(lines_total=total)
 
     def progress(lines_done, report):
-        ImportJob.objects.filter(pk=job.pk).update(
-            lines_done=lines_done, added=report.added, existing=report.existing, error_count=len(report.errors)
-        )
+        counts = {
+            "lines_done": lines_done,
+            "added": report.added,
+            "existing": report.existing,
+            "error_count": len(report.errors),
+        }
+        ImportJob.objects.filter(pk=job.pk).update(**counts)
+        import_job_alive(job.pk, **counts)
 
     def open_lines():
         return bounded_lines(_blocks(job), limit)

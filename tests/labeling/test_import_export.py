@@ -350,3 +350,137 @@ def test_rankings_jsonl_round_trips_with_order_ties_and_pseudonyms(alice, bob):
 def test_a_bad_ranking_row_is_reported(row, phrase):
     report = import_rows([row], format="rankings")
     assert report.added == 0 and phrase in report.errors[0][1], report.errors
+
+
+def _killed_mid_import(admin_user, lines, *, done_before_kill, minutes_ago, attempts=1):
+    """An upload whose worker was killed (SIGKILL: no `finally` ran) after importing its first `done_before_kill`
+    lines: the job stays running with its upload kept and its last sign of life `minutes_ago`."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    body = ("\n".join(lines) + "\n").encode()
+    job = services.import_job_create(
+        upload=SimpleUploadedFile("prompts.jsonl", body), format="prompts", on_error="skip", dataset="", user=admin_user
+    )
+    import_jsonl(lambda: lines[:done_before_kill], format="prompts", dataset="", on_error="skip")
+    ImportJob.objects.filter(pk=job.pk).update(
+        status=ImportJob.Status.RUNNING,
+        attempts=attempts,
+        heartbeat_at=timezone.now() - dt.timedelta(minutes=minutes_ago),
+        lines_done=done_before_kill,
+    )
+    return job
+
+
+def test_an_import_whose_worker_was_killed_runs_again_and_adds_only_the_rest(admin_user, monkeypatch):
+    """A worker killed mid-import leaves its job running forever, and the redelivered message finds it taken: the
+    reaper puts a job with no sign of life back in the queue, and the second run adds only what the first did not."""
+    import labeling.services.imports as imports
+    from labeling.models import ImportChunk
+
+    queued = []
+    monkeypatch.setattr(imports, "enqueue_on_commit", lambda name, *args: queued.append((name, *args)))
+    lines = [json.dumps({"prompt": f"Killed import, prompt {i}?"}) for i in range(10)]
+    job = _killed_mid_import(admin_user, lines, done_before_kill=4, minutes_ago=30)
+    alive = _killed_mid_import(
+        admin_user, [json.dumps({"prompt": "Still importing?"})], done_before_kill=0, minutes_ago=1
+    )
+
+    assert services.import_job_run(job_id=job.pk) is None, "the redelivered message finds the job taken"
+    queued.clear()  # the uploads' own
+    assert services.import_jobs_reap(stale_s=600, max_attempts=2) == [job.pk], "only the job with no sign of life"
+    assert queued == [("labeling.tasks.run_import", job.pk)]
+    assert ImportJob.objects.get(pk=alive.pk).status == ImportJob.Status.RUNNING
+
+    done = services.import_job_run(job_id=queued[0][1])
+    assert (done.status, done.attempts, done.added, done.existing) == ("done", 2, 6, 4)
+    assert Conversation.objects.filter(messages__text__startswith="Killed import").distinct().count() == 10
+    assert not ImportChunk.objects.filter(job=job).exists()
+
+
+def test_an_import_lost_on_its_last_attempt_fails_with_what_to_do_and_drops_its_upload(admin_user, monkeypatch):
+    import labeling.services.imports as imports
+    from labeling.models import ImportChunk
+
+    queued = []
+    monkeypatch.setattr(imports, "enqueue_on_commit", lambda name, *args: queued.append((name, *args)))
+    lines = [json.dumps({"prompt": f"Twice lost import, prompt {i}?"}) for i in range(6)]
+    job = _killed_mid_import(admin_user, lines, done_before_kill=3, minutes_ago=30, attempts=2)
+    queued.clear()
+
+    assert services.import_jobs_reap(stale_s=600, max_attempts=2) == [job.pk]
+    job.refresh_from_db()
+    assert job.status == ImportJob.Status.FAILED and not queued
+    assert "stopped 2 times" in job.failure and "upload the file again" in job.failure
+    assert "Error" not in job.failure, "plain words, no exception names"
+    assert not ImportChunk.objects.filter(job=job).exists(), "the upload is not kept"
+    assert services.import_jobs_reap(stale_s=600, max_attempts=2) == [], "reaped once"
+
+
+def test_beat_reaps_lost_imports_on_the_control_queue():
+    from config.celery_app import _beat_schedule, app
+
+    entry = _beat_schedule()["reap-lost-imports"]
+    assert entry["task"] == "labeling.tasks.reap_imports"
+    route = app.amqp.router.route({}, "labeling.tasks.reap_imports")
+    assert route["queue"].name == "control"
+
+
+def test_an_import_alive_inside_its_transaction_is_not_reaped(admin_user, monkeypatch):
+    """The import is one transaction, so its row's heartbeat does not move while it runs; the sign of life in the
+    shared cache keeps a long import from being taken for a lost one."""
+    import labeling.services.imports as imports
+
+    monkeypatch.setattr(imports, "enqueue_on_commit", lambda name, *args: None)
+    lines = [json.dumps({"prompt": f"Long import, prompt {i}?"}) for i in range(3)]
+    job = _killed_mid_import(admin_user, lines, done_before_kill=0, minutes_ago=30)
+    services.import_job_alive(job.pk, lines_done=2, added=2, existing=0, error_count=0)
+    assert services.import_jobs_reap(stale_s=600, max_attempts=2) == []
+    from labeling.selectors import import_job_live
+
+    live = import_job_live(ImportJob.objects.get(pk=job.pk))
+    assert (live.lines_done, live.added) == (2, 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_shows_its_progress_while_its_transaction_is_open(admin_user, monkeypatch):
+    """Seen from another connection (the ops page's), the row says 0 lines until the import commits; the page and
+    the API show the worker's progress from the cache meanwhile."""
+    import functools
+
+    from django.db import connections
+
+    import labeling.services.imports as imports
+    from labeling.selectors import import_job_live
+
+    monkeypatch.setattr(imports, "enqueue_on_commit", lambda name, *args: None)
+    monkeypatch.setattr(imports, "import_jsonl", functools.partial(import_jsonl, batch_size=5))
+    lines = [json.dumps({"prompt": f"Progress import, prompt {i}?"}) for i in range(20)]
+    job = services.import_job_create(
+        upload=SimpleUploadedFile("p.jsonl", ("\n".join(lines) + "\n").encode()),
+        format="prompts",
+        on_error="skip",
+        dataset="",
+        user=admin_user,
+    )
+    seen = []
+    alive = imports.import_job_alive
+
+    def observe(job_id, **progress):
+        alive(job_id, **progress)
+        if not progress:
+            return
+        outside = connections.create_connection("default")
+        try:
+            with outside.cursor() as cursor:
+                cursor.execute("SELECT lines_done FROM labeling_importjob WHERE id = %s", [job_id])
+                row_lines = cursor.fetchone()[0]
+        finally:
+            outside.close()
+        shown = import_job_live(ImportJob(pk=job_id, status=ImportJob.Status.RUNNING, lines_done=row_lines))
+        seen.append((row_lines, shown.lines_done))
+
+    monkeypatch.setattr(imports, "import_job_alive", observe)
+    assert services.import_job_run(job_id=job.pk).status == "done"
+    assert seen[:4] == [(0, 5), (0, 10), (0, 15), (0, 20)]
