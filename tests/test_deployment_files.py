@@ -246,6 +246,24 @@ def test_the_multihost_layout_runs_the_production_settings_with_least_privilege(
     assert production["web"]["environment"]["REDIS_URL"] == "redis://:redis-Secret-2@redis:6379/0"
 
 
+@pytest.mark.parametrize("name", ["docker-compose.prod.yml", "docker-compose.multihost.yml"])
+def test_each_process_of_a_deployment_file_starts_the_production_settings(name):
+    """Compose merges each service's environment over docker-compose.yml's (local development: DEBUG on): what a
+    process gets in the end must pass the production settings' own checks, or every process refuses to start."""
+    import json
+
+    base = yaml.safe_load(interpolate((ROOT / "docker-compose.yml").read_text(), SECRETS))["services"]
+    override = yaml.safe_load(interpolate((ROOT / name).read_text(), SECRETS))["services"]
+    environments = {
+        json.dumps(base[process].get("environment", {}) | override[process]["environment"], sort_keys=True)
+        for process in PROCESSES | {"setup"}
+    }
+    for environment in map(json.loads, environments):
+        probe = run_probe(**{key: str(value) for key, value in environment.items()})
+        assert probe.returncode == 0, probe.stderr[-500:]
+        assert json.loads(probe.stdout)["DEBUG"] is False
+
+
 def test_the_shipped_accelerate_configs_are_valid():
     """config/accelerate/: DDP and DeepSpeed ZeRO-2, for one node and for several; each loads as accelerate's own
     launch config (only ddp.yaml runs in the suite: tests/ml/test_launch.py)."""
