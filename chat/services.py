@@ -95,6 +95,25 @@ def chat_continue(*, user, parent: Message, text: str) -> tuple[Message, Samplin
         return message, chat_request_create(user_message=message, user=user)
 
 
+def chat_retry(*, user, failed: SamplingRequest) -> SamplingRequest:
+    """Ask again for the reply that `failed` (a chat reply of the labeler's own chat) did not give, while its
+    message is still the chat's latest."""
+    if (
+        failed.purpose != SamplingRequest.Purpose.CHAT
+        or failed.requested_by_id != user.pk
+        or failed.context.conversation.created_by_id != user.pk
+    ):
+        raise ValidationError("That reply is not one of your chat's.")
+    if failed.status != SamplingRequest.Status.FAILED:
+        raise ValidationError("That reply did not fail: reload the page to see it.")
+    latest = SamplingRequest.objects.filter(context=failed.context, purpose=SamplingRequest.Purpose.CHAT).latest(
+        "created_at", "pk"
+    )
+    if latest.pk != failed.pk:
+        raise ValidationError("The reply was already asked for again: reload the page to see it.")
+    return chat_request_create(user_message=failed.context, user=user)
+
+
 DRAFT_KINDS = (TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY)
 
 

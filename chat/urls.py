@@ -8,6 +8,7 @@ urlpatterns = [
     path("", views.chat_index, name="chat_index"),
     path("<int:conversation_id>/", views.chat, name="chat"),
     path("requests/<int:request_id>/", views.chat_poll, name="chat_poll"),
+    path("requests/<int:request_id>/retry/", views.chat_retry, name="chat_retry"),
     path("messages/<int:message_id>/alternatives/", views.chat_alternatives, name="chat_alternatives"),
     path(
         "messages/<int:message_id>/alternatives/status/",

@@ -106,6 +106,19 @@ def chat_poll(request, request_id: int):
 
 @login_required
 @require_POST
+@per_user_per_minute("chat", "PAGE_RATE_CHAT")
+def chat_retry(request, request_id: int):
+    """ "Try again" under a reply that failed: the same message, asked again."""
+    failed = get_object_or_404(SamplingRequest, pk=request_id, requested_by=request.user)
+    try:
+        services.chat_retry(user=request.user, failed=failed)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    return redirect("chat:chat", conversation_id=failed.context.conversation_id)
+
+
+@login_required
+@require_POST
 @per_user_per_minute("alternatives", "PAGE_RATE_ALTERNATIVES")
 def chat_alternatives(request, message_id: int):
     message = get_object_or_404(

@@ -100,10 +100,10 @@ def _beat_schedule() -> dict:
             "schedule": 300.0,
             "options": {"expires": 300},
         },
-        "reap-sampling-requests": {
+        "reap-sampling-requests": {  # a labeler may be waiting on a lost chat reply: check every minute
             "task": "models_service.tasks.reap_sampling_requests",
-            "schedule": 300.0,
-            "options": {"expires": 300},
+            "schedule": 60.0,
+            "options": {"expires": 60},
         },
     }
 

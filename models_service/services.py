@@ -366,11 +366,28 @@ def alternatives_complete(*, request: SamplingRequest, version: ModelVersion, re
     return task
 
 
-def sampling_requests_reap(*, older_than_s: int) -> int:
-    """Requests left running by a worker that died: mark them failed, which frees their contexts."""
-    cutoff = timezone.now() - timedelta(seconds=older_than_s)
-    return SamplingRequest.objects.filter(status=SamplingRequest.Status.RUNNING, started_at__lt=cutoff).update(
-        status=SamplingRequest.Status.FAILED,
-        error=f"No result after {older_than_s} s: the worker was lost or timed out.",
-        finished_at=timezone.now(),
-    )
+INTERACTIVE_PURPOSES = (
+    SamplingRequest.Purpose.CHAT,
+    SamplingRequest.Purpose.ALTERNATIVES,
+    SamplingRequest.Purpose.DRAFT,
+)
+
+
+def sampling_requests_reap(*, older_than_s: int, interactive_older_than_s: int | None = None) -> int:
+    """Requests left running by a worker that died: mark them failed, which frees their contexts and tells the
+    page waiting on them. A labeler waits on chat replies, alternatives and drafts, whose time limit is much
+    shorter: they are given up after `interactive_older_than_s` (default: `older_than_s`)."""
+    now = timezone.now()
+    reaped = 0
+    for purposes, age in (
+        ([p for p in SamplingRequest.Purpose.values if p not in INTERACTIVE_PURPOSES], older_than_s),
+        (INTERACTIVE_PURPOSES, older_than_s if interactive_older_than_s is None else interactive_older_than_s),
+    ):
+        reaped += SamplingRequest.objects.filter(
+            status=SamplingRequest.Status.RUNNING, purpose__in=purposes, started_at__lt=now - timedelta(seconds=age)
+        ).update(
+            status=SamplingRequest.Status.FAILED,
+            error=f"No result after {age} s: the worker was lost or timed out.",
+            finished_at=now,
+        )
+    return reaped

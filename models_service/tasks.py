@@ -120,7 +120,10 @@ def _run(request_id: int) -> None:
 
 @shared_task(name="models_service.tasks.reap_sampling_requests", ignore_result=True, soft_time_limit=60)
 def reap_sampling_requests() -> int:
-    return services.sampling_requests_reap(older_than_s=settings.SAMPLING_SOFT_TIME_LIMIT_S + 120)
+    return services.sampling_requests_reap(
+        older_than_s=settings.SAMPLING_SOFT_TIME_LIMIT_S + 120,
+        interactive_older_than_s=settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 60,  # past the hard limit (+30 s)
+    )
 
 
 @shared_task(name="models_service.tasks.score_rankings", ignore_result=True, soft_time_limit=600, time_limit=660)

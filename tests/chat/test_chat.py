@@ -8,6 +8,7 @@ from labeling.models import Conversation, Message
 from models_service import services
 from models_service.models import SamplingRequest
 from models_service.sampling import run_request
+from tests.support.factories import MessageFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -155,3 +156,39 @@ def test_chats_stay_with_their_labeler_unless_shared_and_are_never_held_out(clie
     assert conversation.split == "train"
     question = Message.objects.get(conversation=conversation, role="user")
     assert question not in contexts_needing_candidates(tiny_policy)
+
+
+def test_a_reply_whose_worker_was_lost_fails_within_minutes_and_can_be_asked_again(client, alice, bob, tiny_policy):
+    """The worker writing a chat reply is killed: the page stops saying "writing…" once the interactive limit has
+    passed (not the ranking pool's 17 minutes), says so in plain words, and "Try again" asks for the reply anew."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    client.force_login(alice)
+    client.post(reverse("chat:chat_index"), {"text": "Write a long story."})
+    lost = SamplingRequest.objects.get()
+    services.sampling_request_claim(request_id=lost.pk)  # the worker that was killed mid-reply
+    a_while_ago = timezone.now() - dt.timedelta(seconds=240)
+    SamplingRequest.objects.filter(pk=lost.pk).update(started_at=a_while_ago)
+    pool = SamplingRequest.objects.create(purpose="pool", context=MessageFactory(), status="running", k=2)
+    SamplingRequest.objects.filter(pk=pool.pk).update(started_at=a_while_ago)
+
+    assert services.sampling_requests_reap(older_than_s=1020, interactive_older_than_s=180) == 1
+    assert SamplingRequest.objects.get(pk=pool.pk).status == "running", "the pool's requests keep their limit"
+    chat_url = reverse("chat:chat", args=[lost.context.conversation_id])
+    page = client.get(chat_url).content.decode()
+    assert 'data-testid="typing"' not in page and "took too long" in page and 'data-testid="chat-retry"' in page
+
+    client.force_login(bob)
+    assert client.post(reverse("chat:chat_retry", args=[lost.pk])).status_code == 404, "only the chat's labeler"
+    client.force_login(alice)
+    assert client.post(reverse("chat:chat_retry", args=[lost.pk])).url == chat_url
+    again = SamplingRequest.objects.filter(purpose="chat").latest("pk")
+    assert again.pk != lost.pk and again.context_id == lost.context_id and again.status == "pending"
+    refused = client.post(reverse("chat:chat_retry", args=[lost.pk]), follow=True).content.decode()
+    assert "already asked for again" in refused
+    assert SamplingRequest.objects.filter(purpose="chat").count() == 2
+    answer(again.pk)
+    page = client.get(chat_url).content.decode()
+    assert 'data-testid="chat-failed"' not in page and 'data-testid="chat-input"' in page
