@@ -19,4 +19,5 @@ urlpatterns = [
     path("mine/rankings/<int:ranking_id>/", views.edit_ranking, name="edit_ranking"),
     path("profile/", views.profile, name="profile"),
     path("profile/api-token/", views.api_token, name="api_token"),
+    path("profile/api-token/revoke/", views.api_token_revoke, name="api_token_revoke"),
 ]

@@ -442,19 +442,37 @@ def profile(request):
     return _profile_page(request, form, status=422 if form.errors else 200)
 
 
-def _profile_page(request, form, *, status=200, new_token: str = ""):
+NEW_TOKEN_SESSION_KEY = "new-api-token"
+
+
+def _profile_page(request, form, *, status=200):
     from labeling.models import ApiToken
 
     token = ApiToken.objects.filter(user=request.user).first()
+    new_token = request.session.pop(NEW_TOKEN_SESSION_KEY, "") if token else ""  # shown once, then forgotten
+    if new_token and token.digest != ApiToken.digest_of(new_token):
+        new_token = ""  # replaced since (another tab)
     context = {"form": form, "new_token": new_token, "token_created": token.created if token else None}
     return render(request, "labeling/profile.html", context, status=status)
 
 
 @never_cache
 @login_required
-@require_POST
 def api_token(request):
-    """A new API token for the labeler's scripts (it replaces the old one); shown once, on the profile page."""
-    key = services.api_token_rotate(user=request.user)
-    instance, _ = LabelerProfile.objects.get_or_create(user=request.user)
-    return _profile_page(request, forms.ProfileForm(instance=instance), new_token=key)
+    """A new API token for the labeler's scripts (it replaces the old one), then back to the profile page, which
+    shows it once: a reload there shows nothing again and makes no second token. A GET (a bookmark, the back
+    button) just goes to the profile page."""
+    if request.method == "POST":
+        request.session[NEW_TOKEN_SESSION_KEY] = services.api_token_rotate(user=request.user)
+    return redirect(reverse("labeling:profile") + "#api-token")
+
+
+@never_cache
+@login_required
+@require_POST
+def api_token_revoke(request):
+    """The labeler's API token stops working now; they may create a new one later."""
+    if services.api_token_revoke(user=request.user):
+        messages.success(request, "Your API token is revoked: scripts that use it are refused from now on.")
+    request.session.pop(NEW_TOKEN_SESSION_KEY, None)
+    return redirect(reverse("labeling:profile") + "#api-token")

@@ -15,6 +15,7 @@ Everything is re-exported here, so `from labeling import services; services.task
 from labeling.limits import CONTENT_SKIP_REASON, IMPORT_ERRORS_KEPT, MAX_MESSAGE_CHARS, SubmissionRefused
 from labeling.selectors import display_order
 from labeling.services.conversations import (
+    api_token_revoke,
     api_token_rotate,
     conversation_create,
     conversation_moderate,
@@ -62,6 +63,7 @@ from labeling.services.upkeep import QUEUE_TABLES, queue_tables_vacuum
 from labeling.validators import unstorable_text, validate_text
 
 __all__ = [
+    "api_token_revoke",
     "api_token_rotate",
     "CONTENT_SKIP_REASON",
     "IMPORT_ERRORS_KEPT",

@@ -277,3 +277,10 @@ def api_token_rotate(*, user) -> str:
         ApiToken.objects.filter(user=user).delete()
         ApiToken.objects.create(user=user, digest=ApiToken.digest_of(key), prefix=key[:6])
     return key
+
+
+def api_token_revoke(*, user) -> bool:
+    """Delete `user`'s REST API token, if any; True if there was one."""
+    from labeling.models import ApiToken
+
+    return ApiToken.objects.filter(user=user).delete()[0] > 0

@@ -491,6 +491,8 @@ def test_a_profile_needs_a_language_and_gives_an_api_token(client, alice):
     response = client.post(reverse("labeling:profile"), {"topics": "cooking"})
     assert response.status_code == 422 and "Choose at least one language" in response.content.decode()
     response = client.post(reverse("labeling:api_token"))
+    assert response.status_code == 302, "after the POST, a redirect: a reload never makes a second token"
+    response = client.get(response.url)
     page = response.content.decode()
     import re
 
@@ -502,10 +504,18 @@ def test_a_profile_needs_a_language_and_gives_an_api_token(client, alice):
     assert token.digest == ApiToken.digest_of(key) and key not in str(vars(token)), "only its SHA-256 is kept"
     profile = client.get(reverse("labeling:profile"))
     assert profile.content.decode().count(key) == 0 and "no-store" in profile["Cache-Control"], "shown once"
+    assert "new-api-token" not in client.session, "and forgotten"
+    assert client.get(reverse("labeling:api_token")).url.startswith(reverse("labeling:profile")), "a GET: no 405"
+    assert ApiToken.objects.get(user=alice).pk == token.pk, "and no new token"
     api = client.__class__()
     assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
     client.post(reverse("labeling:api_token"))
     assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {key}").status_code in (401, 403)
+    newer = re.search(r"<code>([0-9a-f]{40})</code>", client.get(reverse("labeling:profile")).content.decode())[1]
+    assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {newer}").status_code == 200
+    revoked = client.post(reverse("labeling:api_token_revoke"), follow=True).content.decode()
+    assert "Your API token is revoked" in revoked and "You have no token yet" in revoked
+    assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {newer}").status_code in (401, 403)
 
 
 def test_a_rejected_reply_shows_the_reviewers_reason_in_my_work(client, alice, bob):
