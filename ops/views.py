@@ -31,7 +31,10 @@ def staff_only(view):
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         if not can_operate(request.user):
-            raise PermissionDenied("The ops pages are for admins (the Ops group).")
+            raise PermissionDenied(
+                "The ops pages are for admins: a superuser gives access in Django admin by adding the account to "
+                "the Ops group (Users → the user → Groups)."
+            )
         return view(request, *args, **kwargs)
 
     return wrapper

@@ -142,6 +142,18 @@ def test_failures_from_many_addresses_slow_the_username_down_without_locking_it(
     assert waits and waits[-1] == pytest.approx(1.25) and max(waits) <= 2.0
 
 
+def test_failures_stay_on_record_for_admins_after_a_success_resets_the_count(client, settings, target):
+    """A walk found admin's Axes pages empty after six wrong passwords and a right one: the success reset the
+    count (as it should) and took the only record with it. Each failure is now kept in the access-failure log."""
+    from axes.models import AccessAttempt, AccessFailureLog
+
+    for _ in range(3):
+        assert _sign_in(client, "wrong").status_code == 200
+    assert _sign_in(client, "right").status_code == 302
+    assert not AccessAttempt.objects.filter(username="target").exists(), "the count is reset"
+    assert AccessFailureLog.objects.filter(username="target").count() == 3
+
+
 def test_ops_powers_come_from_the_ops_group_not_from_staff_status(client):
     """Issue 28, item 15: staff status lets someone into Django admin (for what their model permissions allow); the
     ops pages and the admin API need the operate_loop permission, which the Ops group (made after every migrate)
