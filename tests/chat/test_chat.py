@@ -192,3 +192,19 @@ def test_a_reply_whose_worker_was_lost_fails_within_minutes_and_can_be_asked_aga
     answer(again.pk)
     page = client.get(chat_url).content.decode()
     assert 'data-testid="chat-failed"' not in page and 'data-testid="chat-input"' in page
+
+
+def test_a_message_longer_than_the_model_reads_says_so_under_the_reply(client, alice, tiny_policy, settings):
+    """A walk sent a 19,989-character message and got "(empty reply)" with no word why."""
+    settings.CHAT_MAX_NEW_TOKENS = 4
+    client.force_login(alice)
+    client.post(reverse("chat:chat_index"), {"text": "Please read all of this. " * 800})
+    request = SamplingRequest.objects.get()
+    answer(request.pk)
+    reply = Message.objects.get(conversation=request.context.conversation, role="assistant")
+    assert reply.sampling_params["truncated_context"] is True
+    page = client.get(reverse("chat:chat", args=[request.context.conversation_id])).content.decode()
+    assert 'data-testid="truncated-context"' in page and "saw only the latest part" in page
+    short = client.post(reverse("chat:chat_index"), {"text": "Hi"})
+    answer(SamplingRequest.objects.latest("pk").pk)
+    assert 'data-testid="truncated-context"' not in client.get(short.url).content.decode()
