@@ -257,7 +257,7 @@ TRAINING_MIN_PROMPTS = env_int("TRAINING_MIN_PROMPTS", 8, min_value=1)
 TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=0)
 TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
 TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
-# Each stage's config (training_jobs/{sft,reward,ppo,dpo,rloo}.py) as a JSON object; a run's own config overrides it.
+# Each stage's config (ml/{sft,reward,ppo,dpo,rloo}.py) as a JSON object; a run's own config overrides it.
 # The defaults fit the default model (SmolLM2-135M-Instruct) on a CPU: the top blocks train, the frozen ones run
 # once per reply (reward model, DPO), LoRA for the RL paths (README, "On a CPU"). On a GPU with a bigger model, set
 # full fine-tuning here instead (e.g. TRAINING_RM_CONFIG='{"epochs": 1, "learning_rate": 1e-5}').

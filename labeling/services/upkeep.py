@@ -9,18 +9,8 @@ QUEUE_TABLES = ("labeling_task", "labeling_assignment")
 def queue_tables_vacuum(*, min_dead_rows: int = 1000, analyze_fraction: float = 0.1) -> list[str]:
     """VACUUM each queue table holding at least `min_dead_rows` dead rows, and ANALYZE each one whose rows changed
     by more than `analyze_fraction` of it (and at least `min_dead_rows`) since its last analysis. Returns the
-    tables vacuumed or analysed.
-
-    A lease that takes a task's last slot leaves the task's entry in the queue's index dead until a vacuum, at
-    the front of the index, where every next-task call starts reading: with labelers leasing hundreds of tasks
-    a second, thousands pile up between autovacuum runs (and on a server with autovacuum off, for good), and
-    each call walks past them all. Vacuuming these tables takes milliseconds (30 ms for 20,000 tasks on a slow
-    2-core machine), so beat runs this every few seconds (QUEUE_VACUUM_SCHEDULE_S).
-
-    ANALYZE is not run with every vacuum: it costs more than the vacuum (75 ms against 30 ms for 20,000 tasks on
-    a slow 2-core machine), and new statistics make every connection plan the queue function's statements again
-    at its next call (4 ms each). The function does not need fresh statistics (0012 fixes its plans' shape);
-    the rest of the product's queries get them once a tenth of a table has changed, like autovacuum's rule.
+    tables vacuumed or analysed. Every lease that takes a task's last slot leaves a dead entry at the front of the
+    queue's index, where each next-task call starts reading; docs/architecture.md has why and the costs.
     """
     if connection.in_atomic_block:
         raise RuntimeError("VACUUM cannot run inside a transaction: call queue_tables_vacuum() outside atomic()")
