@@ -55,8 +55,9 @@ from ml.common import (
     transformer_blocks,
 )
 from ml.generation import left_pad
-from ml.ppo import _disable_dropout
 from ml.reward import Ranked, ranking_pairs
+from ml.rl import disable_dropout
+from ml.scoring import reply_token_logprobs, target_logprobs
 from ml.sft import IGNORE, encode
 
 
@@ -113,14 +114,10 @@ def _candidate_logprobs(model, tokenizer, rankings: list[Ranked], max_length: in
         hidden, _ = frozen.hidden(rows)
         with autocast():
             logits = model.get_output_embeddings()(hidden[:, -(width + 1) :, :])
+        token_logprobs, reply = target_logprobs(logits, ids, lengths)
     else:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with autocast():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1)
-            logits = logits.logits
-    targets = ids[:, -width:]
-    token_logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    reply = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
+            token_logprobs, reply = reply_token_logprobs(model, ids, mask, lengths)
     sums = torch.where(reply, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
     sizes = [len(r.candidates) for r in rankings]
     return list(torch.split(sums, sizes)), list(torch.split(lengths, sizes))
@@ -290,7 +287,7 @@ def train_dpo(
     device, dtype = training_device()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
-    _disable_dropout(model)  # dropout would make the policy differ from its reference before any update
+    disable_dropout(model)  # dropout would make the policy differ from its reference before any update
 
     steps_per_epoch = (len(train) + config.rankings_per_batch - 1) // config.rankings_per_batch
     total_steps = steps_per_epoch * config.epochs

@@ -23,9 +23,7 @@ in about 3 GB on the CPU).
 
 import random
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,9 +42,24 @@ from ml.common import (
     training_device,
 )
 from ml.generation import chat_prompt_ids, eos_ids, left_pad
-from ml.scoring import REWARD_OFFSET, score_head, score_pairs, sequence_scores
-
-RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]
+from ml.rl import (
+    RewardFn,
+    Rollout,
+    cycle,
+    disable_dropout,
+    episode_scores,
+    frozen,
+    frozen_reward_model,
+    masked_mean,
+    policy_and_reference,
+    policy_loss,
+    policy_tokenizer,
+    reference_logprobs,
+    response_logprobs,
+    reward_classifier,
+    sample_responses,
+)
+from ml.scoring import REWARD_OFFSET, reply_token_logprobs, score_head, sequence_scores
 
 
 @dataclass
@@ -81,114 +94,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0
 
 
-@dataclass
-class Rollout:
-    """Rollout tensors, one row per episode: left-padded queries, right-padded responses, per-token figures."""
-
-    queries: torch.Tensor  # [B, P]
-    query_mask: torch.Tensor  # [B, P]
-    responses: torch.Tensor  # [B, R]
-    response_mask: torch.Tensor  # [B, R], 1 up to and including EOS
-    logprobs: torch.Tensor | None = None  # [B, R] policy at rollout time ("old")
-    ref_logprobs: torch.Tensor | None = None  # [B, R]
-    values: torch.Tensor | None = None  # [B, R]
-    advantages: torch.Tensor | None = None  # [B, R]
-    returns: torch.Tensor | None = None  # [B, R]
-
-    def rows(self, index) -> "Rollout":
-        """The rows `index`, with the query padding no row of them needs cut off."""
-        picked = {f.name: getattr(self, f.name) for f in fields(self)}
-        picked = {name: None if value is None else value[index] for name, value in picked.items()}
-        keep = int(picked["query_mask"].sum(-1).max())
-        picked["queries"], picked["query_mask"] = picked["queries"][:, -keep:], picked["query_mask"][:, -keep:]
-        return Rollout(**picked)
-
-    def model_inputs(self) -> dict:
-        mask = torch.cat([self.query_mask, self.response_mask.long()], dim=1)
-        return {
-            "input_ids": torch.cat([self.queries, self.responses], dim=1),
-            "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-        }
-
-
 # --- rollouts and per-token figures ---
-
-
-@torch.no_grad()
-def sample_responses(
-    policy, queries: list[list[int]], *, pad_id: int, stop_ids: list[int], config: PPOConfig, generator
-):
-    """One response per query, sampled from the full distribution at `config.temperature` (N+ details: the
-    log-prob pass must see the distribution the tokens were drawn from, so no top-k/top-p truncation).
-
-    Left padding, positions from the attention mask, a KV cache. Returns (Rollout, lengths, finished).
-    """
-    device = next(policy.parameters()).device
-    ids, query_mask = left_pad(queries, pad_id, device)
-    mask = query_mask
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    with autocast():
-        out = policy(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-    position = position[:, -1:]
-    stop = torch.tensor(stop_ids, device=device)
-    finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
-    lengths = torch.zeros(len(queries), dtype=torch.long, device=device)
-    tokens = []
-    for step in range(config.max_new_tokens):
-        probs = (out.logits[:, -1, :].float() / config.temperature).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).masked_fill(finished[:, None], pad_id)
-        tokens.append(token)
-        lengths += (~finished).long()
-        finished |= torch.isin(token[:, 0], stop)
-        if bool(finished.all()) or step == config.max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        position = position + 1
-        with autocast():
-            out = policy(
-                input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values
-            )
-    responses = torch.cat(tokens, dim=1)
-    response_mask = (torch.arange(responses.shape[1], device=device)[None, :] < lengths[:, None]).long()
-    return Rollout(ids, query_mask, responses, response_mask), lengths.tolist(), finished.tolist()
-
-
-def response_logprobs(model, batch: Rollout, temperature: float, *, with_entropy: bool = False):
-    """Log-probs of the response tokens (and the entropy of each step's distribution), at `temperature`.
-
-    Only the logits that predict response tokens are computed (`logits_to_keep`), which keeps memory modest.
-    """
-    width = batch.responses.shape[1]
-    with autocast():
-        logits = model(**batch.model_inputs(), logits_to_keep=width + 1).logits
-    logits = logits[:, :-1, :].float() / temperature
-    all_logprobs = logits.log_softmax(-1)
-    logprobs = all_logprobs.gather(-1, batch.responses[..., None]).squeeze(-1)
-    if not with_entropy:
-        return logprobs, None
-    with torch.no_grad():
-        entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
-    return logprobs, entropy
-
-
-def reference_logprobs(policy, reference, batch: Rollout, temperature: float) -> torch.Tensor:
-    """Log-probs under the frozen SFT policy: the separate copy, or the LoRA policy with its adapters disabled."""
-    with torch.no_grad():
-        if reference is not None:
-            return response_logprobs(reference, batch, temperature)[0]
-        with policy.disable_adapter():
-            return response_logprobs(policy, batch, temperature)[0]
-
-
-@contextmanager
-def frozen_reward_model(reward_model, value_model):
-    """The reward model to score with: the frozen copy, or the LoRA value model with its adapters disabled."""
-    if reward_model is not None:
-        yield reward_model
-    else:
-        with value_model.disable_adapter():
-            yield value_model.get_base_model()
 
 
 def reward_scores(reward_model, value_model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -211,10 +117,6 @@ def token_values(value_model, batch: Rollout) -> torch.Tensor:
 
 
 # --- advantages and losses ---
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
@@ -248,19 +150,6 @@ def token_rewards(logprobs, ref_logprobs, mask, scores, beta: float):
     last = mask.sum(-1).long() - 1
     rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
     return rewards, kl
-
-
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """PPO's clipped surrogate, averaged over response tokens. Returns (loss, clip fraction, approx KL)."""
-    log_ratio = logprobs - old_logprobs
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(old || new)
-    return loss, clip_fraction, approx_kl
 
 
 def value_loss(values, old_values, returns, mask, clip_range: float) -> torch.Tensor:
@@ -307,13 +196,8 @@ def value_step(value_model, optimizer, batch: Rollout, config: PPOConfig) -> dic
 
 def demonstration_loss(policy, ids: torch.Tensor, mask: torch.Tensor, reply_lengths: torch.Tensor) -> torch.Tensor:
     """Mean LM loss on the reply tokens of left-padded (prompt + reply + EOS) rows: the PPO-ptx term."""
-    width = int(reply_lengths.max())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with autocast():
-        logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
-    targets = ids[:, -width:]
-    logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    reply_mask = torch.arange(width, device=ids.device)[None, :] >= (width - reply_lengths)[:, None]
+        logprobs, reply_mask = reply_token_logprobs(policy, ids, mask, reply_lengths)
     return -masked_mean(logprobs, reply_mask.float())
 
 
@@ -337,30 +221,9 @@ def _load(config: PPOConfig, policy_dir: Path, reward_dir: Path, *, need_reward_
     With LoRA, `reference` and `reward_model` are None: they are the policy and the value model with their adapters
     disabled (the value model's score head is a trainable copy, and disabling the adapters restores the
     original), which keeps one copy of each set of weights in memory. Without LoRA they are frozen copies."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if (Path(reward_dir) / "tokenizer_config.json").is_file():
-        reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab() or reward_tokenizer.eos_token != tokenizer.eos_token:
-            raise TrainingFailed("the reward model's tokenizer differs from the policy's: it could not read the tokens")
-
-    def frozen(model):
-        model.requires_grad_(False)
-        return model.eval()
-
-    def causal_lm():
-        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
-
-    def sequence_classifier():
-        return AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype).to(device)
-
-    policy, reference = causal_lm(), None
-    if config.lora:
-        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha, top_layers=config.lora_top_layers)
-    else:
-        reference = frozen(causal_lm())
-    value_model, reward_model = sequence_classifier(), None
+    tokenizer = policy_tokenizer(policy_dir, reward_dir)
+    policy, reference = policy_and_reference(policy_dir, config, device=device, dtype=dtype)
+    value_model, reward_model = reward_classifier(reward_dir, device=device, dtype=dtype), None
     if config.lora:
         value_model = apply_lora(
             value_model,
@@ -370,18 +233,9 @@ def _load(config: PPOConfig, policy_dir: Path, reward_dir: Path, *, need_reward_
             top_layers=config.lora_top_layers,
         )
     elif need_reward_model:
-        reward_model = frozen(sequence_classifier())
-    for model in (policy, value_model):
-        _disable_dropout(model)  # N+ details: dropout would make the ratio differ from 1 before any update
+        reward_model = frozen(reward_classifier(reward_dir, device=device, dtype=dtype))
+    disable_dropout(value_model)
     return tokenizer, policy, reference, reward_model, value_model
-
-
-def _disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
 
 
 def _demonstrations(tokenizer, chats: list[list[dict]], config: PPOConfig) -> list[tuple[list[int], list[int]]]:
@@ -393,30 +247,6 @@ def _demonstrations(tokenizer, chats: list[list[dict]], config: PPOConfig) -> li
         reply = tokenizer.encode(chat[-1]["content"], add_special_tokens=False)[: config.max_prompt_tokens]
         examples.append((prompt, [*reply, tokenizer.eos_token_id]))
     return examples
-
-
-def _cycle(items: list, rng: random.Random):
-    while True:
-        order = list(items)
-        rng.shuffle(order)
-        yield from order
-
-
-def _scores(
-    reward_model, value_model, reward_fn, chats, responses, finished, tokenizer, config, device
-) -> torch.Tensor:
-    """The score of each episode: the reward model on the response's text after the conversation (or
-    `reward_fn`), and the fixed `missing_eos_penalty` for responses that never reached EOS."""
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    if reward_fn is not None:
-        scores = [float(s) for s in reward_fn(chats, texts, responses)]
-    else:
-        with frozen_reward_model(reward_model, value_model) as model:
-            pairs = list(zip(chats, texts, strict=True))
-            scores = score_pairs(model, tokenizer, pairs, batch_size=config.minibatch_size)
-    if config.missing_eos_penalty is not None:
-        scores = [s if done else config.missing_eos_penalty for s, done in zip(scores, finished, strict=True)]
-    return torch.tensor(scores, dtype=torch.float32, device=device)
 
 
 def train_ppo(
@@ -457,11 +287,11 @@ def train_ppo(
     value_optimizer = torch.optim.AdamW(value_params, lr=config.value_learning_rate, eps=1e-5)
     kl_control = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
     rng = random.Random(config.seed)
-    prompt_stream = _cycle(list(range(len(prompts))), rng)
+    prompt_stream = cycle(list(range(len(prompts))), rng)
     encoded = [chat_prompt_ids(tokenizer, chat, max_prompt_tokens=config.max_prompt_tokens)[0] for chat in prompts]
     ptx_stream = None
     if ptx_examples and config.ptx_coef > 0:
-        ptx_stream = _cycle(_demonstrations(tokenizer, ptx_examples, config), rng)
+        ptx_stream = cycle(_demonstrations(tokenizer, ptx_examples, config), rng)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     progress.start(config.iterations)
     history: list[dict] = []
@@ -475,7 +305,7 @@ def train_ppo(
             policy, [encoded[i] for i in picked], pad_id=pad_id, stop_ids=stop_ids, config=config, generator=generator
         )
         responses = [row[:n] for row, n in zip(batch.responses.tolist(), lengths, strict=True)]
-        scores = _scores(
+        scores = episode_scores(
             reward_model,
             value_model,
             reward_fn,
@@ -483,8 +313,9 @@ def train_ppo(
             responses,
             finished,
             tokenizer,
-            config,
-            device,
+            batch_size=config.minibatch_size,
+            missing_eos_penalty=config.missing_eos_penalty,
+            device=device,
         )
         # 3. Old log-probs, reference log-probs and values, in minibatches.
         parts = {"logprobs": [], "ref_logprobs": [], "values": []}

@@ -2,8 +2,8 @@
 
 RLOO (Ahmadian et al. 2024, "Back to Basics"; as in TRL's RLOOTrainer and OpenRLHF) drops PPO's value model:
 1. Each iteration samples K responses for each of `prompts_per_iteration` prompts from the policy, as PPO does
-   (`ppo.sample_responses`: full distribution at `temperature`, until EOS or `max_new_tokens`).
-2. Each response is scored as PPO scores it (`ppo._scores`: the reward model on the response's text after the
+   (`rl.sample_responses`: full distribution at `temperature`, until EOS or `max_new_tokens`).
+2. Each response is scored as PPO scores it (`rl.episode_scores`: the reward model on the response's text after the
    conversation, the fixed `missing_eos_penalty` for responses that never reached EOS).
 3. The sequence-level KL to the reference (SFT) policy, `sum_t (logp_t - logp_ref_t)` over the response tokens
    at rollout time, is subtracted from the score: `R_i = score_i - beta * KL_i`.
@@ -29,7 +29,6 @@ from ml.common import (
     Progress,
     TrainingFailed,
     TrainResult,
-    apply_lora,
     limit_allocator_caching,
     release_freed_memory,
     rollout_summary,
@@ -38,16 +37,19 @@ from ml.common import (
     training_device,
 )
 from ml.generation import chat_prompt_ids, eos_ids
-from ml.ppo import (
+from ml.rl import (
     RewardFn,
     Rollout,
-    _cycle,
-    _disable_dropout,
-    _scores,
+    cycle,
+    episode_scores,
+    frozen,
     masked_mean,
+    policy_and_reference,
     policy_loss,
+    policy_tokenizer,
     reference_logprobs,
     response_logprobs,
+    reward_classifier,
     sample_responses,
 )
 
@@ -122,31 +124,9 @@ def _policy_step(policy, optimizer, batch: Rollout, advantages: torch.Tensor, co
 def _load(config: RLOOConfig, policy_dir: Path, reward_dir: Path, *, need_reward_model: bool, device, dtype):
     """Tokenizer, policy, reference (None with LoRA: the policy with its adapters disabled), frozen reward model
     (None when a reward_fn scores instead)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if need_reward_model and (Path(reward_dir) / "tokenizer_config.json").is_file():
-        reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab() or reward_tokenizer.eos_token != tokenizer.eos_token:
-            raise TrainingFailed("the reward model's tokenizer differs from the policy's: it could not read the tokens")
-
-    def frozen(model):
-        model.requires_grad_(False)
-        _disable_dropout(model)
-        return model.eval()
-
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device)
-    reference = None
-    if config.lora:
-        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha, top_layers=config.lora_top_layers)
-    else:
-        reference = frozen(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(device))
-    _disable_dropout(policy)  # dropout would make the ratio differ from 1 before any update
-    reward_model = None
-    if need_reward_model:
-        reward_model = frozen(
-            AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=dtype).to(device)
-        )
+    tokenizer = policy_tokenizer(policy_dir, reward_dir if need_reward_model else None)
+    policy, reference = policy_and_reference(policy_dir, config, device=device, dtype=dtype)
+    reward_model = frozen(reward_classifier(reward_dir, device=device, dtype=dtype)) if need_reward_model else None
     return tokenizer, policy, reference, reward_model
 
 
@@ -187,7 +167,7 @@ def train_rloo(
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
     rng = random.Random(config.seed)
-    prompt_stream = _cycle(list(range(len(prompts))), rng)
+    prompt_stream = cycle(list(range(len(prompts))), rng)
     encoded = [chat_prompt_ids(tokenizer, chat, max_prompt_tokens=config.max_prompt_tokens)[0] for chat in prompts]
     generator = torch.Generator(device=device).manual_seed(config.seed)
     episodes = config.prompts_per_iteration * config.k
@@ -213,7 +193,18 @@ def train_rloo(
         )
         responses = [row[:n] for row, n in zip(batch.responses.tolist(), lengths, strict=True)]
         chats = [prompts[i] for i in episode_prompts]
-        scores = _scores(reward_model, None, reward_fn, chats, responses, finished, tokenizer, config, device)
+        scores = episode_scores(
+            reward_model,
+            None,
+            reward_fn,
+            chats,
+            responses,
+            finished,
+            tokenizer,
+            batch_size=config.minibatch_size,
+            missing_eos_penalty=config.missing_eos_penalty,
+            device=device,
+        )
         # 3. Rollout-time and reference log-probs, the sequence KL and its guard.
         parts = {"logprobs": [], "ref_logprobs": []}
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Reward-model scores for (conversation, reply) pairs, batched.
+"""Reward-model scores for (conversation, reply) pairs, batched; and a policy's log-probs of replies.
 
 One definition of what the reward model reads, shared by training (ml/reward.py), PPO and serving:
 the conversation rendered with the chat template up to the assistant's turn, the reply's tokens, and the
@@ -71,3 +71,45 @@ def score_pairs(model, tokenizer, pairs: Sequence[tuple[list[dict], str]], *, ba
         for i, value in zip(batch, sequence_scores(model, ids, mask).tolist(), strict=True):
             scores[i] = value
     return scores
+
+
+# --- a policy's log-probs of replies ---
+
+
+def target_logprobs(logits: torch.Tensor, ids: torch.Tensor, reply_lengths: torch.Tensor):
+    """From the logits at each left-padded row's last W + 1 positions: the log-prob of each of the row's last W
+    tokens, [B, W], and the mask of the row's own reply tokens (its last `reply_lengths` ones)."""
+    width = logits.shape[1] - 1
+    targets = ids[:, -width:]
+    logprobs = logits[:, :-1, :].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    reply = torch.arange(width, device=ids.device)[None, :] >= (width - reply_lengths)[:, None]
+    return logprobs, reply
+
+
+def reply_token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, reply_lengths: torch.Tensor):
+    """Left-padded rows that end with their reply: (the log-prob of each reply token under `model` [B, W], the
+    mask of each row's reply tokens), W the longest reply. Only the logits that predict reply tokens are computed.
+    Differentiable unless the caller disables gradients; the caller picks the precision (autocast or not)."""
+    width = max(int(reply_lengths.max()), 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    return target_logprobs(logits, ids, reply_lengths)
+
+
+@torch.inference_mode()
+def reply_logprob_sums(model, tokenizer, chats, replies, *, batch_size: int = 8) -> list[float]:
+    """Sum of log-probabilities of each reply's tokens (`replies`: token ids, with the end-of-turn token where it
+    ended) after its conversation's prompt, as the sampler renders it."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sums = []
+    for start in range(0, len(chats), batch_size):
+        batch_replies = [list(r) for r in replies[start : start + batch_size]]
+        prompts = [
+            chat_prompt_ids(tokenizer, chat, max_prompt_tokens=1024)[0] for chat in chats[start : start + batch_size]
+        ]
+        ids, mask = left_pad([p + r for p, r in zip(prompts, batch_replies, strict=True)], pad_id, device)
+        lengths = torch.tensor([len(r) for r in batch_replies], device=device)
+        logprobs, reply = reply_token_logprobs(model, ids, mask, lengths)
+        sums.extend(torch.where(reply, logprobs, torch.zeros_like(logprobs)).sum(-1).tolist())
+    return sums

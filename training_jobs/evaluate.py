@@ -13,7 +13,6 @@ import logging
 import random
 import secrets
 
-import torch
 from django.conf import settings as django_settings
 from django.db import transaction
 from django.utils import timezone
@@ -21,8 +20,8 @@ from django.utils import timezone
 from labeling import splits
 from labeling.models import Message, Role, TaskKind
 from labeling.services import message_create, task_create
-from ml.generation import chat_prompt_ids, sample_completions
-from ml.scoring import score_pairs
+from ml.generation import sample_completions
+from ml.scoring import reply_logprob_sums, score_pairs
 from models_service.loading import load_version
 from models_service.models import ModelVersion
 from models_service.sampling import serving_params
@@ -39,30 +38,6 @@ def reference_of(version: ModelVersion) -> ModelVersion:
         if ancestor.stage == ModelVersion.Stage.SFT:
             return ancestor
     return version.lineage[0]
-
-
-@torch.inference_mode()
-def reply_logprob_sums(model, tokenizer, chats, replies, *, batch_size: int = 8) -> list[float]:
-    """Sum of log-probabilities of each reply's tokens (with its end-of-turn token) after its prompt."""
-    device = next(model.parameters()).device
-    sums = []
-    for start in range(0, len(chats), batch_size):
-        rows, spans = [], []
-        for chat, reply in zip(chats[start : start + batch_size], replies[start : start + batch_size], strict=True):
-            prompt, _ = chat_prompt_ids(tokenizer, chat, max_prompt_tokens=1024)
-            rows.append(prompt + reply)
-            spans.append((len(prompt), len(reply)))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids.to(device)[:, 1:, None])[..., 0]
-        for i, (prompt_length, reply_length) in enumerate(spans):
-            sums.append(float(logprobs[i, prompt_length - 1 : prompt_length - 1 + reply_length].sum()))
-    return sums
 
 
 def _sample(version: ModelVersion, chats, params):

@@ -10,21 +10,17 @@ import torch
 from ml.common import Cancelled, Progress, TrainingFailed
 from ml.ppo import (
     PPOConfig,
-    Rollout,
     demonstration_loss,
     gae,
-    policy_loss,
     policy_step,
-    reference_logprobs,
-    response_logprobs,
     reward_scores,
-    sample_responses,
     token_rewards,
     token_values,
     train_ppo,
     value_loss,
     whiten,
 )
+from ml.rl import Rollout, policy_loss, reference_logprobs, response_logprobs, sample_responses
 from tests.support.ppo import PROMPTS, low_byte_fraction
 
 
