@@ -30,8 +30,8 @@ django.setup()
 import torch  # noqa: E402
 
 from bench.training import default_model_dir, demonstrations, log  # noqa: E402
-from ml.common import Progress  # noqa: E402
 from ml.launch import Launch, train  # noqa: E402
+from ml.runs import Progress  # noqa: E402
 from ml.sft import SFTConfig  # noqa: E402
 
 

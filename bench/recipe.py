@@ -134,9 +134,9 @@ def _discard(args, tag: str) -> None:
 def run_rule(args, rule, policy: Path, data: dict) -> dict:
     from django.conf import settings
 
-    from ml.common import config_from
     from ml.dpo import DPOConfig, train_dpo
     from ml.reward import RewardConfig, train_reward
+    from ml.runs import config_from
 
     figures: dict = {"rule": rule.description}
     train, validation, counts = rankings_for(

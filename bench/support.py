@@ -85,14 +85,14 @@ def stage_configs(overrides: dict[str, dict]) -> dict[str, dict]:
 def machine_figures(model) -> dict:
     """How fast this machine is, for reading a run's wall times against another machine's: the processor, and
     the forward pass of `model` (a causal LM) over 16 x 128 tokens, in tokens per second, in fp32 and in the
-    training's precision (bf16 autocast where ml.common.cpu_bf16 turns it on). Best of 3 runs each,
+    training's precision (bf16 autocast where ml.device.cpu_bf16 turns it on). Best of 3 runs each,
     after one warm-up; run it with nothing else busy."""
     import platform
     import time
 
     import torch
 
-    from ml.common import autocast, cpu_bf16
+    from ml.device import autocast, cpu_bf16
 
     processor = platform.processor()
     try:

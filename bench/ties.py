@@ -41,7 +41,7 @@ def sft_policy(demonstrations: list[dict]) -> Path:
     `demonstrations`; cached by the data and config."""
     from django.conf import settings
 
-    from ml.common import config_from
+    from ml.runs import config_from
     from ml.sft import SFTConfig, train_sft
     from models_service import default_model
 

@@ -213,7 +213,7 @@ def _policy_child(kind: str, model_dir: str, reward_dir: str, iterations: int, l
     """One policy-step trainer in a fresh process: seconds per step (PPO and RLOO: per iteration; DPO: per
     optimizer step of 4 rankings of K = 4) and the process's peak RSS. `lora_top`: PPO's and RLOO's
     lora_top_layers (0: adapters on every block)."""
-    from ml.common import Progress
+    from ml.runs import Progress
 
     progress = Progress()
     times = _timed(progress)
@@ -312,8 +312,8 @@ def hh_reward(base_dir: Path, overrides: dict, *, heldout: int = 150, validation
     """The reward model on the shipped HH-RLHF sample, as the product trains it (the stage defaults with
     `overrides` on top): the last `heldout` pairs are never trained or validated on, `validation` before them
     validate, the rest train. Pairwise accuracy on both, and the time."""
-    from ml.common import config_from
     from ml.reward import RewardConfig, train_reward
+    from ml.runs import config_from
 
     pairs = hh_pairs()
     train, val, held = pairs[: -heldout - validation], pairs[-heldout - validation : -heldout], pairs[-heldout:]

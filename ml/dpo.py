@@ -38,25 +38,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ml.common import (
-    FrozenBlocks,
-    Progress,
-    TrainResult,
-    apply_lora,
+from ml.device import (
     autocast,
-    cosine_schedule,
     cpu_bf16,
     limit_allocator_caching,
     release_freed_memory,
-    save_model,
     seed_everything,
-    train_top_layers_only,
     training_device,
-    transformer_blocks,
 )
 from ml.generation import left_pad
+from ml.modeling import FrozenBlocks, apply_lora, cosine_schedule, save_model, train_top_layers_only, transformer_blocks
 from ml.reward import Ranked, ranking_pairs
 from ml.rl import disable_dropout
+from ml.runs import Progress, TrainResult
 from ml.scoring import reply_token_logprobs, target_logprobs
 from ml.sft import IGNORE, encode
 

@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ml.common import Cancelled, Progress, TrainingFailed, TrainResult, config_from
+from ml.runs import Cancelled, Progress, TrainingFailed, TrainResult, config_from
 
 # name -> (module, function, config class)
 TRAINERS = {

@@ -28,20 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ml.common import (
-    Progress,
-    TrainingFailed,
-    TrainResult,
-    apply_lora,
-    autocast,
-    limit_allocator_caching,
-    release_freed_memory,
-    rollout_summary,
-    save_model,
-    seed_everything,
-    training_device,
-)
+from ml.device import autocast, limit_allocator_caching, release_freed_memory, seed_everything, training_device
 from ml.generation import chat_prompt_ids, eos_ids, left_pad
+from ml.modeling import apply_lora, save_model
 from ml.rl import (
     RewardFn,
     Rollout,
@@ -59,6 +48,7 @@ from ml.rl import (
     reward_classifier,
     sample_responses,
 )
+from ml.runs import Progress, TrainingFailed, TrainResult, rollout_summary
 from ml.scoring import REWARD_OFFSET, reply_token_logprobs, score_head, sequence_scores
 
 

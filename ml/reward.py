@@ -17,24 +17,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ml.common import (
+from ml.device import autocast, cpu_bf16, limit_allocator_caching, seed_everything, training_device
+from ml.generation import left_pad
+from ml.modeling import (
     FrozenBlocks,
-    Progress,
-    TrainResult,
     apply_lora,
-    autocast,
     cosine_schedule,
-    cpu_bf16,
-    limit_allocator_caching,
     save_model,
-    seed_everything,
     train_top_layers_only,
-    training_device,
     transformer_blocks,
     unwrapped,
 )
-from ml.generation import left_pad
 from ml.parallel import DataParallel
+from ml.runs import Progress, TrainResult
 from ml.scoring import REWARD_OFFSET, pair_input_ids, score_head, sequence_scores
 
 

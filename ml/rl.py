@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ml.common import TrainingFailed, apply_lora, autocast
+from ml.device import autocast
 from ml.generation import left_pad
+from ml.modeling import apply_lora
+from ml.runs import TrainingFailed
 from ml.scoring import score_pairs
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]

@@ -25,18 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ml.common import (
-    Progress,
-    TrainingFailed,
-    TrainResult,
-    limit_allocator_caching,
-    release_freed_memory,
-    rollout_summary,
-    save_model,
-    seed_everything,
-    training_device,
-)
+from ml.device import limit_allocator_caching, release_freed_memory, seed_everything, training_device
 from ml.generation import chat_prompt_ids, eos_ids
+from ml.modeling import save_model
 from ml.rl import (
     RewardFn,
     Rollout,
@@ -52,6 +43,7 @@ from ml.rl import (
     reward_classifier,
     sample_responses,
 )
+from ml.runs import Progress, TrainingFailed, TrainResult, rollout_summary
 
 
 @dataclass

@@ -11,20 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ml.common import (
-    Progress,
-    TrainResult,
-    apply_lora,
-    autocast,
-    cosine_schedule,
-    limit_allocator_caching,
-    save_model,
-    seed_everything,
-    train_top_layers_only,
-    training_device,
-)
+from ml.device import autocast, limit_allocator_caching, seed_everything, training_device
 from ml.generation import chat_prompt_ids
+from ml.modeling import apply_lora, cosine_schedule, save_model, train_top_layers_only
 from ml.parallel import DataParallel
+from ml.runs import Progress, TrainResult
 
 IGNORE = -100
 

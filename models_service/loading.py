@@ -14,23 +14,12 @@ from django.conf import settings
 from django.utils import timezone
 
 from ml.cpu_inference import pack_linear_layers
+from ml.device import inference_device
 from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.services import artifact_problems
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 (fp16 on GPUs without bf16) when a GPU is present; fp32 on the CPU.
-
-    On CPUs without bf16 matrix units, bf16 matmuls are hundreds of times slower than fp32 (bench/sampling.py
-    measures both), so bf16 is used on the CPU only when POLICY_CPU_DTYPE asks for it.
-    """
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), getattr(torch, settings.POLICY_CPU_DTYPE)
 
 
 def check_artifact(path: Path) -> None:
@@ -72,7 +61,7 @@ def load_version(version: ModelVersion, *, device=None, dtype=None, for_inferenc
     path = local_dir(version)  # its folder here, or a verified copy from the artifact store
     check_artifact(path)
     if device is None or dtype is None:
-        device, dtype = pick_device_and_dtype()
+        device, dtype = inference_device(cpu_dtype=settings.POLICY_CPU_DTYPE)
     model_class = (
         AutoModelForSequenceClassification if version.kind == ModelVersion.Kind.REWARD else AutoModelForCausalLM
     )

@@ -204,7 +204,7 @@ def serve_on(backend, version: ModelVersion) -> str:
     """Make the server serve `version` without a restart where it can: already served; or a LoRA policy whose
     parent the server runs as its weights, whose adapter the server is asked to load. Otherwise BackendError with
     what to do. Returns what was done."""
-    from ml.common import ADAPTER_DIR
+    from ml.modeling import ADAPTER_DIR
     from models_service.artifact_store import local_dir
     from models_service.openai_backend import BackendError
 

@@ -25,8 +25,8 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
-from ml.common import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from ml.launch import Launch, train
+from ml.runs import Cancelled, Progress, TrainingFailed, config_from, library_versions
 from models_service.artifact_store import local_dir
 from models_service.models import ModelVersion
 from models_service.selectors import active_version, newest_ready

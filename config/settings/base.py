@@ -314,7 +314,7 @@ if TRAINING_ACCELERATE_CONFIG:
     if not Path(TRAINING_ACCELERATE_CONFIG).is_file():
         raise ImproperlyConfigured(f"TRAINING_ACCELERATE_CONFIG: {TRAINING_ACCELERATE_CONFIG} is not a file.")
 TRAINING_NUM_PROCESSES = env_int("TRAINING_NUM_PROCESSES", 0, min_value=0)
-# Mixed precision for training on the CPU (ml.common.cpu_bf16, which reads the variable itself): checked
+# Mixed precision for training on the CPU (ml.device.cpu_bf16, which reads the variable itself): checked
 # here so that a bad value stops the deployment at start-up. None = auto (where the CPU multiplies bf16 natively).
 TRAINING_CPU_BF16 = env_bool_or_auto("TRAINING_CPU_BF16", "auto")
 TRAINING_RLOO_DEFAULTS = env_json_object(

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ml.common import Cancelled, Progress
 from ml.dpo import (
     DPOConfig,
     dpo_ranking_loss,
@@ -16,6 +15,7 @@ from ml.dpo import (
     train_dpo,
 )
 from ml.reward import Ranked
+from ml.runs import Cancelled, Progress
 from tests.support.dpo import synthetic_rankings
 
 

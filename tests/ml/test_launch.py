@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ml.common import Cancelled, Progress, TrainingFailed
 from ml.launch import Launch, train
 from ml.reward import RewardConfig
+from ml.runs import Cancelled, Progress, TrainingFailed
 from ml.sft import SFTConfig
 from tests.ml.test_reward import synthetic_rankings
 from tests.ml.test_sft import chats

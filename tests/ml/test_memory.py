@@ -2,7 +2,7 @@
 
 import torch
 
-from ml.common import limit_allocator_caching, release_freed_memory
+from ml.device import limit_allocator_caching, release_freed_memory
 
 
 def resident_mb() -> float:

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.common import Cancelled, Progress, TrainingFailed
 from ml.ppo import (
     PPOConfig,
     demonstration_loss,
@@ -21,6 +20,7 @@ from ml.ppo import (
     whiten,
 )
 from ml.rl import Rollout, policy_loss, reference_logprobs, response_logprobs, sample_responses
+from ml.runs import Cancelled, Progress, TrainingFailed
 from tests.support.ppo import PROMPTS, low_byte_fraction
 
 
@@ -230,7 +230,7 @@ def test_the_kl_guard_stops_a_run_that_drifts(tiny_model_dirs, reward_dirs, tmp_
 
 
 def test_lora_reference_is_the_sft_policy(tiny_model_dirs):
-    from ml.common import apply_lora
+    from ml.modeling import apply_lora
 
     sft, tokenizer = load_policy(tiny_model_dirs[0])
     policy = apply_lora(load_policy(tiny_model_dirs[0])[0], rank=8, alpha=16)
@@ -255,7 +255,7 @@ def test_lora_reference_is_the_sft_policy(tiny_model_dirs):
 def test_lora_on_the_top_blocks_leaves_the_lower_blocks_as_they_were(tiny_model_dirs, reward_dirs, tmp_path):
     from safetensors.torch import load_file
 
-    from ml.common import apply_lora
+    from ml.modeling import apply_lora
 
     policy = load_policy(tiny_model_dirs[0])[0]
     top = policy.config.num_hidden_layers - 1
@@ -281,8 +281,8 @@ def test_lora_on_the_top_blocks_leaves_the_lower_blocks_as_they_were(tiny_model_
 def test_lora_reward_model_is_the_value_model_with_adapters_disabled(reward_dirs):
     from transformers import AutoModelForSequenceClassification
 
-    from ml.common import apply_lora
     from ml.generation import left_pad
+    from ml.modeling import apply_lora
     from ml.scoring import sequence_scores
 
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dirs["random"]).eval()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ml import common
+from ml import device
 from ml.dpo import DPOConfig, train_dpo
 from ml.reward import RewardConfig, train_reward
 from tests.support.dpo import synthetic_rankings as dpo_rankings
@@ -13,8 +13,8 @@ from tests.support.reward import synthetic_rankings
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("FALSE", False), ("on", True)])
 def test_the_setting_switches_bf16_autocast(monkeypatch, value, expected):
     monkeypatch.setenv("TRAINING_CPU_BF16", value)
-    assert common.cpu_bf16() is expected
-    with common.autocast():
+    assert device.cpu_bf16() is expected
+    with device.autocast():
         product = torch.ones(4, 4) @ torch.ones(4, 4)
     assert product.dtype == (torch.bfloat16 if expected else torch.float32)
 
@@ -27,7 +27,7 @@ def test_a_bad_value_is_refused_with_its_name(monkeypatch, value):
 
     monkeypatch.setenv("TRAINING_CPU_BF16", value)
     with pytest.raises(ValueError, match="TRAINING_CPU_BF16"):  # ml/ imports no Django, so not ImproperlyConfigured
-        common.cpu_bf16()
+        device.cpu_bf16()
     with pytest.raises(ImproperlyConfigured, match="TRAINING_CPU_BF16"):
         env_bool_or_auto("TRAINING_CPU_BF16", "auto")  # the settings' start-up check
 
@@ -39,7 +39,7 @@ def test_auto_follows_the_processors_native_bf16(monkeypatch, amx, avx512_bf16, 
     monkeypatch.setenv("TRAINING_CPU_BF16", "auto")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    assert common.cpu_bf16() is expected
+    assert device.cpu_bf16() is expected
 
 
 def test_the_reward_model_and_dpo_learn_under_bf16_autocast_with_fp32_weights(monkeypatch, tiny_model_dirs, tmp_path):

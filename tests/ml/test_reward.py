@@ -83,7 +83,7 @@ def test_the_reward_model_trains_with_lora(tiny_model_dirs, tmp_path):
 
 
 def test_kept_frozen_block_states_give_the_full_models_scores(tiny_model_dirs):
-    from ml.common import train_top_layers_only
+    from ml.modeling import train_top_layers_only
     from ml.reward import RewardBlocks, load_reward_model
 
     model, tokenizer = load_reward_model(tiny_model_dirs[0], dtype=torch.float32, device=torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_top_layer_training_on_kept_states_trains_like_the_full_pass(tiny_model_
 def test_the_frozen_block_pass_reports_progress_and_stops_when_cancelled(tiny_model_dirs, tmp_path):
     """The pass over every reply takes minutes with the default model: it must keep the run's heartbeat (a run
     silent for TRAINING_HEARTBEAT_TIMEOUT_S is reaped as lost) and honour a cancel."""
-    from ml.common import Cancelled, Progress
+    from ml.runs import Cancelled, Progress
 
     flushes = []
     progress = Progress(sink=lambda p: flushes.append(p.step), should_stop=lambda: len(flushes) > 3, interval_s=0)

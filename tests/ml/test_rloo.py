@@ -4,7 +4,6 @@ within the KL bound, the KL guard, the saved folder, cancellation and the missin
 import pytest
 import torch
 
-from ml.common import Cancelled, Progress, TrainingFailed
 from ml.rloo import (
     RLOOConfig,
     leave_one_out_advantages,
@@ -12,6 +11,7 @@ from ml.rloo import (
     sequence_kl,
     train_rloo,
 )
+from ml.runs import Cancelled, Progress, TrainingFailed
 from tests.support.ppo import PROMPTS, low_byte_fraction
 
 

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ml.common import Cancelled, Progress
+from ml.runs import Cancelled, Progress
 from ml.sft import IGNORE, SFTConfig, encode, train_sft
 
 
@@ -68,7 +68,7 @@ def test_a_cancelled_run_stops_and_writes_nothing(tiny_model_dirs, tmp_path):
 
 
 def test_training_only_the_top_layers(tiny_model_dirs, tmp_path):
-    from ml.common import train_top_layers_only
+    from ml.modeling import train_top_layers_only
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[0])
     total = sum(p.numel() for p in model.parameters())

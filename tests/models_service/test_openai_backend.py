@@ -126,7 +126,7 @@ def lora_policy(source_dir, destination):
     """A policy trained with LoRA as PPO trains it: its folder holds the merged weights and the adapter alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ml.common import ADAPTER_DIR, apply_lora, save_model
+    from ml.modeling import ADAPTER_DIR, apply_lora, save_model
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(source_dir), rank=4, alpha=8, top_layers=1)
     save_model(model, AutoTokenizer.from_pretrained(source_dir), destination)

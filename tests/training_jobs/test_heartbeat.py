@@ -11,7 +11,7 @@ import time
 import pytest
 from django.utils import timezone
 
-from ml.common import TrainResult
+from ml.runs import TrainResult
 from models_service.models import ModelVersion
 from training_jobs import runner, services
 from training_jobs.models import TrainingRun
