@@ -134,12 +134,6 @@ def workers_by_queue(timeout: float = 1.0) -> dict[str, list[str]]:
 
 
 # What each queue's absence stops, for the ops page.
-QUEUE_EFFECTS = {
-    "interactive": "chat replies and drafts wait",
-    "sampling": "no ranking tasks are sampled",
-    "training": "no run or evaluation starts",
-    "control": "the loop does not tick; leases are not expired",
-}
 
 
 def waiting_by_queue(queues) -> dict[str, int]:
@@ -155,31 +149,3 @@ def waiting_by_queue(queues) -> dict[str, int]:
             except ChannelError:
                 counts[queue] = 0
     return counts
-
-
-def queue_health(timeout: float = 1.0) -> list[dict]:
-    """One row per queue: the workers serving it now, or else the last ones seen serving it (and when), the
-    messages waiting for it, and what stops without them. "Seen" is remembered in the cache by earlier calls, so a
-    worker that died reads differently from one that never started."""
-    import datetime as dt
-
-    from django.core.cache import cache
-
-    queues = workers_by_queue(timeout=timeout)
-    now = dt.datetime.now(dt.UTC)
-    seen: dict = cache.get("ops:queue-last-seen") or {}
-    for queue, names in queues.items():
-        if names:
-            seen[queue] = {"names": names, "at": now}
-    cache.set("ops:queue-last-seen", seen, timeout=None)
-    waiting = waiting_by_queue(queues)
-    return [
-        {
-            "queue": queue,
-            "names": names,
-            "waiting": waiting[queue],
-            "last_seen": None if names or queue not in seen else seen[queue],
-            "effect": QUEUE_EFFECTS.get(queue, ""),
-        }
-        for queue, names in queues.items()
-    ]

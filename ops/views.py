@@ -18,8 +18,15 @@ from labeling.services import conversation_moderate, import_job_create
 from models_service.models import ModelVersion
 from models_service.selectors import rollback_targets
 from models_service.services import model_version_activate, model_version_rollback
-from training_jobs import loop, selectors, services
+from ops import selectors
+from training_jobs import loop, services
 from training_jobs.models import OPERATE_LOOP, Evaluation, TrainingRun
+from training_jobs.selectors import (
+    cancel_consequence,
+    cancel_consequence_sentence,
+    start_notice,
+    training_worker_listens,
+)
 
 
 def can_operate(user) -> bool:
@@ -63,7 +70,7 @@ def start_run(request):
         run = services.training_run_create(kind=kind, triggered_by=request.user)
     except ValidationError as error:
         return _refused(request, error)
-    messages.add_message(request, *selectors.start_notice(run))
+    messages.add_message(request, *start_notice(run))
     return redirect("ops:run", run_id=run.pk)
 
 
@@ -81,7 +88,7 @@ def train_on_what_there_is(request):
         run = services.loop_train_on_what_there_is(actor=request.user)
     except ValidationError as error:
         return _refused(request, error)
-    messages.add_message(request, *selectors.start_notice(run))
+    messages.add_message(request, *start_notice(run))
     return redirect("ops:run", run_id=run.pk)
 
 
@@ -120,9 +127,9 @@ def run_detail(request, run_id: int):
             "run": run,
             "chart_data": selectors.run_chart_data(run),
             "produced": run.produced_models.all(),
-            "cancel_consequence": selectors.cancel_consequence(),
+            "cancel_consequence": cancel_consequence(),
             # Asked only while the run waits (the broadcast takes up to 1 s).
-            "no_training_worker": run.status == TrainingRun.Status.QUEUED and not selectors.training_worker_listens(),
+            "no_training_worker": run.status == TrainingRun.Status.QUEUED and not training_worker_listens(),
         },
     )
 
@@ -142,7 +149,7 @@ def cancel_run(request, run_id: int):
     except ValidationError as error:
         return _refused(request, error, "ops:run", run_id=run_id)
     state = "cancelled" if run.status == TrainingRun.Status.CANCELLED else "stopping at its next step"
-    again = selectors.cancel_consequence_sentence()
+    again = cancel_consequence_sentence()
     return _done(request, f"Run #{run.pk} is {state}.{again}", "ops:run", run_id=run_id)
 
 
@@ -273,9 +280,7 @@ def workers(request):
     """Which host serves which queue (the overview loads it after the page, as the workers take up to 1 s)."""
     from django.utils import timezone
 
-    from config.celery_app import queue_health
-
-    rows = queue_health(timeout=1.0)
+    rows = selectors.queue_health(timeout=1.0)
     last_beat = loop.last_beat_tick()
     control = next(row for row in rows if row["queue"] == "control")
     return render(

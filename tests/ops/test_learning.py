@@ -12,10 +12,10 @@ from django.utils import timezone
 from labeling import services as labeling_services
 from labeling.models import Conversation, Task
 from models_service.models import ModelVersion
+from ops import selectors
 from tests.support.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
 from tests.support.labeling import make_rank_task
 from tests.support.training import rank, set_loop
-from training_jobs import selectors
 from training_jobs.models import Evaluation, TrainingRun
 
 pytestmark = pytest.mark.django_db
