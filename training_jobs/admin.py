@@ -7,7 +7,9 @@ from training_jobs.models import Evaluation, LoopSettings, TrainingRun
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
-    actions = ["cancel_runs", "retrain_sft", "retrain_rm", "retrain_ppo", "retrain_dpo", "retrain_rloo"]
+    """Runs to browse. Starting one is the ops pages' (Runs → Start a run): one console, one set of words."""
+
+    actions = ["cancel_runs"]
     list_display = ["id", "kind", "status", "started_by", "progress", "base_model", "created_at", "duration"]
     list_filter = ["kind", "status", "trigger", "created_at"]
     search_fields = ["id", "error", "log_tail", "celery_task_id"]
@@ -31,8 +33,8 @@ class TrainingRunAdmin(admin.ModelAdmin):
         "finished_at",
     ]
 
-    # A run's record is history: its kind, status, inputs and results change only through the services (the
-    # retrain actions here, the ops page, cancel, the worker), never by hand. A run added by hand could claim to be
+    # A run's record is history: its kind, status, inputs and results change only through the services (the ops
+    # pages, cancel, the worker), never by hand. A run added by hand could claim to be
     # running and block every retrain; so admin views runs and neither adds nor edits them.
     def has_add_permission(self, request):
         return False
@@ -67,35 +69,6 @@ class TrainingRunAdmin(admin.ModelAdmin):
     @admin.display(description="trigger")
     def started_by(self, obj):
         return obj.started_by
-
-    def _retrain(self, request, kind):
-        try:
-            run = services.training_run_create(kind=kind, triggered_by=request.user)
-        except ValidationError as error:
-            self.message_user(request, " ".join(error.messages), level=messages.ERROR)
-        else:
-            level, text = selectors.start_notice(run)
-            self.message_user(request, text, level=level)
-
-    @admin.action(description="Retrain now: SFT (from the newest models; tick any row, it is not used)")
-    def retrain_sft(self, request, queryset):
-        self._retrain(request, "sft")
-
-    @admin.action(description="Retrain now: reward model (from the newest models; tick any row, it is not used)")
-    def retrain_rm(self, request, queryset):
-        self._retrain(request, "rm")
-
-    @admin.action(description="Retrain now: PPO (from the newest models; tick any row, it is not used)")
-    def retrain_ppo(self, request, queryset):
-        self._retrain(request, "ppo")
-
-    @admin.action(description="Retrain now: DPO (from the newest models; tick any row, it is not used)")
-    def retrain_dpo(self, request, queryset):
-        self._retrain(request, "dpo")
-
-    @admin.action(description="Retrain now: RLOO (from the newest models; tick any row, it is not used)")
-    def retrain_rloo(self, request, queryset):
-        self._retrain(request, "rloo")
 
 
 @admin.register(LoopSettings)
