@@ -14,7 +14,7 @@ from config.api import StaffSeesMore, StrictCharField
 from labeling import services
 from labeling.limits import MAX_MESSAGE_CHARS
 from labeling.models import Assignment, CandidateFlag, Conversation, Message, Review, TaskKind
-from labeling.selectors import candidate_handles, message_thread
+from labeling.selectors import CandidateHandles, candidate_handles, message_thread
 
 MAX_CANDIDATES = 9  # a ranking has at most 9 candidates (RankingEntry's rank range)
 
@@ -218,9 +218,9 @@ class SubmitApi(APIView):
         kind = assignment.task.kind
         if kind == TaskKind.RANK_REPLIES:
             data = self._valid(self.RankInput, request)
-            ids = {handle: i for i, handle in candidate_handles(assignment.task, assignment.labeler_id).items()}
-            unknown = sorted({h for group in data["order"] for h in group} - set(ids))
-            unknown_flags = sorted(set(data.get("flags", {})) - set(ids))
+            candidates = CandidateHandles.of(assignment.task, assignment.labeler_id)
+            unknown = candidates.unknown(h for group in data["order"] for h in group)
+            unknown_flags = candidates.unknown(data.get("flags", {}))
             if unknown or unknown_flags:
                 field = "order" if unknown else "flags"
                 raise serializers.ValidationError(
@@ -228,8 +228,8 @@ class SubmitApi(APIView):
                 )
             work = {
                 "ranking": services.RankingInput(
-                    order=[[ids[h] for h in group] for group in data["order"]],
-                    flags={ids[h]: value for h, value in data.get("flags", {}).items()},
+                    order=candidates.order_ids(data["order"]),
+                    flags=candidates.flag_ids(data.get("flags", {})),
                     quality_rating=data.get("quality_rating"),
                     all_unacceptable=data["all_unacceptable"],
                     confirm_untouched=data["confirm_untouched"],

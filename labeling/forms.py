@@ -6,6 +6,7 @@ from django import forms
 
 from labeling.limits import CONTENT_SKIP_REASON, MAX_MESSAGE_CHARS
 from labeling.models import Assignment, CandidateFlag, LabelerProfile, Review
+from labeling.selectors import CandidateHandles
 from labeling.services.submissions import RankingInput
 
 LANGUAGES = [
@@ -99,6 +100,7 @@ class RankingForm(TimedForm):
         """`handles`: {message id: the opaque handle the page shows for it} (selectors.candidate_handles)."""
         super().__init__(*args, **kwargs)
         self.handles = dict(handles or {})
+        self.candidates = CandidateHandles(self.handles)
         self.candidate_ids = list(self.handles)
 
     def clean_order(self):
@@ -110,14 +112,13 @@ class RankingForm(TimedForm):
             order = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
             raise unreadable from None
-        ids = {handle: i for i, handle in self.handles.items()}
         if not (
             isinstance(order, list)
             and all(isinstance(group, list) and group for group in order)
-            and all(isinstance(h, str) and h in ids for group in order for h in group)
+            and not self.candidates.unknown(h for group in order for h in group)
         ):
             raise unreadable
-        return [[ids[h] for h in group] for group in order]
+        return self.candidates.order_ids(order)
 
     def ranking_input(self) -> RankingInput:
         data = self.cleaned_data

@@ -210,6 +210,29 @@ def candidate_handles(task, labeler_id: int) -> dict[int, str]:
     }
 
 
+class CandidateHandles:
+    """A ranking task's candidates as one labeler's page and API name them (candidate_handles), both ways: what a
+    submission names by handle becomes message ids here, and only here."""
+
+    def __init__(self, handles: dict[int, str]):
+        self.by_id = dict(handles)
+        self.by_handle = {handle: message_id for message_id, handle in self.by_id.items()}
+
+    @classmethod
+    def of(cls, task, labeler_id: int) -> "CandidateHandles":
+        return cls(candidate_handles(task, labeler_id))
+
+    def unknown(self, handles) -> list[str]:
+        """The names among `handles` that are not this task's candidates for this labeler, sorted."""
+        return sorted({str(h) for h in handles if not (isinstance(h, str) and h in self.by_handle)})
+
+    def order_ids(self, order: list[list[str]]) -> list[list[int]]:
+        return [[self.by_handle[h] for h in group] for group in order]
+
+    def flag_ids(self, flags: dict[str, list]) -> dict[int, list]:
+        return {self.by_handle[h]: value for h, value in flags.items()}
+
+
 def display_order(task: Task, labeler_id: int) -> list[int]:
     """The order a labeler sees the candidates in: shuffled per labeler, so position bias does not add up
     across the labelers who overlap on a task."""

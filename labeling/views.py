@@ -1,5 +1,7 @@
 """The labeler's pages. Views parse, call one service or selector, and render; logic lives in services."""
 
+from contextlib import contextmanager
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -26,12 +28,33 @@ from labeling.selectors import (
 WRITE_KINDS = {TaskKind.WRITE_PROMPT, TaskKind.WRITE_ASSISTANT_REPLY, TaskKind.WRITE_USER_REPLY}
 
 
-def _add_errors(form, error: ValidationError) -> None:
-    if hasattr(error, "error_dict"):
-        for field, field_errors in error.message_dict.items():
-            form.add_error(field if field in form.fields else None, field_errors)
-    else:
-        form.add_error(None, error.messages)
+class Refusal:
+    """What `refusals_onto` caught, if anything: the service's ValidationError (None for other refusals)."""
+
+    error: ValidationError | None = None
+
+    def has_code(self, field: str, code: str) -> bool:
+        return self.error is not None and any(
+            e.code == code for e in getattr(self.error, "error_dict", {}).get(field, [])
+        )
+
+
+@contextmanager
+def refusals_onto(form):
+    """Run a service call and show its refusal on `form`: a ValidationError's messages on their fields (or the
+    form's top), a SubmissionRefused (the lease ran out, the task filled) at the top. The page then answers 422."""
+    caught = Refusal()
+    try:
+        yield caught
+    except ValidationError as error:
+        caught.error = error
+        if hasattr(error, "error_dict"):
+            for field, field_errors in error.message_dict.items():
+                form.add_error(field if field in form.fields else None, field_errors)
+        else:
+            form.add_error(None, error.messages)
+    except services.SubmissionRefused as error:
+        form.add_error(None, str(error))
 
 
 @login_required
@@ -114,10 +137,6 @@ def _submitted(request, result: services.SubmitResult):
     return _task_page(request, _own_assignment(request, assignment_id), None)
 
 
-def _refused(form, error: services.SubmissionRefused):
-    form.add_error(None, str(error))
-
-
 def _context(assignment, **extra) -> dict:
     task = assignment.task
     context_message = task.parent_message or (task.target_message.parent if task.target_message else None)
@@ -142,16 +161,12 @@ def _work_write(request, assignment, data):
         form = form_class(data)
         if form.is_valid():
             data = form.cleaned_data
-            try:
+            with refusals_onto(form):
                 prompt = {"language": data["language"], "tags": data["tags"]} if kind == TaskKind.WRITE_PROMPT else {}
                 result = services.assignment_submit(
                     assignment=assignment, text=data["text"], time_spent_ms=data["time_spent_ms"], **prompt
                 )
                 return _submitted(request, result)
-            except ValidationError as error:
-                _add_errors(form, error)
-            except services.SubmissionRefused as error:
-                _refused(form, error)
         status = 422
     else:
         form = form_class(initial={"text": assignment.draft})
@@ -178,18 +193,14 @@ def _work_rank(request, assignment, data):
     if data is not None:
         form = forms.RankingForm(data, handles=handles)
         if form.is_valid():
-            try:
+            with refusals_onto(form) as refusal:
                 result = services.assignment_submit(
                     assignment=assignment,
                     ranking=form.ranking_input(),
                     time_spent_ms=form.cleaned_data["time_spent_ms"],
                 )
                 return _submitted(request, result)
-            except ValidationError as error:
-                untouched_warning = any(e.code == "untouched" for e in error.error_dict.get("order", []))
-                _add_errors(form, error)
-            except services.SubmissionRefused as error:
-                _refused(form, error)
+            untouched_warning = refusal.has_code("order", "untouched")
         status = 422
     else:
         form = forms.RankingForm(handles=handles)
@@ -244,7 +255,7 @@ def _work_review(request, assignment, data):
         form = forms.ReviewForm(data)
         if form.is_valid():
             data = form.cleaned_data
-            try:
+            with refusals_onto(form):
                 result = services.assignment_submit(
                     assignment=assignment,
                     decision=data["decision"],
@@ -252,10 +263,6 @@ def _work_review(request, assignment, data):
                     time_spent_ms=data["time_spent_ms"],
                 )
                 return _submitted(request, result)
-            except ValidationError as error:
-                _add_errors(form, error)
-            except services.SubmissionRefused as error:
-                _refused(form, error)
         status = 422
     else:
         form = forms.ReviewForm()
@@ -350,7 +357,7 @@ def edit_message(request, message_id: int):
     status = 200
     if request.method == "POST":
         if form.is_valid():
-            try:
+            with refusals_onto(form):
                 saved = services.message_edit(message=message, user=request.user, text=form.cleaned_data["text"])
                 if saved.pk == message.pk:
                     messages.success(request, "Your change is saved.")
@@ -361,10 +368,6 @@ def edit_message(request, message_id: int):
                         "earlier text keep that text.",
                     )
                 return redirect("labeling:mine")
-            except ValidationError as error:
-                _add_errors(form, error)
-            except services.SubmissionRefused as error:
-                _refused(form, error)
         status = 422
     return render(
         request,
@@ -392,14 +395,10 @@ def edit_ranking(request, ranking_id: int):
     if request.method == "POST":
         form = forms.RankingForm(request.POST, handles=handles)
         if form.is_valid():
-            try:
+            with refusals_onto(form):
                 services.ranking_edit(ranking=ranking, user=request.user, new=form.ranking_input())
                 messages.success(request, "Your ranking is updated.")
                 return redirect("labeling:mine")
-            except ValidationError as error:
-                _add_errors(form, error)
-            except services.SubmissionRefused as error:
-                _refused(form, error)
         status = 422
         posted = _posted_order(form, candidate_ids)
     else:
