@@ -56,6 +56,7 @@ from bench.support import (  # noqa: E402
     recreate_database,
     stage_configs,
 )
+from config import stages  # noqa: E402
 from tests.support import processes as procs  # noqa: E402
 
 
@@ -202,7 +203,7 @@ def main() -> None:
     parser.add_argument("--demonstrations", type=int, default=200)
     parser.add_argument("--rankings", type=int, default=300)
     parser.add_argument("--ppo-iterations", type=int, default=None, help="the product's default if absent")
-    parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], default=None, help="the loop's default if absent")
+    parser.add_argument("--path", choices=stages.policy_steps(), default=None, help="the loop's default if absent")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--tick-s", type=float, default=5.0)
     parser.add_argument("--timeout-min", type=float, default=60.0)

@@ -82,6 +82,7 @@ from bench.support import (  # noqa: E402
     self_instruct,
     stage_configs,
 )
+from config import stages  # noqa: E402
 from tests.support import processes as procs  # noqa: E402
 
 
@@ -776,7 +777,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", action="append", choices=sorted(RULES), help="a rule to run (repeatable); all")
-    parser.add_argument("--path", choices=["ppo", "dpo", "rloo"], help="the policy step (default: the product's)")
+    parser.add_argument("--path", choices=stages.policy_steps(), help="the policy step (default: the product's)")
     parser.add_argument("--demonstrations", type=int, default=64)
     parser.add_argument("--rankings", type=int, help="the reward-model threshold (default: the product's)")
     parser.add_argument("--k", type=int, help="candidates per ranking task (default: the product's SAMPLING_K)")

@@ -147,7 +147,7 @@ def run_rule(args, rule, policy: Path, data: dict) -> dict:
     tag = f"{rule.name}-k{args.k}-n{args.rankings}-{int(time.time())}"
     started = time.monotonic()
     if not args.no_rm:
-        rm_config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **args.rm})
+        rm_config = config_from(RewardConfig, {**settings.TRAINING_STAGE_DEFAULTS["rm"], **args.rm})
         rm_dir = CACHE / f"rm-{tag}"
         result = train_reward(rm_config, train, validation, base_dir=policy, output_dir=rm_dir)
         figures["rm_val_accuracy"] = result.metrics.get("val_accuracy")
@@ -160,7 +160,7 @@ def run_rule(args, rule, policy: Path, data: dict) -> dict:
         _discard(args, tag)
         return figures
     started = time.monotonic()
-    dpo_config = config_from(DPOConfig, {**settings.TRAINING_DPO_DEFAULTS, **args.dpo})
+    dpo_config = config_from(DPOConfig, {**settings.TRAINING_STAGE_DEFAULTS["dpo"], **args.dpo})
     dpo_dir = CACHE / f"dpo-{tag}"
     result = train_dpo(dpo_config, train, validation, policy_dir=policy, output_dir=dpo_dir)
     figures["dpo_s"] = round(time.monotonic() - started, 1)

@@ -8,6 +8,8 @@ import os
 
 import psycopg
 
+from config import stages
+
 MAINTENANCE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 
 
@@ -50,7 +52,7 @@ def discard_scratch(database: str, redis_url: str, artifacts) -> None:
 # Each stage runs the product's own defaults (config/settings/base.py, the CPU settings for the default model), with
 # what --config overrides on top. A bench passes every stage's full config to the workers and reports it: an empty
 # object would not mean "the defaults" to the workers but "the trainer's bare dataclass defaults".
-STAGES = ("sft", "rm", "ppo", "dpo", "rloo")
+STAGES = tuple(stages.STAGES)  # config/stages.py
 
 
 def config_overrides(items: list[str], error) -> dict[str, dict]:
@@ -76,9 +78,8 @@ def stage_configs(overrides: dict[str, dict]) -> dict[str, dict]:
     from django.conf import settings
 
     return {
-        f"TRAINING_{stage.upper()}_CONFIG": getattr(settings, f"TRAINING_{stage.upper()}_DEFAULTS")
-        | overrides.get(stage, {})
-        for stage in STAGES
+        stages.STAGES[name].config_variable: settings.TRAINING_STAGE_DEFAULTS[name] | overrides.get(name, {})
+        for name in STAGES
     }
 
 

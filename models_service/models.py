@@ -7,22 +7,13 @@ from django.core.exceptions import SuspiciousFileOperation
 from django.db import models
 from django.db.models import Q
 
+from config import stages
+
 
 class ModelVersion(models.Model):
     class Kind(models.TextChoices):
         POLICY = "policy", "Policy"
         REWARD = "reward", "Reward model"
-
-    class Stage(models.TextChoices):
-        BASE = "base", "Base"
-        SFT = "sft", "Supervised fine-tuning"
-        RM = "rm", "Reward model"
-        PPO = "ppo", "PPO"
-        DPO = "dpo", "DPO"
-        RLOO = "rloo", "RLOO"
-
-    # The stages a policy-optimisation run (the loop's third step, on any of its paths) produces.
-    OPTIMISED_STAGES = (Stage.PPO, Stage.DPO, Stage.RLOO)
 
     class Status(models.TextChoices):
         PENDING = "pending", "Being written"
@@ -32,7 +23,7 @@ class ModelVersion(models.Model):
 
     name = models.CharField(max_length=128, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices)
-    stage = models.CharField(max_length=16, choices=Stage.choices)
+    stage = models.CharField(max_length=16, choices=stages.model_stage_choices)  # config/stages.py, or base
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children", help_text="Trained from."

@@ -8,6 +8,7 @@ from django.db.models import Count, Min
 from django.db.models.functions import TruncDate, TruncHour
 from django.utils import timezone
 
+from config import stages
 from labeling.models import Conversation, Message, Ranking, Review, Role
 from labeling.quality import agreement, agreement_at
 from models_service.models import ModelActivation, ModelVersion, SamplingRequest
@@ -136,7 +137,10 @@ def loop_overview() -> dict:
         )[:3],
         "over_time": data_over_time(),
         "learning": learning_rounds(),
-        "policy_paths": [(kind, TrainingRun.Kind(kind).label) for kind in TrainingRun.POLICY_KINDS],
+        "policy_paths": [(kind, stages.label(kind)) for kind in stages.policy_steps()],
+        "need_reward_model": " and ".join(
+            stages.label(kind) for kind in stages.policy_steps() if stages.STAGES[kind].needs_reward_model
+        ),
         "outlook": pool_outlook(settings),
     }
 
@@ -259,9 +263,9 @@ def learning_rounds(version: ModelVersion | None = None) -> dict:
     `version`, only the rounds of that version and its ancestors; with a reward model, the rounds it scored.
     Rounds keep their loop-wide numbers."""
     settings = LoopSettings.load()
-    stages = [*ModelVersion.OPTIMISED_STAGES, ModelVersion.Stage.SFT]
+    trained = [*stages.policy_steps(), stages.SFT]
     evaluations = (
-        Evaluation.objects.filter(candidate__kind=ModelVersion.Kind.POLICY, candidate__stage__in=stages)
+        Evaluation.objects.filter(candidate__kind=ModelVersion.Kind.POLICY, candidate__stage__in=trained)
         .select_related("candidate__training_run", "baseline", "reward_model")
         .order_by("created_at", "pk")
     )
@@ -287,7 +291,7 @@ def learning_rounds(version: ModelVersion | None = None) -> dict:
         "agreement": current["agreement"],
         "agreement_pairs": current["pairs"],
         "path": settings.policy_path,
-        "path_label": TrainingRun.Kind(settings.policy_path).label,
+        "path_label": stages.label(settings.policy_path),
         "chart": {
             "labels": [f"{r['number']}. {r['candidate']}" for r in rounds],
             "series": {

@@ -8,6 +8,7 @@ from rest_framework.generics import ListAPIView, RetrieveAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config import stages
 from config.api import IsAdmin, StaffSeesMore
 from models_service.models import ModelVersion
 from training_jobs import selectors, services
@@ -64,7 +65,7 @@ class TrainingRunCreateApi(APIView):
     permission_classes = [IsAdmin]
 
     class TrainingRunInput(serializers.Serializer):
-        kind = serializers.ChoiceField(choices=TrainingRun.Kind.values)
+        kind = serializers.ChoiceField(choices=list(stages.STAGES))
         config = serializers.DictField(required=False, default=dict)
         base_model = serializers.SlugRelatedField(
             slug_field="name", queryset=ModelVersion.objects.filter(kind="policy", status="ready"), required=False

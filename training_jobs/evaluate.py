@@ -17,6 +17,7 @@ from django.conf import settings as django_settings
 from django.db import transaction
 from django.utils import timezone
 
+from config import stages
 from labeling import splits
 from labeling.models import Message, Role, TaskKind
 from labeling.services import message_create, task_create
@@ -35,7 +36,7 @@ SIDE_BY_SIDE = 12
 def reference_of(version: ModelVersion) -> ModelVersion:
     """The SFT policy a version descends from (itself if it is one); the base if there is no SFT ancestor."""
     for ancestor in reversed(version.lineage):
-        if ancestor.stage == ModelVersion.Stage.SFT:
+        if ancestor.stage == stages.SFT:
             return ancestor
     return version.lineage[0]
 

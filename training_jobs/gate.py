@@ -9,6 +9,7 @@ hold and `auto_promote` is on, the loop promotes; otherwise an admin decides on 
 
 import math
 
+from config import stages
 from labeling.models import Ranking, Task, TaskKind
 from training_jobs.models import Evaluation, LoopSettings
 
@@ -159,7 +160,7 @@ def _bootstrap(evaluation: Evaluation) -> str:
     """Before any reward model exists, an SFT policy that lowered its validation loss replaces the base policy
     it was trained from: it is what samples the replies the first reward model learns from (InstructGPT)."""
     candidate, baseline = evaluation.candidate, evaluation.baseline
-    if candidate.stage != candidate.Stage.SFT or baseline is None or baseline.stage != baseline.Stage.BASE:
+    if candidate.stage != stages.SFT or baseline is None or baseline.stage != stages.BASE:
         return ""
     before, after = candidate.metrics.get("val_loss_initial"), candidate.metrics.get("val_loss")
     if before is None or after is None or after >= before:

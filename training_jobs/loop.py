@@ -22,6 +22,7 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from config import stages
 from labeling import splits
 from labeling.models import Message, Ranking, Role
 from models_service.models import ModelVersion
@@ -114,13 +115,13 @@ def _failure() -> tuple[str, str] | None:
 
 
 def _unevaluated_policy(settings: LoopSettings) -> ModelVersion | None:
-    reward_exists = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM) is not None
-    stages = list(ModelVersion.OPTIMISED_STAGES)
+    reward_exists = newest_ready(ModelVersion.Kind.REWARD, stages.RM) is not None
+    evaluated = list(stages.policy_steps())
     if not (reward_exists and settings.ppo_after_new_models):
-        stages.append(ModelVersion.Stage.SFT)
+        evaluated.append(stages.SFT)
     return (
         ModelVersion.objects.filter(
-            kind=ModelVersion.Kind.POLICY, stage__in=stages, status=ModelVersion.Status.READY, is_active=False
+            kind=ModelVersion.Kind.POLICY, stage__in=evaluated, status=ModelVersion.Status.READY, is_active=False
         )
         .exclude(evaluations_as_candidate__isnull=False)
         .filter(activations__isnull=True)
@@ -155,10 +156,10 @@ def descends_from(version: ModelVersion, ancestor: ModelVersion) -> bool:
 
 
 def policy_start(path: str, sft: ModelVersion) -> ModelVersion:
-    """The policy a run of `path` starts from. PPO and RLOO start from the newest SFT policy each round (their KL
-    penalty is to it); DPO continues from the serving policy when that descends from the newest SFT (iterative
-    DPO on the rankings of its own samples), else from the SFT policy."""
-    if path == TrainingRun.Kind.DPO:
+    """The policy a run of `path` starts from: the newest SFT policy each round (PPO and RLOO: their KL penalty is
+    to it), or for a path that continues the serving policy (iterative DPO on the rankings of its own samples) the
+    serving policy when that descends from the newest SFT."""
+    if stages.STAGES[path].continues_serving:
         serving = active_version(ModelVersion.Kind.POLICY)
         if serving is not None and descends_from(serving, sft):
             return serving
@@ -167,15 +168,15 @@ def policy_start(path: str, sft: ModelVersion) -> ModelVersion:
 
 def _policy_step(settings: LoopSettings) -> Plan | None:
     """The chain's last step, when the newest SFT and newest reward model have not been through it together."""
-    sft = newest_ready(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)
-    rm = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+    sft = newest_ready(ModelVersion.Kind.POLICY, stages.SFT)
+    rm = newest_ready(ModelVersion.Kind.REWARD, stages.RM)
     if not (settings.ppo_after_new_models and sft and rm):
         return None
     path = settings.policy_path
     runs = TrainingRun.objects.filter(kind=path, reward_model=rm).select_related("base_model")
     if any(run.base_model is not None and descends_from(run.base_model, sft) for run in runs):
         return None
-    label = TrainingRun.Kind(path).label
+    label = stages.label(path)
     return Plan(path, f"{sft.name} and {rm.name} have not been through {label} together.")
 
 
@@ -239,13 +240,13 @@ def _act(decision: Plan) -> None:
     previous = TrainingRun.objects.filter(status=TrainingRun.Status.SUCCEEDED).order_by("-finished_at").first()
     if decision.action in ("sft", "rm"):
         services.training_run_create(kind=decision.action, trigger=TrainingRun.Trigger.SCHEDULE)
-    elif decision.action in TrainingRun.POLICY_KINDS:
+    elif decision.action in stages.policy_steps():
         services.training_run_create(
             kind=decision.action,
             trigger=TrainingRun.Trigger.CHAIN,
             previous_run=previous,
-            base_model=policy_start(decision.action, newest_ready(ModelVersion.Kind.POLICY, ModelVersion.Stage.SFT)),
-            reward_model=newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+            base_model=policy_start(decision.action, newest_ready(ModelVersion.Kind.POLICY, stages.SFT)),
+            reward_model=newest_ready(ModelVersion.Kind.REWARD, stages.RM),
         )
     elif decision.action == "evaluate":
         services.evaluation_create(candidate=decision.candidate)

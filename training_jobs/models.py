@@ -1,22 +1,13 @@
-"""Training runs: one row per SFT, reward-model or PPO run, from queued to a registered model or an error."""
+"""Training runs: one row per run of a stage (config/stages.py), from queued to a registered model or an error."""
 
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
+from config import stages
+
 
 class TrainingRun(models.Model):
-    class Kind(models.TextChoices):
-        SFT = "sft", "Supervised fine-tuning"
-        RM = "rm", "Reward model"
-        PPO = "ppo", "PPO"
-        DPO = "dpo", "DPO"
-        RLOO = "rloo", "RLOO"
-
-    # The third step of the loop, by path: each optimises the policy from the rankings (through a reward model
-    # for PPO and RLOO, directly for DPO) and is evaluated by the same gate.
-    POLICY_KINDS = (Kind.PPO, Kind.DPO, Kind.RLOO)
-
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
@@ -32,7 +23,7 @@ class TrainingRun(models.Model):
     ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
     FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
-    kind = models.CharField(max_length=8, choices=Kind.choices)
+    kind = models.CharField(max_length=8, choices=stages.run_kind_choices)  # config/stages.py
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
     triggered_by = models.ForeignKey(
@@ -152,11 +143,9 @@ class LoopSettings(models.Model):
     )
     policy_path = models.CharField(
         max_length=8,
-        choices=[(TrainingRun.Kind.PPO, "PPO"), (TrainingRun.Kind.DPO, "DPO"), (TrainingRun.Kind.RLOO, "RLOO")],
-        default=TrainingRun.Kind.DPO,
-        help_text="How rankings improve the policy: PPO (reward model, then PPO with a value model and KL to SFT), "
-        "DPO (directly from the ranked pairs of the current policy's samples, each round) or RLOO (K samples per "
-        "prompt scored by the reward model, leave-one-out baseline). The gate judges all three alike.",
+        choices=stages.policy_path_choices,
+        default=stages.DEFAULT_POLICY_PATH,
+        help_text="How rankings improve the policy (config/stages.py has each path); the gate judges all alike.",
     )
     eval_prompts = models.PositiveSmallIntegerField(
         "evaluation prompts", default=32, help_text="Held-out prompts per evaluation."

@@ -13,6 +13,7 @@ Worker processes only (imports torch through the trainers).
 """
 
 import contextlib
+import importlib
 import logging
 import shutil
 import threading
@@ -24,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 
+from config import stages
 from labeling.services import lock_for_training_snapshot, mark_used_in_training
 from ml.launch import Launch, train
 from ml.runs import Cancelled, Progress, TrainingFailed, config_from, library_versions
@@ -44,28 +46,22 @@ logger = logging.getLogger(__name__)
 
 def resolve_inputs(run: TrainingRun) -> TrainingRun:
     """Fill in the models a run starts from when it was queued without them: SFT from the newest base policy,
-    the reward model on the newest SFT (or base), PPO from the newest SFT against the newest reward model."""
+    the reward model on the newest SFT (or base), a policy step from where its path starts (loop.policy_start)
+    with the newest reward model."""
     policy = ModelVersion.Kind.POLICY
-    optimised = run.kind in TrainingRun.POLICY_KINDS
-    if run.base_model is None and optimised:
-        sft = newest_ready(policy, ModelVersion.Stage.SFT, ModelVersion.Stage.BASE)
+    stage = stages.STAGES[run.kind]
+    if run.base_model is None and stage.policy_step:
+        sft = newest_ready(policy, stages.SFT, stages.BASE)
         run.base_model = loop.policy_start(run.kind, sft) if sft is not None else None
     if run.base_model is None:
-        stages = (
-            (ModelVersion.Stage.BASE,)
-            if run.kind == TrainingRun.Kind.SFT
-            else (
-                ModelVersion.Stage.SFT,
-                ModelVersion.Stage.BASE,
-            )
-        )
-        run.base_model = newest_ready(policy, *stages)
-    if optimised and run.reward_model is None:
-        run.reward_model = newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM)
+        starts = (stages.BASE,) if run.kind == stages.SFT else (stages.SFT, stages.BASE)
+        run.base_model = newest_ready(policy, *starts)
+    if stage.policy_step and run.reward_model is None:
+        run.reward_model = newest_ready(ModelVersion.Kind.REWARD, stages.RM)
     if run.base_model is None:
         raise TrainingFailed("There is no policy to start from: run `manage.py prepare_default_model` first.")
-    if run.kind in (TrainingRun.Kind.PPO, TrainingRun.Kind.RLOO) and run.reward_model is None:
-        raise TrainingFailed(f"{run.get_kind_display()} needs a reward model: train one first.")
+    if stage.needs_reward_model and run.reward_model is None:
+        raise TrainingFailed(f"{stage.label} needs a reward model: train one first.")
     TrainingRun.objects.filter(pk=run.pk).update(base_model=run.base_model, reward_model=run.reward_model)
     return run
 
@@ -204,7 +200,7 @@ def _execute(run: TrainingRun, worker: str) -> str:
     try:
         run = resolve_inputs(run)
         progress.message(f"{run.get_kind_display()} run #{run.pk} on {worker or 'a worker'}, from {run.base_model}")
-        result, stage, kind, snapshot = TRAINERS[run.kind](run, staging, progress, reporter)
+        result, stage, kind, snapshot = _train_stage(run, staging, progress, reporter)
         return _register(run, staging, result, stage, kind, progress)
     except Cancelled:
         progress.message("cancelled")
@@ -255,192 +251,142 @@ def data_snapshot():
         yield
 
 
-def _sft(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.sft import SFTConfig
-
-    config = config_from(SFTConfig, {**settings.TRAINING_SFT_DEFAULTS, **run.config})
-    with data_snapshot():
-        data = datasets.build_sft(
-            minimum_train=settings.TRAINING_MIN_DEMONSTRATIONS, minimum_validation=1, limit=run.config.get("limit")
-        )
-        reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
-        progress.flush(force=True)
-        mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
-    result = train(
-        "sft",
-        config,
-        launch=launch(),
-        train_chats=[e.chat for e in data.train],
-        validation_chats=[e.chat for e in data.validation],
-        base_dir=local_dir(run.base_model),
-        output_dir=staging,
-        progress=progress,
-    )
-    return result, ModelVersion.Stage.SFT, ModelVersion.Kind.POLICY, reporter.snapshot
+def _by_name(reference: str):
+    """ "module:name" -> the object (a stage's trainer or config class, config/stages.py)."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _rm(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.reward import Ranked, RewardConfig
-
-    config = config_from(RewardConfig, {**settings.TRAINING_RM_DEFAULTS, **run.config})
-    with data_snapshot():
-        data = datasets.build_rankings(minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0)
-        imported = [e for e in data.validation if e.dataset.startswith("hh-rlhf")]
-        labeled = [e for e in data.validation if not e.dataset.startswith("hh-rlhf")]
-        holdout = imported[: settings.TRAINING_RM_HOLDOUT_PAIRS]
-        validation = labeled or holdout
-        demos = datasets.build_sft(minimum_train=0, minimum_validation=0, limit=settings.TRAINING_RM_NORMALISE_ON)
-        reporter.snapshot = {
-            "rankings": data.snapshot("ranking_id"),
-            "validation_source": "labelers" if labeled else "imported HH-RLHF (no labeler rankings in validation)",
-            "holdout_ranking_ids": [e.ranking_id for e in holdout],
-            "normalised_on_demonstration_ids": [e.message_id for e in demos.train],
-            "config": config.__dict__,
-        }
-        progress.flush(force=True)
-        mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
-
-    def ranked(examples):
-        return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
-
-    result = train(
-        "rm",
-        config,
-        launch=launch(),
-        train=ranked(data.train),
-        validation=ranked(validation),
-        base_dir=local_dir(run.base_model),
-        output_dir=staging,
-        holdout=ranked(holdout),
-        demonstrations=[(e.chat[:-1], e.chat[-1]["content"]) for e in demos.train],
-        progress=progress,
-    )
-    return result, ModelVersion.Stage.RM, ModelVersion.Kind.REWARD, reporter.snapshot
-
-
-def _rollout_config_and_prompts(run: TrainingRun, config_class, defaults: dict):
-    """The config of a path that samples rollouts (PPO, RLOO) and the training prompts it samples for.
-
-    Rollouts run at the temperature the policy will serve at (and the gate samples at), unless a config says
-    otherwise: a policy tuned for T = 1 can fall apart at a lower serving temperature."""
-    overrides = {k: v for k, v in run.config.items() if k != "prompts_limit"}
-    serving = {"temperature": settings.SAMPLING_TEMPERATURE} if settings.SAMPLING_TEMPERATURE > 0 else {}
-    config = config_from(config_class, {**serving, **defaults, **overrides})
-    prompts = datasets.build_prompts(
-        minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
-    )
-    return config, prompts
-
-
-def _ppo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.ppo import PPOConfig, train_ppo
-
-    with data_snapshot():
-        config, prompts = _rollout_config_and_prompts(run, PPOConfig, settings.TRAINING_PPO_DEFAULTS)
-        ptx = []
-        if config.ptx_coef:
-            ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
-        reporter.snapshot = {
-            "prompt_message_ids": [p.message_id for p in prompts],
-            "prompt_revisions": {str(p.message_id): p.revision for p in prompts},
-            "prompts": len(prompts),
-            "ptx_demonstration_ids": [e.message_id for e in ptx],
-            "reward_model": run.reward_model.name,
-            "config": config.__dict__,
-        }
-        progress.flush(force=True)
-        mark_used_in_training(message_ids=[p.message_id for p in prompts] + [e.message_id for e in ptx])
-    result = train_ppo(
-        config,
-        prompts=[p.chat for p in prompts],
-        policy_dir=local_dir(run.base_model),
-        reward_dir=local_dir(run.reward_model),
-        output_dir=staging,
-        ptx_examples=[e.chat for e in ptx] or None,
-        progress=progress,
-    )
-    return result, ModelVersion.Stage.PPO, ModelVersion.Kind.POLICY, reporter.snapshot
-
-
-def _dpo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    """Iterative DPO: the rankings of candidates sampled by the starting policy (or its ancestors) that no earlier
-    DPO round trained on; the reference is the starting policy."""
-    from ml.dpo import DPOConfig, train_dpo
+def _ranked(examples):
     from ml.reward import Ranked
 
-    config = config_from(DPOConfig, {**settings.TRAINING_DPO_DEFAULTS, **run.config})
+    return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
+
+
+def _config(run: TrainingRun, stage: stages.Stage):
+    """The stage's config: its defaults (TRAINING_STAGE_DEFAULTS), then the run's own. A stage that samples
+    rollouts does so at the temperature the policy will serve at (and the gate samples at), unless a config says
+    otherwise: a policy tuned for T = 1 can fall apart at a lower serving temperature."""
+    overrides = {k: v for k, v in run.config.items() if k not in ("limit", "prompts_limit")}
+    serving = {}
+    if stage.reads == stages.PROMPTS and settings.SAMPLING_TEMPERATURE > 0:
+        serving = {"temperature": settings.SAMPLING_TEMPERATURE}
+    defaults = settings.TRAINING_STAGE_DEFAULTS.get(stage.name, stage.default_config)
+    return config_from(_by_name(stage.config), {**serving, **defaults, **overrides})
+
+
+# --- what each kind of stage reads (config/stages.py: `reads`) ---
+# A reader runs inside data_snapshot(): it builds the data set, records what it read in reporter.snapshot, marks
+# it used, and returns the trainer's keyword arguments besides the config, the folders and the progress.
+
+
+def _read_demonstrations(run, config, reporter) -> dict:
+    data = datasets.build_sft(
+        minimum_train=settings.TRAINING_MIN_DEMONSTRATIONS, minimum_validation=1, limit=run.config.get("limit")
+    )
+    reporter.snapshot = {"demonstrations": data.snapshot("message_id"), "config": config.__dict__}
+    mark_used_in_training(message_ids=[e.message_id for e in data.train + data.validation])
+    return {"train_chats": [e.chat for e in data.train], "validation_chats": [e.chat for e in data.validation]}
+
+
+def _read_rankings(run, config, reporter) -> dict:
+    data = datasets.build_rankings(minimum_train=settings.TRAINING_MIN_RANKINGS, minimum_validation=0)
+    imported = [e for e in data.validation if e.dataset.startswith("hh-rlhf")]
+    labeled = [e for e in data.validation if not e.dataset.startswith("hh-rlhf")]
+    holdout = imported[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+    demos = datasets.build_sft(minimum_train=0, minimum_validation=0, limit=settings.TRAINING_RM_NORMALISE_ON)
+    reporter.snapshot = {
+        "rankings": data.snapshot("ranking_id"),
+        "validation_source": "labelers" if labeled else "imported HH-RLHF (no labeler rankings in validation)",
+        "holdout_ranking_ids": [e.ranking_id for e in holdout],
+        "normalised_on_demonstration_ids": [e.message_id for e in demos.train],
+        "config": config.__dict__,
+    }
+    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+    return {
+        "train": _ranked(data.train),
+        "validation": _ranked(labeled or holdout),
+        "holdout": _ranked(holdout),
+        "demonstrations": [(e.chat[:-1], e.chat[-1]["content"]) for e in demos.train],
+    }
+
+
+def _read_policy_rankings(run, config, reporter) -> dict:
+    """The rankings of candidates sampled by the starting policy (or its ancestors) that no earlier run of this
+    kind trained on (iterative DPO: each round learns from its own policy's samples)."""
     earlier = set()
-    for snapshot in TrainingRun.objects.filter(
-        kind=TrainingRun.Kind.DPO, status=TrainingRun.Status.SUCCEEDED
-    ).values_list("data_snapshot", flat=True):
+    for snapshot in TrainingRun.objects.filter(kind=run.kind, status=TrainingRun.Status.SUCCEEDED).values_list(
+        "data_snapshot", flat=True
+    ):
         used = snapshot.get("rankings", {})
         earlier.update(used.get("train_ids", []) + used.get("validation_ids", []))
     lineage = [v.pk for v in run.base_model.lineage]
-    with data_snapshot():
-        data = datasets.build_rankings(
-            minimum_train=settings.TRAINING_MIN_RANKINGS,
-            minimum_validation=0,
-            sampled_by=lineage,
-            exclude_ids=earlier,
-            stage="DPO (rankings of this policy's samples or its ancestors' that no earlier round trained on)",
-        )
-        holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
-        holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
-        reporter.snapshot = {
-            "rankings": data.snapshot("ranking_id"),
-            "sampled_by": lineage,
-            "left_out_trained_before": len(earlier),
-            "holdout_ranking_ids": [e.ranking_id for e in holdout],
-            "reward_model": run.reward_model.name if run.reward_model else None,
-            "config": config.__dict__,
-        }
-        progress.flush(force=True)
-        mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
-
-    def ranked(examples):
-        return [Ranked(e.context, e.candidates, e.ranks) for e in examples]
-
-    result = train_dpo(
-        config,
-        ranked(data.train),
-        ranked(data.validation),
-        policy_dir=local_dir(run.base_model),
-        output_dir=staging,
-        holdout=ranked(holdout),
-        progress=progress,
+    label = stages.label(run.kind)
+    data = datasets.build_rankings(
+        minimum_train=settings.TRAINING_MIN_RANKINGS,
+        minimum_validation=0,
+        sampled_by=lineage,
+        exclude_ids=earlier,
+        stage=f"{label} (rankings of this policy's samples or its ancestors' that no earlier round trained on)",
     )
-    return result, ModelVersion.Stage.DPO, ModelVersion.Kind.POLICY, reporter.snapshot
+    holdout = datasets.build_rankings(minimum_train=0, minimum_validation=0, dataset_prefix="hh-rlhf").validation
+    holdout = holdout[: settings.TRAINING_RM_HOLDOUT_PAIRS]
+    reporter.snapshot = {
+        "rankings": data.snapshot("ranking_id"),
+        "sampled_by": lineage,
+        "left_out_trained_before": len(earlier),
+        "holdout_ranking_ids": [e.ranking_id for e in holdout],
+        "reward_model": run.reward_model.name if run.reward_model else None,
+        "config": config.__dict__,
+    }
+    mark_used_in_training(ranking_ids=[e.ranking_id for e in data.train + data.validation])
+    return {"train": _ranked(data.train), "validation": _ranked(data.validation), "holdout": _ranked(holdout)}
 
 
-def _rloo(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
-    from ml.rloo import RLOOConfig, train_rloo
-
-    with data_snapshot():
-        config, prompts = _rollout_config_and_prompts(run, RLOOConfig, settings.TRAINING_RLOO_DEFAULTS)
-        reporter.snapshot = {
-            "prompt_message_ids": [p.message_id for p in prompts],
-            "prompt_revisions": {str(p.message_id): p.revision for p in prompts},
-            "prompts": len(prompts),
-            "reward_model": run.reward_model.name,
-            "config": config.__dict__,
-        }
-        progress.flush(force=True)
-        mark_used_in_training(message_ids=[p.message_id for p in prompts])
-    result = train_rloo(
-        config,
-        prompts=[p.chat for p in prompts],
-        policy_dir=local_dir(run.base_model),
-        reward_dir=local_dir(run.reward_model),
-        output_dir=staging,
-        progress=progress,
+def _read_prompts(run, config, reporter) -> dict:
+    """Training prompts to sample rollouts for (and, for a config with `ptx_coef`, demonstrations for PPO-ptx)."""
+    prompts = datasets.build_prompts(
+        minimum=settings.TRAINING_MIN_PROMPTS, limit=run.config.get("prompts_limit", settings.TRAINING_PPO_PROMPTS)
     )
-    return result, ModelVersion.Stage.RLOO, ModelVersion.Kind.POLICY, reporter.snapshot
+    ptx = []
+    if getattr(config, "ptx_coef", 0):
+        ptx = datasets.build_sft(minimum_train=1, minimum_validation=0, limit=settings.TRAINING_PPO_PROMPTS).train
+    reporter.snapshot = {
+        "prompt_message_ids": [p.message_id for p in prompts],
+        "prompt_revisions": {str(p.message_id): p.revision for p in prompts},
+        "prompts": len(prompts),
+        **({"ptx_demonstration_ids": [e.message_id for e in ptx]} if hasattr(config, "ptx_coef") else {}),
+        "reward_model": run.reward_model.name,
+        "config": config.__dict__,
+    }
+    mark_used_in_training(message_ids=[p.message_id for p in prompts] + [e.message_id for e in ptx])
+    arguments = {"prompts": [p.chat for p in prompts], "reward_dir": local_dir(run.reward_model)}
+    if hasattr(config, "ptx_coef"):
+        arguments["ptx_examples"] = [e.chat for e in ptx] or None
+    return arguments
 
 
-TRAINERS = {
-    TrainingRun.Kind.SFT: _sft,
-    TrainingRun.Kind.RM: _rm,
-    TrainingRun.Kind.PPO: _ppo,
-    TrainingRun.Kind.DPO: _dpo,
-    TrainingRun.Kind.RLOO: _rloo,
+READERS = {
+    stages.DEMONSTRATIONS: _read_demonstrations,
+    stages.RANKINGS: _read_rankings,
+    stages.POLICY_RANKINGS: _read_policy_rankings,
+    stages.PROMPTS: _read_prompts,
 }
+
+
+def _train_stage(run: TrainingRun, staging: Path, progress: Progress, reporter: RunReporter):
+    """Any stage: its config, its reader's data (one snapshot), its trainer; returns what _register needs."""
+    stage = stages.STAGES[run.kind]
+    config = _config(run, stage)
+    with data_snapshot():
+        arguments = READERS[stage.reads](run, config, reporter)
+        progress.flush(force=True)
+    model_dir = local_dir(run.base_model)
+    if stage.launchable:  # ml/launch.py runs it here or under accelerate launch
+        result = train(
+            stage.name, config, launch=launch(), base_dir=model_dir, output_dir=staging, progress=progress, **arguments
+        )
+    else:
+        trainer = _by_name(stage.trainer)
+        result = trainer(config, policy_dir=model_dir, output_dir=staging, progress=progress, **arguments)
+    return result, stage.name, stage.produces, reporter.snapshot

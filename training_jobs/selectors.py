@@ -4,6 +4,7 @@ what starting or cancelling a run means now (for the ops pages, admin and the AP
 from django.conf import settings as django_settings
 from django.db.models import Count
 
+from config import stages
 from labeling.models import Conversation, Message, Role
 from models_service.models import ModelVersion
 from training_jobs import loop
@@ -96,7 +97,7 @@ def pool_outlook(settings: LoopSettings | None = None) -> dict:
         expected = (open_tasks + in_flight + fresh) * (1 - tie_share**tries) + resample * (1 - tie_share)
     stalled = needed > 0 and left == 0
     # A reward-model run already queued or running answers the question (an admin trained on what there was).
-    training = TrainingRun.objects.filter(kind=TrainingRun.Kind.RM, status__in=TrainingRun.ACTIVE_STATUSES).first()
+    training = TrainingRun.objects.filter(kind=stages.RM, status__in=TrainingRun.ACTIVE_STATUSES).first()
     short = training is None and needed > 0 and (stalled or (expected is not None and expected < needed))
     outlook = {
         "have": have,

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from config import stages
 from config.jobs import enqueue_on_commit
 from labeling.services import lock_for_training_snapshot, release_used_in_training
 from models_service.models import ModelActivation, ModelVersion
@@ -40,15 +41,15 @@ def training_run_create(
 ) -> TrainingRun:
     """Queue a run and send it to the training worker. Only one run of a kind may be queued or running: the
     database refuses a second one (a partial unique index), and the refusal says which run is in the way."""
-    if kind not in TrainingRun.Kind.values:
-        raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(TrainingRun.Kind.values)}."})
-    if kind in TrainingRun.POLICY_KINDS and reward_model is None:
+    if kind not in list(stages.STAGES):
+        raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(list(stages.STAGES))}."})
+    if kind in stages.policy_steps() and reward_model is None:
         # The newest reward model: what PPO and RLOO optimise against, and what the gate scores a DPO policy with.
         reward_model = ModelVersion.objects.filter(
-            kind=ModelVersion.Kind.REWARD, stage=ModelVersion.Stage.RM, status=ModelVersion.Status.READY
+            kind=ModelVersion.Kind.REWARD, stage=stages.RM, status=ModelVersion.Status.READY
         ).first()
-        if reward_model is None and kind != TrainingRun.Kind.DPO:
-            raise ValidationError({"reward_model": f"{TrainingRun.Kind(kind).label} needs a reward model."})
+        if reward_model is None and stages.STAGES[kind].needs_reward_model:
+            raise ValidationError({"reward_model": f"{stages.label(kind)} needs a reward model."})
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
@@ -68,7 +69,7 @@ def training_run_create(
             raise
         active = TrainingRun.objects.filter(kind=kind, status__in=TrainingRun.ACTIVE_STATUSES).first()
         raise ValidationError(
-            f"A {TrainingRun.Kind(kind).label.lower()} run is already {active.status if active else 'active'} "
+            f"A {stages.label(kind).lower()} run is already {active.status if active else 'active'} "
             f"(run #{active.pk if active else '?'}); wait for it to finish or cancel it."
         ) from None
     return run
@@ -205,8 +206,7 @@ def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
         evaluation = Evaluation.objects.create(
             candidate=candidate,
             baseline=active_version(ModelVersion.Kind.POLICY),
-            reward_model=active_version(ModelVersion.Kind.REWARD)
-            or newest_ready(ModelVersion.Kind.REWARD, ModelVersion.Stage.RM),
+            reward_model=active_version(ModelVersion.Kind.REWARD) or newest_ready(ModelVersion.Kind.REWARD, stages.RM),
             training_run=candidate.training_run,
         )
         enqueue_on_commit("training_jobs.tasks.evaluate_candidate", evaluation.pk)
@@ -234,7 +234,7 @@ def loop_train_on_what_there_is(*, actor) -> TrainingRun:
         )
     why = outlook["sentence"] or f"{outlook['have']} of {outlook['threshold']} new rankings give pairs."
     return training_run_create(
-        kind=TrainingRun.Kind.RM,
+        kind=stages.RM,
         triggered_by=actor,
         reason=f"{actor} chose to train the reward model on what there was, below its threshold. At the time: {why}",
     )

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from config import stages
 from config.env import (
     env_bool,
     env_bool_or_auto,
@@ -257,52 +258,14 @@ TRAINING_MIN_PROMPTS = env_int("TRAINING_MIN_PROMPTS", 8, min_value=1)
 TRAINING_RM_HOLDOUT_PAIRS = env_int("TRAINING_RM_HOLDOUT_PAIRS", 200, min_value=0)
 TRAINING_RM_NORMALISE_ON = env_int("TRAINING_RM_NORMALISE_ON", 256, min_value=1)
 TRAINING_PPO_PROMPTS = env_int("TRAINING_PPO_PROMPTS", 512, min_value=1)
-# Each stage's config (ml/{sft,reward,ppo,dpo,rloo}.py) as a JSON object; a run's own config overrides it.
-# The defaults fit the default model (SmolLM2-135M-Instruct) on a CPU: the top blocks train, the frozen ones run
-# once per reply (reward model, DPO), LoRA for the RL paths (README, "On a CPU"). On a GPU with a bigger model, set
-# full fine-tuning here instead (e.g. TRAINING_RM_CONFIG='{"epochs": 1, "learning_rate": 1e-5}').
+# Each stage's default config (config/stages.py), replaced by TRAINING_<STAGE>_CONFIG, a JSON object (e.g.
+# TRAINING_RM_CONFIG='{"epochs": 1, "learning_rate": 1e-5}'); a run's own config overrides it.
+TRAINING_STAGE_DEFAULTS = {
+    name: env_json_object(stage.config_variable, stage.default_config) for name, stage in stages.STAGES.items()
+}
 # Replies a labeler submitted as the model drafted them (labeling.limits.UNEDITED_DRAFT_MAX_EDIT_RATIO): "keep"
 # them in SFT like any reviewed demonstration, or "drop" them (they teach the policy its own words back).
 TRAINING_SFT_UNEDITED_DRAFTS = env_str("TRAINING_SFT_UNEDITED_DRAFTS", "keep", choices=["keep", "drop"])
-TRAINING_SFT_DEFAULTS = env_json_object(
-    "TRAINING_SFT_CONFIG",
-    {"epochs": 2, "learning_rate": 1e-4, "batch_size": 8, "max_length": 384, "train_top_layers": 8},
-)
-TRAINING_RM_DEFAULTS = env_json_object(
-    "TRAINING_RM_CONFIG",
-    {
-        "epochs": 3,
-        "learning_rate": 1e-4,
-        "head_learning_rate": 1e-3,
-        "rankings_per_batch": 8,
-        "max_length": 256,
-        "train_top_layers": 4,
-    },
-)
-TRAINING_PPO_DEFAULTS = env_json_object(
-    "TRAINING_PPO_CONFIG",
-    {
-        "iterations": 12,
-        "rollout_batch_size": 16,
-        "minibatch_size": 8,
-        "learning_rate": 3e-4,
-        "value_learning_rate": 3e-4,
-        "lora_top_layers": 8,
-        "kl_coef": 0.02,
-    },
-)
-TRAINING_DPO_DEFAULTS = env_json_object(
-    "TRAINING_DPO_CONFIG",
-    {
-        "epochs": 2,
-        "learning_rate": 2e-5,
-        "beta": 0.1,
-        "rankings_per_batch": 4,
-        "max_length": 256,
-        "train_top_layers": 8,
-        "length_balance": True,  # labelers' preferred replies run longer; without it DPO learns "longer" too
-    },
-)
 # Training under `accelerate launch` (ml/launch.py): empty = in the training worker's own process (the default); the
 # path of an accelerate config (config/accelerate/: DDP or DeepSpeed ZeRO-2, one node or several) = SFT and
 # reward-model runs start as a launch of TRAINING_NUM_PROCESSES processes (0: the file's number), which the worker
@@ -317,9 +280,6 @@ TRAINING_NUM_PROCESSES = env_int("TRAINING_NUM_PROCESSES", 0, min_value=0)
 # Mixed precision for training on the CPU (ml.device.cpu_bf16, which reads the variable itself): checked
 # here so that a bad value stops the deployment at start-up. None = auto (where the CPU multiplies bf16 natively).
 TRAINING_CPU_BF16 = env_bool_or_auto("TRAINING_CPU_BF16", "auto")
-TRAINING_RLOO_DEFAULTS = env_json_object(
-    "TRAINING_RLOO_CONFIG", {"iterations": 12, "learning_rate": 3e-4, "lora_top_layers": 8}
-)
 
 # The closed loop: beat's tick (the thresholds and rules themselves are in LoopSettings, edited in admin).
 LOOP_TICK_S = env_int("LOOP_TICK_S", 30, min_value=1)

@@ -9,16 +9,16 @@ pytestmark = pytest.mark.django_db
 
 def test_one_active_model_per_kind():
     ModelVersionFactory(is_active=True)
-    ModelVersionFactory(kind=ModelVersion.Kind.REWARD, stage=ModelVersion.Stage.RM, is_active=True)
+    ModelVersionFactory(kind=ModelVersion.Kind.REWARD, stage="rm", is_active=True)
     with pytest.raises(IntegrityError, match="model_version_one_active_per_kind"), transaction.atomic():
         ModelVersionFactory(is_active=True)
 
 
 def test_stage_matches_kind():
     with pytest.raises(IntegrityError, match="model_version_stage_matches_kind"), transaction.atomic():
-        ModelVersionFactory(kind=ModelVersion.Kind.POLICY, stage=ModelVersion.Stage.RM)
+        ModelVersionFactory(kind=ModelVersion.Kind.POLICY, stage="rm")
     with pytest.raises(IntegrityError, match="model_version_stage_matches_kind"), transaction.atomic():
-        ModelVersionFactory(kind=ModelVersion.Kind.REWARD, stage=ModelVersion.Stage.SFT)
+        ModelVersionFactory(kind=ModelVersion.Kind.REWARD, stage="sft")
 
 
 def test_only_a_ready_model_can_be_active():
@@ -28,6 +28,6 @@ def test_only_a_ready_model_can_be_active():
 
 def test_lineage_runs_from_the_base():
     base = ModelVersionFactory(name="base")
-    sft = ModelVersionFactory(name="sft", stage=ModelVersion.Stage.SFT, parent=base)
-    ppo = ModelVersionFactory(name="ppo", stage=ModelVersion.Stage.PPO, parent=sft)
+    sft = ModelVersionFactory(name="sft", stage="sft", parent=base)
+    ppo = ModelVersionFactory(name="ppo", stage="ppo", parent=sft)
     assert [v.name for v in ppo.lineage] == ["base", "sft", "ppo"]

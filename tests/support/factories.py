@@ -57,7 +57,7 @@ class ModelVersionFactory(factory.django.DjangoModelFactory):
 
     name = factory.Sequence(lambda n: f"policy-v{n}")
     kind = ModelVersion.Kind.POLICY
-    stage = ModelVersion.Stage.BASE
+    stage = "base"
     status = ModelVersion.Status.READY
     artifact_path = factory.LazyAttribute(lambda m: f"models/{m.name}")
 
@@ -73,6 +73,6 @@ class TrainingRunFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = TrainingRun
 
-    kind = TrainingRun.Kind.SFT
+    kind = "sft"
     status = TrainingRun.Status.QUEUED
     created_at = factory.LazyFunction(timezone.now)

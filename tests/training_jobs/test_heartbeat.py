@@ -40,7 +40,7 @@ def test_a_worker_silent_in_its_trainer_but_alive_is_not_reaped(tiny_policy, tin
     def reaper_runs(run):
         reaped.extend(services.training_runs_reap())
 
-    monkeypatch.setitem(runner.TRAINERS, "sft", silent_trainer(tiny_model_dirs[1], silent_s=2.0, during=reaper_runs))
+    monkeypatch.setattr(runner, "_train_stage", silent_trainer(tiny_model_dirs[1], silent_s=2.0, during=reaper_runs))
     run = services.training_run_create(kind="sft")
     assert runner.execute(run.pk, worker="training@busy") == TrainingRun.Status.SUCCEEDED
     run.refresh_from_db()
@@ -54,9 +54,9 @@ def test_without_the_heartbeat_thread_the_same_silence_is_reaped(tiny_policy, ti
     settings.TRAINING_HEARTBEAT_TIMEOUT_S = 1.2
     monkeypatch.setattr(runner, "heartbeat_interval_s", lambda: 60.0)
     reaped = []
-    monkeypatch.setitem(
-        runner.TRAINERS,
-        "sft",
+    monkeypatch.setattr(
+        runner,
+        "_train_stage",
         silent_trainer(
             tiny_model_dirs[1], silent_s=2.0, during=lambda run: reaped.extend(services.training_runs_reap())
         ),
@@ -71,7 +71,7 @@ def test_a_run_reaped_while_it_trained_registers_nothing(tiny_policy, tiny_model
         later = timezone.now() + dt.timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 60)
         assert services.training_runs_reap(now=later) == [run.pk]
 
-    monkeypatch.setitem(runner.TRAINERS, "sft", silent_trainer(tiny_model_dirs[1], silent_s=0, during=reaped_meanwhile))
+    monkeypatch.setattr(runner, "_train_stage", silent_trainer(tiny_model_dirs[1], silent_s=0, during=reaped_meanwhile))
     run = services.training_run_create(kind="sft")
     assert runner.execute(run.pk) == TrainingRun.Status.FAILED
     run.refresh_from_db()
@@ -84,7 +84,7 @@ def test_a_run_reaped_while_it_trained_registers_nothing(tiny_policy, tiny_model
 
 def test_the_heartbeat_stops_with_the_run(tiny_policy, tiny_model_dirs, settings, monkeypatch):
     settings.TRAINING_HEARTBEAT_TIMEOUT_S = 0.6
-    monkeypatch.setitem(runner.TRAINERS, "sft", silent_trainer(tiny_model_dirs[1], silent_s=0.5))
+    monkeypatch.setattr(runner, "_train_stage", silent_trainer(tiny_model_dirs[1], silent_s=0.5))
     run = services.training_run_create(kind="sft")
     runner.execute(run.pk)
     run.refresh_from_db()
@@ -103,9 +103,9 @@ def test_a_running_run_marks_training_busy_for_the_sampling_workers(
 
     settings.TRAINING_HEARTBEAT_TIMEOUT_S = 1.2  # beats every 0.2 s; the mark lives 5.6 s unless renewed
     seen = []
-    monkeypatch.setitem(
-        runner.TRAINERS,
-        "sft",
+    monkeypatch.setattr(
+        runner,
+        "_train_stage",
         silent_trainer(tiny_model_dirs[1], silent_s=0.5, during=lambda run: seen.append(training_busy())),
     )
     assert not training_busy()

@@ -9,13 +9,11 @@ pytestmark = pytest.mark.django_db
 
 
 def test_only_one_active_run_of_a_kind():
-    TrainingRunFactory(kind=TrainingRun.Kind.SFT, status=TrainingRun.Status.RUNNING)
-    TrainingRunFactory(kind=TrainingRun.Kind.RM, status=TrainingRun.Status.QUEUED)
+    TrainingRunFactory(kind="sft", status=TrainingRun.Status.RUNNING)
+    TrainingRunFactory(kind="rm", status=TrainingRun.Status.QUEUED)
     with pytest.raises(IntegrityError, match="training_run_one_active_per_kind"), transaction.atomic():
-        TrainingRunFactory(kind=TrainingRun.Kind.SFT, status=TrainingRun.Status.QUEUED)
-    finished = TrainingRunFactory(
-        kind=TrainingRun.Kind.PPO, status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now()
-    )
+        TrainingRunFactory(kind="sft", status=TrainingRun.Status.QUEUED)
+    finished = TrainingRunFactory(kind="ppo", status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now())
     assert finished.pk
 
 
