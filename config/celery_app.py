@@ -63,7 +63,7 @@ app.conf.update(
 app.autodiscover_tasks()
 
 
-def _beat_schedule() -> dict:
+def beat_schedule_entries() -> dict:
     from django.conf import settings
 
     return {
@@ -110,7 +110,7 @@ def _beat_schedule() -> dict:
 
 @app.on_after_configure.connect
 def _set_up_beat(sender, **kwargs):
-    sender.conf.beat_schedule = _beat_schedule()
+    sender.conf.beat_schedule = beat_schedule_entries()
 
 
 @app.task(name="config.celery_app.ping_queue", soft_time_limit=10, time_limit=20)

@@ -38,3 +38,50 @@ def test_a_view_reaching_torch_and_a_trainer_importing_django_break_them(tmp_pat
     assert "labeling.views -> ml.generation" in result.stdout
     assert "ml.sft -> django" in result.stdout
     assert "labeling.selectors -> training_jobs.models" in result.stdout
+
+
+def private_imports(source: str) -> list[str]:
+    """Names starting with one underscore that `source` imports from another module, or reads from a module it
+    imported (`module._name`)."""
+    import ast
+
+    tree = ast.parse(source)
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{node.module}.{alias.name}")
+                elif node.module and node.module.split(".")[0] in PACKAGES:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PACKAGES:
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not node.value.id[:1].isupper()  # a class's attributes (Model._meta is Django's API)
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert private_imports("from ml.ppo import _cycle\nfrom ml import rl\nrl._scores()") == [
+        "ml.ppo._cycle",
+        "rl._scores",
+    ]
+    offenders = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "migrations" in path.parts:
+                continue
+            names = private_imports(path.read_text())
+            if names:
+                offenders[str(path.relative_to(ROOT))] = names
+    assert not offenders, offenders

@@ -23,7 +23,7 @@ from labeling.models import (
     TaskCandidate,
     TaskKind,
 )
-from labeling.services.queue import _refresh_free_slots, _review_task_create, task_create
+from labeling.services.queue import refresh_free_slots, review_task_create, task_create
 from labeling.validators import validate_text
 
 
@@ -120,7 +120,7 @@ def conversation_moderate(*, conversation: Conversation, decision: str, actor) -
             for task in tasks.filter(status=Task.Status.CANCELLED, cancelled_reason__startswith="Reported"):
                 task.status, task.cancelled_reason = Task.Status.OPEN, ""
                 task.save(update_fields=["status", "cancelled_reason"])
-                _refresh_free_slots(task.pk, timezone.now())
+                refresh_free_slots(task.pk, timezone.now())
         else:
             tasks.filter(status=Task.Status.OPEN).update(
                 status=Task.Status.CANCELLED, cancelled_reason=f"Removed by {actor} after reports."
@@ -128,7 +128,7 @@ def conversation_moderate(*, conversation: Conversation, decision: str, actor) -
     return current
 
 
-def _ensure_editable(obj, user, owner_id: int) -> None:
+def ensure_editable(obj, user, owner_id: int) -> None:
     if owner_id != user.pk:
         raise SubmissionRefused("You can only edit your own work.")
     if obj.used_in_training_at is not None:
@@ -156,9 +156,9 @@ def message_edit(*, message: Message, user, text: str) -> Message:
     text."""
     validate_text(text)
     with transaction.atomic():
-        _lock_against_snapshots()
+        lock_against_snapshots()
         current = Message.objects.select_for_update().get(pk=message.pk)
-        _ensure_editable(current, user, current.author_id)
+        ensure_editable(current, user, current.author_id)
         if current.text == text:
             return current
         if depends_on(current):
@@ -179,7 +179,7 @@ def message_edit(*, message: Message, user, text: str) -> Message:
             current.review_status = Message.ReviewStatus.PENDING
             fields.append("review_status")
             current.save(update_fields=fields)
-            _review_task_create(current)
+            review_task_create(current)
             return current
         current.save(update_fields=fields)
     return current
@@ -209,7 +209,7 @@ def _branch(old: Message, text: str) -> Message:
         assignment=assignment,
     )
     if new.role == Role.ASSISTANT and new.review_status == Message.ReviewStatus.PENDING:
-        _review_task_create(new)
+        review_task_create(new)
     elif new.role == Role.USER:
         task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=new)
     return new
@@ -221,7 +221,7 @@ def _branch(old: Message, text: str) -> Message:
 _EDIT_LOCK_KEY = 0x464C_4544  # "FLED"
 
 
-def _lock_against_snapshots() -> None:
+def lock_against_snapshots() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock_shared(%s)", [_EDIT_LOCK_KEY])
 

@@ -81,7 +81,7 @@ def task_create(
     return task
 
 
-def _open_task_exists(**filters) -> bool:
+def open_task_exists(**filters) -> bool:
     return Task.objects.filter(status=Task.Status.OPEN, **filters).exists()
 
 
@@ -175,7 +175,7 @@ def _lease_next_statement(settings: QueueSettings) -> str:
     return statement
 
 
-def _refresh_free_slots(task_id: int, now: dt.datetime) -> None:
+def refresh_free_slots(task_id: int, now: dt.datetime) -> None:
     """Recompute the task's cached "all slots taken until" time (see migration 0008), under its row lock."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT labeling_task_refresh_slots(%s, %s)", [task_id, now])
@@ -205,11 +205,11 @@ def assignment_save_draft(*, assignment: Assignment, draft: str, now: dt.datetim
             current.lease_expires_at = now + dt.timedelta(minutes=QueueSettings.load().lease_minutes)
             fields += ["lease_expires_at"]
         current.save(update_fields=fields)
-        _refresh_free_slots(task.pk, now)
+        refresh_free_slots(task.pk, now)
     return current
 
 
-def _review_task_create(message: Message) -> Task:
+def review_task_create(message: Message) -> Task:
     """A review of the message's current text (its revision: reviews of earlier text do not count for it)."""
     return task_create(
         kind=TaskKind.REVIEW_DEMONSTRATION,

@@ -34,12 +34,12 @@ from labeling.models import (
 )
 from labeling.selectors import display_order, live_slot_count
 from labeling.services.conversations import (
-    _ensure_editable,
-    _lock_against_snapshots,
     conversation_create,
+    ensure_editable,
+    lock_against_snapshots,
     message_create,
 )
-from labeling.services.queue import _open_task_exists, _refresh_free_slots, _review_task_create, task_create
+from labeling.services.queue import open_task_exists, refresh_free_slots, review_task_create, task_create
 from labeling.validators import validate_text
 
 
@@ -93,7 +93,7 @@ def _submit(assignment: Assignment, work: Callable[[Task, Assignment], object], 
             status=Case(When(last, then=Value(Task.Status.DONE)), default=F("status")),
             completed_at=Case(When(last, then=Value(now)), default=F("completed_at")),
         )
-        _refresh_free_slots(task.pk, now)
+        refresh_free_slots(task.pk, now)
     return SubmitResult(current, created=True, result=result)
 
 
@@ -168,7 +168,7 @@ def reply_submit(*, assignment: Assignment, text: str, time_spent_ms=None) -> Su
             draft_edit_ratio=ratio,
         )
         if role == Role.ASSISTANT:
-            _review_task_create(message)
+            review_task_create(message)
         else:
             task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=message)
         return message
@@ -305,7 +305,7 @@ def _improvement_create(task: Task, assignment: Assignment, ranking: RankingInpu
         draft_model_version=task.model_version if drafted else None,
         draft_edit_ratio=draft_edit_ratio(best.text, ranking.improvement) if drafted else None,
     )
-    _review_task_create(message)
+    review_task_create(message)
     return message
 
 
@@ -382,7 +382,7 @@ def _decide_demonstration(message: Message) -> None:
     Message.objects.filter(pk=message.pk).update(review_status=status)
     settings = QueueSettings.load()
     if accepted and message.depth + 1 < settings.max_conversation_turns:
-        if not _open_task_exists(kind=TaskKind.WRITE_USER_REPLY, parent_message=message):
+        if not open_task_exists(kind=TaskKind.WRITE_USER_REPLY, parent_message=message):
             task_create(kind=TaskKind.WRITE_USER_REPLY, parent_message=message)
     elif not accepted and not Ranking.objects.filter(improvement=message).exists():
         # A rejected improvement leaves its ranking as it was; a rejected demonstration is written again.
@@ -391,7 +391,7 @@ def _decide_demonstration(message: Message) -> None:
             role=Role.ASSISTANT,
             review_status__in=[Message.ReviewStatus.PENDING, Message.ReviewStatus.ACCEPTED],
         ).exclude(pk=message.pk)
-        if not has_other.exists() and not _open_task_exists(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent):
+        if not has_other.exists() and not open_task_exists(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent):
             # Written again by someone else, as the guidelines say: not offered to the rejected reply's writer.
             not_for = [message.author_id] if message.author_id else []
             task_create(kind=TaskKind.WRITE_ASSISTANT_REPLY, parent_message=parent, payload={"not_for": not_for})
@@ -409,7 +409,7 @@ def _leave(assignment: Assignment, *, status: str, **fields) -> Assignment:
             setattr(current, name, value)
         current.status = status
         current.save(update_fields=["status", *fields])
-        _refresh_free_slots(current.task_id, timezone.now())
+        refresh_free_slots(current.task_id, timezone.now())
     return current
 
 
@@ -463,9 +463,9 @@ def assignment_report(*, assignment: Assignment, reason: str, note: str = "") ->
 def ranking_edit(*, ranking: Ranking, user, new: RankingInput) -> Ranking:
     validate_ranking(ranking.task, user.pk, RankingInput(**{**new.__dict__, "confirm_untouched": True}))
     with transaction.atomic():
-        _lock_against_snapshots()
+        lock_against_snapshots()
         current = Ranking.objects.select_for_update().select_related("task").get(pk=ranking.pk)
-        _ensure_editable(current, user, current.labeler_id)
+        ensure_editable(current, user, current.labeler_id)
         if current.task.payload.get("decided"):
             raise SubmissionRefused(
                 "The promotion gate has already counted this comparison, so it can no longer change."

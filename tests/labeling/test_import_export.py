@@ -419,9 +419,9 @@ def test_an_import_lost_on_its_last_attempt_fails_with_what_to_do_and_drops_its_
 
 
 def test_beat_reaps_lost_imports_on_the_control_queue():
-    from config.celery_app import _beat_schedule, app
+    from config.celery_app import app, beat_schedule_entries
 
-    entry = _beat_schedule()["reap-lost-imports"]
+    entry = beat_schedule_entries()["reap-lost-imports"]
     assert entry["task"] == "labeling.tasks.reap_imports"
     route = app.amqp.router.route({}, "labeling.tasks.reap_imports")
     assert route["queue"].name == "control"

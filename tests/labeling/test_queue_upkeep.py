@@ -4,7 +4,7 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import F
 
-from config.celery_app import _beat_schedule
+from config.celery_app import beat_schedule_entries
 from labeling import services, tasks
 from labeling.models import Task
 from tests.support.labeling import make_reply_task
@@ -72,7 +72,7 @@ def test_it_refuses_to_run_inside_a_transaction():
 
 def test_beat_runs_it_on_its_schedule(settings):
     settings.QUEUE_VACUUM_SCHEDULE_S = 7
-    entry = _beat_schedule()["vacuum-queue-tables"]
+    entry = beat_schedule_entries()["vacuum-queue-tables"]
     assert entry["task"] == tasks.vacuum_queue_tables.name and entry["schedule"] == 7.0
     assert services.queue_tables_vacuum(min_dead_rows=0) == ["labeling_assignment", "labeling_task"]
     assert tasks.vacuum_queue_tables.apply().get() == []  # nothing dead left: nothing to do
