@@ -84,8 +84,9 @@ def seed(tasks: int) -> dict:
     from django.core.management import call_command
 
     from labeling import services
-    from labeling.importing import records_import, self_instruct_record
+    from labeling.importing import self_instruct_record
     from labeling.models import Conversation, LabelerProfile, Message, Role, TaskKind
+    from labeling.services.records import records_import
     from models_service import default_model
 
     call_command("migrate", verbosity=0)

@@ -80,7 +80,8 @@ def seed(demonstrations: int, rankings: int) -> dict:
     """Migrate, register base v0, import the data. Returns what the loop will see."""
     from django.core.management import call_command
 
-    from labeling.importing import hh_pair_record, records_import, self_instruct_record
+    from labeling.importing import hh_pair_record, self_instruct_record
+    from labeling.services.records import records_import
     from models_service import default_model
     from training_jobs import loop
 

@@ -11,7 +11,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from config.jobs import enqueue_on_commit
-from labeling.importing import FORMATS, bounded_lines, import_jsonl
+from labeling.importing import FORMATS, bounded_lines
 from labeling.limits import (
     IMPORT_ERRORS_KEPT,
 )
@@ -20,6 +20,7 @@ from labeling.models import (
     ImportJob,
 )
 from labeling.selectors import import_alive_key, import_job_live
+from labeling.services.records import import_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings
 
 from labeling.exporting import ExportFilters, write_export
-from labeling.importing import import_jsonl
+from labeling.services.records import import_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 

@@ -13,8 +13,9 @@ from django.core.management import CommandError, call_command
 
 from labeling import services
 from labeling.exporting import ExportFilters, dataset_card, preference_rows, ranking_rows, sft_rows, write_export
-from labeling.importing import hh_pair_record, import_jsonl
+from labeling.importing import hh_pair_record
 from labeling.models import Conversation, ImportJob, Message, Ranking
+from labeling.services.records import import_jsonl
 from tests.support.labeling import make_rank_task
 
 pytestmark = pytest.mark.django_db

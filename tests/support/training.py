@@ -24,7 +24,8 @@ def demonstration(split: str, i: int) -> Message:
 def ranked_task(split: str, i: int, labeler, *, dataset: str = ""):
     """A finished ranking: three candidates, the one saying 'banana' ranked first."""
     from labeling import services as labeling_services
-    from labeling.importing import ImportRecord, Turn, records_import
+    from labeling.importing import ImportRecord, Turn
+    from labeling.services.records import records_import
 
     if dataset:
         records_import(

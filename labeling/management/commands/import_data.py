@@ -9,7 +9,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from labeling.importing import FORMATS, import_jsonl
+from labeling.importing import FORMATS
+from labeling.services.records import import_jsonl
 
 
 class Command(BaseCommand):

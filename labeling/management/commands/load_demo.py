@@ -13,9 +13,10 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from labeling.importing import RecordError, hh_pair_record, records_import, self_instruct_record
+from labeling.importing import RecordError, hh_pair_record, self_instruct_record
 from labeling.models import LabelerProfile
 from labeling.services import import_job_record
+from labeling.services.records import records_import
 
 DEMO_FILES = [
     ("self_instruct_user_oriented_instructions.jsonl.gz", "self-instruct-user-oriented"),
