@@ -20,8 +20,8 @@ def cpu_bf16() -> bool:
     """Mixed precision on the CPU: matmuls in bf16 under autocast, weights and optimizer state in fp32.
 
     `TRAINING_CPU_BF16`: auto (the default: on where the processor multiplies bf16 natively, with AMX tiles or
-    AVX512-BF16; the default model's forward pass ran 2.4x as fast as fp32 with AMX on one machine here, and 1.9x
-    with AVX512-BF16 on another), true or false. Never on CUDA, where the weights themselves are bf16 already."""
+    AVX512-BF16; docs/training.md has the speed-ups measured), true or false. Never on CUDA, where the weights
+    themselves are bf16 already."""
     if torch.cuda.is_available():
         return False
     # The words config.env accepts (ml/ cannot import it); the settings refuse a bad value at start-up too.
@@ -80,10 +80,8 @@ def limit_allocator_caching() -> bool:
 
     Training allocates activations of a different size at every step (prompt and reply lengths vary). With
     glibc's defaults, buffers under its adaptive mmap threshold (which climbs to 32 MB) come from per-thread
-    arenas that are only trimmed at their top, so the freed activations of earlier steps stay resident: PPO with
-    the default model rested at 2.7 GB and peaked at 4.2 GB after 3 iterations, against 1.6 and 3.0 GB with
-    one arena, a fixed 1 MB mmap threshold and trimming. Buffers of 1 MB and more are then mapped and unmapped
-    by the kernel (a few microseconds against the milliseconds of the matmuls that fill them).
+    arenas that are only trimmed at their top, so the freed activations of earlier steps stay resident. One
+    arena, a fixed 1 MB mmap threshold and trimming give them back (docs/training.md has PPO's figures).
     """
     libc = _glibc()
     if libc is None or torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """Sampling through an OpenAI-compatible server (vLLM's `vllm serve`, or any server with the same API), for the
-ranking pool (SAMPLING_BACKEND=vllm). Issue 18: where a GPU and vLLM serve the policy, the sampling worker sends
-the pool's contexts there instead of running its own decode loop.
+ranking pool (SAMPLING_BACKEND=vllm): where a GPU and vLLM serve the policy, the sampling worker sends the pool's
+contexts there instead of running its own decode loop.
 
 The server must serve the active policy under the version's name (`vllm serve <ARTIFACTS_DIR>/<folder>
 --served-model-name <version name>`): before sampling, the worker checks /v1/models and refuses, with the reason,
