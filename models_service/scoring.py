@@ -27,6 +27,7 @@ def score_rankings_with_active_model(*, limit: int) -> int:
 
     from labeling.models import RankingEntry
     from labeling.selectors import message_thread, thread_as_chat
+    from labeling.services import ranking_entries_scored
     from models_service.loading import NoActiveModel, active_holder
     from models_service.models import ModelVersion
     from models_service.selectors import pool_short, training_busy
@@ -54,7 +55,5 @@ def score_rankings_with_active_model(*, limit: int) -> int:
     scores = score_pairs(
         loaded.model, loaded.tokenizer, [(chats[e.ranking.task.parent_message_id], e.message.text) for e in entries]
     )
-    for entry, score in zip(entries, scores, strict=True):
-        entry.rm_score, entry.rm_version_id = score, loaded.version_id
-    RankingEntry.objects.bulk_update(entries, ["rm_score", "rm_version"])
+    ranking_entries_scored(entries=entries, scores=scores, version_id=loaded.version_id)
     return len(entries)

@@ -13,14 +13,8 @@ import logging
 import random
 import secrets
 
-from django.conf import settings as django_settings
-from django.db import transaction
-from django.utils import timezone
-
 from config import stages
 from labeling import splits
-from labeling.models import Message, Role, TaskKind
-from labeling.services import message_create, task_create
 from ml.generation import sample_completions
 from ml.scoring import reply_logprob_sums, score_pairs
 from models_service.loading import load_version
@@ -53,12 +47,9 @@ def _sample(version: ModelVersion, chats, params):
 
 def run_evaluation(evaluation_id: int) -> str | None:
     """Evaluate a queued evaluation to the end; returns its final status (None if another worker has it)."""
-    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
-        status=Evaluation.Status.RUNNING
-    )
-    if not claimed:
+    evaluation = services.evaluation_claim(evaluation_id=evaluation_id)
+    if evaluation is None:
         return None
-    evaluation = Evaluation.objects.select_related("candidate", "baseline", "reward_model").get(pk=evaluation_id)
     from training_jobs.runner import CoresBusy, heartbeat_interval_s
 
     try:
@@ -66,9 +57,7 @@ def run_evaluation(evaluation_id: int) -> str | None:
             _evaluate(evaluation, LoopSettings.load())
     except Exception as exc:
         logger.exception("evaluation %s failed", evaluation_id)
-        Evaluation.objects.filter(pk=evaluation_id).update(
-            status=Evaluation.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:4000], finished_at=timezone.now()
-        )
+        services.evaluation_fail(evaluation_id=evaluation_id, error=f"{type(exc).__name__}: {exc}")
         return Evaluation.Status.FAILED
     services.evaluation_decide(evaluation=evaluation)
     return Evaluation.Status.DONE
@@ -146,19 +135,22 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings) -> None:
         }
         for i in range(min(SIDE_BY_SIDE, len(chats)))
     ]
-    with transaction.atomic():
-        Evaluation.objects.filter(pk=evaluation.pk).update(
-            status=Evaluation.Status.DONE,
-            metrics=metrics,
-            samples=samples,
-            prompt_ids=[p.message_id for p in prompts],
-            reference=reference,
-            finished_at=timezone.now(),
-        )
-        if "baseline" in sampled and settings.human_comparisons:
-            _comparison_tasks(
-                evaluation, prompts, sampled, settings.human_comparisons, settings.votes_per_labeler, params_seed=seed
-            )
+    comparisons = []
+    if "baseline" in sampled and settings.human_comparisons:
+        comparisons = [
+            (prompt.message_id, {arm: sampled[arm][0][i] for arm in ("candidate", "baseline")})
+            for i, prompt in enumerate(prompts[: settings.human_comparisons])
+        ]
+    services.evaluation_record(
+        evaluation,
+        metrics=metrics,
+        samples=samples,
+        prompt_ids=[p.message_id for p in prompts],
+        reference=reference,
+        comparisons=comparisons,
+        votes_per_labeler=settings.votes_per_labeler,
+        params_seed=seed,
+    )
     evaluation.refresh_from_db()
 
 
@@ -182,41 +174,3 @@ def paired_figures(candidate: list[float], baseline: list[float], candidate_len:
         "rm_gain_length_controlled": (sum(residuals[:n]) - sum(residuals[n:])) / n if n else None,
         "rm_score_per_token": slope,
     }
-
-
-def _comparison_tasks(evaluation, prompts, sampled, count: int, votes_per_labeler: int = 0, params_seed=None) -> None:
-    """Blind A/B: for each of the first `count` prompts, a ranking task over one reply from each policy.
-    Labelers see the two in their own random order; the payload says which is which. The order comes from the
-    system's secret source, not from anything a labeler could know (such as the evaluation's id)."""
-    rng = secrets.SystemRandom()
-    for i, prompt in enumerate(prompts[:count]):
-        context = Message.objects.get(pk=prompt.message_id)
-        replies = {}
-        arms = ["candidate", "baseline"]
-        rng.shuffle(arms)  # created in random order: message ids say nothing about which policy wrote which
-        for arm in arms:
-            completion = sampled[arm][0][i]
-            version = evaluation.candidate if arm == "candidate" else evaluation.baseline
-            replies[arm] = message_create(
-                conversation=context.conversation,
-                parent=context,
-                role=Role.ASSISTANT,
-                text=completion.text,
-                origin=Message.Origin.MODEL,
-                model_version=version,
-                sampling_params={"seed": params_seed, "row": completion.row, "evaluation": evaluation.pk},
-            )
-        order = list(replies.values())
-        rng.shuffle(order)
-        task_create(
-            kind=TaskKind.RANK_REPLIES,
-            parent_message=context,
-            candidates=order,
-            priority=django_settings.EVAL_COMPARISON_PRIORITY,
-            payload={
-                "evaluation": evaluation.pk,
-                "arms": {str(m.pk): arm for arm, m in replies.items()},
-                "not_for": [context.author_id] if context.author_id else [],  # not judged by the prompt's author
-                **({"votes_per_labeler": votes_per_labeler} if votes_per_labeler else {}),
-            },
-        )

@@ -62,7 +62,7 @@ def resolve_inputs(run: TrainingRun) -> TrainingRun:
         raise TrainingFailed("There is no policy to start from: run `manage.py prepare_default_model` first.")
     if stage.needs_reward_model and run.reward_model is None:
         raise TrainingFailed(f"{stage.label} needs a reward model: train one first.")
-    TrainingRun.objects.filter(pk=run.pk).update(base_model=run.base_model, reward_model=run.reward_model)
+    services.training_run_set_inputs(run_id=run.pk, base_model=run.base_model, reward_model=run.reward_model)
     return run
 
 
@@ -196,7 +196,7 @@ def _execute(run: TrainingRun, worker: str) -> str:
     )
     staging = services.staging_dir(run)
     shutil.rmtree(staging, ignore_errors=True)
-    TrainingRun.objects.filter(pk=run.pk).update(library_versions=library_versions())
+    services.training_run_record_versions(run_id=run.pk, versions=library_versions())
     try:
         run = resolve_inputs(run)
         progress.message(f"{run.get_kind_display()} run #{run.pk} on {worker or 'a worker'}, from {run.base_model}")

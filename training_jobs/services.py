@@ -5,6 +5,7 @@ duplicated Celery message, two workers or a cancel racing a finish can never mov
 """
 
 import datetime as dt
+import secrets
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from django.utils import timezone
 
 from config import stages
 from config.jobs import enqueue_on_commit
-from labeling.services import lock_for_training_snapshot, release_used_in_training
+from labeling.models import Message, Role, TaskKind
+from labeling.services import lock_for_training_snapshot, message_create, release_used_in_training, task_create
 from models_service.models import ModelActivation, ModelVersion
 from models_service.selectors import active_version, newest_ready
 from models_service.services import model_version_activate
@@ -211,6 +213,95 @@ def evaluation_create(*, candidate: ModelVersion) -> Evaluation:
         )
         enqueue_on_commit("training_jobs.tasks.evaluate_candidate", evaluation.pk)
     return evaluation
+
+
+def evaluation_claim(*, evaluation_id: int) -> Evaluation | None:
+    """Move a queued evaluation to running; None if another worker has it."""
+    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
+        status=Evaluation.Status.RUNNING
+    )
+    if not claimed:
+        return None
+    return Evaluation.objects.select_related("candidate", "baseline", "reward_model").get(pk=evaluation_id)
+
+
+def evaluation_fail(*, evaluation_id: int, error: str) -> None:
+    Evaluation.objects.filter(pk=evaluation_id).update(
+        status=Evaluation.Status.FAILED, error=error[:4000], finished_at=timezone.now()
+    )
+
+
+def evaluation_record(
+    evaluation: Evaluation,
+    *,
+    metrics: dict,
+    samples: list,
+    prompt_ids: list[int],
+    reference,
+    comparisons: list,
+    votes_per_labeler: int = 0,
+    params_seed=None,
+) -> None:
+    """An evaluation's figures, and its blind A/B tasks (`comparisons`: (prompt message id, {"candidate": reply,
+    "baseline": reply}) with each reply's `text` and `row`), in one transaction."""
+    with transaction.atomic():
+        Evaluation.objects.filter(pk=evaluation.pk).update(
+            status=Evaluation.Status.DONE,
+            metrics=metrics,
+            samples=samples,
+            prompt_ids=prompt_ids,
+            reference=reference,
+            finished_at=timezone.now(),
+        )
+        for prompt_id, replies in comparisons:
+            _comparison_task(evaluation, prompt_id, replies, votes_per_labeler, params_seed)
+
+
+def _comparison_task(evaluation: Evaluation, prompt_id: int, sampled: dict, votes_per_labeler: int, params_seed):
+    """Blind A/B: a ranking task over one reply from each policy. Labelers see the two in their own random order;
+    the payload says which is which. The order comes from the system's secret source, not from anything a labeler
+    could know (such as the evaluation's id)."""
+    rng = secrets.SystemRandom()
+    context = Message.objects.get(pk=prompt_id)
+    replies = {}
+    arms = ["candidate", "baseline"]
+    rng.shuffle(arms)  # created in random order: message ids say nothing about which policy wrote which
+    for arm in arms:
+        completion = sampled[arm]
+        version = evaluation.candidate if arm == "candidate" else evaluation.baseline
+        replies[arm] = message_create(
+            conversation=context.conversation,
+            parent=context,
+            role=Role.ASSISTANT,
+            text=completion.text,
+            origin=Message.Origin.MODEL,
+            model_version=version,
+            sampling_params={"seed": params_seed, "row": completion.row, "evaluation": evaluation.pk},
+        )
+    order = list(replies.values())
+    rng.shuffle(order)
+    task_create(
+        kind=TaskKind.RANK_REPLIES,
+        parent_message=context,
+        candidates=order,
+        priority=settings.EVAL_COMPARISON_PRIORITY,
+        payload={
+            "evaluation": evaluation.pk,
+            "arms": {str(m.pk): arm for arm, m in replies.items()},
+            "not_for": [context.author_id] if context.author_id else [],  # not judged by the prompt's author
+            **({"votes_per_labeler": votes_per_labeler} if votes_per_labeler else {}),
+        },
+    )
+
+
+def training_run_set_inputs(*, run_id: int, base_model, reward_model) -> None:
+    """The models a run queued without them starts from (runner.resolve_inputs found them)."""
+    TrainingRun.objects.filter(pk=run_id).update(base_model=base_model, reward_model=reward_model)
+
+
+def training_run_record_versions(*, run_id: int, versions: dict) -> None:
+    """The library versions a run trains with, for its record."""
+    TrainingRun.objects.filter(pk=run_id).update(library_versions=versions)
 
 
 def loop_resume(*, actor=None) -> None:

@@ -502,3 +502,10 @@ def assignment_submit(*, assignment: Assignment, time_spent_ms=None, **work) -> 
             {"task": f"A {kind} task takes {', '.join(sorted(accepted))}, not {', '.join(sorted(unexpected))}."}
         )
     return submit(assignment=assignment, time_spent_ms=time_spent_ms, **work)
+
+
+def ranking_entries_scored(*, entries: list[RankingEntry], scores: list[float], version_id: int) -> None:
+    """The reward model `version_id`'s score of each ranked reply (the ops pages' agreement with the labelers)."""
+    for entry, score in zip(entries, scores, strict=True):
+        entry.rm_score, entry.rm_version_id = score, version_id
+    RankingEntry.objects.bulk_update(entries, ["rm_score", "rm_version"])

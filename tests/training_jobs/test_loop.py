@@ -204,21 +204,35 @@ def test_a_b_votes_freeze_once_the_gate_decided(tiny_policy, alice):
     assert Task.objects.get(pk=tasks[1][0].pk).status == "cancelled", "the unlabeled comparison is withdrawn"
 
 
+ARMS = ("candidate", "baseline")
+
+
+def record_comparisons(evaluation, comparisons, votes_per_labeler=0):
+    """The blind A/B tasks of `evaluation`, as the gate's evaluation records them."""
+    services.evaluation_record(
+        evaluation,
+        metrics=evaluation.metrics,
+        samples=[],
+        prompt_ids=[prompt_id for prompt_id, _ in comparisons],
+        reference=None,
+        comparisons=comparisons,
+        votes_per_labeler=votes_per_labeler,
+    )
+
+
 def test_a_b_replies_are_created_in_random_order_and_not_for_the_prompts_author(tiny_policy, alice):
     """Issue 15, item 5: message ids (creation order) say nothing about which policy wrote which reply, and the
     prompt's author never judges its comparison."""
     from types import SimpleNamespace
 
     from tests.support.labeling import make_prompt
-    from training_jobs.evaluate import _comparison_tasks
 
     evaluation = evaluation_with(0.5, 1.0)
-    prompts = [SimpleNamespace(message_id=make_prompt(author=alice).pk) for _ in range(20)]
-    sampled = {
-        arm: ([SimpleNamespace(text=f"{arm} reply {i}", row=i) for i in range(20)],)
-        for arm in ("candidate", "baseline")
-    }
-    _comparison_tasks(evaluation, prompts, sampled, count=20)
+    comparisons = [
+        (make_prompt(author=alice).pk, {arm: SimpleNamespace(text=f"{arm} reply {i}", row=i) for arm in ARMS})
+        for i in range(20)
+    ]
+    record_comparisons(evaluation, comparisons)
     candidate_first = []
     for task in gate.comparison_tasks(evaluation):
         arms = {int(k): v for k, v in task.payload["arms"].items()}
@@ -252,14 +266,12 @@ def test_one_labeler_takes_at_most_votes_per_labeler_comparisons_of_an_evaluatio
     from types import SimpleNamespace
 
     from tests.support.labeling import make_prompt
-    from training_jobs.evaluate import _comparison_tasks
 
     evaluation = evaluation_with(0.5, 1.0)
-    prompts = [SimpleNamespace(message_id=make_prompt().pk) for _ in range(5)]
-    sampled = {
-        arm: ([SimpleNamespace(text=f"{arm} {i}", row=i) for i in range(5)],) for arm in ("candidate", "baseline")
-    }
-    _comparison_tasks(evaluation, prompts, sampled, count=5, votes_per_labeler=2)
+    comparisons = [
+        (make_prompt().pk, {arm: SimpleNamespace(text=f"{arm} {i}", row=i) for arm in ARMS}) for i in range(5)
+    ]
+    record_comparisons(evaluation, comparisons, votes_per_labeler=2)
     taken = []
     while (assignment := labeling_services.task_lease_next(user=alice)) is not None:
         a, b = labeling_services.display_order(assignment.task, alice.pk)
