@@ -20,6 +20,7 @@ from labeling.forms import MessageTextField
 from labeling.models import Assignment, Conversation, Message
 from models_service.models import SamplingRequest
 from models_service.selectors import pool_sampling_estimate
+from models_service.services import interactive_request_give_up_if_lost
 
 
 class ChatForm(forms.Form):
@@ -97,6 +98,7 @@ def chat_poll(request, request_id: int):
     """The reply being written asks here twice a second and shows the text so far; when the reply is in, the page
     reloads to show it."""
     sampling = get_object_or_404(SamplingRequest, pk=request_id, requested_by=request.user)
+    sampling = interactive_request_give_up_if_lost(sampling)
     if sampling.status in (SamplingRequest.Status.PENDING, SamplingRequest.Status.RUNNING):
         return render(request, "chat/chat.html#typing", {"pending": sampling})
     response = HttpResponseStopPolling()
@@ -181,6 +183,7 @@ def draft_poll(request, request_id: int):
         requested_by=request.user,
         purpose=SamplingRequest.Purpose.DRAFT,
     )
+    sampling = interactive_request_give_up_if_lost(sampling)
     return JsonResponse(
         {
             "status": sampling.status,

@@ -373,6 +373,28 @@ INTERACTIVE_PURPOSES = (
 )
 
 
+def interactive_request_give_up_if_lost(request: SamplingRequest) -> SamplingRequest:
+    """A chat reply, alternatives or draft the page is waiting on, failed on the spot once it has run past the
+    interactive hard limit with a margin (its worker was lost): the page says so and offers to try again, whether
+    or not beat's reaper runs. Returns the request as it now is."""
+    from django.conf import settings
+
+    limit = settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 60
+    if (
+        request.status == SamplingRequest.Status.RUNNING
+        and request.purpose in INTERACTIVE_PURPOSES
+        and request.started_at is not None
+        and request.started_at < timezone.now() - timedelta(seconds=limit)
+    ):
+        SamplingRequest.objects.filter(pk=request.pk, status=SamplingRequest.Status.RUNNING).update(
+            status=SamplingRequest.Status.FAILED,
+            error=f"No result after {limit} s: the worker was lost or timed out.",
+            finished_at=timezone.now(),
+        )
+        request.refresh_from_db()
+    return request
+
+
 def sampling_requests_reap(*, older_than_s: int, interactive_older_than_s: int | None = None) -> int:
     """Requests left running by a worker that died: mark them failed, which frees their contexts and tells the
     page waiting on them. A labeler waits on chat replies, alternatives and drafts, whose time limit is much

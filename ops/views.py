@@ -7,6 +7,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseStopPolling
 
@@ -39,8 +40,8 @@ def staff_only(view):
     def wrapper(request, *args, **kwargs):
         if not can_operate(request.user):
             raise PermissionDenied(
-                "The ops pages are for admins: a superuser gives access in Django admin by adding the account to "
-                "the Ops group (Users → the user → Groups)."
+                "The ops pages are for admins. Ask an admin to add your account to the Ops group (a superuser "
+                "does it in Django admin: Users → your account → Groups)."
             )
         return view(request, *args, **kwargs)
 
@@ -249,12 +250,14 @@ def imports(request):
 @staff_only
 def import_detail(request, job_id: int):
     job = import_job_live(get_object_or_404(ImportJob, pk=job_id))
+    waited = (timezone.now() - job.created_at).total_seconds()
+    context = {"job": job, "waiting_long": int(waited) if job.status == ImportJob.Status.QUEUED and waited > 30 else 0}
     if request.htmx:
-        response = render(request, "ops/import.html#progress", {"job": job})
+        response = render(request, "ops/import.html#progress", context)
         if job.status not in (ImportJob.Status.QUEUED, ImportJob.Status.RUNNING):
             response.status_code = HttpResponseStopPolling.status_code
         return response
-    return render(request, "ops/import.html", {"job": job})
+    return render(request, "ops/import.html", context)
 
 
 @staff_only
@@ -278,8 +281,6 @@ def moderate(request, conversation_id: int):
 @staff_only
 def workers(request):
     """Which host serves which queue (the overview loads it after the page, as the workers take up to 1 s)."""
-    from django.utils import timezone
-
     rows = selectors.queue_health(timeout=1.0)
     last_beat = loop.last_beat_tick()
     control = next(row for row in rows if row["queue"] == "control")

@@ -208,3 +208,25 @@ def test_a_message_longer_than_the_model_reads_says_so_under_the_reply(client, a
     short = client.post(reverse("chat:chat_index"), {"text": "Hi"})
     answer(SamplingRequest.objects.latest("pk").pk)
     assert 'data-testid="truncated-context"' not in client.get(short.url).content.decode()
+
+
+def test_the_page_waiting_on_a_lost_reply_gives_up_by_itself_without_beat(client, alice, tiny_policy, settings):
+    """A walk killed the interactive worker with beat and its reaper not running: the page said "writing…" for 12
+    minutes. The poll itself gives up on a reply past the interactive hard limit, and offers Try again."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    settings.INTERACTIVE_SOFT_TIME_LIMIT_S = 120
+    client.force_login(alice)
+    client.post(reverse("chat:chat_index"), {"text": "Write a poem."})
+    lost = SamplingRequest.objects.get()
+    services.sampling_request_claim(request_id=lost.pk)
+    poll = reverse("chat:chat_poll", args=[lost.pk])
+    SamplingRequest.objects.filter(pk=lost.pk).update(started_at=timezone.now() - dt.timedelta(seconds=170))
+    assert 'data-testid="typing"' in client.get(poll).content.decode(), "still within the limit: still writing"
+    SamplingRequest.objects.filter(pk=lost.pk).update(started_at=timezone.now() - dt.timedelta(seconds=190))
+    done = client.get(poll)
+    assert done.status_code == 286 and done["HX-Refresh"] == "true"
+    page = client.get(reverse("chat:chat", args=[lost.context.conversation_id])).content.decode()
+    assert "took too long" in page and 'data-testid="chat-retry"' in page

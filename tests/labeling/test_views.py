@@ -514,7 +514,7 @@ def test_a_profile_needs_a_language_and_gives_an_api_token(client, alice):
     newer = re.search(r"<code>([0-9a-f]{40})</code>", client.get(reverse("labeling:profile")).content.decode())[1]
     assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {newer}").status_code == 200
     revoked = client.post(reverse("labeling:api_token_revoke"), follow=True).content.decode()
-    assert "Your API token is revoked" in revoked and "You have no token yet" in revoked
+    assert "Your API token is revoked" in revoked and "You have no token." in revoked
     assert api.get("/api/v1/assignments/", HTTP_AUTHORIZATION=f"Token {newer}").status_code in (401, 403)
 
 

@@ -142,6 +142,8 @@ def test_the_overview_warns_when_beat_does_not_tick(client, admin_user, tiny_pol
 
 
 def test_the_import_page_uploads_and_shows_progress(client, admin_user, alice):
+    import datetime as dt
+
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     from labeling.models import ImportJob
@@ -156,6 +158,10 @@ def test_the_import_page_uploads_and_shows_progress(client, admin_user, alice):
     assert response.url == reverse("ops:import", args=[job.pk])
     polling = client.get(response.url, HTTP_HX_REQUEST="true")
     assert polling.status_code == 200 and "hx-trigger" in polling.content.decode()
+    assert 'data-testid="import-waiting"' not in polling.content.decode()
+    ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - dt.timedelta(minutes=5))
+    waiting = client.get(response.url, HTTP_HX_REQUEST="true").content.decode()
+    assert 'data-testid="import-waiting"' in waiting and "bin/worker sampling" in waiting, "no worker: say so"
     import_job_run(job_id=job.pk)
     done = client.get(response.url, HTTP_HX_REQUEST="true")
     assert done.status_code == 286, "htmx stops polling when the import has ended"
