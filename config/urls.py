@@ -9,7 +9,7 @@ admin.site.site_title = "Feedback Loop"
 
 urlpatterns = [
     path("", include("labeling.urls")),
-    path("chat/", include("chat.urls")),
+    path("chat/", include("sampling.urls")),
     path("ops/", include("ops.urls")),
     path("api/", include("config.api_urls")),
     path("healthz", views.healthz, name="healthz"),

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("chat", "config", "labeling", "ml", "models_service", "ops", "training_jobs")
+PACKAGES = ("config", "labeling", "ml", "models_service", "ops", "sampling", "training_jobs")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

@@ -9,10 +9,10 @@ object is not found, not forbidden); "allowed" is anything else below 500. No UR
 import pytest
 from django.urls import URLResolver, get_resolver, reverse
 
-from chat import services as chat_services
 from labeling import services
 from labeling.models import ImportJob, Message, TaskKind
 from models_service.models import ModelVersion, SamplingRequest
+from sampling import services as chat_services
 from tests.support.factories import TrainingRunFactory
 from tests.support.labeling import make_rank_task, make_reply_task
 from training_jobs.models import Evaluation

@@ -46,7 +46,7 @@ INSTALLED_APPS = [
     "axes",
     "labeling",
     "models_service",
-    "chat",
+    "sampling",
     "training_jobs",
     "ops",
 ]

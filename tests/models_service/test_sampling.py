@@ -7,13 +7,13 @@ import threading
 import pytest
 from django.db import connection
 
-from chat import services as chat_services
 from labeling import splits
 from labeling.models import Message, Role, Task, TaskKind
 from models_service import loading, services
 from models_service.models import ModelVersion, SamplingRequest
 from models_service.sampling import fill_pool_once, run_request
 from models_service.services import model_version_activate
+from sampling import services as chat_services
 from tests.support.factories import ConversationFactory, MessageFactory
 from tests.support.labeling import set_queue
 from tests.support.models import register_tiny_policy

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from chat import services as chat_services
 from labeling.models import Task, TaskKind
 from models_service.models import SamplingRequest
 from models_service.tasks import fill_ranking_pool
+from sampling import services as chat_services
 from tests.support.factories import ConversationFactory, MessageFactory
 from tests.support.models import register_tiny_policy
 from tests.support.workers import running_workers

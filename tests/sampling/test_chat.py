@@ -3,11 +3,11 @@
 import pytest
 from django.urls import reverse
 
-from chat import services as chat_services
 from labeling.models import Conversation, Message
 from models_service import services
 from models_service.models import SamplingRequest
 from models_service.sampling import run_request
+from sampling import services as chat_services
 from tests.support.factories import MessageFactory
 
 pytestmark = pytest.mark.django_db

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat import views
+from sampling import views
 
 app_name = "chat"
 

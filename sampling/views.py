@@ -13,14 +13,14 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
-from chat import services
-from chat.selectors import alternatives_of, chat_conversations, chat_view
 from config.ratelimit import per_user_per_minute
 from labeling.forms import MessageTextField
 from labeling.models import Assignment, Conversation, Message
 from models_service.models import SamplingRequest
 from models_service.selectors import pool_sampling_estimate
 from models_service.services import interactive_request_give_up_if_lost
+from sampling import services
+from sampling.selectors import alternatives_of, chat_conversations, chat_view
 
 
 class ChatForm(forms.Form):

@@ -80,7 +80,7 @@ def test_a_reply_written_without_a_draft_records_none(alice):
 
 
 def test_a_user_side_draft_is_written_with_the_roles_swapped(alice, tiny_policy):
-    from chat.services import draft_request_create
+    from sampling.services import draft_request_create
 
     assignment = _leased_write_task(alice, TaskKind.WRITE_USER_REPLY)
     request = draft_request_create(assignment=assignment, user=alice)
@@ -107,7 +107,7 @@ def test_drafts_are_refused_with_a_reason(client, alice, bob, tiny_policy):
 
 
 def test_a_draft_that_arrives_after_the_submission_changes_nothing(alice, tiny_policy, settings):
-    from chat.services import draft_request_create
+    from sampling.services import draft_request_create
 
     settings.CHAT_MAX_NEW_TOKENS = 4
     assignment = _leased_write_task(alice)
