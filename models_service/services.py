@@ -373,24 +373,30 @@ INTERACTIVE_PURPOSES = (
 )
 
 
-def interactive_request_give_up_if_lost(request: SamplingRequest) -> SamplingRequest:
-    """A chat reply, alternatives or draft the page is waiting on, failed on the spot once it has run past the
-    interactive hard limit with a margin (its worker was lost): the page says so and offers to try again, whether
-    or not beat's reaper runs. Returns the request as it now is."""
+def interactive_lost_after_s() -> int:
+    """How long a chat reply, alternatives or draft may run before it is taken for lost: past the interactive hard
+    limit (soft + 30 s), with a margin."""
     from django.conf import settings
 
-    limit = settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 60
-    if (
-        request.status == SamplingRequest.Status.RUNNING
-        and request.purpose in INTERACTIVE_PURPOSES
-        and request.started_at is not None
-        and request.started_at < timezone.now() - timedelta(seconds=limit)
-    ):
-        SamplingRequest.objects.filter(pk=request.pk, status=SamplingRequest.Status.RUNNING).update(
-            status=SamplingRequest.Status.FAILED,
-            error=f"No result after {limit} s: the worker was lost or timed out.",
-            finished_at=timezone.now(),
-        )
+    return settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 60
+
+
+def _fail_lost(running, *, age_s: int, now) -> int:
+    """Fail the requests of `running` (a queryset) started more than `age_s` ago; returns how many."""
+    return running.filter(status=SamplingRequest.Status.RUNNING, started_at__lt=now - timedelta(seconds=age_s)).update(
+        status=SamplingRequest.Status.FAILED,
+        error=f"No result after {age_s} s: the worker was lost or timed out.",
+        finished_at=now,
+    )
+
+
+def interactive_request_give_up_if_lost(request: SamplingRequest) -> SamplingRequest:
+    """A chat reply, alternatives or draft the page is waiting on, failed on the spot once it has run past
+    interactive_lost_after_s (its worker was lost): the page says so and offers to try again, whether or not beat's
+    reaper runs. Returns the request as it now is."""
+    waiting = request.status == SamplingRequest.Status.RUNNING and request.purpose in INTERACTIVE_PURPOSES
+    this_one = SamplingRequest.objects.filter(pk=request.pk)
+    if waiting and _fail_lost(this_one, age_s=interactive_lost_after_s(), now=timezone.now()):
         request.refresh_from_db()
     return request
 
@@ -400,16 +406,7 @@ def sampling_requests_reap(*, older_than_s: int, interactive_older_than_s: int |
     page waiting on them. A labeler waits on chat replies, alternatives and drafts, whose time limit is much
     shorter: they are given up after `interactive_older_than_s` (default: `older_than_s`)."""
     now = timezone.now()
-    reaped = 0
-    for purposes, age in (
-        ([p for p in SamplingRequest.Purpose.values if p not in INTERACTIVE_PURPOSES], older_than_s),
-        (INTERACTIVE_PURPOSES, older_than_s if interactive_older_than_s is None else interactive_older_than_s),
-    ):
-        reaped += SamplingRequest.objects.filter(
-            status=SamplingRequest.Status.RUNNING, purpose__in=purposes, started_at__lt=now - timedelta(seconds=age)
-        ).update(
-            status=SamplingRequest.Status.FAILED,
-            error=f"No result after {age} s: the worker was lost or timed out.",
-            finished_at=now,
-        )
-    return reaped
+    interactive = SamplingRequest.objects.filter(purpose__in=INTERACTIVE_PURPOSES)
+    others = SamplingRequest.objects.exclude(purpose__in=INTERACTIVE_PURPOSES)
+    interactive_age = older_than_s if interactive_older_than_s is None else interactive_older_than_s
+    return _fail_lost(others, age_s=older_than_s, now=now) + _fail_lost(interactive, age_s=interactive_age, now=now)

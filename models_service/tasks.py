@@ -122,7 +122,7 @@ def _run(request_id: int) -> None:
 def reap_sampling_requests() -> int:
     return services.sampling_requests_reap(
         older_than_s=settings.SAMPLING_SOFT_TIME_LIMIT_S + 120,
-        interactive_older_than_s=settings.INTERACTIVE_SOFT_TIME_LIMIT_S + 60,  # past the hard limit (+30 s)
+        interactive_older_than_s=services.interactive_lost_after_s(),
     )
 
 

@@ -43,8 +43,8 @@ def training_run_create(
 ) -> TrainingRun:
     """Queue a run and send it to the training worker. Only one run of a kind may be queued or running: the
     database refuses a second one (a partial unique index), and the refusal says which run is in the way."""
-    if kind not in list(stages.STAGES):
-        raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(list(stages.STAGES))}."})
+    if kind not in stages.STAGES:
+        raise ValidationError({"kind": f"Unknown run kind {kind!r}; use one of {', '.join(stages.STAGES)}."})
     if kind in stages.policy_steps() and reward_model is None:
         # The newest reward model: what PPO and RLOO optimise against, and what the gate scores a DPO policy with.
         reward_model = ModelVersion.objects.filter(
